@@ -1,0 +1,134 @@
+// nm_optim._C: the pybind11 binding of the torch-free kernels. Pointers arrive as integers
+// (tensor.data_ptr()); the Python layer (nm_optim/_native.py) checks devices, dtypes and layouts
+// before calling, and this file checks what it can see: enum ranges, sizes, null tables.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "sgd_step.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace nm_optim;
+
+#ifndef NM_OPTIM_CUDA_ARCHS
+#define NM_OPTIM_CUDA_ARCHS ""
+#endif
+#ifndef NM_OPTIM_CUDA_REASON
+#define NM_OPTIM_CUDA_REASON ""
+#endif
+
+namespace {
+
+DType to_dtype(int code) {
+  if (code < 0 || code > 3) {
+    throw std::invalid_argument("nm_optim._C: dtype code must be 0..3 (f32, f16, bf16, f64), got " +
+                                std::to_string(code));
+  }
+  return static_cast<DType>(code);
+}
+
+BucketView to_bucket(int64_t n_tensors, std::uintptr_t numel, std::uintptr_t table, int64_t n_tiles,
+                     std::uintptr_t tiles, int64_t tile_size) {
+  if (n_tensors < 0 || n_tiles < 0) throw std::invalid_argument("nm_optim._C: negative table size");
+  if (tile_size <= 0 || tile_size % 8 != 0) {
+    throw std::invalid_argument("nm_optim._C: tile_size must be a positive multiple of 8, got " +
+                                std::to_string(tile_size));
+  }
+  if (n_tiles > 0 && (numel == 0 || table == 0 || tiles == 0)) {
+    throw std::invalid_argument("nm_optim._C: null table pointer");
+  }
+  return BucketView{n_tensors, reinterpret_cast<const int64_t*>(numel),
+                    reinterpret_cast<const int64_t*>(table), n_tiles,
+                    reinterpret_cast<const int64_t*>(tiles), tile_size};
+}
+
+SGDHyper to_hyper(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                  bool maximize) {
+  return SGDHyper{lr, momentum, dampening, weight_decay, nesterov, maximize};
+}
+
+AmpView to_amp(std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+  return AmpView{reinterpret_cast<const float*>(grad_scale), reinterpret_cast<const float*>(found_inf)};
+}
+
+void step_cpu(int dtype, int64_t n_tensors, std::uintptr_t numel, std::uintptr_t table, int64_t n_tiles,
+              std::uintptr_t tiles, int64_t tile_size, double lr, double momentum, double dampening,
+              double weight_decay, bool nesterov, bool maximize, std::uintptr_t grad_scale,
+              std::uintptr_t found_inf, int num_threads) {
+  const DType dt = to_dtype(dtype);
+  const BucketView b = to_bucket(n_tensors, numel, table, n_tiles, tiles, tile_size);
+  const SGDHyper h = to_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize);
+  const AmpView amp = to_amp(grad_scale, found_inf);
+  py::gil_scoped_release release;
+  sgd_step_cpu(dt, b, h, amp, num_threads);
+}
+
+#ifdef NM_OPTIM_WITH_CUDA
+void step_cuda(int dtype, int64_t n_tensors, std::uintptr_t numel, std::uintptr_t table, int64_t n_tiles,
+               std::uintptr_t tiles, int64_t tile_size, double lr, double momentum, double dampening,
+               double weight_decay, bool nesterov, bool maximize, std::uintptr_t grad_scale,
+               std::uintptr_t found_inf, std::uintptr_t lr_device, std::uintptr_t stream) {
+  const DType dt = to_dtype(dtype);
+  const BucketView b = to_bucket(n_tensors, numel, table, n_tiles, tiles, tile_size);
+  const SGDHyper h = to_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize);
+  const AmpView amp = to_amp(grad_scale, found_inf);
+  const char* err = sgd_step_cuda(dt, b, h, amp, reinterpret_cast<const float*>(lr_device), stream);
+  if (err[0] != '\0') throw std::runtime_error(std::string("nm_optim CUDA kernel failed: ") + err);
+}
+#endif
+
+py::dict build_info() {
+  py::dict d;
+#ifdef NM_OPTIM_WITH_CUDA
+  d["cuda_compiled"] = true;
+#else
+  d["cuda_compiled"] = false;
+#endif
+  d["cuda_archs"] = std::string(NM_OPTIM_CUDA_ARCHS);
+  d["cuda_reason"] = std::string(NM_OPTIM_CUDA_REASON);
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["openmp_max_threads"] = 1;
+#endif
+#if defined(NM_OPTIM_NATIVE)
+  d["cpu_simd"] = std::string("native (-march=native)");
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  d["cpu_simd"] = std::string(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                  ? "x86-64-v3 clone (AVX2, FMA, F16C), chosen at run time"
+                                  : "baseline clone, chosen at run time");
+#else
+  d["cpu_simd"] = std::string("compiler default");
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nm_optim kernels (torch-free): fused SGD step on CPU and CUDA";
+  m.def("sgd_step_cpu", &step_cpu, "Fused SGD step over one CPU bucket", py::arg("dtype"),
+        py::arg("n_tensors"), py::arg("numel"), py::arg("table"), py::arg("n_tiles"), py::arg("tiles"),
+        py::arg("tile_size"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale"),
+        py::arg("found_inf"), py::arg("num_threads"));
+#ifdef NM_OPTIM_WITH_CUDA
+  m.def("sgd_step_cuda", &step_cuda, "Fused SGD step over one CUDA bucket (one launch)",
+        py::arg("dtype"), py::arg("n_tensors"), py::arg("numel"), py::arg("table"), py::arg("n_tiles"),
+        py::arg("tiles"), py::arg("tile_size"), py::arg("lr"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("lr_device"), py::arg("stream"));
+  m.def("cuda_device_count", &cuda_device_count);
+#else
+  m.def("cuda_device_count", []() { return 0; });
+#endif
+  m.def("build_info", &build_info);
+}

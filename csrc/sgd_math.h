@@ -1,0 +1,46 @@
+// nm_optim: the SGD update of one element, shared by the CPU and CUDA kernels.
+//
+// PyTorch's SGD semantics (torch/optim/sgd.py, _single_tensor_sgd), in the compute type C
+// (float for fp32/fp16/bf16 storage, double for fp64):
+//   g  = grad * gmul                 gmul = +-1/grad_scale: AMP unscale and maximize in one
+//                                    multiply (exact when there is no scale: x * +-1 is exact)
+//   d  = g + wd * p                  coupled weight decay, only when wd != 0 (as torch: p = inf
+//                                    with wd = 0 must not turn d into nan)
+//   v' = d                           first step: the buffer is a copy of d, no dampening
+//   v' = mom * v + (1 - damp) * d    later steps
+//   u  = d + mom * v'  (nesterov)    else u = v'
+//   p' = p - lr * u
+// The Python reference (nm_optim/reference.py) mirrors this branch structure.
+#pragma once
+
+#if defined(__CUDACC__)
+#define NM_HD __host__ __device__ __forceinline__
+#else
+#define NM_HD inline __attribute__((always_inline))
+#endif
+
+namespace nm_optim {
+
+template <typename C>
+struct StepScalars {
+  C neg_lr;           // -lr
+  C weight_decay;
+  C momentum;
+  C one_minus_damp;   // 1 - dampening, rounded once as torch does (alpha=1 - dampening)
+  C gmul;             // (maximize ? -1 : 1) / grad_scale
+};
+
+// Updates p (and v when MOM) in registers. FIRST: the buffer is created now (v' = d).
+template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
+NM_HD void sgd_update(C& p, C grad, C& v, const StepScalars<C>& s) {
+  C d = grad * s.gmul;
+  if (HAS_WD) d = d + s.weight_decay * p;
+  C u = d;
+  if (MOM) {
+    v = FIRST ? d : s.momentum * v + s.one_minus_damp * d;
+    u = NESTEROV ? d + s.momentum * v : v;
+  }
+  p = p + s.neg_lr * u;
+}
+
+}  // namespace nm_optim

@@ -1,0 +1,64 @@
+// nm_optim: the fused SGD step, shared declarations (torch-free).
+//
+// The kernels see raw pointers, sizes and scalars only, so the extension builds without
+// torch and works with any torch version. The Python layer (nm_optim/_native.py) owns every
+// allocation and builds the tables described below.
+#pragma once
+
+#include <cstdint>
+
+namespace nm_optim {
+
+// Element type of one bucket (param, grad and momentum buffer share it).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// Hyper-parameters of one step, with torch.optim.SGD's names. Runtime values, never template
+// arguments: a scheduler that changes lr every step must not recompile or re-dispatch anything.
+struct SGDHyper {
+  double lr;
+  double momentum;
+  double dampening;
+  double weight_decay;
+  bool nesterov;
+  bool maximize;
+};
+
+// One bucket of tensors (one device, one dtype), laid out as the Python side builds it:
+//   numel[n]                   element count of tensor i
+//   table[4 * n]               rows of n int64: param ptr, grad ptr, momentum_buffer ptr, is_first
+//                              (is_first = 1 where the buffer is created by this step: v' = d)
+//   tiles[2 * n_tiles]         (tensor index, first element) of each tile; a tile covers
+//                              [first, min(first + tile_size, numel)) of its tensor
+// Tiles are the unit of parallel work (an OpenMP iteration, a CUDA block). The layout is
+// cached per bucket and rebuilt only when the set of params changes.
+struct BucketView {
+  int64_t n_tensors;
+  const int64_t* numel;
+  const int64_t* table;
+  int64_t n_tiles;
+  const int64_t* tiles;
+  int64_t tile_size;
+};
+
+// Optional AMP inputs set by torch.amp.GradScaler (nullptr when absent):
+//   grad_scale: g = grad / *grad_scale;   found_inf: when *found_inf != 0 nothing is written.
+struct AmpView {
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+// CPU (OpenMP + SIMD). num_threads <= 0 means the OpenMP default.
+void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
+                  const AmpView& amp, int num_threads);
+
+#ifdef NM_OPTIM_WITH_CUDA
+// CUDA: every pointer in `bucket` (numel, table, tiles) and in `amp` lives on the device.
+// lr_device, when not null, points at a float32 device scalar that overrides hyper.lr (a
+// tensor lr that a scheduler may change without a host sync). One launch per call.
+// Returns an empty string on success, else the CUDA error message.
+const char* sgd_step_cuda(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
+                          const AmpView& amp, const float* lr_device, std::uintptr_t stream);
+int cuda_device_count();
+#endif
+
+}  // namespace nm_optim

@@ -1,0 +1,17 @@
+"""nm_optim: a fused SGD for PyTorch that measures the Neural Mechanics conservation laws.
+
+    import nm_optim
+    opt = nm_optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+`nm_optim.SGD` is a drop-in torch.optim.SGD (same semantics, state dict and hooks) whose step is
+one fused kernel per (param group, device, dtype). `available_backends()` and `build_info()` say
+what this build and machine can run.
+"""
+
+__version__ = "0.1.0"
+
+from nm_optim._extension import available_backends, build_info  # noqa: E402
+from nm_optim.reference import sgd_step_reference  # noqa: E402
+from nm_optim.sgd import SGD  # noqa: E402
+
+__all__ = ["SGD", "available_backends", "build_info", "sgd_step_reference", "__version__"]

@@ -1,0 +1,172 @@
+"""Calling the compiled kernels: bucket tables, layout checks, pointers.
+
+A bucket is the tensors of one param group on one device with one dtype. Its static layout (element
+counts and the tile table that splits the work into blocks) is built once and cached, keyed by the
+element counts, and rebuilt only when the set of params changes. Per step only pointers move: the
+grads are new tensors after every `zero_grad(set_to_none=True)`. One kernel call (one OpenMP
+region, one CUDA launch) per bucket, whatever the number of tensors.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from nm_optim._extension import extension
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+# Elements per tile. CPU: 32K fp32 = 128 KiB per stream, large enough to amortise the loop setup,
+# small enough to balance 2..64 threads on VGG-sized layers. CUDA: one 256-thread block per 16K.
+TILE_SIZE = {"cpu": 32768, "cuda": 16384}
+
+_TABLE_CACHE_SIZE = 64
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+
+
+class TileTable:
+    """numel[n] and tiles[2 * n_tiles] = (tensor index, first element), on the kernel's device."""
+
+    def __init__(self, numels: tuple[int, ...], tile_size: int, device: torch.device) -> None:
+        numel = torch.tensor(numels, dtype=torch.int64)
+        counts = (numel + tile_size - 1) // tile_size
+        n_tiles = int(counts.sum())
+        tensor_index = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        first_tile = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        start = (torch.arange(n_tiles) - first_tile) * tile_size
+        tiles = torch.stack([tensor_index, start], dim=1).reshape(-1).contiguous()
+        self.n_tensors = len(numels)
+        self.n_tiles = n_tiles
+        self.tile_size = tile_size
+        self.numel = numel.to(device)
+        self.tiles = tiles.to(device)
+        # The pointer table [4, n] (param, grad, buf, is_first); on CUDA the device copy is
+        # refreshed only when a pointer changed since the last step.
+        self.last_pointers: tuple[int, ...] | None = None
+        self.pointers = torch.empty(4 * len(numels), dtype=torch.int64, device=device)
+
+
+_tables: OrderedDict[tuple, TileTable] = OrderedDict()
+
+
+def tile_table(numels: tuple[int, ...], device: torch.device) -> TileTable:
+    key = (device, numels)
+    table = _tables.get(key)
+    if table is None:
+        table = TileTable(numels, TILE_SIZE[device.type], device)
+        _tables[key] = table
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table
+
+
+def kernel_layout_ok(
+    p: Tensor, g: Tensor, v: Tensor | None, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether the flat-memory kernels may step (p, g, v) in a bucket of `dtype` on `device`:
+    same dtype, device and shape, dense, identical strides. Anything else goes to the reference,
+    which handles it correctly (or raises a clear error)."""
+    shape = p.shape
+    if p.dtype != dtype or p.device != device:
+        return False
+    if g.dtype != dtype or g.shape != shape or g.device != device:
+        return False
+    if v is not None and (v.dtype != dtype or v.shape != shape or v.device != device):
+        return False
+    if p.is_contiguous() and g.is_contiguous() and (v is None or v.is_contiguous()):
+        return True
+    if not p.is_non_overlapping_and_dense():
+        return False
+    s = p.stride()
+    return g.stride() == s and (v is None or v.stride() == s)
+
+
+def sgd_step_native(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    is_first: Sequence[bool],
+    *,
+    lr: float,
+    lr_tensor: Tensor | None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One kernel call for tensors that share a device and dtype, laid out densely (see ops.py)."""
+    if not params:
+        return
+    C = extension()
+    device = params[0].device
+    has_momentum = momentum != 0
+    table = tile_table(tuple(map(_numel, params)), device)
+    if table.n_tiles == 0:
+        return
+    ptrs = list(map(_data_ptr, params))
+    ptrs += map(_data_ptr, grads)
+    if has_momentum:
+        ptrs += map(_data_ptr, momentum_buffers)
+        ptrs += map(int, is_first)
+    else:
+        ptrs += [0] * (2 * len(params))
+    ptrs_t = tuple(ptrs)
+    if ptrs_t != table.last_pointers:
+        if device.type == "cuda":
+            host = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
+            table.pointers.copy_(host, non_blocking=True)
+        else:
+            table.pointers = torch.tensor(ptrs, dtype=torch.int64)
+        table.last_pointers = ptrs_t
+
+    scale_ptr = 0
+    if grad_scale is not None:
+        grad_scale = _amp_scalar(grad_scale, device, "grad_scale")
+        scale_ptr = grad_scale.data_ptr()
+    inf_ptr = 0
+    if found_inf is not None:
+        found_inf = _amp_scalar(found_inf, device, "found_inf")
+        inf_ptr = found_inf.data_ptr()
+    common = dict(
+        dtype=DTYPE_CODES[params[0].dtype],
+        n_tensors=table.n_tensors,
+        numel=table.numel.data_ptr(),
+        table=table.pointers.data_ptr(),
+        n_tiles=table.n_tiles,
+        tiles=table.tiles.data_ptr(),
+        tile_size=table.tile_size,
+        momentum=float(momentum),
+        dampening=float(dampening),
+        weight_decay=float(weight_decay),
+        nesterov=bool(nesterov),
+        maximize=bool(maximize),
+        grad_scale=scale_ptr,
+        found_inf=inf_ptr,
+    )
+    if device.type == "cpu":
+        lr_value = float(lr_tensor) if lr_tensor is not None else float(lr)
+        C.sgd_step_cpu(lr=lr_value, num_threads=torch.get_num_threads(), **common)
+    else:
+        lr_ptr = 0
+        if lr_tensor is not None:
+            lr_dev = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True)
+            lr_ptr = lr_dev.reshape(()).data_ptr()
+        stream = torch.cuda.current_stream(device).cuda_stream
+        with torch.cuda.device(device):
+            C.sgd_step_cuda(lr=float(lr), lr_device=lr_ptr, stream=stream, **common)
+
+
+def _amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
+    """GradScaler's scale / found_inf as a float32 scalar on the kernel's device."""
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    return t.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(())

@@ -1,0 +1,77 @@
+"""The oracle: the fused step in plain PyTorch, float64-capable, any device.
+
+It mirrors the branch structure of the kernels (csrc/sgd_math.h) line by line, in the same compute
+type (float32 for fp16/bf16/fp32 storage, float64 for float64), and rounds to the storage type
+once per step as the kernels do. Every backend is tested against it and against torch.optim.SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic type of the step for params of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sgd_step_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    is_first: Sequence[bool],
+    *,
+    lr: float,
+    lr_tensor: Tensor | None = None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One SGD step in place on `params` (and `momentum_buffers` when momentum != 0).
+
+    g  = grad * gmul, gmul = (-1 if maximize else 1) / grad_scale
+    d  = g + weight_decay * p                    (only when weight_decay != 0)
+    v' = d  (is_first)   else  momentum * v + (1 - dampening) * d
+    u  = d + momentum * v'  (nesterov)   else  v'
+    p' = p - lr * u
+    When found_inf is non-zero nothing changes (decided on the device: no host sync).
+    """
+    has_momentum = momentum != 0
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        cdt = compute_dtype(p.dtype)
+        gmul = torch.tensor(-1.0 if maximize else 1.0, dtype=torch.float64, device=p.device)
+        if grad_scale is not None:
+            gmul = gmul / grad_scale.to(device=p.device, dtype=torch.float64).reshape(())
+        pc = p.detach().to(cdt)
+        d = grads[i].detach().to(cdt) * gmul.to(cdt)
+        if weight_decay != 0:
+            d = d + weight_decay * pc
+        u = d
+        if has_momentum:
+            v = momentum_buffers[i]
+            if is_first[i]:
+                v_new = d
+            else:
+                v_new = momentum * v.detach().to(cdt) + (1 - dampening) * d
+            u = d + momentum * v_new if nesterov else v_new
+        if lr_tensor is not None:
+            p_new = pc - lr_tensor.to(device=p.device, dtype=cdt).reshape(()) * u
+        else:
+            p_new = pc + (-lr) * u
+        if skip is not None:
+            p_new = torch.where(skip.to(p.device), pc, p_new)
+        p.detach().copy_(p_new)
+        if has_momentum:
+            if skip is not None and not is_first[i]:
+                v_new = torch.where(skip.to(p.device), v.detach().to(cdt), v_new)
+            momentum_buffers[i].detach().copy_(v_new)

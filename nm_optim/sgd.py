@@ -1,0 +1,222 @@
+"""nm_optim.SGD: a drop-in torch.optim.SGD whose step is one fused kernel per bucket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from nm_optim import ops
+from nm_optim._extension import BACKENDS, default_backend, require_backend
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent (optionally with momentum), with PyTorch's semantics exactly.
+
+    For each parameter p with gradient grad (divided by GradScaler's scale, negated if maximize)::
+
+        d  = grad + weight_decay * p
+        v' = d                                   on the step that creates the buffer
+        v' = momentum * v + (1 - dampening) * d  afterwards
+        u  = d + momentum * v'  if nesterov  else  v'
+        p' = p - lr * u
+
+    One kernel call per (param group, device, dtype) bucket reads p, grad and v once and writes
+    p and v once; fp16 / bf16 params are computed in float32 and rounded once.
+
+    Args:
+        params: iterable of parameters, named parameters, or param-group dicts.
+        lr (float or Tensor): learning rate (default: 1e-3). A tensor lr is read on the device.
+        momentum (float): momentum factor (default: 0).
+        dampening (float): dampening for momentum (default: 0).
+        weight_decay (float): L2 penalty, coupled as in torch.optim.SGD (default: 0).
+        nesterov (bool): Nesterov momentum (default: False).
+        maximize (bool): maximize the objective instead of minimizing (default: False).
+        backend (str): "auto" (default: the fastest available for each param's device),
+            "reference" (pure PyTorch), "cpu" or "cuda" (the compiled kernels). See
+            :func:`nm_optim.available_backends`.
+
+    The state dict has torch.optim.SGD's format (``momentum_buffer`` per param), so state moves
+    between the two optimizers in both directions. Works with torch.amp.GradScaler: the scale is
+    applied inside the kernel, and a step with ``found_inf`` set writes nothing and creates no
+    state, also on the first step.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        # The same checks, order, exception types and messages as torch.optim.SGD.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_backend_name(backend)
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "backend": backend,
+        }
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("backend", "auto")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "backend" in param_group:
+            _check_backend_name(param_group["backend"])
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of nm_optim.SGD or torch.optim.SGD.
+
+        A torch.optim.SGD state dict has no ``backend``: each group keeps the one it had here.
+        """
+        backends = [g.get("backend", "auto") for g in self.param_groups]
+        saved_groups = state_dict.get("param_groups", [])
+        missing = [("backend" not in g) for g in saved_groups]
+        super().load_state_dict(state_dict)
+        for group, backend, absent in zip(self.param_groups, backends, missing):
+            if absent:
+                group["backend"] = backend
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+
+        calls = []
+        new_buffers: list[tuple[Tensor, Tensor]] = []
+        for group in self.param_groups:
+            for (device, _), (params, grads, bufs, is_first) in self._buckets(group, new_buffers).items():
+                calls.append((group, device, params, grads, bufs, is_first))
+
+        # A step that would create momentum buffers while GradScaler found an inf or nan: skip
+        # it before any state exists. This reads found_inf on the host, once, and only on the
+        # step that creates state (torch's fused SGD instead keeps uninitialised buffers).
+        if new_buffers and found_inf is not None and bool(found_inf.detach().reshape(-1).ne(0).any()):
+            return loss
+
+        for group, device, params, grads, bufs, is_first in calls:
+            lr = group["lr"]
+            lr_tensor = lr if isinstance(lr, Tensor) else None
+            wd = group["weight_decay"]
+            ops.sgd_step_(
+                params,
+                grads,
+                bufs,
+                is_first,
+                0.0 if lr_tensor is not None else float(lr),
+                lr_tensor,
+                float(wd),
+                float(group["momentum"]),
+                float(group["dampening"]),
+                bool(group["nesterov"]),
+                bool(group["maximize"]),
+                grad_scale,
+                found_inf,
+                self._resolve_backend(group["backend"], device),
+            )
+        for p, buf in new_buffers:
+            self.state[p]["momentum_buffer"] = buf
+        return loss
+
+    def _buckets(self, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> dict:
+        """Params with a grad, split by (device, dtype), with their buffers and is_first flags."""
+        has_momentum = group["momentum"] != 0
+        state = self.state
+        buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list, list]] = {}
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            key = (p.device, p.dtype)
+            bucket = buckets.get(key)
+            if bucket is None:
+                _check_param(group, i, p, g)
+                bucket = buckets[key] = ([], [], [], [])
+            elif g.is_sparse:
+                _check_param(group, i, p, g)
+            bucket[0].append(p)
+            bucket[1].append(g)
+            if has_momentum:
+                st = state.get(p)
+                buf = st.get("momentum_buffer") if st else None
+                if buf is None:
+                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                    new_buffers.append((p, buf))
+                    bucket[3].append(True)
+                else:
+                    bucket[3].append(False)
+                bucket[2].append(buf)
+        return buckets
+
+    def _resolve_backend(self, backend: str, device: torch.device) -> str:
+        if backend == "auto":
+            return default_backend(device)
+        require_backend(backend, device)
+        return backend
+
+
+def _check_backend_name(backend: Any) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {BACKENDS}")
+
+
+def _param_name(group: dict[str, Any], i: int, p: Tensor) -> str:
+    names = group.get("param_names")
+    if names is not None and i < len(names):
+        return repr(names[i])
+    return f"#{i} of its param group (shape {tuple(p.shape)})"
+
+
+def _check_param(group: dict[str, Any], i: int, p: Tensor, g: Tensor) -> None:
+    if g.is_sparse:
+        raise RuntimeError(
+            f"nm_optim.SGD does not support sparse gradients; parameter {_param_name(group, i, p)} "
+            "has one (use dense gradients, e.g. nn.Embedding(sparse=False))"
+        )
+    if p.dtype not in _DTYPES:
+        raise TypeError(
+            f"nm_optim.SGD supports float32, float16, bfloat16 and float64 parameters; parameter "
+            f"{_param_name(group, i, p)} is {p.dtype} (complex parameters are not supported: "
+            "use torch.view_as_real on a real parameter instead)"
+        )
