@@ -9,8 +9,10 @@ region, one CUDA launch) per bucket, whatever the number of tensors.
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -44,10 +46,10 @@ class TileTable:
         self.tile_size = tile_size
         self.numel = numel.to(device)
         self.tiles = tiles.to(device)
-        # The pointer table [4, n] (param, grad, buf, is_first); on CUDA the device copy is
-        # refreshed only when a pointer changed since the last step.
+        # CUDA only: the device copy of the pointer table [4, n] (param, grad, buf, is_first).
         self.last_pointers: tuple[int, ...] | None = None
-        self.pointers = torch.empty(4 * len(numels), dtype=torch.int64, device=device)
+        if device.type == "cuda":
+            self.pointers = torch.empty(4 * len(numels), dtype=torch.int64, device=device)
 
 
 _tables: OrderedDict[tuple, TileTable] = OrderedDict()
@@ -102,14 +104,16 @@ def sgd_step_native(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    numels: tuple[int, ...] | None = None,
 ) -> None:
-    """One kernel call for tensors that share a device and dtype, laid out densely (see ops.py)."""
+    """One kernel call for tensors that share a device and dtype, laid out densely (see ops.py).
+    `numels`: the params' element counts when the caller has them already."""
     if not params:
         return
     C = extension()
     device = params[0].device
     has_momentum = momentum != 0
-    table = tile_table(tuple(map(_numel, params)), device)
+    table = tile_table(numels if numels is not None else tuple(map(_numel, params)), device)
     if table.n_tiles == 0:
         return
     ptrs = list(map(_data_ptr, params))
@@ -118,15 +122,20 @@ def sgd_step_native(
         ptrs += map(_data_ptr, momentum_buffers)
         ptrs += map(int, is_first)
     else:
-        ptrs += [0] * (2 * len(params))
-    ptrs_t = tuple(ptrs)
-    if ptrs_t != table.last_pointers:
-        if device.type == "cuda":
-            host = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
-            table.pointers.copy_(host, non_blocking=True)
-        else:
-            table.pointers = torch.tensor(ptrs, dtype=torch.int64)
-        table.last_pointers = ptrs_t
+        ptrs += repeat(0, 2 * len(params))
+    if device.type == "cpu":
+        # A host array is all the CPU kernel needs; it lives until the call returns.
+        host = array("q", ptrs)
+        table_ptr = host.buffer_info()[0]
+    else:
+        # The device copy is refreshed only when a pointer changed since the last step (with
+        # a caching allocator the grads of step k+1 often land where those of step k were).
+        ptrs_t = tuple(ptrs)
+        if ptrs_t != table.last_pointers:
+            host_t = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
+            table.pointers.copy_(host_t, non_blocking=True)
+            table.last_pointers = ptrs_t
+        table_ptr = table.pointers.data_ptr()
 
     scale_ptr = 0
     if grad_scale is not None:
@@ -140,7 +149,7 @@ def sgd_step_native(
         dtype=DTYPE_CODES[params[0].dtype],
         n_tensors=table.n_tensors,
         numel=table.numel.data_ptr(),
-        table=table.pointers.data_ptr(),
+        table=table_ptr,
         n_tiles=table.n_tiles,
         tiles=table.tiles.data_ptr(),
         tile_size=table.tile_size,

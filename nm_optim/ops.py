@@ -1,22 +1,24 @@
 """The one op every backend goes through: ``torch.ops.nm_optim.sgd_step_``.
 
 Registered with torch.library so torch.compile and CUDA graphs see one opaque op that mutates the
-params and momentum buffers in place, with a fake implementation for tracing. The `backend`
-argument picks the implementation inside the device's kernel:
+params and momentum buffers in place (the schema says so, so the dispatcher bumps their version
+counters), with a fake implementation for tracing. The `backend` argument picks the
+implementation inside the device's kernel:
 
   - "reference": nm_optim/reference.py (pure PyTorch, any device, float64 too; the oracle)
   - "cpu":  nm_optim._C on CPU tensors (csrc/cpu)
   - "cuda": nm_optim._C on CUDA tensors (csrc/cuda)
 
-All tensors of one call share a device and a dtype (nm_optim.SGD buckets them). Tensors whose
-layout the flat-memory kernels cannot stream (p, g, v with different strides, or overlapping
-memory) are stepped by the reference, so a native call never writes out of place.
+All params of one call share a device and a dtype (nm_optim.SGD buckets them). A tensor that the
+flat-memory kernels cannot stream (p, g, v of different dtype, device, size or strides) is stepped
+by the reference instead, so a native call never reads or writes out of place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import repeat
+from operator import attrgetter, eq, is_
 
 import torch
 from torch import Tensor
@@ -25,9 +27,20 @@ from nm_optim._extension import require_backend
 from nm_optim._native import DTYPE_CODES, kernel_layout_ok, sgd_step_native
 from nm_optim.reference import sgd_step_reference
 
+_lib = torch.library.Library("nm_optim", "DEF")  # noqa: TOR901 (the op is defined once, here)
+_lib.define(
+    "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
+    "float lr, Tensor? lr_tensor, float weight_decay, float momentum, float dampening, "
+    "bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, str backend) -> ()"
+)
 
-@torch.library.custom_op("nm_optim::sgd_step_", mutates_args=("params", "momentum_buffers"))
-def sgd_step_(
+_dtype = attrgetter("dtype")
+_numel = Tensor.numel
+_get_device = Tensor.get_device
+_is_contiguous = Tensor.is_contiguous
+
+
+def _sgd_step_impl(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
@@ -43,13 +56,17 @@ def sgd_step_(
     found_inf: Tensor | None,
     backend: str,
 ) -> None:
-    """One fused SGD step, in place, over tensors of one device and dtype.
-
-    ``momentum_buffers`` is empty when momentum == 0; otherwise aligned with ``params``, and
-    ``is_first[i]`` says that buffer i is created by this step (v' = d, its old contents unread).
-    ``lr_tensor``, when given, overrides ``lr`` (read on the device, no host sync).
-    """
-    _check_call(params, grads, momentum_buffers, is_first, momentum, backend)
+    has_momentum = momentum != 0
+    n = len(params)
+    if len(grads) != n:
+        raise ValueError(f"sgd_step_: got {n} params but {len(grads)} grads")
+    if has_momentum and (len(momentum_buffers) != n or len(is_first) != n):
+        raise ValueError(
+            "sgd_step_: momentum != 0 needs one momentum buffer and one is_first flag per param, "
+            f"got {n} params, {len(momentum_buffers)} buffers, {len(is_first)} flags"
+        )
+    if n == 0:
+        return
     kwargs = dict(
         lr=lr,
         lr_tensor=lr_tensor,
@@ -61,20 +78,22 @@ def sgd_step_(
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
-    if not params:
-        return
-    if backend == "reference" or params[0].dtype not in DTYPE_CODES:
+    dtype = params[0].dtype
+    if backend == "reference" or dtype not in DTYPE_CODES:
         sgd_step_reference(params, grads, momentum_buffers, is_first, **kwargs)
         return
-    device, dtype = params[0].device, params[0].dtype
+    device = params[0].device
     require_backend(backend, device)
-    has_momentum = momentum != 0
-    bufs = momentum_buffers if has_momentum else repeat(None)
-    ok = list(map(kernel_layout_ok, params, grads, bufs, repeat(dtype), repeat(device)))
-    if all(ok):
-        sgd_step_native(params, grads, momentum_buffers, is_first, **kwargs)
+    bufs = momentum_buffers if has_momentum else []
+    numels = _uniform_dense(params, grads, bufs, dtype, params[0].get_device())
+    if numels is not None:
+        sgd_step_native(params, grads, momentum_buffers, is_first, numels=numels, **kwargs)
         return
-    # Rare: a param / grad / buffer the flat kernel cannot stream. Step the rest natively.
+    # Rare: some tensor the flat kernel cannot stream. Step the others natively.
+    ok = list(
+        map(kernel_layout_ok, params, grads, bufs if has_momentum else repeat(None),
+            repeat(dtype), repeat(device))
+    )
     for run, want in ((sgd_step_native, True), (sgd_step_reference, False)):
         idx = [i for i, good in enumerate(ok) if good is want]
         if idx:
@@ -87,18 +106,36 @@ def sgd_step_(
             )
 
 
-@sgd_step_.register_fake
-def _(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum, dampening,
-      nesterov, maximize, grad_scale, found_inf, backend) -> None:
+def _uniform_dense(params, grads, bufs, dtype, device_index) -> tuple[int, ...] | None:
+    """The common case, checked list-wise (a C-level loop per property): every tensor
+    contiguous, of `dtype`, on the same device, and grads / buffers with their param's element
+    count. Returns the element counts, or None when the per-tensor path is needed."""
+    tensors = [*params, *grads, *bufs]
+    if not all(map(is_, map(_dtype, tensors), repeat(dtype))):
+        return None
+    if not all(map(eq, map(_get_device, tensors), repeat(device_index))):
+        return None
+    if not all(map(_is_contiguous, tensors)):
+        return None
+    numels = tuple(map(_numel, params))
+    if numels != tuple(map(_numel, grads)) or (bufs and numels != tuple(map(_numel, bufs))):
+        return None
+    return numels
+
+
+def _sgd_step_fake(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum,
+                   dampening, nesterov, maximize, grad_scale, found_inf, backend) -> None:
     return None
 
 
-def _check_call(params, grads, momentum_buffers, is_first, momentum, backend) -> None:
-    n = len(params)
-    if len(grads) != n:
-        raise ValueError(f"sgd_step_: got {n} params but {len(grads)} grads")
-    if momentum != 0 and (len(momentum_buffers) != n or len(is_first) != n):
-        raise ValueError(
-            f"sgd_step_: momentum != 0 needs one momentum buffer and one is_first flag per param, "
-            f"got {n} params, {len(momentum_buffers)} buffers, {len(is_first)} flags"
-        )
+_lib.impl("sgd_step_", _sgd_step_impl, "CPU")
+_lib.impl("sgd_step_", _sgd_step_impl, "CUDA")
+torch.library.register_fake("nm_optim::sgd_step_", _sgd_step_fake, lib=_lib)
+
+sgd_step_ = torch.ops.nm_optim.sgd_step_
+"""``sgd_step_(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum,
+dampening, nesterov, maximize, grad_scale, found_inf, backend)``: one fused SGD step, in place,
+over tensors of one device and dtype. ``momentum_buffers`` and ``is_first`` are empty when
+momentum == 0; otherwise ``is_first[i]`` says buffer i is created by this step (v' = d, its old
+contents unread). ``lr_tensor``, when given, overrides ``lr`` (read on the device, no host sync).
+"""

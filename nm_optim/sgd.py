@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter, is_not
 from typing import Any
 
 import torch
@@ -12,6 +14,8 @@ from nm_optim import ops
 from nm_optim._extension import BACKENDS, default_backend, require_backend
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_grad = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
 
 
 class SGD(Optimizer):
@@ -161,33 +165,59 @@ class SGD(Optimizer):
 
     def _buckets(self, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> dict:
         """Params with a grad, split by (device, dtype), with their buffers and is_first flags."""
-        has_momentum = group["momentum"] != 0
-        state = self.state
-        buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list, list]] = {}
-        for i, p in enumerate(group["params"]):
-            g = p.grad
-            if g is None:
-                continue
-            key = (p.device, p.dtype)
-            bucket = buckets.get(key)
-            if bucket is None:
-                _check_param(group, i, p, g)
-                bucket = buckets[key] = ([], [], [], [])
-            elif g.is_sparse:
-                _check_param(group, i, p, g)
-            bucket[0].append(p)
-            bucket[1].append(g)
-            if has_momentum:
-                st = state.get(p)
-                buf = st.get("momentum_buffer") if st else None
-                if buf is None:
-                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                    new_buffers.append((p, buf))
-                    bucket[3].append(True)
-                else:
-                    bucket[3].append(False)
-                bucket[2].append(buf)
+        all_params = group["params"]
+        grads = list(map(_grad, all_params))
+        if all(map(is_not, grads, repeat(None))):
+            params, index = all_params, None
+        else:
+            index = [i for i, g in enumerate(grads) if g is not None]
+            params = [all_params[i] for i in index]
+            grads = [grads[i] for i in index]
+        if any(map(_is_sparse, grads)):
+            i = next(i for i, g in enumerate(grads) if g.is_sparse)
+            _check_param(group, i if index is None else index[i], params[i], grads[i])
+
+        buckets = {}
+        for key, members in self._plan(group, params, index).items():
+            if members is None:
+                bparams, bgrads = params, grads
+            else:
+                bparams = [params[i] for i in members]
+                bgrads = [grads[i] for i in members]
+            bufs: list[Tensor] = []
+            is_first: list[bool] = []
+            if group["momentum"] != 0:
+                state = self.state
+                for p in bparams:
+                    st = state.get(p)
+                    buf = st.get("momentum_buffer") if st else None
+                    if buf is None:
+                        buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                        new_buffers.append((p, buf))
+                        is_first.append(True)
+                    else:
+                        is_first.append(False)
+                    bufs.append(buf)
+            buckets[key] = (bparams, bgrads, bufs, is_first)
         return buckets
+
+    def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> dict:
+        """{(device, dtype): positions in `params`, or None for all}; cached per param group and
+        rebuilt when the set of params with a grad changes."""
+        plans = self.__dict__.setdefault("_nm_plans", {})
+        key = tuple(map(id, params))
+        cached = plans.get(id(group))
+        if cached is not None and cached[0] is group and cached[1] == key:
+            return cached[2]
+        plan: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            if p.dtype not in _DTYPES:
+                _check_param(group, i if index is None else index[i], p, p)
+            plan.setdefault((p.device, p.dtype), []).append(i)
+        result = {k: (None if len(v) == len(params) else v) for k, v in plan.items()}
+        # The plan holds the group and its params, so their ids cannot be reused while cached.
+        plans[id(group)] = (group, key, result, list(params))
+        return result
 
     def _resolve_backend(self, backend: str, device: torch.device) -> str:
         if backend == "auto":

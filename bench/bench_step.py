@@ -1,0 +1,166 @@
+"""Optimizer step time: torch.optim.SGD (for-loop, foreach, fused) vs nm_optim.SGD (each backend).
+
+Side by side in one process, interleaved round by round (this machine is noisy: a ratio measured
+in one run means more than two absolute times measured apart). Reports the median ms per step,
+GB/s counted as 20 bytes per param (read p, g, v; write p, v: the floor for SGD with momentum),
+and the ratio to torch.optim.SGD(fused=True).
+
+    python bench/bench_step.py                       # both shape sets, CPU
+    python bench/bench_step.py --shapes many --json out.json
+    python bench/bench_step.py --device cuda         # on a GPU machine (CUDA-event timing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import nm_optim
+
+BYTES_PER_PARAM = 20
+HYPER = dict(lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+
+def vgg16_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
+    """Parameter shapes of torchvision's VGG-16 (224x224 input): 138,357,544 params."""
+    cfg = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    shapes: list[tuple[int, ...]] = []
+    c_in = 3
+    for c in cfg:
+        shapes += [(c, c_in, 3, 3), (c,)]
+        c_in = c
+    for d_in, d_out in ((512 * 7 * 7, 4096), (4096, 4096), (4096, num_classes)):
+        shapes += [(d_out, d_in), (d_out,)]
+    return shapes
+
+
+SHAPE_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "vgg16": vgg16_shapes,
+    "many": lambda: [(4096,)] * 1000,
+}
+
+
+def make_params(shapes, device, dtype) -> list[torch.Tensor]:
+    """One set of params and grads shared by every provider (each keeps its own buffers)."""
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        p.requires_grad_(True)
+        p.grad = torch.randn(s, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype) * 1e-3
+        params.append(p)
+    return params
+
+
+def providers(params, device: str) -> dict[str, torch.optim.Optimizer]:
+    out: dict[str, torch.optim.Optimizer] = {
+        "torch for-loop": torch.optim.SGD(params, foreach=False, **HYPER),
+        "torch foreach": torch.optim.SGD(params, foreach=True, **HYPER),
+        "torch fused": torch.optim.SGD(params, fused=True, **HYPER),
+    }
+    for backend in nm_optim.available_backends(device):
+        out[f"nm_optim {backend}"] = nm_optim.SGD(params, backend=backend, **HYPER)
+    return out
+
+
+def _timer(device: str) -> Callable[[Callable[[], None]], float]:
+    if device == "cuda":
+
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+    else:
+
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+
+    return run
+
+
+def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: int) -> dict:
+    shapes = SHAPE_SETS[shape_set]()
+    params = make_params(shapes, device, dtype)
+    n = sum(p.numel() for p in params)
+    opts = providers(params, device)
+    timer = _timer(device)
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(rounds):  # interleaved: every provider once per round
+        for name, opt in opts.items():
+            times[name].append(timer(opt.step))
+    fused = statistics.median(times["torch fused"])
+    rows = []
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        rows.append(
+            dict(
+                provider=name,
+                ms=ms,
+                gbps=n * BYTES_PER_PARAM / (ms * 1e-3) / 1e9,
+                ratio_to_torch_fused=ms / fused,
+                samples=len(ts),
+            )
+        )
+    return dict(shape_set=shape_set, n_tensors=len(params), n_params=n, dtype=str(dtype), rows=rows)
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\n{result['shape_set']}: {result['n_tensors']} tensors, {result['n_params']:,} params, "
+        f"{result['dtype']}, momentum 0.9, weight decay 5e-4"
+    )
+    print(f"{'provider':<22}{'ms/step':>10}{'GB/s':>9}{'vs torch fused':>16}")
+    for r in result["rows"]:
+        print(f"{r['provider']:<22}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['ratio_to_torch_fused']:>15.3f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", choices=[*SHAPE_SETS, "all"], default="all")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", help="write the results to this file")
+    args = ap.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    sets = list(SHAPE_SETS) if args.shapes == "all" else [args.shapes]
+    results = []
+    for s in sets:
+        res = bench(s, args.device, dtype, args.rounds, args.warmup)
+        print_table(res)
+        results.append(res)
+    if args.json:
+        meta = dict(
+            device=args.device,
+            cpu=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            python=sys.version.split()[0],
+            nm_optim=nm_optim.build_info(),
+        )
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
