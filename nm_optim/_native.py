@@ -83,10 +83,20 @@ def kernel_layout_ok(
         return False
     if p.is_contiguous() and g.is_contiguous() and (v is None or v.is_contiguous()):
         return True
-    if not p.is_non_overlapping_and_dense():
+    if not _non_overlapping_and_dense(p):
         return False
     s = p.stride()
     return g.stride() == s and (v is None or v.stride() == s)
+
+
+def _non_overlapping_and_dense(t: Tensor) -> bool:
+    """Whether t's elements fill its memory span exactly once, in some dimension order."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def sgd_step_native(
