@@ -182,6 +182,9 @@ def sgd_step_native(
         stream = torch.cuda.current_stream(device).cuda_stream
         with torch.cuda.device(device):
             C.sgd_step_cuda(lr=float(lr), lr_device=lr_ptr, stream=stream, **common)
+    # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would, so
+    # that a backward through a stale saved param raises instead of using the new values.
+    torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else params)
 
 
 def _amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:

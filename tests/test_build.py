@@ -1,0 +1,53 @@
+"""What the build reports, and that a missing extension degrades to the reference backend with an
+error that says how to build, instead of failing at import."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nm_optim
+from nm_optim import _extension
+
+
+def test_build_info_reports_the_build():
+    info = nm_optim.build_info()
+    assert info["version"] == nm_optim.__version__
+    assert isinstance(info["cuda_compiled"], bool) and isinstance(info["openmp"], bool)
+    assert isinstance(info["cuda_archs"], list)
+    if info["cuda_compiled"]:
+        assert info["cuda_archs"], "a CUDA build names its architectures"
+
+
+def test_available_backends_per_device():
+    cpu = nm_optim.available_backends("cpu")
+    assert cpu[0] == "reference"
+    assert ("cpu" in cpu) == nm_optim.build_info()["extension"]
+    cuda = nm_optim.available_backends("cuda")
+    assert "cpu" not in cuda and ("cuda" in cuda) == (
+        torch.cuda.is_available() and nm_optim.build_info()["cuda_compiled"]
+    )
+
+
+def test_without_the_extension_reference_still_works_and_native_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "_C_IMPORT_ERROR", ImportError("no module named nm_optim._C"))
+    _extension.require_backend.cache_clear()
+    _extension.default_backend.cache_clear()
+    try:
+        assert nm_optim.available_backends("cpu") == ["reference"]
+        assert nm_optim.build_info()["extension"] is False
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        nm_optim.SGD([p], lr=0.5).step()  # auto -> reference
+        assert torch.equal(p.detach(), torch.full((3,), 0.5))
+        with pytest.raises(ImportError, match=r"pip install"):
+            nm_optim.SGD([p], lr=0.5, backend="cpu").step()
+    finally:
+        _extension.require_backend.cache_clear()
+        _extension.default_backend.cache_clear()
+
+
+def test_auto_picks_the_compiled_kernel_when_there_is_one():
+    expected = "cpu" if "cpu" in nm_optim.available_backends("cpu") else "reference"
+    assert _extension.default_backend(torch.device("cpu")) == expected

@@ -1,0 +1,102 @@
+"""The op ``torch.ops.nm_optim.sgd_step_``: torch.library.opcheck passes for every backend, and
+one step makes one kernel call per bucket, whatever the number of tensors, from a table that is
+built once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nm_optim
+from nm_optim import _native, ops
+from conftest import device_backends
+
+
+def op_args(device, backend, momentum, first, n=3, dtype=torch.float32, lr_tensor=False):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5,), (3, 4), (2, 3, 3, 3)][:n]
+    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    bufs = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes] if momentum else []
+    is_first = [first] * len(shapes) if momentum else []
+    lr_t = torch.tensor(0.05, device=device) if lr_tensor else None
+    return (params, grads, bufs, is_first, 0.1, lr_t, 0.01, momentum, 0.0, False, False, None, None, backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize(
+    "momentum,first,lr_tensor",
+    [(0.0, False, False), (0.9, True, False), (0.9, False, True)],
+    ids=["plain", "first_momentum_step", "momentum_tensor_lr"],
+)
+def test_opcheck(device, backend, momentum, first, lr_tensor):
+    args = op_args(device, backend, momentum, first, lr_tensor=lr_tensor)
+    torch.library.opcheck(ops.sgd_step_, args)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_op_mutates_only_params_and_buffers_and_bumps_their_versions(device, backend):
+    params, grads, bufs, *rest = op_args(device, backend, 0.9, False)
+    g0 = [g.clone() for g in grads]
+    v_before = [p._version for p in params] + [b._version for b in bufs]
+    ops.sgd_step_(params, grads, bufs, *rest)
+    assert all(torch.equal(g, h) for g, h in zip(grads, g0))
+    assert all(after > before for after, before in zip([p._version for p in params] + [b._version for b in bufs], v_before))
+
+
+def count_kernel_calls(monkeypatch):
+    calls = []
+    C = nm_optim._extension.extension()
+    real = C.sgd_step_cpu
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(C, name)
+
+        @staticmethod
+        def sgd_step_cpu(**kwargs):
+            calls.append(kwargs["n_tensors"])
+            return real(**kwargs)
+
+    monkeypatch.setattr(_native, "extension", lambda: Spy())
+    return calls
+
+
+@pytest.mark.skipif("cpu" not in nm_optim.available_backends("cpu"), reason="nm_optim._C not built")
+@pytest.mark.parametrize("n_tensors", [1, 10, 1000])
+def test_one_kernel_call_per_bucket_whatever_the_number_of_tensors(monkeypatch, n_tensors):
+    calls = count_kernel_calls(monkeypatch)
+    fp32 = [torch.nn.Parameter(torch.randn(17)) for _ in range(n_tensors)]
+    bf16 = [torch.nn.Parameter(torch.randn(9, dtype=torch.bfloat16)) for _ in range(n_tensors)]
+    opt = nm_optim.SGD([{"params": fp32}, {"params": bf16, "lr": 0.5}], lr=0.1, momentum=0.9, backend="cpu")
+    for p in fp32 + bf16:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert sorted(calls) == [n_tensors, n_tensors], "one call for each (group, dtype) bucket"
+
+
+@pytest.mark.skipif("cpu" not in nm_optim.available_backends("cpu"), reason="nm_optim._C not built")
+def test_the_tile_table_is_built_once_and_rebuilt_when_params_change(monkeypatch):
+    built = []
+    real = _native.TileTable
+
+    def spy(numels, tile_size, device):
+        built.append(numels)
+        return real(numels, tile_size, device)
+
+    monkeypatch.setattr(_native, "TileTable", spy)
+    monkeypatch.setattr(_native, "_tables", type(_native._tables)())
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 100_000, 7)]
+    opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, backend="cpu")
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert built == [(3, 100_000, 7)]
+    extra = torch.nn.Parameter(torch.randn(11))
+    extra.grad = torch.randn(11)
+    opt.param_groups[0]["params"].append(extra)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert built == [(3, 100_000, 7), (3, 100_000, 7, 11)]
