@@ -55,8 +55,10 @@ class TileTable:
 _tables: OrderedDict[tuple, TileTable] = OrderedDict()
 
 
-def tile_table(numels: tuple[int, ...], device: torch.device) -> TileTable:
-    key = (device, numels)
+def tile_table(numels: tuple[int, ...], device: torch.device, owner: int = 0) -> TileTable:
+    """The cached table for these element counts. `owner` (the first param's address on CUDA)
+    keeps buckets apart whose device pointer tables must not be shared across streams."""
+    key = (device, numels, owner)
     table = _tables.get(key)
     if table is None:
         table = TileTable(numels, TILE_SIZE[device.type], device)
@@ -123,7 +125,8 @@ def sgd_step_native(
     C = extension()
     device = params[0].device
     has_momentum = momentum != 0
-    table = tile_table(numels if numels is not None else tuple(map(_numel, params)), device)
+    owner = params[0].data_ptr() if device.type == "cuda" else 0
+    table = tile_table(numels if numels is not None else tuple(map(_numel, params)), device, owner)
     if table.n_tiles == 0:
         return
     ptrs = list(map(_data_ptr, params))
