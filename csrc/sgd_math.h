@@ -3,7 +3,8 @@
 // PyTorch's SGD semantics (torch/optim/sgd.py, _single_tensor_sgd), in the compute type C
 // (float for fp32/fp16/bf16 storage, double for fp64):
 //   g  = grad * gmul                 gmul = +-1/grad_scale: AMP unscale and maximize in one
-//                                    multiply (exact when there is no scale: x * +-1 is exact)
+//                                    multiply (exact when there is no scale: x * +-1 is exact);
+//                                    done by the caller, since the statistics need g too
 //   d  = g + wd * p                  coupled weight decay, only when wd != 0 (as torch: p = inf
 //                                    with wd = 0 must not turn d into nan)
 //   v' = d                           first step: the buffer is a copy of d, no dampening
@@ -30,10 +31,11 @@ struct StepScalars {
   C gmul;             // (maximize ? -1 : 1) / grad_scale
 };
 
-// Updates p (and v when MOM) in registers. FIRST: the buffer is created now (v' = d).
+// Updates p (and v when MOM) in registers from g = grad * s.gmul (the statistics' g: after AMP
+// unscaling and the maximize sign, before weight decay). FIRST: the buffer is created now (v' = d).
 template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
-NM_HD void sgd_update(C& p, C grad, C& v, const StepScalars<C>& s) {
-  C d = grad * s.gmul;
+NM_HD void sgd_update(C& p, C g, C& v, const StepScalars<C>& s) {
+  C d = g;
   if (HAS_WD) d = d + s.weight_decay * p;
   C u = d;
   if (MOM) {
@@ -42,5 +44,8 @@ NM_HD void sgd_update(C& p, C grad, C& v, const StepScalars<C>& s) {
   }
   p = p + s.neg_lr * u;
 }
+
+// The 9 statistics of the pre-step values, in nm_optim.STAT_NAMES order.
+enum Stat { kP = 0, kG, kV, kPP, kGG, kVV, kPG, kPV, kGV, kNumStats };
 
 }  // namespace nm_optim

@@ -47,9 +47,22 @@ struct AmpView {
   const float* found_inf;
 };
 
+// Tracks: the statistics to reduce in the same pass (nm_optim/tracks.py). For tensor i:
+//   geom[3 * i + 0..2]     d0 = size(0), d1 = size(1), rest = product of sizes(2:) (1 if absent)
+//   offsets[3 * i + 0..2]  first output group of its "rows" (d0 groups), "cols" (d1 groups) and
+//                          "all" (1 group) track, -1 when the tensor has no track of that axis
+//   out[group * 9 + k]     the 9 sums (Stat order, sgd_math.h) of the pre-step p, g, v, float64.
+// Only the groups of tracked tensors are written; reductions are deterministic for a given
+// thread count (per-thread partials combined in a fixed order, no atomics).
+struct StatsView {
+  const int64_t* geom;
+  const int64_t* offsets;
+  double* out;  // nullptr: no statistics
+};
+
 // CPU (OpenMP + SIMD). num_threads <= 0 means the OpenMP default.
 void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
-                  const AmpView& amp, int num_threads);
+                  const AmpView& amp, const StatsView& stats, int num_threads);
 
 #ifdef NM_OPTIM_WITH_CUDA
 // CUDA: every pointer in `bucket` (numel, table, tiles) and in `amp` lives on the device.

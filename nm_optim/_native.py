@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from nm_optim._extension import extension
+from nm_optim.tracks import geometry
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -116,6 +117,8 @@ def sgd_step_native(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    stats: Tensor | None = None,
+    stats_offsets: Sequence[int] = (),
     numels: tuple[int, ...] | None = None,
 ) -> None:
     """One kernel call for tensors that share a device and dtype, laid out densely (see ops.py).
@@ -127,7 +130,8 @@ def sgd_step_native(
     has_momentum = momentum != 0
     owner = params[0].data_ptr() if device.type == "cuda" else 0
     table = tile_table(numels if numels is not None else tuple(map(_numel, params)), device, owner)
-    if table.n_tiles == 0:
+    with_stats = stats is not None and len(stats_offsets) > 0
+    if table.n_tiles == 0 and not with_stats:
         return
     ptrs = list(map(_data_ptr, params))
     ptrs += map(_data_ptr, grads)
@@ -176,8 +180,25 @@ def sgd_step_native(
     )
     if device.type == "cpu":
         lr_value = float(lr_tensor) if lr_tensor is not None else float(lr)
-        C.sgd_step_cpu(lr=lr_value, num_threads=torch.get_num_threads(), **common)
+        geom_ptr = offsets_ptr = out_ptr = 0
+        if with_stats:
+            geom = array("q", _geometries(params, stats_offsets))
+            offsets = array("q", stats_offsets)
+            geom_ptr, offsets_ptr, out_ptr = geom.buffer_info()[0], offsets.buffer_info()[0], stats.data_ptr()
+        C.sgd_step_cpu(
+            lr=lr_value,
+            stats_geom=geom_ptr,
+            stats_offsets=offsets_ptr,
+            stats_out=out_ptr,
+            num_threads=torch.get_num_threads(),
+            **common,
+        )
     else:
+        if with_stats:
+            raise NotImplementedError(
+                "statistics (track=...) are not implemented in the CUDA kernel yet; "
+                "use backend='reference' for tracked CUDA params"
+            )
         lr_ptr = 0
         if lr_tensor is not None:
             lr_dev = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True)
@@ -188,6 +209,17 @@ def sgd_step_native(
     # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would, so
     # that a backward through a stale saved param raises instead of using the new values.
     torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else params)
+
+
+def _geometries(params: Sequence[Tensor], offsets: Sequence[int]) -> list[int]:
+    """(d0, d1, rest) per param for the kernel's statistics; zeros for untracked params."""
+    out: list[int] = []
+    for i, p in enumerate(params):
+        if offsets[3 * i] >= 0 or offsets[3 * i + 1] >= 0 or offsets[3 * i + 2] >= 0:
+            out += geometry(p.shape)
+        else:
+            out += (0, 0, 0)
+    return out
 
 
 def _amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:

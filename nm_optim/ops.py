@@ -26,12 +26,14 @@ from torch import Tensor
 from nm_optim._extension import require_backend
 from nm_optim._native import DTYPE_CODES, kernel_layout_ok, sgd_step_native
 from nm_optim.reference import sgd_step_reference
+from nm_optim.tracks import STAT_NAMES, group_counts
 
 _lib = torch.library.Library("nm_optim", "DEF")  # noqa: TOR901 (the op is defined once, here)
 _lib.define(
     "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
     "float lr, Tensor? lr_tensor, float weight_decay, float momentum, float dampening, "
-    "bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, str backend) -> ()"
+    "bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, str backend, "
+    "Tensor(c!)? stats=None, int[] stats_offsets=[]) -> ()"
 )
 
 _dtype = attrgetter("dtype")
@@ -55,6 +57,8 @@ def _sgd_step_impl(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     backend: str,
+    stats: Tensor | None = None,
+    stats_offsets: Sequence[int] = (),
 ) -> None:
     has_momentum = momentum != 0
     n = len(params)
@@ -65,6 +69,10 @@ def _sgd_step_impl(
             "sgd_step_: momentum != 0 needs one momentum buffer and one is_first flag per param, "
             f"got {n} params, {len(momentum_buffers)} buffers, {len(is_first)} flags"
         )
+    if stats is not None:
+        _check_stats(params, stats, stats_offsets)
+    else:
+        stats_offsets = ()
     if n == 0:
         return
     kwargs = dict(
@@ -77,6 +85,8 @@ def _sgd_step_impl(
         maximize=maximize,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        stats=stats if stats_offsets else None,
+        stats_offsets=stats_offsets,
     )
     dtype = params[0].dtype
     if backend == "reference" or dtype not in DTYPE_CODES:
@@ -94,6 +104,7 @@ def _sgd_step_impl(
         map(kernel_layout_ok, params, grads, bufs if has_momentum else repeat(None),
             repeat(dtype), repeat(device))
     )
+    kwargs.pop("stats_offsets")
     for run, want in ((sgd_step_native, True), (sgd_step_reference, False)):
         idx = [i for i, good in enumerate(ok) if good is want]
         if idx:
@@ -102,6 +113,7 @@ def _sgd_step_impl(
                 [grads[i] for i in idx],
                 [momentum_buffers[i] for i in idx] if has_momentum else [],
                 [is_first[i] for i in idx] if has_momentum else [],
+                stats_offsets=[o for i in idx for o in stats_offsets[3 * i : 3 * i + 3]] if stats_offsets else (),
                 **kwargs,
             )
 
@@ -123,8 +135,28 @@ def _uniform_dense(params, grads, bufs, dtype, device_index) -> tuple[int, ...] 
     return numels
 
 
+def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]) -> None:
+    """Every tracked group must land inside `stats` (a float64 [rows, 9] tensor on the params'
+    device): the kernels write there through raw pointers."""
+    if len(offsets) not in (0, 3 * len(params)):
+        raise ValueError(f"sgd_step_: stats_offsets needs 3 entries per param, got {len(offsets)} for {len(params)}")
+    if stats.dtype != torch.float64 or stats.dim() != 2 or stats.shape[1] != len(STAT_NAMES) or not stats.is_contiguous():
+        raise ValueError(f"sgd_step_: stats must be a contiguous float64 [rows, 9] tensor, got {stats.dtype} {tuple(stats.shape)}")
+    rows = stats.shape[0]
+    for i in range(len(params) if offsets else 0):
+        for off, n in zip(offsets[3 * i : 3 * i + 3], group_counts(params[i].shape)):
+            if off >= 0 and off + n > rows:
+                raise ValueError(
+                    f"sgd_step_: param {i} (shape {tuple(params[i].shape)}) needs stats rows "
+                    f"[{off}, {off + n}) but stats has {rows}"
+                )
+            if off >= 0 and stats.device != params[i].device:
+                raise ValueError(f"sgd_step_: stats is on {stats.device}, param {i} on {params[i].device}")
+
+
 def _sgd_step_fake(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum,
-                   dampening, nesterov, maximize, grad_scale, found_inf, backend) -> None:
+                   dampening, nesterov, maximize, grad_scale, found_inf, backend, stats=None,
+                   stats_offsets=()) -> None:
     return None
 
 
@@ -134,8 +166,10 @@ torch.library.register_fake("nm_optim::sgd_step_", _sgd_step_fake, lib=_lib)
 
 sgd_step_ = torch.ops.nm_optim.sgd_step_
 """``sgd_step_(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum,
-dampening, nesterov, maximize, grad_scale, found_inf, backend)``: one fused SGD step, in place,
-over tensors of one device and dtype. ``momentum_buffers`` and ``is_first`` are empty when
+dampening, nesterov, maximize, grad_scale, found_inf, backend, stats=None, stats_offsets=[])``: one
+fused SGD step, in place, over tensors of one device and dtype. With ``stats`` (float64 [rows, 9]),
+param i's statistics go to the rows stats_offsets[3i : 3i + 3] of its rows / cols / all tracks
+(-1: none; see nm_optim/tracks.py). ``momentum_buffers`` and ``is_first`` are empty when
 momentum == 0; otherwise ``is_first[i]`` says buffer i is created by this step (v' = d, its old
 contents unread). ``lr_tensor``, when given, overrides ``lr`` (read on the device, no host sync).
 """

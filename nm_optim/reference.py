@@ -12,10 +12,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from nm_optim.tracks import STAT_NAMES, geometry, group_counts
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The arithmetic type of the step for params of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_stats(p: Tensor, g: Tensor, v: Tensor, offsets: Sequence[int], stats: Tensor) -> None:
+    """Writes the 9 sums (STAT_NAMES order) of one tensor's pre-step float64 values into the rows
+    of `stats` that its rows / cols / all tracks own (offsets[k] < 0: no such track)."""
+    d0, d1, rest = geometry(p.shape)
+    terms = torch.stack([p, g, v, p * p, g * g, v * v, p * g, p * v, g * v], dim=-1)
+    terms = terms.reshape(d0, d1, rest, len(STAT_NAMES))
+    for offset, dims, n in ((offsets[0], (1, 2), d0), (offsets[1], (0, 2), d1), (offsets[2], (0, 1, 2), 1)):
+        if offset >= 0:
+            stats[offset : offset + n] = terms.sum(dims).reshape(n, len(STAT_NAMES)).to(stats.device)
 
 
 def sgd_step_reference(
@@ -33,6 +46,8 @@ def sgd_step_reference(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    stats: Tensor | None = None,
+    stats_offsets: Sequence[int] = (),
 ) -> None:
     """One SGD step in place on `params` (and `momentum_buffers` when momentum != 0).
 
@@ -42,16 +57,32 @@ def sgd_step_reference(
     u  = d + momentum * v'  (nesterov)   else  v'
     p' = p - lr * u
     When found_inf is non-zero nothing changes (decided on the device: no host sync).
+
+    With `stats`, tensor i's statistics of the pre-step values (p, g, v in float64; g = grad * gmul,
+    v = 0 on the first step and without momentum) go to the rows stats_offsets[3i : 3i + 3] of
+    its rows / cols / all tracks (see nm_optim/tracks.py); a skipped step writes NaN there.
     """
     has_momentum = momentum != 0
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
         cdt = compute_dtype(p.dtype)
         gmul = torch.tensor(-1.0 if maximize else 1.0, dtype=torch.float64, device=p.device)
         if grad_scale is not None:
             gmul = gmul / grad_scale.to(device=p.device, dtype=torch.float64).reshape(())
+        if stats is not None and any(o >= 0 for o in stats_offsets[3 * i : 3 * i + 3]):
+            v64 = (
+                momentum_buffers[i].detach().double()
+                if has_momentum and not is_first[i]
+                else torch.zeros_like(p, dtype=torch.float64)
+            )
+            g64 = (grads[i].detach().to(cdt) * gmul.to(cdt)).double()
+            reduce_stats(p.detach().double(), g64, v64, stats_offsets[3 * i : 3 * i + 3], stats)
+            if skip is not None:
+                for off, n in zip(stats_offsets[3 * i : 3 * i + 3], group_counts(p.shape)):
+                    if off >= 0:
+                        stats[off : off + n] = torch.where(skip.to(stats.device), float("nan"), stats[off : off + n])
+        if p.numel() == 0:
+            continue
         pc = p.detach().to(cdt)
         d = grads[i].detach().to(cdt) * gmul.to(cdt)
         if weight_decay != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import repeat
 from operator import attrgetter, is_not
 from typing import Any
@@ -12,8 +13,10 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from nm_optim import ops
 from nm_optim._extension import BACKENDS, default_backend, require_backend
+from nm_optim.tracks import Track, TrackTable
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_UNTRACKED = (-1, -1, -1)
 _grad = attrgetter("grad")
 _is_sparse = attrgetter("is_sparse")
 
@@ -43,6 +46,11 @@ class SGD(Optimizer):
         backend (str): "auto" (default: the fastest available for each param's device),
             "reference" (pure PyTorch), "cpu" or "cuda" (the compiled kernels). See
             :func:`nm_optim.available_backends`.
+        track: statistics to reduce in the same pass: a list of ``(param, axis)`` with axis
+            "rows", "cols" or "all", or "layers" (an "all" track for every param). For each
+            group of each track the step emits the 9 sums of ``nm_optim.STAT_NAMES`` of the
+            pre-step p, g (grad after unscaling and the maximize sign, before weight decay) and
+            v (the momentum buffer before the step); read them with :meth:`last_stats`.
 
     The state dict has torch.optim.SGD's format (``momentum_buffer`` per param), so state moves
     between the two optimizers in both directions. Works with torch.amp.GradScaler: the scale is
@@ -63,6 +71,7 @@ class SGD(Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
+        track: str | Iterable[tuple[Tensor, str]] | None = None,
     ) -> None:
         # The same checks, order, exception types and messages as torch.optim.SGD.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -86,9 +95,23 @@ class SGD(Optimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
+        self._tracks = TrackTable(track, self.param_groups)
+
+    @property
+    def tracks(self) -> list[Track]:
+        """The resolved tracks, aligned with the `track` argument (see nm_optim.tracks)."""
+        return self._tracks.tracks
+
+    def last_stats(self) -> list[Tensor]:
+        """The statistics of the last step: one float64 CPU tensor [num_groups, 9] per track
+        (columns in nm_optim.STAT_NAMES order; NaN for groups that were not stepped). This
+        call synchronises with the device; step() never does."""
+        return self._tracks.last_stats()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "_tracks" not in self.__dict__:
+            self._tracks = TrackTable(None, self.param_groups)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -130,16 +153,21 @@ class SGD(Optimizer):
         calls = []
         new_buffers: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
-            for (device, _), (params, grads, bufs, is_first) in self._buckets(group, new_buffers).items():
-                calls.append((group, device, params, grads, bufs, is_first))
+            for (device, _), bucket in self._buckets(group, new_buffers).items():
+                calls.append((group, device, *bucket))
 
         # A step that would create momentum buffers while GradScaler found an inf or nan: skip
         # it before any state exists. This reads found_inf on the host, once, and only on the
         # step that creates state (torch's fused SGD instead keeps uninitialised buffers).
         if new_buffers and found_inf is not None and bool(found_inf.detach().reshape(-1).ne(0).any()):
+            if self._tracks:
+                self._tracks.begin_step()  # this step's statistics: none (NaN)
             return loss
 
-        for group, device, params, grads, bufs, is_first in calls:
+        tracks = self._tracks
+        if tracks:
+            tracks.begin_step()
+        for group, device, params, grads, bufs, is_first, offsets in calls:
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
             wd = group["weight_decay"]
@@ -158,13 +186,16 @@ class SGD(Optimizer):
                 grad_scale,
                 found_inf,
                 self._resolve_backend(group["backend"], device),
+                tracks.stats(device) if offsets else None,
+                offsets,
             )
         for p, buf in new_buffers:
             self.state[p]["momentum_buffer"] = buf
         return loss
 
     def _buckets(self, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> dict:
-        """Params with a grad, split by (device, dtype), with their buffers and is_first flags."""
+        """Params with a grad, split by (device, dtype), with their buffers, is_first flags and
+        statistics offsets (empty when no param of the bucket is tracked)."""
         all_params = group["params"]
         grads = list(map(_grad, all_params))
         if all(map(is_not, grads, repeat(None))):
@@ -198,7 +229,14 @@ class SGD(Optimizer):
                     else:
                         is_first.append(False)
                     bufs.append(buf)
-            buckets[key] = (bparams, bgrads, bufs, is_first)
+            offsets: list[int] = []
+            if self._tracks:
+                lookup = self._tracks.offsets
+                found = [lookup(p) for p in bparams]
+                if any(o is not None for o in found):
+                    for o in found:
+                        offsets += o if o is not None else _UNTRACKED
+            buckets[key] = (bparams, bgrads, bufs, is_first, offsets)
         return buckets
 
     def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> dict:

@@ -69,7 +69,7 @@ __device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict
     for (int e = 0; e < kVec; ++e) {
       C pi = S::load(pp.x[e]);
       C vi = (MOM && !FIRST) ? S::load(vv.x[e]) : C(0);
-      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(gg.x[e]), vi, s);
+      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(gg.x[e]) * s.gmul, vi, s);
       pp.x[e] = S::store(pi);
       if (MOM) vv.x[e] = S::store(vi);
     }
@@ -79,7 +79,7 @@ __device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict
   for (int64_t i = n_vec * kVec + threadIdx.x; i < len; i += kThreads) {
     C pi = S::load(p[i]);
     C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
-    sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(g[i]), vi, s);
+    sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(g[i]) * s.gmul, vi, s);
     p[i] = S::store(pi);
     if (MOM) v[i] = S::store(vi);
   }
