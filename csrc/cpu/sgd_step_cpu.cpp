@@ -259,7 +259,10 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
   const int threads = 1;
 #endif
   // The calling thread's scratch: concurrent steps from several Python threads do not share it.
-  thread_local Partials partials;
+  // (Taken by reference here: inside the parallel region the name would denote each worker's
+  // own, empty, thread_local instance.)
+  thread_local Partials tls_partials;
+  Partials& partials = tls_partials;
   const bool with_stats = st.out != nullptr;
   if (with_stats) partials.layout(b, st, threads);
 

@@ -1,0 +1,165 @@
+"""The 9 statistics of every tracked group, reduced in the step's own pass, equal a float64
+computation from the pre-step tensors: every backend, awkward shapes, several tracks per tensor,
+tracks across param groups and dtypes; deterministic; NaN where nothing was stepped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nm_optim
+from conftest import device_backends
+from nm_optim.tracks import geometry
+
+SHAPES = [
+    (1,),
+    (7,),
+    (13, 17),
+    (278011,),
+    (32, 16, 3, 3),
+    (3, 40000),  # rows longer than one CPU tile (32768 elements)
+    (300, 1),  # a single column
+    (1000, 1000),  # 10^6 elements in the "all" group
+    (0,),
+    (3, 0),
+    (2, 3, 0, 4),
+]
+
+TOL = 1e-6
+
+
+def axes_for(shape) -> list[str]:
+    return ["rows", "cols", "all"] if len(shape) >= 2 else ["rows", "all"]
+
+
+def expected_stats(p, g, v, axis) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 sums and the sums of absolute terms (the scale of each sum's rounding)."""
+    d0, d1, rest = geometry(p.shape)
+    terms = torch.stack([p, g, v, p * p, g * g, v * v, p * g, p * v, g * v], -1).reshape(d0, d1, rest, 9)
+    dims = {"rows": (1, 2), "cols": (0, 2), "all": (0, 1, 2)}[axis]
+    n = {"rows": d0, "cols": d1, "all": 1}[axis]
+    return terms.sum(dims).reshape(n, 9), terms.abs().sum(dims).reshape(n, 9)
+
+
+def assert_stats_close(got, want, scale, what):
+    assert got.dtype == torch.float64 and got.device.type == "cpu"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if got.numel() == 0:
+        return
+    err = ((got - want).abs() / scale.clamp_min(1e-300)).max().item()
+    assert err <= TOL, f"{what}: relative error {err:.3e} (relative to the sum of |terms|)"
+
+
+def run_and_check(params, opt, tracks, steps, grad_scale=1.0, maximize=False, dtype_tol=None):
+    for step in range(steps):
+        pre_p = [p.detach().double().clone() for p in params]
+        pre_v = [
+            opt.state[p]["momentum_buffer"].double().clone() if p in opt.state else torch.zeros(p.shape, dtype=torch.float64)
+            for p in params
+        ]
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(p.dtype)
+        grads = [p.grad.double() / grad_scale * (-1 if maximize else 1) for p in params]
+        if grad_scale != 1.0:
+            opt.grad_scale = torch.tensor(grad_scale)
+            opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        index = {id(p): i for i, p in enumerate(params)}
+        for (p, axis), got in zip(tracks, opt.last_stats()):
+            i = index[id(p)]
+            want, scale = expected_stats(pre_p[i], grads[i], pre_v[i], axis)
+            assert_stats_close(got, want, scale, f"step {step} {tuple(p.shape)}:{axis}")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize(
+    "hyper",
+    [dict(), dict(momentum=0.9, dampening=0.1, weight_decay=1e-2), dict(momentum=0.9, nesterov=True, maximize=True)],
+    ids=["plain", "momentum_dampening_wd", "nesterov_maximize"],
+)
+def test_stats_match_float64_from_pre_step_tensors(device, backend, hyper):
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=device, requires_grad=True) for s in SHAPES]
+    tracks = [(p, axis) for p in params for axis in axes_for(p.shape)]
+    opt = nm_optim.SGD(params, lr=0.05, backend=backend, track=tracks, **hyper)
+    run_and_check(params, opt, tracks, steps=3, maximize=hyper.get("maximize", False))
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_g_is_the_unscaled_gradient_under_amp(device, backend):
+    params = [torch.randn(s, requires_grad=True) for s in [(40, 30), (17,)]]
+    tracks = [(params[0], "rows"), (params[0], "cols"), (params[1], "all")]
+    opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, backend=backend, track=tracks)
+    run_and_check(params, opt, tracks, steps=3, grad_scale=1024.0)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_tracks_across_param_groups_and_dtypes(device, backend):
+    torch.manual_seed(1)
+    a = torch.randn(20, 30, requires_grad=True)
+    b = torch.randn(50, dtype=torch.bfloat16, requires_grad=True)
+    c = torch.randn(8, 4, 3, dtype=torch.float16, requires_grad=True)
+    d = torch.randn(9, 9, dtype=torch.float64, requires_grad=True)
+    params = [a, b, c, d]
+    tracks = [(a, "cols"), (b, "rows"), (c, "rows"), (c, "cols"), (d, "all"), (a, "rows")]
+    opt = nm_optim.SGD(
+        [{"params": [a, b]}, {"params": [c, d], "lr": 0.01, "momentum": 0.5}], lr=0.1, backend=backend, track=tracks
+    )
+    run_and_check(params, opt, tracks, steps=3)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_stats_are_deterministic_run_to_run(device, backend):
+    def run():
+        torch.manual_seed(3)
+        params = [torch.randn(s, requires_grad=True) for s in [(300, 500), (64, 32, 3, 3), (1000,)]]
+        tracks = [(p, axis) for p in params for axis in axes_for(p.shape)]
+        opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, backend=backend, track=tracks)
+        out = []
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            out += opt.last_stats()
+        return out
+
+    for x, y in zip(run(), run()):
+        assert torch.equal(x, y)
+
+
+def test_duplicate_tracks_share_one_block_and_layers_tracks_everything():
+    lin = torch.nn.Linear(4, 3)
+    opt = nm_optim.SGD(lin.parameters(), lr=0.1, track=[(lin.weight, "rows"), (lin.weight, "rows")])
+    assert opt.tracks[0] is opt.tracks[1]
+    opt2 = nm_optim.SGD(lin.named_parameters(), lr=0.1, track="layers")
+    assert [t.name for t in opt2.tracks] == ["weight:all", "bias:all"]
+    assert [t.num_groups for t in opt2.tracks] == [1, 1]
+
+
+def test_groups_not_stepped_read_nan():
+    a = torch.nn.Parameter(torch.randn(5, 2))
+    b = torch.nn.Parameter(torch.randn(3))
+    opt = nm_optim.SGD([a, b], lr=0.1, momentum=0.9, track=[(a, "rows"), (b, "all")])
+    a.grad = torch.randn(5, 2)
+    opt.step()  # b has no grad: not stepped
+    sa, sb = opt.last_stats()
+    assert not sa.isnan().any() and sb.isnan().all()
+    b.grad = torch.randn(3)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()  # skipped by found_inf (and b would create state: the step is skipped whole)
+    assert all(s.isnan().all() for s in opt.last_stats())
+
+
+def test_track_errors_name_the_problem():
+    lin = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"axis must be one of"):
+        nm_optim.SGD(lin.parameters(), track=[(lin.weight, "diagonal")])
+    with pytest.raises(ValueError, match=r"'bias:cols'|track 'bias': axis 'cols' needs"):
+        nm_optim.SGD(lin.named_parameters(), track=[(lin.bias, "cols")])
+    with pytest.raises(ValueError, match=r"not a parameter of this optimizer"):
+        nm_optim.SGD([lin.weight], track=[(lin.bias, "all")])
+    with pytest.raises(ValueError, match=r"'layers'"):
+        nm_optim.SGD(lin.parameters(), track="neurons")
+    with pytest.raises(TypeError, match=r"\(param, axis\) pair"):
+        nm_optim.SGD(lin.parameters(), track=[lin.weight])
