@@ -12,16 +12,20 @@ __version__ = "0.1.0"
 
 from nm_optim._extension import available_backends, build_info  # noqa: E402
 from nm_optim.reference import sgd_step_reference  # noqa: E402
+from nm_optim.recorder import Record, Recorder, load_record  # noqa: E402
 from nm_optim.sgd import SGD  # noqa: E402
 from nm_optim.tracks import AXES, STAT_NAMES, Track  # noqa: E402
 
 __all__ = [
     "AXES",
+    "Record",
+    "Recorder",
     "SGD",
     "STAT_NAMES",
     "Track",
     "available_backends",
     "build_info",
+    "load_record",
     "sgd_step_reference",
     "__version__",
 ]

@@ -13,6 +13,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from nm_optim import ops
 from nm_optim._extension import BACKENDS, default_backend, require_backend
+from nm_optim.recorder import Recorder
 from nm_optim.tracks import Track, TrackTable
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -51,6 +52,8 @@ class SGD(Optimizer):
             group of each track the step emits the 9 sums of ``nm_optim.STAT_NAMES`` of the
             pre-step p, g (grad after unscaling and the maximize sign, before weight decay) and
             v (the momentum buffer before the step); read them with :meth:`last_stats`.
+        record_every (int): with tracks, ``opt.recorder`` keeps every record_every-th step's
+            statistics and hyper-parameters (see nm_optim.recorder; default: 1).
 
     The state dict has torch.optim.SGD's format (``momentum_buffer`` per param), so state moves
     between the two optimizers in both directions. Works with torch.amp.GradScaler: the scale is
@@ -72,6 +75,7 @@ class SGD(Optimizer):
         maximize: bool = False,
         backend: str = "auto",
         track: str | Iterable[tuple[Tensor, str]] | None = None,
+        record_every: int = 1,
     ) -> None:
         # The same checks, order, exception types and messages as torch.optim.SGD.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -96,6 +100,7 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
         self._tracks = TrackTable(track, self.param_groups)
+        self.recorder = Recorder(self, record_every)
 
     @property
     def tracks(self) -> list[Track]:
@@ -108,10 +113,21 @@ class SGD(Optimizer):
         call synchronises with the device; step() never does."""
         return self._tracks.last_stats()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tracks survive deepcopy / pickling (their params map to the copies); the recorded
+        # history does not: save it with opt.recorder.save(path).
+        state = super().__getstate__()
+        state["_track_spec"] = [(t.param, t.axis) for t in self._tracks.tracks]
+        state["_record_every"] = self.recorder.record_every
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        spec = state.pop("_track_spec", None)
+        record_every = state.pop("_record_every", 1)
         super().__setstate__(state)
         if "_tracks" not in self.__dict__:
-            self._tracks = TrackTable(None, self.param_groups)
+            self._tracks = TrackTable(spec, self.param_groups)
+            self.recorder = Recorder(self, record_every)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -162,6 +178,7 @@ class SGD(Optimizer):
         if new_buffers and found_inf is not None and bool(found_inf.detach().reshape(-1).ne(0).any()):
             if self._tracks:
                 self._tracks.begin_step()  # this step's statistics: none (NaN)
+                self.recorder.after_step(set(), found_inf)
             return loss
 
         tracks = self._tracks
@@ -191,6 +208,8 @@ class SGD(Optimizer):
             )
         for p, buf in new_buffers:
             self.state[p]["momentum_buffer"] = buf
+        if tracks:
+            self.recorder.after_step({id(p) for p, _ in new_buffers}, found_inf)
         return loss
 
     def _buckets(self, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> dict:

@@ -1,0 +1,295 @@
+"""The recorder: every `record_every`-th step's statistics and the hyper-parameters that step used,
+kept without stalling training, saved to one self-describing file.
+
+On the device, each recorded step is one device-to-device copy of the stats tensor into a chunk
+buffer of `chunk` steps; a full chunk goes to pinned host memory with one asynchronous copy, and
+is collected (the only wait, on an event long since passed) when the next chunk is full or when
+the record is read. Device memory is one chunk, whatever the run length. Host-known values (step,
+momentum, first steps...) are kept on the host; lr and found_inf, which may live on the device,
+are copied there without a sync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nm_optim.tracks import STAT_NAMES
+
+if TYPE_CHECKING:
+    from nm_optim.sgd import SGD
+
+FORMAT = "nm_optim.record"
+FORMAT_VERSION = 1
+HYPER_NAMES = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+
+@dataclass
+class Record:
+    """A recorded run: for each track, stats[steps, groups, 9]; for each recorded step the
+    hyper-parameters of every param group, which tracks took their first momentum step, and
+    whether GradScaler skipped it."""
+
+    tracks: list[dict[str, Any]]
+    steps: np.ndarray  # [S] int64, the optimizer step index (0-based)
+    stats: list[np.ndarray]  # per track [S, groups, 9] float64
+    hyper: dict[str, np.ndarray]  # name -> [S, n_param_groups] float64 (nesterov as 0/1)
+    first: np.ndarray  # [S, n_tracks] bool: the track's param created its momentum buffer
+    skipped: np.ndarray  # [S] bool: found_inf was set, nothing was stepped
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        return STAT_NAMES
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """track name -> float64 array [steps, groups, 9] (columns: nm_optim.STAT_NAMES)."""
+        return {t["name"]: s for t, s in zip(self.tracks, self.stats)}
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one .npz file atomically: a temporary file in the same folder, fsync, rename.
+        A crash leaves the old file (or none), never half of a new one."""
+        path = Path(path)
+        meta = dict(self.meta)
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, stat_names=list(STAT_NAMES),
+                    tracks=self.tracks, hyper_names=list(self.hyper))
+        arrays: dict[str, np.ndarray] = {
+            "meta": np.array(json.dumps(meta)),
+            "steps": self.steps,
+            "first": self.first,
+            "skipped": self.skipped,
+        }
+        for name, values in self.hyper.items():
+            arrays[f"hyper_{name}"] = values
+        for i, s in enumerate(self.stats):
+            arrays[f"stats_{i}"] = s
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+
+def load_record(path: str | os.PathLike) -> Record:
+    """Read a file written by `Recorder.save` / `Record.save`."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not an nm_optim record (format {meta.get('format')!r})")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: record format version {meta['format_version']} is newer than this nm_optim "
+                f"reads ({FORMAT_VERSION}); upgrade nm_optim"
+            )
+        tracks = meta.pop("tracks")
+        return Record(
+            tracks=tracks,
+            steps=z["steps"],
+            stats=[z[f"stats_{i}"] for i in range(len(tracks))],
+            hyper={name: z[f"hyper_{name}"] for name in meta.pop("hyper_names")},
+            first=z["first"],
+            skipped=z["skipped"],
+            meta=meta,
+        )
+
+
+class Recorder:
+    """Attached to an nm_optim.SGD with tracks as `opt.recorder`."""
+
+    def __init__(self, optimizer: SGD, record_every: int = 1, chunk: int = 256) -> None:
+        if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
+            raise ValueError(f"record_every must be a positive int, got {record_every!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+        self.optimizer = optimizer
+        self.record_every = record_every
+        self.chunk = chunk
+        self.enabled = True
+        self._step = 0
+        self._slot = 0
+        # Device side, one chunk per device: the stats, and the per-step scalars that may be
+        # tensors (a tensor lr or weight_decay, GradScaler's found_inf).
+        self._stats_buf: dict[torch.device, Tensor] = {}
+        self._scalar_buf: dict[torch.device, Tensor] = {}
+        self._chunk_meta = self._new_meta()
+        self._in_flight: list[tuple[dict, dict, Any, dict]] = []
+        # Host side: the record so far.
+        self._host_stats: dict[torch.device, list[np.ndarray]] = {}
+        self._host_meta = self._new_meta()
+
+    # -- called by SGD.step --------------------------------------------------------------------
+    def after_step(self, first_params: set[int], found_inf: Tensor | None) -> None:
+        step = self._step
+        self._step += 1
+        if not self.enabled or step % self.record_every:
+            return
+        table = self.optimizer._tracks
+        slot = self._slot
+        for device in table.devices():
+            stats = table.stats(device)
+            buf = self._stats_buf.get(device)
+            if buf is None:
+                buf = self._stats_buf[device] = torch.empty((self.chunk, *stats.shape), dtype=torch.float64, device=device)
+            buf[slot].copy_(stats, non_blocking=True)
+        m = self._chunk_meta
+        m["steps"].append(step)
+        m["first"].append([id(t.param) in first_params for t in table.tracks])
+        m["skipped"].append(self._scalar(found_inf, slot, 0) if found_inf is not None else 0.0)
+        groups = self.optimizer.param_groups
+        for hi, name in enumerate(HYPER_NAMES):
+            m[name].append([self._scalar(g[name], slot, 1 + hi * len(groups) + gi) for gi, g in enumerate(groups)])
+        self._slot += 1
+        if self._slot == self.chunk:
+            self._flush()
+
+    def _scalar(self, x: Any, slot: int, column: int) -> float | tuple[torch.device, int]:
+        """A host float, or where on the device the value was copied (no sync)."""
+        if not isinstance(x, Tensor):
+            return float(x)
+        buf = self._scalar_buf.get(x.device)
+        width = 1 + len(HYPER_NAMES) * len(self.optimizer.param_groups)
+        if buf is None or buf.shape[1] < width:
+            old = buf
+            buf = self._scalar_buf[x.device] = torch.full((self.chunk, width), float("nan"), dtype=torch.float64, device=x.device)
+            if old is not None:
+                buf[:, : old.shape[1]].copy_(old)
+        value = x.detach().reshape(-1)[0]
+        if column == 0:  # found_inf: the step was skipped
+            value = value.ne(0)
+        buf[slot, column].copy_(value, non_blocking=True)
+        return (x.device, column)
+
+    # -- reading ---------------------------------------------------------------------------
+    def snapshot(self) -> Record:
+        """Everything recorded so far (waits for the copies in flight)."""
+        if self._slot:
+            self._flush()
+        self._collect(keep=0)
+        table = self.optimizer._tracks
+        table.check_unchanged()
+        meta = self._host_meta
+        n = len(meta["steps"])
+        whole = {d: np.concatenate(c) for d, c in self._host_stats.items() if c}
+        stats = []
+        for t in table.tracks:
+            full = whole.get(t.device)
+            stats.append(
+                np.zeros((n, t.num_groups, len(STAT_NAMES))) if full is None
+                else np.ascontiguousarray(full[:, t.row : t.row + t.num_groups])
+            )
+        groups = self._group_index()
+        tracks = [dict(t.describe(), param_group=groups.get(id(t.param), -1)) for t in table.tracks]
+        from nm_optim import __version__
+
+        return Record(
+            tracks=tracks,
+            steps=np.asarray(meta["steps"], dtype=np.int64),
+            stats=stats,
+            hyper={k: _ragged(meta[k], n) for k in HYPER_NAMES},
+            first=np.asarray(meta["first"], dtype=bool).reshape(n, len(tracks)),
+            skipped=np.asarray(meta["skipped"], dtype=np.float64).astype(bool).reshape(n),
+            meta=dict(
+                nm_optim=__version__,
+                torch=torch.__version__,
+                record_every=self.record_every,
+                saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            ),
+        )
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """track name -> float64 array [steps, groups, 9]."""
+        return self.snapshot().to_numpy()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save everything recorded so far to one .npz file, atomically (see Record.save)."""
+        return self.snapshot().save(path)
+
+    def __len__(self) -> int:
+        return len(self._host_meta["steps"]) + sum(len(m["steps"]) for *_, m in self._in_flight) + self._slot
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory the recorder holds: one chunk per device, whatever the run length."""
+        bufs = [*self._stats_buf.values(), *self._scalar_buf.values()]
+        return sum(b.numel() * b.element_size() for b in bufs)
+
+    # -- internals -------------------------------------------------------------------------
+    @staticmethod
+    def _new_meta() -> dict[str, list]:
+        return {k: [] for k in ("steps", "first", "skipped", *HYPER_NAMES)}
+
+    def _flush(self) -> None:
+        """Start the device-to-host copies of the filled part of the chunk (no wait)."""
+        k = self._slot
+        stats = {d: _to_host_async(b[:k]) for d, b in self._stats_buf.items()}
+        scalars = {d: _to_host_async(b[:k]) for d, b in self._scalar_buf.items()}
+        event = None
+        cuda = [d for d in (*stats, *scalars) if d.type == "cuda"]
+        if cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(cuda[0]))
+        self._in_flight.append((stats, scalars, event, self._chunk_meta))
+        self._chunk_meta = self._new_meta()
+        self._slot = 0
+        self._collect(keep=1)
+
+    def _collect(self, keep: int) -> None:
+        """Move finished chunks into the host record, leaving `keep` chunks in flight (the wait
+        is on copies issued a whole chunk of steps earlier)."""
+        while len(self._in_flight) > keep:
+            stats, scalars, event, meta = self._in_flight.pop(0)
+            if event is not None:
+                event.synchronize()
+            for device, t in stats.items():
+                self._host_stats.setdefault(device, []).append(t.numpy().copy())
+            host_scalars = {d: t.numpy() for d, t in scalars.items()}
+
+            def resolve(x, row):
+                if isinstance(x, list):
+                    return [resolve(v, row) for v in x]
+                if isinstance(x, tuple):
+                    return float(host_scalars[x[0]][row, x[1]])
+                return x
+
+            for name, values in meta.items():
+                self._host_meta[name].extend(resolve(v, row) for row, v in enumerate(values))
+
+    def _group_index(self) -> dict[int, int]:
+        return {id(p): gi for gi, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+
+
+def _to_host_async(t: Tensor) -> Tensor:
+    if t.device.type == "cuda":
+        dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        dst.copy_(t, non_blocking=True)
+        return dst
+    return t.clone()
+
+
+def _ragged(rows: list[list[float]], n: int) -> np.ndarray:
+    """[steps, groups] float64; steps recorded before add_param_group get NaN for new groups."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((n, width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
