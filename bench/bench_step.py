@@ -120,6 +120,77 @@ def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: 
     return dict(shape_set=shape_set, n_tensors=len(params), n_params=n, dtype=str(dtype), rows=rows)
 
 
+def torch_sums(params, bufs_of) -> list[torch.Tensor]:
+    """The 9 sums per rows / cols group of every weight, with plain torch ops (what a user would
+    write without nm_optim), from the pre-step p, g and v."""
+    out = []
+    for p in params:
+        if p.dim() < 2:
+            continue
+        v = bufs_of(p)
+        g = p.grad
+        d0, d1 = p.shape[0], p.shape[1]
+        pv, gv, vv = (p, g, v if v is not None else torch.zeros_like(p))
+        terms = [pv, gv, vv, pv * pv, gv * gv, vv * vv, pv * gv, pv * vv, gv * vv]
+        for t in terms:
+            t3 = t.reshape(d0, d1, -1)
+            out.append(t3.sum((1, 2), dtype=torch.float64))
+            out.append(t3.sum((0, 2), dtype=torch.float64))
+    return out
+
+
+def bench_stats(device: str, rounds: int, warmup: int, compile_: bool) -> dict:
+    """VGG-16 with a rows and a cols track on every weight (what the theory needs)."""
+    params = make_params(vgg16_shapes(), device, torch.float32)
+    n = sum(p.numel() for p in params)
+    tracks = [(p, axis) for p in params if p.dim() >= 2 for axis in ("rows", "cols")]
+    fused = torch.optim.SGD(params, fused=True, **HYPER)
+
+    def fused_then_sums():
+        sums = torch_sums(params, lambda p: fused.state[p].get("momentum_buffer") if p in fused.state else None)
+        fused.step()
+        return sums
+
+    steps: dict[str, Callable[[], object]] = {
+        "torch fused (no stats)": fused.step,
+        "torch fused + sums (torch ops)": fused_then_sums,
+    }
+    if compile_:
+        eager = torch.optim.SGD(params, foreach=True, **HYPER)
+
+        @torch.compile
+        def compiled_step_and_sums():
+            sums = torch_sums(params, lambda p: eager.state[p].get("momentum_buffer") if p in eager.state else None)
+            eager.step()
+            return sums
+
+        steps["torch.compile(step + sums)"] = compiled_step_and_sums
+    for backend in nm_optim.available_backends(device):
+        if backend == "reference":
+            continue
+        with_tracks = nm_optim.SGD(params, backend=backend, track=tracks, **HYPER)
+        with_tracks.recorder.enabled = False  # the step's own cost; the recorder adds a copy
+        steps[f"nm_optim {backend} + tracks"] = with_tracks.step
+        steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(params, backend=backend, **HYPER).step
+    timer = _timer(device)
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            times[name].append(timer(fn))
+    base = statistics.median(times["torch fused (no stats)"])
+    rows = [
+        dict(provider=name, ms=statistics.median(ts), gbps=n * BYTES_PER_PARAM / (statistics.median(ts) * 1e-3) / 1e9,
+             ratio_to_torch_fused=statistics.median(ts) / base, samples=len(ts))
+        for name, ts in times.items()
+    ]
+    return dict(shape_set="vgg16 + rows/cols tracks", n_tensors=len(params), n_params=n,
+                n_tracks=len(tracks), n_groups=sum(p.shape[0] + p.shape[1] for p in params if p.dim() >= 2),
+                dtype="torch.float32", rows=rows)
+
+
 def print_table(result: dict) -> None:
     print(
         f"\n{result['shape_set']}: {result['n_tensors']} tensors, {result['n_params']:,} params, "
@@ -138,13 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--stats", choices=["yes", "no", "only"], default="yes",
+                    help="also time VGG-16 with rows/cols tracks against torch + sums")
+    ap.add_argument("--compile", action="store_true", help="include torch.compile(step + sums) (slow to compile)")
     args = ap.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
     sets = list(SHAPE_SETS) if args.shapes == "all" else [args.shapes]
     results = []
-    for s in sets:
-        res = bench(s, args.device, dtype, args.rounds, args.warmup)
+    if args.stats != "only":
+        for s in sets:
+            res = bench(s, args.device, dtype, args.rounds, args.warmup)
+            print_table(res)
+            results.append(res)
+    if args.stats != "no":
+        res = bench_stats(args.device, args.rounds, args.warmup, args.compile)
         print_table(res)
         results.append(res)
     if args.json:

@@ -36,9 +36,8 @@ DType to_dtype(int code) {
 BucketView to_bucket(int64_t n_tensors, std::uintptr_t numel, std::uintptr_t table, int64_t n_tiles,
                      std::uintptr_t tiles, int64_t tile_size) {
   if (n_tensors < 0 || n_tiles < 0) throw std::invalid_argument("nm_optim._C: negative table size");
-  if (tile_size <= 0 || tile_size % 8 != 0) {
-    throw std::invalid_argument("nm_optim._C: tile_size must be a positive multiple of 8, got " +
-                                std::to_string(tile_size));
+  if (tile_size <= 0) {
+    throw std::invalid_argument("nm_optim._C: tile_size must be positive, got " + std::to_string(tile_size));
   }
   if (n_tiles > 0 && (numel == 0 || table == 0 || tiles == 0)) {
     throw std::invalid_argument("nm_optim._C: null table pointer");

@@ -33,14 +33,20 @@ struct StepScalars {
 
 // Updates p (and v when MOM) in registers from g = grad * s.gmul (the statistics' g: after AMP
 // unscaling and the maximize sign, before weight decay). FIRST: the buffer is created now (v' = d).
-template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
-NM_HD void sgd_update(C& p, C g, C& v, const StepScalars<C>& s) {
-  C d = g;
+template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, typename V>
+NM_HD void sgd_update(V& p, V g, V& v, const StepScalars<C>& s) {
+  // V is C, or (CPU) a GCC vector of C: plain ifs on the constant flags, never a ?: on vectors.
+  V d = g;
   if (HAS_WD) d = d + s.weight_decay * p;
-  C u = d;
+  V u = d;
   if (MOM) {
-    v = FIRST ? d : s.momentum * v + s.one_minus_damp * d;
-    u = NESTEROV ? d + s.momentum * v : v;
+    if (FIRST) {
+      v = d;
+    } else {
+      v = s.momentum * v + s.one_minus_damp * d;
+    }
+    if (NESTEROV) u = d + s.momentum * v;
+    else u = v;
   }
   p = p + s.neg_lr * u;
 }

@@ -27,8 +27,9 @@ struct SGDHyper {
 //   numel[n]                   element count of tensor i
 //   table[4 * n]               rows of n int64: param ptr, grad ptr, momentum_buffer ptr, is_first
 //                              (is_first = 1 where the buffer is created by this step: v' = d)
-//   tiles[2 * n_tiles]         (tensor index, first element) of each tile; a tile covers
-//                              [first, min(first + tile_size, numel)) of its tensor
+//   tiles[3 * n_tiles]         (tensor index, first element, end element) of each tile; at most
+//                              tile_size elements, except that the tiles of a tensor with a
+//                              "cols" track hold whole rows (see nm_optim/_native.py)
 // Tiles are the unit of parallel work (an OpenMP iteration, a CUDA block). The layout is
 // cached per bucket and rebuilt only when the set of params changes.
 struct BucketView {

@@ -25,6 +25,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 # Elements per tile. CPU: 32K fp32 = 128 KiB per stream, large enough to amortise the loop setup,
 # small enough to balance 2..64 threads on VGG-sized layers. CUDA: one 256-thread block per 16K.
 TILE_SIZE = {"cpu": 32768, "cuda": 16384}
+# A tensor with a "cols" track is cut into tiles of whole rows, about this many elements each:
+# the CPU kernel walks such a tile in column strips (csrc/cpu/sgd_step_cpu.cpp, StatsTile).
+ROW_TILE_SIZE = 1 << 19
 
 _TABLE_CACHE_SIZE = 64
 _data_ptr = Tensor.data_ptr
@@ -32,19 +35,34 @@ _numel = Tensor.numel
 
 
 class TileTable:
-    """numel[n] and tiles[2 * n_tiles] = (tensor index, first element), on the kernel's device."""
+    """numel[n] and tiles[3 * n_tiles] = (tensor index, begin, end), on the kernel's device.
 
-    def __init__(self, numels: tuple[int, ...], tile_size: int, device: torch.device) -> None:
+    `row_lengths[i]` > 0 asks for tiles of whole rows of that length for tensor i."""
+
+    def __init__(
+        self,
+        numels: tuple[int, ...],
+        tile_size: int,
+        device: torch.device,
+        row_lengths: tuple[int, ...] | None = None,
+    ) -> None:
         numel = torch.tensor(numels, dtype=torch.int64)
-        counts = (numel + tile_size - 1) // tile_size
+        step = torch.full_like(numel, tile_size)
+        if row_lengths is not None:
+            rowlen = torch.tensor(row_lengths, dtype=torch.int64)
+            whole_rows = rowlen.clamp_min(1) * (ROW_TILE_SIZE // rowlen.clamp_min(1)).clamp_min(1)
+            step = torch.where(rowlen > 0, whole_rows, step)
+        counts = (numel + step - 1) // step
         n_tiles = int(counts.sum())
         tensor_index = torch.repeat_interleave(torch.arange(len(numels)), counts)
         first_tile = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        start = (torch.arange(n_tiles) - first_tile) * tile_size
-        tiles = torch.stack([tensor_index, start], dim=1).reshape(-1).contiguous()
+        tile_step = torch.repeat_interleave(step, counts)
+        start = (torch.arange(n_tiles) - first_tile) * tile_step
+        end = torch.minimum(start + tile_step, torch.repeat_interleave(numel, counts))
+        tiles = torch.stack([tensor_index, start, end], dim=1).reshape(-1).contiguous()
         self.n_tensors = len(numels)
         self.n_tiles = n_tiles
-        self.tile_size = tile_size
+        self.tile_size = int(step.max()) if len(numels) else tile_size
         self.numel = numel.to(device)
         self.tiles = tiles.to(device)
         # CUDA only: the device copy of the pointer table [4, n] (param, grad, buf, is_first).
@@ -56,13 +74,15 @@ class TileTable:
 _tables: OrderedDict[tuple, TileTable] = OrderedDict()
 
 
-def tile_table(numels: tuple[int, ...], device: torch.device, owner: int = 0) -> TileTable:
+def tile_table(
+    numels: tuple[int, ...], device: torch.device, owner: int = 0, row_lengths: tuple[int, ...] | None = None
+) -> TileTable:
     """The cached table for these element counts. `owner` (the first param's address on CUDA)
     keeps buckets apart whose device pointer tables must not be shared across streams."""
-    key = (device, numels, owner)
+    key = (device, numels, owner, row_lengths)
     table = _tables.get(key)
     if table is None:
-        table = TileTable(numels, TILE_SIZE[device.type], device)
+        table = TileTable(numels, TILE_SIZE[device.type], device, row_lengths)
         _tables[key] = table
         if len(_tables) > _TABLE_CACHE_SIZE:
             _tables.popitem(last=False)
@@ -129,8 +149,15 @@ def sgd_step_native(
     device = params[0].device
     has_momentum = momentum != 0
     owner = params[0].data_ptr() if device.type == "cuda" else 0
-    table = tile_table(numels if numels is not None else tuple(map(_numel, params)), device, owner)
     with_stats = stats is not None and len(stats_offsets) > 0
+    geom = _geometries(params, stats_offsets) if with_stats else None
+    row_lengths = None
+    if with_stats and device.type == "cpu" and any(o >= 0 for o in stats_offsets[1::3]):
+        row_lengths = tuple(
+            geom[3 * i + 1] * geom[3 * i + 2] if stats_offsets[3 * i + 1] >= 0 else 0 for i in range(len(params))
+        )
+    numels = numels if numels is not None else tuple(map(_numel, params))
+    table = tile_table(numels, device, owner, row_lengths)
     if table.n_tiles == 0 and not with_stats:
         return
     ptrs = list(map(_data_ptr, params))
@@ -182,9 +209,9 @@ def sgd_step_native(
         lr_value = float(lr_tensor) if lr_tensor is not None else float(lr)
         geom_ptr = offsets_ptr = out_ptr = 0
         if with_stats:
-            geom = array("q", _geometries(params, stats_offsets))
+            geom_arr = array("q", geom)
             offsets = array("q", stats_offsets)
-            geom_ptr, offsets_ptr, out_ptr = geom.buffer_info()[0], offsets.buffer_info()[0], stats.data_ptr()
+            geom_ptr, offsets_ptr, out_ptr = geom_arr.buffer_info()[0], offsets.buffer_info()[0], stats.data_ptr()
         C.sgd_step_cpu(
             lr=lr_value,
             stats_geom=geom_ptr,

@@ -138,10 +138,10 @@ def test_one_step_identities_predict_the_next_record(device, backend, nesterov):
     and weight decay: Σv', Σp', Σp'², Σp'v', Σv'² computed from record k match record k+1.
 
     Errors are relative to the size of the terms that form each new value: the kernel computes
-    v' = mom v + (1 - damp) d and p' = p - lr u per element in float32, so a result that cancels
-    to nearly zero keeps the rounding of its larger terms. With n elements per group,
-    |v'| scale = mom sqrt(n Σv²) + c sqrt(n Σd²) and |p'| scale = sqrt(n Σp²) + lr sqrt(n Σu²)
-    (Cauchy-Schwarz bounds of Σ|terms|); second moments use the products of these."""
+    d = g + wd p, v' = mom v + (1 - damp) d and p' = p - lr u per element in float32, so a result
+    that cancels to nearly zero keeps the rounding of its larger terms. With n elements per
+    group, Cauchy-Schwarz bounds Σ|terms|: |d| <= sqrt(n Σg²) + wd sqrt(n Σp²), |v'| <=
+    mom sqrt(n Σv²) + c |d|, |p'| <= sqrt(n Σp²) + lr |u|; second moments use the products."""
     lr, mom, damp, wd = 0.05, 0.9, 0.0 if nesterov else 0.3, 5e-3
     model = mlp().to(device)
     opt = nm_optim.SGD(model.parameters(), lr=lr, momentum=mom, dampening=damp, weight_decay=wd,
@@ -174,9 +174,10 @@ def test_one_step_identities_predict_the_next_record(device, backend, nesterov):
             "pv": pv1 - lr * uv1,
         }
         nxt = {name: s[1:, :, k] for k, name in enumerate(nm_optim.STAT_NAMES)}
-        dd = gg + 2 * wd * pg + wd**2 * pp
-        v_scale = m * np.sqrt(n * vv) + c * np.sqrt(n * dd)
-        p_scale = np.sqrt(n * pp) + lr * np.sqrt(n * uu)
+        d_scale = np.sqrt(n * gg) + wd * np.sqrt(n * pp)
+        v_scale = m * np.sqrt(n * vv) + c * d_scale
+        u_scale = d_scale + mom * v_scale if nesterov else v_scale
+        p_scale = np.sqrt(n * pp) + lr * u_scale
         scales = {"v": v_scale, "vv": v_scale**2 / n, "p": p_scale, "pp": p_scale**2 / n, "pv": p_scale * v_scale / n}
         for name, pred in predictions.items():
             err = np.abs(pred - nxt[name]) / (scales[name] + 1e-30)

@@ -12,6 +12,8 @@
 // at build time compiles for the build machine instead (-march=native, see CMakeLists.txt).
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -59,103 +61,211 @@ struct PlainRange {
   }
 };
 
-// The same loop that also adds the 9 statistics of the pre-step values to acc[0..8] and, with
-// COLS, element i's statistics to col[k * col_stride + i] (the "cols" groups of a rest == 1
-// tensor). Sums are float64 in kLanes explicit lanes fixed by the position in the range, so the
-// result does not depend on the data's alignment (a vectorised reduction with alignment peeling
-// would: same data, different bits from run to run).
-constexpr int kLanes = 4;
+// The same loop over a segment of one row that also reduces the 9 statistics of the pre-step
+// values: their sum over the segment is added to acc[0..8] (float64), and with COLS element j's
+// statistics are added to colf[k * rowlen + j] (the per-element column partials, see StatsTile;
+// `rowlen` is then the stride between their 9 rows).
+// Written with GCC vector extensions (32 bytes: 8 floats or 4 doubles, AVX in the x86-64-v3
+// clone, SSE pairs in the baseline) because the autovectoriser gives up on this loop. Sums run
+// in the vector's lanes, fixed by the position in the segment, and go to float64 every
+// kFlushBlocks blocks: the result does not depend on the data's alignment (a vectorised
+// reduction with alignment peeling would give other bits for the same data), and no partial in
+// the compute type holds more than kFlushBlocks terms.
+constexpr int kFlushBlocks = 16;
+
+template <typename C>
+struct Vec {
+  typedef C type __attribute__((vector_size(32)));
+  // The same vector at any address of C (an unaligned load / store, no aliasing assumptions).
+  typedef C unaligned __attribute__((vector_size(32), aligned(alignof(C)), may_alias));
+  static constexpr int N = 32 / sizeof(C);
+};
+
+template <typename T, typename V = typename Vec<typename Storage<T>::compute>::type>
+inline __attribute__((always_inline)) V load_vec(const T* x) {
+  using S = Storage<T>;
+  constexpr int N = Vec<typename S::compute>::N;
+  if constexpr (std::is_same_v<T, typename S::compute>) {
+    return *reinterpret_cast<const typename Vec<T>::unaligned*>(x);
+  } else {
+    V r;
+    for (int l = 0; l < N; ++l) r[l] = S::load(x[l]);
+    return r;
+  }
+}
+
+template <typename T, typename V>
+inline __attribute__((always_inline)) void store_vec(T* x, const V& r) {
+  using S = Storage<T>;
+  constexpr int N = Vec<typename S::compute>::N;
+  if constexpr (std::is_same_v<T, typename S::compute>) {
+    *reinterpret_cast<typename Vec<T>::unaligned*>(x) = r;
+  } else {
+    for (int l = 0; l < N; ++l) x[l] = S::store(r[l]);
+  }
+}
 
 template <typename T, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS>
-struct StatsRange {
+struct StatsSegment {
   using S = Storage<T>;
   using C = typename S::compute;
+  using V = typename Vec<C>::type;
+  static constexpr int N = Vec<C>::N;
 
-  static inline __attribute__((always_inline)) void element(T* __restrict p, const T* __restrict g,
-                                                            T* __restrict v, int64_t i,
-                                                            const ScalarsOf<T>& s, double* lane,
-                                                            int stride, double* __restrict col,
-                                                            int64_t col_stride) {
-    C pi = S::load(p[i]);
-    C gi = S::load(g[i]) * s.gmul;
-    C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
-    const double pd = pi, gd = gi, vd = vi;
-    const double t[kNumStats] = {pd, gd, vd, pd * pd, gd * gd, vd * vd, pd * gd, pd * vd, gd * vd};
-    for (int k = 0; k < kNumStats; ++k) lane[k * stride] += t[k];
-    if (COLS) {
-      for (int k = 0; k < kNumStats; ++k) col[k * col_stride + i] += t[k];
+  static inline __attribute__((always_inline)) void flush(V (&lane)[kNumStats], double* acc) {
+    for (int k = 0; k < kNumStats; ++k) {
+      double sum = 0.0;  // fixed order: lane 0 .. N-1
+      for (int l = 0; l < N; ++l) sum += static_cast<double>(lane[k][l]);
+      acc[k] += sum;
+      lane[k] = V{};
     }
-    sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
-    p[i] = S::store(pi);
-    if (MOM) v[i] = S::store(vi);
+  }
+
+  static inline __attribute__((always_inline)) void add_to(C* x, const V& t) {
+    *reinterpret_cast<typename Vec<C>::unaligned*>(x) += t;
   }
 
   static inline __attribute__((always_inline)) void run(T* __restrict p, const T* __restrict g,
                                                         T* __restrict v, int64_t n,
                                                         const ScalarsOf<T>& s, double* acc,
-                                                        double* __restrict col, int64_t col_stride) {
-    double a[kNumStats * kLanes] = {};
+                                                        C* __restrict colf, int64_t rowlen) {
+    V lane[kNumStats] = {};
     int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) element(p, g, v, i + l, s, a + l, kLanes, col, col_stride);
+    int blocks = 0;
+    for (; i + N <= n; i += N) {
+      V pi = load_vec(p + i);
+      const V gi = load_vec(g + i) * s.gmul;
+      V vi = V{};
+      if (MOM && !FIRST) vi = load_vec(v + i);
+      const V t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
+      for (int k = 0; k < kNumStats; ++k) lane[k] += t[k];
+      if (COLS) {
+        for (int k = 0; k < kNumStats; ++k) add_to(colf + k * rowlen + i, t[k]);
+      }
+      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+      store_vec(p + i, pi);
+      if (MOM) store_vec(v + i, vi);
+      if (++blocks == kFlushBlocks) {
+        flush(lane, acc);
+        blocks = 0;
+      }
     }
-    double tail[kNumStats] = {};
-    for (; i < n; ++i) element(p, g, v, i, s, tail, 1, col, col_stride);
-    for (int k = 0; k < kNumStats; ++k) {
-      const double* ak = a + k * kLanes;
-      acc[k] += ((ak[0] + ak[1]) + (ak[2] + ak[3])) + tail[k];
+    flush(lane, acc);
+    for (; i < n; ++i) {
+      C pi = S::load(p[i]);
+      const C gi = S::load(g[i]) * s.gmul;
+      C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
+      const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
+      for (int k = 0; k < kNumStats; ++k) acc[k] += static_cast<double>(t[k]);
+      if (COLS) {
+        for (int k = 0; k < kNumStats; ++k) colf[k * rowlen + i] += t[k];
+      }
+      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+      p[i] = S::store(pi);
+      if (MOM) v[i] = S::store(vi);
     }
   }
 };
 
-// Where the statistics of one tracked tensor go in this thread's partial sums (SoA: 9 rows of
-// n_groups each), nullptr for an axis the tensor has no track of.
+// Where the statistics of one tracked tensor go in this thread's scratch: float64 partial sums
+// (SoA: 9 rows of n_groups each; nullptr for an axis without a track) and, for a cols track,
+// colf [9][colf_stride], the per-element column partials of one column strip (StatsTile) in the
+// compute type.
 struct TensorStats {
   int64_t d0, d1, rest;
   double* rows;
   double* cols;
   double* all;
+  void* colf;
 };
 
-// Steps elements [begin, end) of a tracked tensor, walking it row by row (row = index of dim 0).
+// Column strips: a cols-tracked tile (whole rows, nm_optim/_native.py) is walked strip by strip,
+// all its rows for one strip of kStrip elements before the next strip, so that the strip's
+// column partials (9 x kStrip floats) stay in L1/L2 (the whole colf of a 25088-wide Linear is
+// 900 KB: walking row by row it lived in L3 and the step took 4x longer). The partials are folded
+// into the float64 column sums every kColFoldRows rows, so none holds more than that many terms.
+constexpr int64_t kStrip = 2048;
+constexpr int kColFoldRows = 8;
+
+// Elements per column strip of a tensor (whole columns), and the distance between the 9 rows of
+// its colf. The padding keeps the 9 rows from sharing their address bits 0..11: with a stride
+// that is a multiple of 4 KiB every colf store aliased the next colf load ("4K aliasing") and
+// the cols path ran at 1 instruction per cycle.
+inline int64_t strip_of(int64_t rest) {
+  rest = std::max<int64_t>(rest, 1);  // rest == 0: an empty tensor (no tiles), any strip will do
+  return (kStrip + rest - 1) / rest * rest;
+}
+inline int64_t colf_stride(int64_t rest) { return strip_of(rest) + 24; }
+
+// Adds the strip's column partials (columns [j0, j1), first column j0) to the float64 sums.
+template <typename C>
+void fold_cols(const TensorStats& ts, int64_t j0, int64_t j1) {
+  C* colf = static_cast<C*>(ts.colf);
+  const int64_t stride = colf_stride(ts.rest);
+  const int64_t n = (j1 - j0) * ts.rest;
+  for (int k = 0; k < kNumStats; ++k) {
+    C* __restrict src = colf + k * stride;
+    double* __restrict dst = ts.cols + k * ts.d1 + j0;
+    if (ts.rest == 1) {  // Linear-like: one partial per column (a vectorised loop)
+      for (int64_t j = 0; j < j1 - j0; ++j) dst[j] += static_cast<double>(src[j]);
+    } else {
+      for (int64_t j = 0; j < j1 - j0; ++j) {
+        double sum = 0.0;
+        for (int64_t e = 0; e < ts.rest; ++e) sum += static_cast<double>(src[j * ts.rest + e]);
+        dst[j] += sum;
+      }
+    }
+    std::fill(src, src + n, C(0));
+  }
+}
+
+// Steps elements [begin, end) of a tracked tensor (row = index of dim 0; column j of a row = its
+// elements [j * rest, (j + 1) * rest)).
 template <typename T, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
 struct StatsTile {
   static inline __attribute__((always_inline)) void run(T* p, const T* g, T* v, int64_t begin,
                                                         int64_t end, const TensorStats& ts,
                                                         const ScalarsOf<T>& s) {
-    using Whole = StatsRange<T, HAS_WD, MOM, FIRST, NESTEROV, false>;
-    using PerCol = StatsRange<T, HAS_WD, MOM, FIRST, NESTEROV, true>;
+    using C = typename Storage<T>::compute;
+    using Whole = StatsSegment<T, HAS_WD, MOM, FIRST, NESTEROV, false>;
+    using PerCol = StatsSegment<T, HAS_WD, MOM, FIRST, NESTEROV, true>;
     const int64_t rowlen = ts.d1 * ts.rest;
-    auto at = [&](int64_t i) { return v != nullptr ? v + i : nullptr; };
-    for (int64_t idx = begin; idx < end;) {
-      const int64_t r = idx / rowlen;
-      const int64_t row0 = r * rowlen;
-      const int64_t row_end = std::min(end, row0 + rowlen);
-      double seg[kNumStats] = {};
-      if (ts.cols == nullptr) {
-        Whole::run(p + idx, g + idx, at(idx), row_end - idx, s, seg, nullptr, 0);
-      } else if (ts.rest == 1) {  // Linear-like: column j is element j of the row
-        PerCol::run(p + idx, g + idx, at(idx), row_end - idx, s, seg, ts.cols + (idx - row0), ts.d1);
-      } else {  // conv-like: column j is a run of `rest` elements of the row
-        for (int64_t pos = idx; pos < row_end;) {
-          const int64_t j = (pos - row0) / ts.rest;
-          const int64_t col_end = std::min(row_end, row0 + (j + 1) * ts.rest);
-          double c[kNumStats] = {};
-          Whole::run(p + pos, g + pos, at(pos), col_end - pos, s, c, nullptr, 0);
-          for (int k = 0; k < kNumStats; ++k) {
-            ts.cols[k * ts.d1 + j] += c[k];
-            seg[k] += c[k];
-          }
-          pos = col_end;
-        }
-      }
+    auto add_row = [&](int64_t r, const double* seg) {
       if (ts.rows != nullptr) {
         for (int k = 0; k < kNumStats; ++k) ts.rows[k * ts.d0 + r] += seg[k];
       }
       if (ts.all != nullptr) {
         for (int k = 0; k < kNumStats; ++k) ts.all[k] += seg[k];
       }
-      idx = row_end;
+    };
+    if (ts.colf == nullptr) {  // rows / all only: any tile, walked row segment by row segment
+      for (int64_t idx = begin; idx < end;) {
+        const int64_t r = idx / rowlen;
+        const int64_t row_end = std::min(end, (r + 1) * rowlen);
+        double seg[kNumStats] = {};
+        Whole::run(p + idx, g + idx, v != nullptr ? v + idx : nullptr, row_end - idx, s, seg, nullptr, 0);
+        add_row(r, seg);
+        idx = row_end;
+      }
+      return;
+    }
+    // cols: the tile is whole rows [r0, r1).
+    C* colf = static_cast<C*>(ts.colf);
+    const int64_t r0 = begin / rowlen, r1 = end / rowlen;
+    const int64_t strip = strip_of(ts.rest), stride = colf_stride(ts.rest);
+    for (int64_t c0 = 0; c0 < rowlen; c0 += strip) {
+      const int64_t c1 = std::min(rowlen, c0 + strip);
+      int rows_in = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = r * rowlen + c0;
+        double seg[kNumStats] = {};
+        PerCol::run(p + at, g + at, v != nullptr ? v + at : nullptr, c1 - c0, s, seg, colf, stride);
+        add_row(r, seg);
+        if (++rows_in == kColFoldRows || r + 1 == r1) {
+          fold_cols<C>(ts, c0 / ts.rest, c1 / ts.rest);
+          rows_in = 0;
+        }
+      }
     }
   }
 };
@@ -208,31 +318,50 @@ int64_t groups_of(const int64_t* geom, int axis) {
   return axis == 0 ? geom[0] : axis == 1 ? geom[1] : 1;
 }
 
-// Per-thread partial sums of every tracked group of one bucket, laid out per track as SoA
-// (9 rows of n_groups) so that a "cols" update of a Linear row is one contiguous vector add.
+// Per-thread scratch of one bucket: float64 partial sums of every tracked group, laid out per
+// track as SoA (9 rows of n_groups), and the colf per-element column partials (TensorStats),
+// which are all zero between tiles (each cols tile folds what it added).
 struct Partials {
   std::vector<int64_t> local;  // [3 * n]: offset of each track in one thread's slab, -1 none
+  std::vector<int64_t> colf;   // [n]: byte offset of the tensor's colf in a thread's scratch, -1 none
   int64_t slab = 0;            // doubles per thread
+  int64_t scratch = 0;         // colf bytes per thread
   std::vector<double> sums;    // [threads * slab]
+  std::vector<char> colf_mem;  // [threads * scratch]
 
-  void layout(const BucketView& b, const StatsView& st, int threads) {
-    local.assign(3 * b.n_tensors, -1);
-    slab = 0;
-    for (int64_t i = 0; i < b.n_tensors; ++i) {
+  void layout(const BucketView& b, const StatsView& st, int threads, size_t compute_size) {
+    const int64_t n = b.n_tensors;
+    local.assign(3 * n, -1);
+    colf.assign(n, -1);
+    slab = scratch = 0;
+    for (int64_t i = 0; i < n; ++i) {
       for (int a = 0; a < 3; ++a) {
         if (st.offsets[3 * i + a] < 0) continue;
         local[3 * i + a] = slab;
         slab += kNumStats * groups_of(st.geom + 3 * i, a);
       }
+      if (st.offsets[3 * i + 1] >= 0) {
+        colf[i] = scratch;
+        const int64_t bytes = kNumStats * colf_stride(st.geom[3 * i + 2]) * compute_size;
+        scratch += (bytes + 63) / 64 * 64;
+      }
     }
     if (sums.size() < static_cast<size_t>(threads * slab)) sums.resize(threads * slab);
+    if (colf_mem.size() < static_cast<size_t>(threads * scratch)) colf_mem.resize(threads * scratch);
+  }
+
+  // Zeroes thread tid's scratch (by that thread: the pages land near it).
+  void clear(int tid) {
+    std::fill_n(sums.data() + tid * slab, slab, 0.0);
+    std::fill_n(colf_mem.data() + tid * scratch, scratch, char(0));
   }
 
   TensorStats view(const StatsView& st, int64_t i, int tid) {
     const int64_t* geom = st.geom + 3 * i;
     double* base = sums.data() + tid * slab;
     auto at = [&](int a) { return local[3 * i + a] < 0 ? nullptr : base + local[3 * i + a]; };
-    return TensorStats{geom[0], geom[1], geom[2], at(0), at(1), at(2)};
+    void* cf = colf[i] < 0 ? nullptr : colf_mem.data() + tid * scratch + colf[i];
+    return TensorStats{geom[0], geom[1], geom[2], at(0), at(1), at(2), cf};
   }
 };
 
@@ -264,12 +393,12 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
   thread_local Partials tls_partials;
   Partials& partials = tls_partials;
   const bool with_stats = st.out != nullptr;
-  if (with_stats) partials.layout(b, st, threads);
+  if (with_stats) partials.layout(b, st, threads, sizeof(C));
 
   auto step_tile = [&](int64_t k, int tid) {
-    const int64_t t = b.tiles[2 * k];
-    const int64_t begin = b.tiles[2 * k + 1];
-    const int64_t end = std::min(begin + b.tile_size, b.numel[t]);
+    const int64_t t = b.tiles[3 * k];
+    const int64_t begin = b.tiles[3 * k + 1];
+    const int64_t end = b.tiles[3 * k + 2];
     T* p = reinterpret_cast<T*>(param[t]);
     const T* g = reinterpret_cast<const T*>(grad[t]);
     T* v = f.momentum ? reinterpret_cast<T*>(buf[t]) : nullptr;
@@ -304,9 +433,7 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
     const int tid = omp_get_thread_num();
 #pragma omp single
     team = omp_get_num_threads();
-    if (with_stats) {
-      std::fill_n(partials.sums.data() + tid * partials.slab, partials.slab, 0.0);
-    }
+    if (with_stats) partials.clear(tid);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < b.n_tiles; ++k) step_tile(k, tid);
     if (with_stats) {
@@ -315,7 +442,7 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
     }
   }
 #else
-  if (with_stats) std::fill_n(partials.sums.data(), partials.slab, 0.0);
+  if (with_stats) partials.clear(0);
   for (int64_t k = 0; k < b.n_tiles; ++k) step_tile(k, 0);
   if (with_stats) {
     for (int64_t i = 0; i < n; ++i) combine(i);

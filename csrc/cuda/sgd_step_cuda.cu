@@ -99,9 +99,9 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t k = blockIdx.x;
   const int64_t n = b.n_tensors;
-  const int64_t t = b.tiles[2 * k];
-  const int64_t begin = b.tiles[2 * k + 1];
-  const int64_t len = min(b.tile_size, b.numel[t] - begin);
+  const int64_t t = b.tiles[3 * k];
+  const int64_t begin = b.tiles[3 * k + 1];
+  const int64_t len = b.tiles[3 * k + 2] - begin;
   T* p = reinterpret_cast<T*>(b.table[t]) + begin;
   const T* g = reinterpret_cast<const T*>(b.table[n + t]) + begin;
   T* v = MOM ? reinterpret_cast<T*>(b.table[2 * n + t]) + begin : nullptr;
