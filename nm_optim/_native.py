@@ -221,11 +221,8 @@ def sgd_step_native(
             **common,
         )
     else:
-        if with_stats:
-            raise NotImplementedError(
-                "statistics (track=...) are not implemented in the CUDA kernel yet; "
-                "use backend='reference' for tracked CUDA params"
-            )
+        if with_stats:  # ops.py routes tracked CUDA tensors to the reference
+            raise NotImplementedError("the CUDA kernel does not reduce statistics in this version")
         lr_ptr = 0
         if lr_tensor is not None:
             lr_dev = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True)

@@ -95,7 +95,10 @@ def _sgd_step_impl(
     device = params[0].device
     require_backend(backend, device)
     bufs = momentum_buffers if has_momentum else []
-    numels = _uniform_dense(params, grads, bufs, dtype, params[0].get_device())
+    # The CUDA kernel does not reduce statistics yet: tracked CUDA tensors are stepped by the
+    # reference (same results, not fused), the others by the kernel.
+    stats_on_cuda = device.type == "cuda" and bool(stats_offsets)
+    numels = None if stats_on_cuda else _uniform_dense(params, grads, bufs, dtype, params[0].get_device())
     if numels is not None:
         sgd_step_native(params, grads, momentum_buffers, is_first, numels=numels, **kwargs)
         return
@@ -104,16 +107,19 @@ def _sgd_step_impl(
         map(kernel_layout_ok, params, grads, bufs if has_momentum else repeat(None),
             repeat(dtype), repeat(device))
     )
+    if stats_on_cuda:
+        ok = [good and max(stats_offsets[3 * i : 3 * i + 3]) < 0 for i, good in enumerate(ok)]
     kwargs.pop("stats_offsets")
     for run, want in ((sgd_step_native, True), (sgd_step_reference, False)):
         idx = [i for i, good in enumerate(ok) if good is want]
         if idx:
+            offsets = [o for i in idx for o in stats_offsets[3 * i : 3 * i + 3]]
             run(
                 [params[i] for i in idx],
                 [grads[i] for i in idx],
                 [momentum_buffers[i] for i in idx] if has_momentum else [],
                 [is_first[i] for i in idx] if has_momentum else [],
-                stats_offsets=[o for i in idx for o in stats_offsets[3 * i : 3 * i + 3]] if stats_offsets else (),
+                stats_offsets=offsets if any(o >= 0 for o in offsets) else (),
                 **kwargs,
             )
 
