@@ -65,13 +65,38 @@ struct StatsView {
 void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
                   const AmpView& amp, const StatsView& stats, int num_threads);
 
+// CUDA statistics: tracked tensors are stepped by their own kernel over 2-D tiles (kStatsTileRows
+// rows x kStatsTileCols row elements), which writes per-tile row and column partial sums to
+// `scratch`; a second kernel adds them up in a fixed order (deterministic, no atomics).
+//   geom[3 * i]               d0, d1, rest of tensor i (as StatsView)
+//   tiles[3 * n_tiles]        (tensor, row block, column block) of each 2-D tile
+//   scratch_off[2 * i]        offsets (in doubles) of tensor i's row partials
+//                             [n_col_blocks][d0][9] and column partials [n_row_blocks][rowlen][9]
+//   tasks[4 * n_tasks]        (tensor, axis 0 rows / 1 cols / 2 all, group, output row)
+constexpr int kStatsTileRows = 128;
+constexpr int kStatsTileCols = 128;
+
+struct CudaStatsView {
+  const int64_t* geom;
+  const int64_t* tiles;
+  int64_t n_tiles;
+  const int64_t* scratch_off;
+  double* scratch;
+  const int64_t* tasks;
+  int64_t n_tasks;
+  double* out;  // nullptr: no statistics
+};
+
 #ifdef NM_OPTIM_WITH_CUDA
 // CUDA: every pointer in `bucket` (numel, table, tiles) and in `amp` lives on the device.
 // lr_device, when not null, points at a float32 device scalar that overrides hyper.lr (a
 // tensor lr that a scheduler may change without a host sync). One launch per call.
 // Returns an empty string on success, else the CUDA error message.
+// With stats.out set, the tensors of stats.tiles (absent from bucket.tiles) are stepped by the
+// statistics kernel: three launches per bucket in all, whatever the number of tensors.
 const char* sgd_step_cuda(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
-                          const AmpView& amp, const float* lr_device, std::uintptr_t stream);
+                          const AmpView& amp, const float* lr_device, const CudaStatsView& stats,
+                          std::uintptr_t stream);
 int cuda_device_count();
 #endif
 

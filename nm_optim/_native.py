@@ -91,6 +91,64 @@ def tile_table(
     return table
 
 
+class CudaStatsTable:
+    """The CUDA statistics kernels' tables for one bucket (csrc/sgd_step.h, CudaStatsView): 2-D
+    tiles of `tile_rows` rows x `tile_cols` row elements over the tracked tensors, where each
+    tensor's row and column partials go in `scratch`, and one reduction task per output group."""
+
+    def __init__(self, geom: Sequence[int], offsets: Sequence[int], device: torch.device,
+                 tile_rows: int, tile_cols: int) -> None:
+        n = len(offsets) // 3
+        tiles: list[int] = []
+        tasks: list[int] = []
+        scratch_off = [0] * (2 * n)
+        total = 0
+        for i in range(n):
+            rows_at, cols_at, all_at = offsets[3 * i : 3 * i + 3]
+            if max(rows_at, cols_at, all_at) < 0:
+                continue
+            d0, d1, rest = geom[3 * i : 3 * i + 3]
+            rowlen = d1 * rest
+            n_rb, n_cb = -(-d0 // tile_rows), -(-rowlen // tile_cols)
+            scratch_off[2 * i] = total
+            total += n_cb * d0 * 9
+            scratch_off[2 * i + 1] = total
+            total += n_rb * rowlen * 9
+            for rb in range(n_rb if rowlen > 0 else 0):
+                for cb in range(n_cb):
+                    tiles += (i, rb, cb)
+            if rows_at >= 0:
+                for gi in range(d0):
+                    tasks += (i, 0, gi, rows_at + gi)
+            if cols_at >= 0:
+                for gi in range(d1):
+                    tasks += (i, 1, gi, cols_at + gi)
+            if all_at >= 0:
+                tasks += (i, 2, 0, all_at)
+        as_tensor = lambda xs: torch.tensor(xs or [0], dtype=torch.int64).to(device)  # noqa: E731
+        self.geom = as_tensor(list(geom))
+        self.tiles = as_tensor(tiles)
+        self.n_tiles = len(tiles) // 3
+        self.scratch_off = as_tensor(scratch_off)
+        self.scratch = torch.empty(max(total, 1), dtype=torch.float64, device=device)
+        self.tasks = as_tensor(tasks)
+        self.n_tasks = len(tasks) // 4
+
+
+def cuda_stats_table(geom: Sequence[int], offsets: Sequence[int], device: torch.device, owner: int) -> CudaStatsTable:
+    key = ("cuda-stats", device, tuple(geom), tuple(offsets), owner)
+    table = _tables.get(key)
+    if table is None:
+        C = extension()
+        table = CudaStatsTable(geom, offsets, device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS)
+        _tables[key] = table
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table
+
+
 def kernel_layout_ok(
     p: Tensor, g: Tensor, v: Tensor | None, dtype: torch.dtype, device: torch.device
 ) -> bool:
@@ -157,6 +215,9 @@ def sgd_step_native(
             geom[3 * i + 1] * geom[3 * i + 2] if stats_offsets[3 * i + 1] >= 0 else 0 for i in range(len(params))
         )
     numels = numels if numels is not None else tuple(map(_numel, params))
+    if with_stats and device.type == "cuda":
+        # Tracked tensors are stepped by the statistics kernel: none of their tiles here.
+        numels = tuple(0 if max(stats_offsets[3 * i : 3 * i + 3]) >= 0 else m for i, m in enumerate(numels))
     table = tile_table(numels, device, owner, row_lengths)
     if table.n_tiles == 0 and not with_stats:
         return
@@ -221,15 +282,26 @@ def sgd_step_native(
             **common,
         )
     else:
-        if with_stats:  # ops.py routes tracked CUDA tensors to the reference
-            raise NotImplementedError("the CUDA kernel does not reduce statistics in this version")
+        stats_args = {}
+        if with_stats:
+            cst = cuda_stats_table(geom, stats_offsets, device, owner)
+            stats_args = dict(
+                stats_geom=cst.geom.data_ptr(),
+                stats_tiles=cst.tiles.data_ptr(),
+                n_stats_tiles=cst.n_tiles,
+                stats_scratch_off=cst.scratch_off.data_ptr(),
+                stats_scratch=cst.scratch.data_ptr(),
+                stats_tasks=cst.tasks.data_ptr(),
+                n_stats_tasks=cst.n_tasks,
+                stats_out=stats.data_ptr(),
+            )
         lr_ptr = 0
         if lr_tensor is not None:
             lr_dev = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True)
             lr_ptr = lr_dev.reshape(()).data_ptr()
         stream = torch.cuda.current_stream(device).cuda_stream
         with torch.cuda.device(device):
-            C.sgd_step_cuda(lr=float(lr), lr_device=lr_ptr, stream=stream, **common)
+            C.sgd_step_cuda(lr=float(lr), lr_device=lr_ptr, stream=stream, **stats_args, **common)
     # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would, so
     # that a backward through a stale saved param raises instead of using the new values.
     torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else params)

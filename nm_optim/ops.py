@@ -95,10 +95,7 @@ def _sgd_step_impl(
     device = params[0].device
     require_backend(backend, device)
     bufs = momentum_buffers if has_momentum else []
-    # The CUDA kernel does not reduce statistics yet: tracked CUDA tensors are stepped by the
-    # reference (same results, not fused), the others by the kernel.
-    stats_on_cuda = device.type == "cuda" and bool(stats_offsets)
-    numels = None if stats_on_cuda else _uniform_dense(params, grads, bufs, dtype, params[0].get_device())
+    numels = _uniform_dense(params, grads, bufs, dtype, params[0].get_device())
     if numels is not None:
         sgd_step_native(params, grads, momentum_buffers, is_first, numels=numels, **kwargs)
         return
@@ -107,8 +104,6 @@ def _sgd_step_impl(
         map(kernel_layout_ok, params, grads, bufs if has_momentum else repeat(None),
             repeat(dtype), repeat(device))
     )
-    if stats_on_cuda:
-        ok = [good and max(stats_offsets[3 * i : 3 * i + 3]) < 0 for i, good in enumerate(ok)]
     kwargs.pop("stats_offsets")
     for run, want in ((sgd_step_native, True), (sgd_step_reference, False)):
         idx = [i for i, good in enumerate(ok) if good is want]

@@ -85,17 +85,23 @@ __device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict
   }
 }
 
+template <typename C>
+__device__ __forceinline__ StepScalars<C> step_scalars(const SGDHyper& h, const AmpView& amp,
+                                                       const float* lr_device) {
+  C gmul = h.maximize ? C(-1) : C(1);
+  if (amp.grad_scale != nullptr) gmul /= static_cast<C>(*amp.grad_scale);
+  const C lr = lr_device != nullptr ? static_cast<C>(*lr_device) : static_cast<C>(h.lr);
+  return StepScalars<C>{-lr, static_cast<C>(h.weight_decay), static_cast<C>(h.momentum),
+                        static_cast<C>(1.0 - h.dampening), gmul};
+}
+
 template <typename T, bool HAS_WD, bool MOM, bool NESTEROV>
 __global__ void __launch_bounds__(kThreads)
     sgd_step_kernel(BucketView b, SGDHyper h, AmpView amp, const float* lr_device) {
   using C = typename CudaStorage<T>::compute;
   // found_inf set by a GradScaler: the step is skipped, nothing is written.
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
-  C gmul = h.maximize ? C(-1) : C(1);
-  if (amp.grad_scale != nullptr) gmul /= static_cast<C>(*amp.grad_scale);
-  const C lr = lr_device != nullptr ? static_cast<C>(*lr_device) : static_cast<C>(h.lr);
-  const StepScalars<C> s{-lr, static_cast<C>(h.weight_decay), static_cast<C>(h.momentum),
-                         static_cast<C>(1.0 - h.dampening), gmul};
+  const StepScalars<C> s = step_scalars<C>(h, amp, lr_device);
 
   const int64_t k = blockIdx.x;
   const int64_t n = b.n_tensors;
@@ -112,39 +118,195 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+
+// ---- statistics ---------------------------------------------------------------------------
+// One 256-thread block per 2-D tile of a tracked tensor: rows [rb * kTR, +kTR), row elements
+// [cb * kTC, +kTC). Warp w takes rows w, w + 8, ...; lane l takes row elements l + 32 e (e < 4),
+// so every load is one coalesced 128-byte line. Per row, the warp's 128 values are reduced with
+// a fixed xor-butterfly in float64 and lane 0 writes the row partial; per row element, each
+// thread keeps float sums over its (at most kTR / 8 = 16) rows, and the 8 warps' sums are added
+// in warp order through shared memory into the column partial (float64).
+constexpr int kTR = kStatsTileRows;
+constexpr int kTC = kStatsTileCols;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPerLane = kTC / 32;
+
+template <typename T, bool HAS_WD, bool MOM, bool NESTEROV>
+__global__ void __launch_bounds__(kThreads)
+    sgd_stats_tile_kernel(BucketView b, SGDHyper h, AmpView amp, const float* lr_device,
+                          CudaStatsView st) {
+  using S = CudaStorage<T>;
+  using C = typename S::compute;
+  if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
+  const StepScalars<C> s = step_scalars<C>(h, amp, lr_device);
+  __shared__ float col_sm[kWarps][kTC][kNumStats];
+
+  const int64_t k = blockIdx.x;
+  const int64_t t = st.tiles[3 * k], rb = st.tiles[3 * k + 1], cb = st.tiles[3 * k + 2];
+  const int64_t n = b.n_tensors;
+  const int64_t d0 = st.geom[3 * t], rowlen = st.geom[3 * t + 1] * st.geom[3 * t + 2];
+  T* p = reinterpret_cast<T*>(b.table[t]);
+  const T* g = reinterpret_cast<const T*>(b.table[n + t]);
+  T* v = MOM ? reinterpret_cast<T*>(b.table[2 * n + t]) : nullptr;
+  const bool first = MOM && b.table[3 * n + t] != 0;
+  double* row_part = st.scratch + st.scratch_off[2 * t];
+  double* col_part = st.scratch + st.scratch_off[2 * t + 1];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  float col_acc[kPerLane][kNumStats];
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+#pragma unroll
+    for (int q = 0; q < kNumStats; ++q) col_acc[e][q] = 0.0f;
+  }
+  for (int rr = warp; rr < kTR; rr += kWarps) {
+    const int64_t r = rb * kTR + rr;
+    if (r >= d0) break;  // uniform across the warp
+    float row_acc[kNumStats] = {};
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int64_t c = cb * kTC + lane + 32 * e;
+      if (c >= rowlen) continue;
+      const int64_t i = r * rowlen + c;
+      C pi = S::load(p[i]);
+      const C gi = S::load(g[i]) * s.gmul;
+      C vi = (MOM && !first) ? S::load(v[i]) : C(0);
+      const float tq[kNumStats] = {float(pi),      float(gi),      float(vi),
+                                   float(pi * pi), float(gi * gi), float(vi * vi),
+                                   float(pi * gi), float(pi * vi), float(gi * vi)};
+#pragma unroll
+      for (int q = 0; q < kNumStats; ++q) {
+        row_acc[q] += tq[q];
+        col_acc[e][q] += tq[q];
+      }
+      if (first) {
+        sgd_update<C, HAS_WD, MOM, true, NESTEROV>(pi, gi, vi, s);
+      } else {
+        sgd_update<C, HAS_WD, MOM, false, NESTEROV>(pi, gi, vi, s);
+      }
+      p[i] = S::store(pi);
+      if (MOM) v[i] = S::store(vi);
+    }
+#pragma unroll
+    for (int q = 0; q < kNumStats; ++q) {
+      double x = row_acc[q];
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+      if (lane == 0) row_part[(cb * d0 + r) * kNumStats + q] = x;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+#pragma unroll
+    for (int q = 0; q < kNumStats; ++q) col_sm[warp][lane + 32 * e][q] = col_acc[e][q];
+  }
+  __syncthreads();
+  if (threadIdx.x < kTC) {
+    const int64_t c = cb * kTC + threadIdx.x;
+    if (c < rowlen) {
+      for (int q = 0; q < kNumStats; ++q) {
+        double x = 0.0;
+        for (int w = 0; w < kWarps; ++w) x += static_cast<double>(col_sm[w][threadIdx.x][q]);
+        col_part[(rb * rowlen + c) * kNumStats + q] = x;
+      }
+    }
+  }
+}
+
+// One block per output group: adds the partials in a fixed order (strided per thread, then a
+// shared-memory tree) and writes the group's 9 sums.
+constexpr int kReduceThreads = 128;
+
+__global__ void __launch_bounds__(kReduceThreads)
+    sgd_stats_reduce_kernel(CudaStatsView st, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // the step was skipped: out stays NaN
+  __shared__ double red[kNumStats][kReduceThreads];
+  const int64_t task = blockIdx.x;
+  const int64_t t = st.tasks[4 * task], axis = st.tasks[4 * task + 1];
+  const int64_t group = st.tasks[4 * task + 2], out_row = st.tasks[4 * task + 3];
+  const int64_t d0 = st.geom[3 * t], rest = st.geom[3 * t + 2];
+  const int64_t rowlen = st.geom[3 * t + 1] * rest;
+  const int64_t n_cb = (rowlen + kTC - 1) / kTC, n_rb = (d0 + kTR - 1) / kTR;
+  const double* row_part = st.scratch + st.scratch_off[2 * t];
+  const double* col_part = st.scratch + st.scratch_off[2 * t + 1];
+  double acc[kNumStats] = {};
+  if (axis == 0) {  // row `group`: its partial from every column block
+    for (int64_t i = threadIdx.x; i < n_cb; i += kReduceThreads) {
+      for (int q = 0; q < kNumStats; ++q) acc[q] += row_part[(i * d0 + group) * kNumStats + q];
+    }
+  } else if (axis == 1) {  // column `group`: its `rest` row elements, from every row block
+    const int64_t total = n_rb * rest;
+    for (int64_t i = threadIdx.x; i < total; i += kReduceThreads) {
+      const int64_t rb = i / rest, e = i % rest;
+      for (int q = 0; q < kNumStats; ++q) {
+        acc[q] += col_part[(rb * rowlen + group * rest + e) * kNumStats + q];
+      }
+    }
+  } else {  // the whole tensor: every row partial
+    const int64_t total = n_cb * d0;
+    for (int64_t i = threadIdx.x; i < total; i += kReduceThreads) {
+      for (int q = 0; q < kNumStats; ++q) acc[q] += row_part[i * kNumStats + q];
+    }
+  }
+  for (int q = 0; q < kNumStats; ++q) red[q][threadIdx.x] = acc[q];
+  __syncthreads();
+  for (int width = kReduceThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) {
+      for (int q = 0; q < kNumStats; ++q) red[q][threadIdx.x] += red[q][threadIdx.x + width];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x < kNumStats) st.out[out_row * kNumStats + threadIdx.x] = red[threadIdx.x][0];
+}
+
 template <typename T, bool HAS_WD, bool MOM, bool NESTEROV>
 void launch(const BucketView& b, const SGDHyper& h, const AmpView& amp, const float* lr_device,
-            cudaStream_t stream) {
-  sgd_step_kernel<T, HAS_WD, MOM, NESTEROV>
-      <<<static_cast<unsigned int>(b.n_tiles), kThreads, 0, stream>>>(b, h, amp, lr_device);
+            const CudaStatsView& st, cudaStream_t stream) {
+  if (b.n_tiles > 0) {
+    sgd_step_kernel<T, HAS_WD, MOM, NESTEROV>
+        <<<static_cast<unsigned int>(b.n_tiles), kThreads, 0, stream>>>(b, h, amp, lr_device);
+  }
+  if (st.out == nullptr) return;
+  if (st.n_tiles > 0) {
+    sgd_stats_tile_kernel<T, HAS_WD, MOM, NESTEROV>
+        <<<static_cast<unsigned int>(st.n_tiles), kThreads, 0, stream>>>(b, h, amp, lr_device, st);
+  }
+  if (st.n_tasks > 0) {
+    sgd_stats_reduce_kernel<<<static_cast<unsigned int>(st.n_tasks), kReduceThreads, 0, stream>>>(
+        st, amp.found_inf);
+  }
 }
 
 template <typename T>
 void launch_dtype(const BucketView& b, const SGDHyper& h, const AmpView& amp,
-                  const float* lr_device, cudaStream_t stream) {
+                  const float* lr_device, const CudaStatsView& st, cudaStream_t stream) {
   const bool wd = h.weight_decay != 0.0, mom = h.momentum != 0.0, nest = h.nesterov;
   if (wd) {
-    if (!mom) return launch<T, true, false, false>(b, h, amp, lr_device, stream);
-    if (nest) return launch<T, true, true, true>(b, h, amp, lr_device, stream);
-    return launch<T, true, true, false>(b, h, amp, lr_device, stream);
+    if (!mom) return launch<T, true, false, false>(b, h, amp, lr_device, st, stream);
+    if (nest) return launch<T, true, true, true>(b, h, amp, lr_device, st, stream);
+    return launch<T, true, true, false>(b, h, amp, lr_device, st, stream);
   }
-  if (!mom) return launch<T, false, false, false>(b, h, amp, lr_device, stream);
-  if (nest) return launch<T, false, true, true>(b, h, amp, lr_device, stream);
-  return launch<T, false, true, false>(b, h, amp, lr_device, stream);
+  if (!mom) return launch<T, false, false, false>(b, h, amp, lr_device, st, stream);
+  if (nest) return launch<T, false, true, true>(b, h, amp, lr_device, st, stream);
+  return launch<T, false, true, false>(b, h, amp, lr_device, st, stream);
 }
 
 }  // namespace
 
 const char* sgd_step_cuda(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
-                          const AmpView& amp, const float* lr_device, std::uintptr_t stream_handle) {
-  if (bucket.n_tiles <= 0) return "";
-  if (bucket.n_tiles > 0x7fffffffLL) return "nm_optim: too many tiles for one launch";
+                          const AmpView& amp, const float* lr_device, const CudaStatsView& stats,
+                          std::uintptr_t stream_handle) {
+  if (bucket.n_tiles <= 0 && stats.out == nullptr) return "";
+  if (bucket.n_tiles > 0x7fffffffLL || stats.n_tiles > 0x7fffffffLL || stats.n_tasks > 0x7fffffffLL) {
+    return "nm_optim: too many tiles for one launch";
+  }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const CudaStatsView& st = stats;
   switch (dtype) {
-    case DType::kFloat32: launch_dtype<float>(bucket, hyper, amp, lr_device, stream); break;
-    case DType::kFloat64: launch_dtype<double>(bucket, hyper, amp, lr_device, stream); break;
-    case DType::kFloat16: launch_dtype<__half>(bucket, hyper, amp, lr_device, stream); break;
-    case DType::kBFloat16: launch_dtype<__nv_bfloat16>(bucket, hyper, amp, lr_device, stream); break;
+    case DType::kFloat32: launch_dtype<float>(bucket, hyper, amp, lr_device, st, stream); break;
+    case DType::kFloat64: launch_dtype<double>(bucket, hyper, amp, lr_device, st, stream); break;
+    case DType::kFloat16: launch_dtype<__half>(bucket, hyper, amp, lr_device, st, stream); break;
+    case DType::kBFloat16: launch_dtype<__nv_bfloat16>(bucket, hyper, amp, lr_device, st, stream); break;
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? "" : cudaGetErrorString(err);
