@@ -25,8 +25,10 @@ def batch(step: int):
 
 def train(model, opt, steps, scheduler=None, start=0):
     loss_fn = torch.nn.CrossEntropyLoss()
+    device = next(model.parameters()).device
     for step in range(start, start + steps):
         x, y = batch(step)
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()

@@ -29,9 +29,11 @@ def all_tracks(model) -> list:
 def train(model, opt, steps, scheduler=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     teacher = torch.randn(16, 4, generator=gen)
+    device = next(model.parameters()).device
     for _ in range(steps):
         x = torch.randn(32, 16, generator=gen)
         y = (x @ teacher).argmax(1)
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()

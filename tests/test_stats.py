@@ -52,18 +52,18 @@ def assert_stats_close(got, want, scale, what):
 
 def run_and_check(params, opt, tracks, steps, grad_scale=1.0, maximize=False, dtype_tol=None):
     for step in range(steps):
-        pre_p = [p.detach().double().clone() for p in params]
+        pre_p = [p.detach().double().cpu() for p in params]
         pre_v = [
-            opt.state[p]["momentum_buffer"].double().clone() if p in opt.state else torch.zeros(p.shape, dtype=torch.float64)
+            opt.state[p]["momentum_buffer"].double().cpu() if p in opt.state else torch.zeros(p.shape, dtype=torch.float64)
             for p in params
         ]
         gen = torch.Generator().manual_seed(step)
         for p in params:
-            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(p.dtype)
-        grads = [p.grad.double() / grad_scale * (-1 if maximize else 1) for p in params]
+            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(device=p.device, dtype=p.dtype)
+        grads = [p.grad.double().cpu() / grad_scale * (-1 if maximize else 1) for p in params]
         if grad_scale != 1.0:
-            opt.grad_scale = torch.tensor(grad_scale)
-            opt.found_inf = torch.tensor(0.0)
+            opt.grad_scale = torch.tensor(grad_scale, device=params[0].device)
+            opt.found_inf = torch.tensor(0.0, device=params[0].device)
         opt.step()
         index = {id(p): i for i, p in enumerate(params)}
         for (p, axis), got in zip(tracks, opt.last_stats()):
@@ -88,7 +88,7 @@ def test_stats_match_float64_from_pre_step_tensors(device, backend, hyper):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_g_is_the_unscaled_gradient_under_amp(device, backend):
-    params = [torch.randn(s, requires_grad=True) for s in [(40, 30), (17,)]]
+    params = [torch.randn(s, device=device, requires_grad=True) for s in [(40, 30), (17,)]]
     tracks = [(params[0], "rows"), (params[0], "cols"), (params[1], "all")]
     opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, backend=backend, track=tracks)
     run_and_check(params, opt, tracks, steps=3, grad_scale=1024.0)
@@ -97,10 +97,10 @@ def test_g_is_the_unscaled_gradient_under_amp(device, backend):
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_tracks_across_param_groups_and_dtypes(device, backend):
     torch.manual_seed(1)
-    a = torch.randn(20, 30, requires_grad=True)
-    b = torch.randn(50, dtype=torch.bfloat16, requires_grad=True)
-    c = torch.randn(8, 4, 3, dtype=torch.float16, requires_grad=True)
-    d = torch.randn(9, 9, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(20, 30, device=device, requires_grad=True)
+    b = torch.randn(50, dtype=torch.bfloat16, device=device, requires_grad=True)
+    c = torch.randn(8, 4, 3, dtype=torch.float16, device=device, requires_grad=True)
+    d = torch.randn(9, 9, dtype=torch.float64, device=device, requires_grad=True)
     params = [a, b, c, d]
     tracks = [(a, "cols"), (b, "rows"), (c, "rows"), (c, "cols"), (d, "all"), (a, "rows")]
     opt = nm_optim.SGD(
@@ -113,13 +113,13 @@ def test_tracks_across_param_groups_and_dtypes(device, backend):
 def test_stats_are_deterministic_run_to_run(device, backend):
     def run():
         torch.manual_seed(3)
-        params = [torch.randn(s, requires_grad=True) for s in [(300, 500), (64, 32, 3, 3), (1000,)]]
+        params = [torch.randn(s, device=device, requires_grad=True) for s in [(300, 500), (64, 32, 3, 3), (1000,)]]
         tracks = [(p, axis) for p in params for axis in axes_for(p.shape)]
         opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, backend=backend, track=tracks)
         out = []
         for step in range(3):
             for p in params:
-                p.grad = torch.randn_like(p)
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(device)
             opt.step()
             out += opt.last_stats()
         return out
