@@ -52,9 +52,9 @@ def assert_stats_close(got, want, scale, what):
 
 def run_and_check(params, opt, tracks, steps, grad_scale=1.0, maximize=False, dtype_tol=None):
     for step in range(steps):
-        pre_p = [p.detach().double().cpu() for p in params]
+        pre_p = [p.detach().double().cpu().clone() for p in params]
         pre_v = [
-            opt.state[p]["momentum_buffer"].double().cpu() if p in opt.state else torch.zeros(p.shape, dtype=torch.float64)
+            opt.state[p]["momentum_buffer"].double().cpu().clone() if p in opt.state else torch.zeros(p.shape, dtype=torch.float64)
             for p in params
         ]
         gen = torch.Generator().manual_seed(step)
