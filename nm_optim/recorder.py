@@ -263,19 +263,20 @@ class Recorder:
             for device, t in stats.items():
                 self._host_stats.setdefault(device, []).append(t.numpy().copy())
             host_scalars = {d: t.numpy() for d, t in scalars.items()}
-
-            def resolve(x, row):
-                if isinstance(x, list):
-                    return [resolve(v, row) for v in x]
-                if isinstance(x, tuple):
-                    return float(host_scalars[x[0]][row, x[1]])
-                return x
-
             for name, values in meta.items():
-                self._host_meta[name].extend(resolve(v, row) for row, v in enumerate(values))
+                self._host_meta[name].extend(_resolve(v, row, host_scalars) for row, v in enumerate(values))
 
     def _group_index(self) -> dict[int, int]:
         return {id(p): gi for gi, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+
+
+def _resolve(x: Any, row: int, host_scalars: dict[torch.device, np.ndarray]) -> Any:
+    """A recorded value, with (device, column) places read from the chunk's host copy."""
+    if isinstance(x, list):
+        return [_resolve(v, row, host_scalars) for v in x]
+    if isinstance(x, tuple):
+        return float(host_scalars[x[0]][row, x[1]])
+    return x
 
 
 def _to_host_async(t: Tensor) -> Tensor:
