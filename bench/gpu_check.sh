@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one prepared check for a GPU machine (CUDA 13, torch, no network). Written without a GPU:
+# it has not run yet; the Triton backend (issue 4) is not in it because it does not exist yet.
+#   bash bench/gpu_check.sh OUT_DIR
+# 1. builds nm_optim._C for the local GPU with the local nvcc;
+# 2. runs the tests on CUDA (every test parametrized over the cuda backend, and gpu-marked ones);
+# 3. runs compute-sanitizer memcheck on small steps through every CUDA kernel path;
+# 4. benchmarks (copy bandwidth; torch foreach / fused / fused + sums / torch.compile (opt-in);
+#    nm_optim with and without tracks) on VGG-16, ResNet-50 and 1000 x 4096 (bench/gpu_bench.py);
+# 5. writes OUT_DIR/gpu_check.json (+ logs). Each stage's status goes into OUT_DIR/summary.txt,
+#    and a failing stage does not stop the later ones.
+set -uo pipefail
+OUT=${1:-bench/out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+summary="$OUT/summary.txt"
+: > "$summary"
+stage() { local name=$1; shift; local t0=$SECONDS; "$@"; local rc=$?; echo "$name: rc=$rc ($((SECONDS - t0)) s)" | tee -a "$summary"; return $rc; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia_smi.txt"
+stage build env NM_OPTIM_CUDA=1 NM_OPTIM_CUDA_ARCHS=native CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+python -c "import nm_optim, json; print(json.dumps(nm_optim.build_info()))" | tee "$OUT/build_info.json"
+stage tests timeout 240 python -m pytest -q --maxfail=20 -k "cuda" -m "not slow" tests > "$OUT/pytest.log" 2>&1
+tail -15 "$OUT/pytest.log"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  stage memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python bench/sanitize_step.py \
+    > "$OUT/memcheck.log" 2>&1
+  tail -5 "$OUT/memcheck.log"
+else
+  echo "memcheck: skipped (compute-sanitizer not found)" | tee -a "$summary"
+fi
+# torch.compile of (step + sums) takes minutes to compile: GPU_CHECK_COMPILE=1 adds it.
+compile_flag=""
+[[ "${GPU_CHECK_COMPILE:-0}" == 1 ]] && compile_flag="--compile"
+(cd bench && stage bench timeout 240 python gpu_bench.py --rounds 20 $compile_flag --json "$OUT/gpu_check.json") \
+  2>&1 | tee "$OUT/bench.log"
+cat "$summary"
