@@ -70,7 +70,7 @@ def providers(params, device: str) -> dict[str, torch.optim.Optimizer]:
     return out
 
 
-def _timer(device: str) -> Callable[[Callable[[], None]], float]:
+def timer(device: str) -> Callable[[Callable[[], None]], float]:
     if device == "cuda":
 
         def run(fn):
@@ -96,14 +96,14 @@ def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: 
     params = make_params(shapes, device, dtype)
     n = sum(p.numel() for p in params)
     opts = providers(params, device)
-    timer = _timer(device)
+    timer_ = timer(device)
     for opt in opts.values():
         for _ in range(warmup):
             opt.step()
     times: dict[str, list[float]] = {name: [] for name in opts}
     for _ in range(rounds):  # interleaved: every provider once per round
         for name, opt in opts.items():
-            times[name].append(timer(opt.step))
+            times[name].append(timer_(opt.step))
     fused = statistics.median(times["torch fused"])
     rows = []
     for name, ts in times.items():
@@ -139,32 +139,30 @@ def torch_sums(params, bufs_of) -> list[torch.Tensor]:
     return out
 
 
+def step_and_sums(opt: torch.optim.Optimizer, params) -> Callable[[], list[torch.Tensor]]:
+    """One step of `opt` preceded by the 9 sums of its pre-step values with torch ops."""
+
+    def step():
+        sums = torch_sums(params, lambda p: opt.state[p].get("momentum_buffer") if p in opt.state else None)
+        opt.step()
+        return sums
+
+    return step
+
+
 def bench_stats(device: str, rounds: int, warmup: int, compile_: bool) -> dict:
     """VGG-16 with a rows and a cols track on every weight (what the theory needs)."""
     params = make_params(vgg16_shapes(), device, torch.float32)
     n = sum(p.numel() for p in params)
     tracks = [(p, axis) for p in params if p.dim() >= 2 for axis in ("rows", "cols")]
     fused = torch.optim.SGD(params, fused=True, **HYPER)
-
-    def fused_then_sums():
-        sums = torch_sums(params, lambda p: fused.state[p].get("momentum_buffer") if p in fused.state else None)
-        fused.step()
-        return sums
-
     steps: dict[str, Callable[[], object]] = {
         "torch fused (no stats)": fused.step,
-        "torch fused + sums (torch ops)": fused_then_sums,
+        "torch fused + sums (torch ops)": step_and_sums(torch.optim.SGD(params, fused=True, **HYPER), params),
     }
     if compile_:
         eager = torch.optim.SGD(params, foreach=True, **HYPER)
-
-        @torch.compile
-        def compiled_step_and_sums():
-            sums = torch_sums(params, lambda p: eager.state[p].get("momentum_buffer") if p in eager.state else None)
-            eager.step()
-            return sums
-
-        steps["torch.compile(step + sums)"] = compiled_step_and_sums
+        steps["torch.compile(step + sums)"] = torch.compile(step_and_sums(eager, params))
     for backend in nm_optim.available_backends(device):
         if backend == "reference":
             continue
@@ -172,14 +170,14 @@ def bench_stats(device: str, rounds: int, warmup: int, compile_: bool) -> dict:
         with_tracks.recorder.enabled = False  # the step's own cost; the recorder adds a copy
         steps[f"nm_optim {backend} + tracks"] = with_tracks.step
         steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(params, backend=backend, **HYPER).step
-    timer = _timer(device)
+    timer_ = timer(device)
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
-            times[name].append(timer(fn))
+            times[name].append(timer_(fn))
     base = statistics.median(times["torch fused (no stats)"])
     rows = [
         dict(provider=name, ms=statistics.median(ts), gbps=n * BYTES_PER_PARAM / (statistics.median(ts) * 1e-3) / 1e9,

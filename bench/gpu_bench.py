@@ -14,13 +14,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 import nm_optim
-from bench_step import BYTES_PER_PARAM, HYPER, torch_sums, vgg16_shapes
+from bench_step import BYTES_PER_PARAM, HYPER, step_and_sums, timer, vgg16_shapes
 
 
 def resnet50_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
@@ -43,27 +42,6 @@ SHAPE_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "resnet50": resnet50_shapes,
     "many_4096": lambda: [(4096,)] * 1000,
 }
-
-
-def timer(device: str) -> Callable[[Callable[[], object]], float]:
-    if device == "cuda":
-
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-
-        return run
-
-    def run_cpu(fn):
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    return run_cpu
 
 
 def copy_bandwidth(device: str, nbytes: int, rounds: int) -> float:
@@ -100,31 +78,11 @@ def providers(sets, device, compile_: bool) -> dict[str, list[Callable[[], objec
     out["torch foreach"] = per_set(lambda ps: torch.optim.SGD(ps, foreach=True, **HYPER).step)
     out["torch fused"] = per_set(lambda ps: torch.optim.SGD(ps, fused=True, **HYPER).step)
 
-    def fused_plus_sums(ps):
-        opt = torch.optim.SGD(ps, fused=True, **HYPER)
-
-        def step():
-            sums = torch_sums(ps, lambda p: opt.state[p].get("momentum_buffer") if p in opt.state else None)
-            opt.step()
-            return sums
-
-        return step
-
-    out["torch fused + sums"] = per_set(fused_plus_sums)
+    out["torch fused + sums"] = per_set(lambda ps: step_and_sums(torch.optim.SGD(ps, fused=True, **HYPER), ps))
     if compile_:
-
-        def compiled(ps):
-            opt = torch.optim.SGD(ps, foreach=True, **HYPER)
-
-            @torch.compile
-            def step():
-                sums = torch_sums(ps, lambda p: opt.state[p].get("momentum_buffer") if p in opt.state else None)
-                opt.step()
-                return sums
-
-            return step
-
-        out["torch.compile(step + sums)"] = per_set(compiled)
+        out["torch.compile(step + sums)"] = per_set(
+            lambda ps: torch.compile(step_and_sums(torch.optim.SGD(ps, foreach=True, **HYPER), ps))
+        )
     for backend in nm_optim.available_backends(device):
         if backend == "reference":
             continue

@@ -79,11 +79,17 @@ def tile_table(
 ) -> TileTable:
     """The cached table for these element counts. `owner` (the first param's address on CUDA)
     keeps buckets apart whose device pointer tables must not be shared across streams."""
-    key = (device, numels, owner, row_lengths)
+    return _cached(
+        ("tiles", device, numels, owner, row_lengths),
+        lambda: TileTable(numels, TILE_SIZE[device.type], device, row_lengths),
+    )
+
+
+def _cached(key: tuple, make):
+    """The LRU cache of tables (a few per bucket, built once, rebuilt when the params change)."""
     table = _tables.get(key)
     if table is None:
-        table = TileTable(numels, TILE_SIZE[device.type], device, row_lengths)
-        _tables[key] = table
+        table = _tables[key] = make()
         if len(_tables) > _TABLE_CACHE_SIZE:
             _tables.popitem(last=False)
     else:
@@ -136,17 +142,11 @@ class CudaStatsTable:
 
 
 def cuda_stats_table(geom: Sequence[int], offsets: Sequence[int], device: torch.device, owner: int) -> CudaStatsTable:
-    key = ("cuda-stats", device, tuple(geom), tuple(offsets), owner)
-    table = _tables.get(key)
-    if table is None:
-        C = extension()
-        table = CudaStatsTable(geom, offsets, device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS)
-        _tables[key] = table
-        if len(_tables) > _TABLE_CACHE_SIZE:
-            _tables.popitem(last=False)
-    else:
-        _tables.move_to_end(key)
-    return table
+    C = extension()
+    return _cached(
+        ("cuda-stats", device, tuple(geom), tuple(offsets), owner),
+        lambda: CudaStatsTable(geom, offsets, device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS),
+    )
 
 
 def kernel_layout_ok(
