@@ -14,6 +14,9 @@ from nm_optim._extension import available_backends, build_info  # noqa: E402
 from nm_optim.reference import sgd_step_reference  # noqa: E402
 from nm_optim.recorder import Record, Recorder, load_record  # noqa: E402
 from nm_optim.sgd import SGD  # noqa: E402
+from nm_optim.symmetry import Rescale, Scale, Symmetry, Translation, find_symmetries, verify_symmetries  # noqa: E402
+from nm_optim import models  # noqa: E402
+from nm_optim import theory  # noqa: E402  (numpy only; nm_optim.plot imports matplotlib lazily)
 from nm_optim.tracks import AXES, STAT_NAMES, Track  # noqa: E402
 
 __all__ = [
@@ -27,5 +30,12 @@ __all__ = [
     "build_info",
     "load_record",
     "sgd_step_reference",
+    "Rescale",
+    "Scale",
+    "Symmetry",
+    "Translation",
+    "find_symmetries",
+    "verify_symmetries",
+    "models",
     "__version__",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -64,12 +65,19 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors in its interpreter (for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """The backend names usable for tensors on `device` on this machine.
 
     - "reference": pure PyTorch, any device, also float64 (the oracle).
     - "cpu": the compiled OpenMP/SIMD kernel, CPU tensors.
     - "cuda": the compiled CUDA kernel, CUDA tensors, when built with nvcc and a GPU is present.
+    - "triton": the Triton kernel (needs `triton`), CUDA tensors; CPU tensors too when
+      TRITON_INTERPRET=1 (Triton's interpreter: slow, for testing).
     """
     device = torch.device(device)
     names = ["reference"]
@@ -82,6 +90,10 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
         and torch.cuda.is_available()
     ):
         names.append("cuda")
+    if _triton_available() and (
+        device.type == "cuda" and torch.cuda.is_available() or device.type == "cpu" and triton_interpreting()
+    ):
+        names.append("triton")
     return names
 
 
@@ -93,10 +105,16 @@ def require_backend(backend: str, device: torch.device) -> None:
     if backend == "reference":
         return
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not implemented yet in this version of nm_optim; "
-            "use 'auto', 'cuda' or 'reference'"
-        )
+        if not _triton_available():
+            raise ImportError("backend='triton' needs Triton: `pip install triton` (or nm_optim[triton])")
+        if device.type == "cpu" and not triton_interpreting():
+            raise ValueError(
+                "backend='triton' runs CUDA tensors; CPU tensors only in Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before starting Python)"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' runs CUDA tensors, got a tensor on {device}")
+        return
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' runs CPU tensors only, got a tensor on {device}")
     if backend == "cuda" and device.type != "cuda":

@@ -8,6 +8,7 @@ implementation inside the device's kernel:
   - "reference": nm_optim/reference.py (pure PyTorch, any device, float64 too; the oracle)
   - "cpu":  nm_optim._C on CPU tensors (csrc/cpu)
   - "cuda": nm_optim._C on CUDA tensors (csrc/cuda)
+  - "triton": nm_optim/_triton.py on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)
 
 All params of one call share a device and a dtype (nm_optim.SGD buckets them). A tensor that the
 flat-memory kernels cannot stream (p, g, v of different dtype, device, size or strides) is stepped
@@ -95,9 +96,12 @@ def _sgd_step_impl(
     device = params[0].device
     require_backend(backend, device)
     bufs = momentum_buffers if has_momentum else []
+    native = sgd_step_native
+    if backend == "triton":
+        from nm_optim._triton import sgd_step_triton as native  # imports triton: only when asked
     numels = _uniform_dense(params, grads, bufs, dtype, params[0].get_device())
     if numels is not None:
-        sgd_step_native(params, grads, momentum_buffers, is_first, numels=numels, **kwargs)
+        native(params, grads, momentum_buffers, is_first, numels=numels, **kwargs)
         return
     # Rare: some tensor the flat kernel cannot stream. Step the others natively.
     ok = list(
@@ -105,7 +109,7 @@ def _sgd_step_impl(
             repeat(dtype), repeat(device))
     )
     kwargs.pop("stats_offsets")
-    for run, want in ((sgd_step_native, True), (sgd_step_reference, False)):
+    for run, want in ((native, True), (sgd_step_reference, False)):
         idx = [i for i, good in enumerate(ok) if good is want]
         if idx:
             offsets = [o for i in idx for o in stats_offsets[3 * i : 3 * i + 3]]

@@ -213,6 +213,8 @@ class Recorder:
                 torch=torch.__version__,
                 record_every=self.record_every,
                 saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **({"symmetries": self.optimizer._symmetry_descriptions()} if getattr(self.optimizer, "symmetries", None)
+                   else {}),
             ),
         )
 
@@ -226,6 +228,60 @@ class Recorder:
 
     def __len__(self) -> int:
         return len(self._host_meta["steps"]) + sum(len(m["steps"]) for *_, m in self._in_flight) + self._slot
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far and the step counter, for a training checkpoint: a
+        recorder that loads it (on an optimizer with the same tracks) continues so that its
+        record equals that of a run never interrupted.
+
+        Waits for the copies in flight (as :meth:`snapshot` does). Tensors and plain Python
+        values only, so ``torch.load(..., weights_only=True)`` reads it back."""
+        if self._slot:
+            self._flush()
+        self._collect(keep=0)
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "record_every": self.record_every,
+            "enabled": self.enabled,
+            "step": self._step,
+            "tracks": [t.name for t in self.optimizer._tracks.tracks],
+            "stats": {
+                str(d): torch.from_numpy(np.concatenate(c)) for d, c in self._host_stats.items() if c
+            },
+            "meta": {k: list(v) for k, v in self._host_meta.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, replacing anything recorded here so far."""
+        if state.get("format") != FORMAT:
+            raise ValueError(f"not an nm_optim recorder state (format {state.get('format')!r})")
+        tracks = [t.name for t in self.optimizer._tracks.tracks]
+        if list(state["tracks"]) != tracks:
+            raise ValueError(
+                f"recorder state has tracks {list(state['tracks'])}, but this optimizer tracks {tracks}"
+            )
+        rows: dict[str, int] = {}
+        for t in self.optimizer._tracks.tracks:
+            rows[str(t.device)] = max(rows.get(str(t.device), 0), t.row + t.num_groups)
+        saved = dict(state["stats"])
+        if set(saved) != set(rows) and len(saved) == len(rows) == 1:
+            # A run checkpointed on one device and resumed on another (cpu -> cuda, say).
+            saved = {next(iter(rows)): next(iter(saved.values()))}
+        for device, stats in saved.items():
+            if stats.dim() != 3 or device not in rows or stats.shape[1] < rows[device]:
+                raise ValueError(f"recorder state: stats for {device} of shape {list(stats.shape)} do not fit these tracks")
+        self._collect(keep=0)
+        self.record_every = int(state["record_every"])
+        self.enabled = bool(state["enabled"])
+        self._step = int(state["step"])
+        self._slot = 0
+        self._chunk_meta = self._new_meta()
+        self._host_stats = {
+            torch.device(d): [s.detach().cpu().numpy().astype(np.float64, copy=True)] for d, s in saved.items()
+        }
+        self._host_meta = {k: list(state["meta"][k]) for k in self._new_meta()}
 
     @property
     def device_bytes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from itertools import repeat
 from operator import attrgetter, is_not
@@ -14,6 +15,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from nm_optim import ops
 from nm_optim._extension import BACKENDS, default_backend, require_backend
 from nm_optim.recorder import Recorder
+from nm_optim.symmetry import Symmetry
 from nm_optim.tracks import Track, TrackTable
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -54,6 +56,12 @@ class SGD(Optimizer):
             v (the momentum buffer before the step); read them with :meth:`last_stats`.
         record_every (int): with tracks, ``opt.recorder`` keeps every record_every-th step's
             statistics and hyper-parameters (see nm_optim.recorder; default: 1).
+        symmetries: nm_optim.Translation / Scale / Rescale objects (e.g. from
+            :func:`nm_optim.find_symmetries`): their (param, axis) tracks are added after the
+            `track` items, each distinct (param, axis) once, so two symmetries sharing a tensor
+            cost one pass. Params of unnamed param groups are named by the members' names, and
+            the record's ``meta["symmetries"]`` describes them, so ``sym.group_stats(record)``
+            and :func:`nm_optim.symmetry.symmetries_from_record` work on a loaded file.
 
     The state dict has torch.optim.SGD's format (``momentum_buffer`` per param), so state moves
     between the two optimizers in both directions. Works with torch.amp.GradScaler: the scale is
@@ -76,6 +84,7 @@ class SGD(Optimizer):
         backend: str = "auto",
         track: str | Iterable[tuple[Tensor, str]] | None = None,
         record_every: int = 1,
+        symmetries: Iterable[Symmetry] | None = None,
     ) -> None:
         # The same checks, order, exception types and messages as torch.optim.SGD.
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -99,7 +108,8 @@ class SGD(Optimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
-        self._tracks = TrackTable(track, self.param_groups)
+        spec, names, self.symmetries = _with_symmetries(track, symmetries, self.param_groups)
+        self._tracks = TrackTable(spec, self.param_groups, names)
         self.recorder = Recorder(self, record_every)
 
     @property
@@ -113,20 +123,33 @@ class SGD(Optimizer):
         call synchronises with the device; step() never does."""
         return self._tracks.last_stats()
 
+    def _symmetry_descriptions(self) -> list[dict[str, Any]]:
+        """describe() of each symmetry, member names as this optimizer's tracks name them."""
+        out = []
+        for sym in self.symmetries:
+            d = sym.describe()
+            for md, m in zip(d["members"], sym.members):
+                md["name"] = self._tracks.param_name(m.param)
+            out.append(d)
+        return out
+
     def __getstate__(self) -> dict[str, Any]:
         # Tracks survive deepcopy / pickling (their params map to the copies); the recorded
         # history does not: save it with opt.recorder.save(path).
         state = super().__getstate__()
         state["_track_spec"] = [(t.param, t.axis) for t in self._tracks.tracks]
         state["_record_every"] = self.recorder.record_every
+        state["_symmetries"] = list(self.symmetries)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         spec = state.pop("_track_spec", None)
         record_every = state.pop("_record_every", 1)
+        symmetries = state.pop("_symmetries", None)
         super().__setstate__(state)
         if "_tracks" not in self.__dict__:
-            self._tracks = TrackTable(spec, self.param_groups)
+            spec, names, self.symmetries = _with_symmetries(spec, symmetries, self.param_groups)
+            self._tracks = TrackTable(spec, self.param_groups, names)
             self.recorder = Recorder(self, record_every)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
@@ -281,6 +304,47 @@ class SGD(Optimizer):
             return default_backend(device)
         require_backend(backend, device)
         return backend
+
+
+def _with_symmetries(
+    track: Any, symmetries: Iterable[Symmetry] | None, param_groups: list[dict[str, Any]]
+) -> tuple[Any, dict[int, str] | None, list[Symmetry]]:
+    """The track spec with the symmetries' (param, axis) pairs appended where not already there,
+    the names the members give their params, and the symmetries as a list."""
+    syms = list(symmetries) if symmetries is not None else []
+    if not syms:
+        return track, None, []
+    in_optimizer = {id(p) for group in param_groups for p in group["params"]}
+    if track is None:
+        pairs: list[Any] = []
+    elif isinstance(track, str):
+        if track != "layers":
+            raise ValueError(f"track must be 'layers' or a list of (param, axis) pairs, got {track!r}")
+        pairs = [(p, "all") for group in param_groups for p in group["params"]]
+    else:
+        pairs = list(track)
+    seen = {(id(item[0]), item[1]) for item in pairs if isinstance(item, tuple | list) and len(item) == 2}
+    names: dict[int, str] = {}
+    for sym in syms:
+        if not isinstance(sym, Symmetry):
+            raise TypeError(f"symmetries must be nm_optim Symmetry objects, got {type(sym).__name__}")
+        for p, axis in sym.tracks():
+            if id(p) not in in_optimizer:
+                member = next(m for m in sym.members if m.param is p)
+                raise ValueError(f"{sym.kind} {sym.name!r}: member {member.name!r} is not a parameter of this "
+                                 "optimizer")
+            if (id(p), axis) not in seen:
+                seen.add((id(p), axis))
+                pairs.append((p, axis))
+        for m in sym.members:
+            if names.setdefault(id(m.param), m.name) != m.name:
+                raise ValueError(f"{sym.kind} {sym.name!r}: one parameter is named both {names[id(m.param)]!r} and "
+                                 f"{m.name!r} by the symmetries")
+    taken = Counter(names.values())
+    if any(k > 1 for k in taken.values()):
+        twice = sorted(n for n, k in taken.items() if k > 1)
+        raise ValueError(f"symmetries give different parameters the same name: {twice}")
+    return pairs, names, syms
 
 
 def _check_backend_name(backend: Any) -> None:

@@ -65,12 +65,15 @@ class Track:
         }
 
 
-def _param_names(param_groups: Sequence[dict[str, Any]]) -> dict[int, str]:
+def _param_names(param_groups: Sequence[dict[str, Any]], fallback: dict[int, str] | None = None) -> dict[int, str]:
+    """id(param) -> name: the param group's names, else `fallback` (e.g. a symmetry member's
+    name), else "group{i}.param{j}"."""
     names: dict[int, str] = {}
+    fallback = fallback or {}
     for gi, group in enumerate(param_groups):
         given = group.get("param_names")
         for pi, p in enumerate(group["params"]):
-            names[id(p)] = given[pi] if given is not None else f"group{gi}.param{pi}"
+            names[id(p)] = given[pi] if given is not None else fallback.get(id(p), f"group{gi}.param{pi}")
     return names
 
 
@@ -89,8 +92,9 @@ class TrackTable:
     """The optimizer's tracks, their rows in the per-device stats tensors, and the lookup the
     step uses (param -> the first row of its rows / cols / all track, -1 where absent)."""
 
-    def __init__(self, spec: str | Iterable[tuple[Tensor, str]] | None, param_groups: Sequence[dict[str, Any]]):
-        names = _param_names(param_groups)
+    def __init__(self, spec: str | Iterable[tuple[Tensor, str]] | None, param_groups: Sequence[dict[str, Any]],
+                 names: dict[int, str] | None = None):
+        self._names = names = _param_names(param_groups, names)
         if spec is None:
             pairs: list[tuple[Tensor, str]] = []
         elif isinstance(spec, str):
@@ -132,6 +136,10 @@ class TrackTable:
 
     def __len__(self) -> int:
         return len(self.tracks)
+
+    def param_name(self, p: Tensor) -> str:
+        """The name this table gives `p` (its tracks are f"{name}:{axis}")."""
+        return self._names[id(p)]
 
     def offsets(self, p: Tensor) -> tuple[int, int, int] | None:
         return self._offsets.get(id(p))

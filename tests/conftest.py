@@ -3,8 +3,16 @@ failure messages. Unavailable backends are skipped with the reason, never silent
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton backend runs on CPU tensors in Triton's interpreter. It must be
+# switched on before the kernels are defined (nm_optim._triton is imported lazily, on first use).
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import nm_optim
 from nm_optim._extension import BACKENDS
@@ -22,13 +30,15 @@ def device_backends() -> list:
         for backend in BACKENDS:
             if backend == "cpu" and device == "cuda" or backend == "cuda" and device == "cpu":
                 continue
-            if backend == "triton":
-                continue  # not implemented in this version (nm_optim says so when asked)
             marks = []
             if device == "cuda":
                 marks.append(pytest.mark.gpu)
             if backend not in here:
                 marks.append(pytest.mark.skip(reason=f"backend {backend!r} not available for {device} here"))
+            elif backend == "triton" and device == "cpu":
+                # Triton's interpreter is ~1000x slower than the kernels: tests/test_triton.py
+                # covers the backend in the default run; these broad suites run with -m slow.
+                marks.append(pytest.mark.slow)
             out.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
     return out
 

@@ -77,12 +77,23 @@ def test_cpu_backend_on_wrong_device_or_missing_cuda_is_clear():
             opt.step()
 
 
-def test_triton_backend_says_it_is_not_implemented():
-    p = torch.nn.Parameter(torch.randn(3))
-    p.grad = torch.randn(3)
-    opt = nm_optim.SGD([p], backend="triton")
-    with pytest.raises(NotImplementedError, match="triton"):
-        opt.step()
+def test_triton_on_cpu_tensors_outside_the_interpreter_says_how(monkeypatch):
+    from nm_optim import _extension
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _extension.require_backend.cache_clear()
+    try:
+        p = torch.nn.Parameter(torch.randn(3))
+        p.grad = torch.randn(3)
+        before = p.detach().clone()
+        opt = nm_optim.SGD([p], backend="triton")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            opt.step()
+        assert torch.equal(p.detach(), before)
+        assert "triton" not in nm_optim.available_backends("cpu")
+    finally:
+        _extension.require_backend.cache_clear()
 
 
 def test_sparse_gradient_error_names_the_parameter():

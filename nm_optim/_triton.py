@@ -1,0 +1,557 @@
+"""The Triton backend: the fused step and every track's statistics, in one pass over memory.
+
+Three launches per bucket, whatever the number of tensors (the same plan as csrc/cuda):
+
+1. `_step_kernel`, one program per flat tile of an untracked tensor, or of a tensor whose rows are
+   single elements (1-D biases, BatchNorm weights): step, and for tracked tiles write the tile's
+   9 partial sums (and, for a "rows" track of such a tensor, each element's own 9 values).
+2. `_stats_kernel`, one program per 2-D tile (TILE_ROWS rows x BLOCK_COLS row elements) of a
+   tensor with a "rows" or "cols" track, viewed as [d0, d1 * rest]: step, then write per-row
+   partials (reduced over the tile's columns), per-column partials (over its rows) and the
+   tile's total into a float64 scratch buffer.
+3. `_reduce_kernel`, one program per output group: sums its partials in a fixed order in float64
+   and writes the group's row of `stats`. No atomics: bitwise identical from run to run.
+
+Tensors are reached through a table of raw addresses (param, grad, buffer, is_first per tensor),
+cast to pointers inside the kernels, so nothing recompiles when the tensors change. Loads and
+stores go through integer bit patterns (a bitcast to the float type), which the Triton
+interpreter handles for every dtype: with ``TRITON_INTERPRET=1`` the same kernels run on CPU
+tensors, which is how CI tests them. Hyper-parameters are runtime arguments; only structural
+switches (momentum or not, nesterov, weight decay or not, lr from a tensor) are compile-time.
+Offsets are 64-bit throughout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from nm_optim._native import _cached
+from nm_optim.tracks import geometry
+
+# Flat tiles of the step kernel, and the 2-D tiles of the statistics kernel (rows x columns of
+# the [d0, d1 * rest] view; processed SUB_ROWS rows at a time). Partials written per element:
+# 9 float64 per BLOCK_COLS (row partials) and per TILE_ROWS (column partials), about 0.8 bytes
+# per fp32 element next to the 20 bytes of the step itself.
+FLAT_TILE = 16384
+FLAT_BLOCK = 1024
+TILE_ROWS = 64
+SUB_ROWS = 16
+BLOCK_COLS = 128
+REDUCE_TASKS = 16
+REDUCE_CHUNK = 16
+
+_BITS = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float64: tl.int64}
+_FLOAT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# -- device code ----------------------------------------------------------------------------------
+
+
+def _device_function(fn):
+    """A helper called from the kernels: a Triton device function when compiling; under the
+    interpreter a plain Python function (the interpreter re-patches triton.language on every
+    device-function call, which would make the tests minutes slower, not more thorough)."""
+    return fn if interpreting() else triton.jit(fn)
+
+
+if interpreting():
+
+    def _sum(x, axis):
+        # tl.sum is itself a device function (see above); its builtin core is reduce + add.
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+
+else:
+
+    @triton.jit
+    def _sum(x, axis: tl.constexpr):
+        return tl.sum(x, axis=axis)
+
+
+
+@_device_function
+def _load(base, offs, mask, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr):
+    ptr = base.to(tl.pointer_type(BITS))
+    return tl.load(ptr + offs, mask=mask, other=0).to(DT, bitcast=True).to(CT)
+
+
+@_device_function
+def _store(base, offs, x, mask, BITS: tl.constexpr, DT: tl.constexpr):
+    ptr = base.to(tl.pointer_type(BITS))
+    if DT == tl.bfloat16:
+        # Round to nearest even by hand, as torch does: the interpreter's float32 -> bfloat16
+        # cast truncates, and the kernel must give the same bits on the CPU and on the GPU.
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        rounded = tl.where((b & 0x7FFFFFFF) > 0x7F800000, (b >> 16) | 0x40, rounded)  # NaN stays NaN
+        tl.store(ptr + offs, rounded.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(DT).to(BITS, bitcast=True), mask=mask)
+
+
+@_device_function
+def _update(p, g, v, first, lr, wd, mom, one_minus_damp,
+            HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr):
+    """csrc/sgd_math.h, element-wise: returns (p', v')."""
+    d = g
+    if HAS_WD:
+        d = g + wd * p
+    u = d
+    v_new = d
+    if HAS_MOM:
+        v_new = tl.where(first != 0, d, mom * v + one_minus_damp * d)
+        u = v_new
+        if NESTEROV:
+            u = d + mom * v_new
+    return p - lr * u, v_new
+
+
+@_device_function
+def _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
+             HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, CT: tl.constexpr):
+    """The step's scalars in the compute type (the host passes float64, as the C++ kernels take
+    double, so float64 params see the exact values)."""
+    lr = tl.full([], lr, CT)
+    if HAS_LR_PTR:
+        lr = tl.load(lr_ptr).to(CT)
+    gmul = tl.full([], gmul, CT)
+    if HAS_SCALE:
+        gmul = gmul / tl.load(scale_ptr).to(CT)
+    return lr, tl.full([], wd, CT), tl.full([], mom, CT), tl.full([], one_minus_damp, CT), gmul
+
+
+@triton.jit
+def _step_kernel(
+    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",
+    gmul: "fp64", scale_ptr, inf_ptr,
+    scratch, out,
+    BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+    HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, WITH_STATS: tl.constexpr,
+):
+    # tiles[5 * pid:]: tensor, begin, end, tile slot in scratch (-1: none), first output row of
+    # per-element statistics (-1: none).
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_INF:
+        if tl.load(inf_ptr) != 0:
+            return
+    t = tl.load(tiles + 5 * pid)
+    begin = tl.load(tiles + 5 * pid + 1)
+    end = tl.load(tiles + 5 * pid + 2)
+    p_base = tl.load(ptrs + t)
+    g_base = tl.load(ptrs + n_tensors + t)
+    v_base = tl.load(ptrs + 2 * n_tensors + t)
+    first = tl.load(ptrs + 3 * n_tensors + t)
+    lr, wd, mom, one_minus_damp, gmul = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
+                                                 HAS_LR_PTR, HAS_SCALE, CT)
+    lane = tl.arange(0, BLOCK)
+    v_end = tl.where(first == 0, end, begin)
+    if WITH_STATS:
+        slot = tl.load(tiles + 5 * pid + 3)
+        elem_row = tl.load(tiles + 5 * pid + 4)
+        a_p = tl.zeros([BLOCK], CT)
+        a_g = tl.zeros([BLOCK], CT)
+        a_v = tl.zeros([BLOCK], CT)
+        a_pp = tl.zeros([BLOCK], CT)
+        a_gg = tl.zeros([BLOCK], CT)
+        a_vv = tl.zeros([BLOCK], CT)
+        a_pg = tl.zeros([BLOCK], CT)
+        a_pv = tl.zeros([BLOCK], CT)
+        a_gv = tl.zeros([BLOCK], CT)
+    for start in range(begin, end, BLOCK):
+        offs = start + lane
+        mask = offs < end
+        p = _load(p_base, offs, mask, BITS, DT, CT)
+        g = _load(g_base, offs, mask, BITS, DT, CT) * gmul
+        v = tl.zeros([BLOCK], CT)
+        if HAS_MOM:  # a buffer created by this step is not read (it may hold anything)
+            v = _load(v_base, offs, offs < v_end, BITS, DT, CT)
+        p_new, v_new = _update(p, g, v, first, lr, wd, mom, one_minus_damp, HAS_WD, HAS_MOM, NESTEROV)
+        _store(p_base, offs, p_new, mask, BITS, DT)
+        if HAS_MOM:
+            _store(v_base, offs, v_new, mask, BITS, DT)
+        if WITH_STATS:
+            if elem_row >= 0:  # a "rows" track whose rows are single elements
+                o = out + 9 * (elem_row + offs)
+                tl.store(o + 0, p.to(tl.float64), mask=mask)
+                tl.store(o + 1, g.to(tl.float64), mask=mask)
+                tl.store(o + 2, v.to(tl.float64), mask=mask)
+                tl.store(o + 3, (p * p).to(tl.float64), mask=mask)
+                tl.store(o + 4, (g * g).to(tl.float64), mask=mask)
+                tl.store(o + 5, (v * v).to(tl.float64), mask=mask)
+                tl.store(o + 6, (p * g).to(tl.float64), mask=mask)
+                tl.store(o + 7, (p * v).to(tl.float64), mask=mask)
+                tl.store(o + 8, (g * v).to(tl.float64), mask=mask)
+            a_p += p
+            a_g += g
+            a_v += v
+            a_pp += p * p
+            a_gg += g * g
+            a_vv += v * v
+            a_pg += p * g
+            a_pv += p * v
+            a_gv += g * v
+    if WITH_STATS:
+        if slot >= 0:
+            s = scratch + 9 * slot
+            tl.store(s + 0, _sum(a_p, 0).to(tl.float64))
+            tl.store(s + 1, _sum(a_g, 0).to(tl.float64))
+            tl.store(s + 2, _sum(a_v, 0).to(tl.float64))
+            tl.store(s + 3, _sum(a_pp, 0).to(tl.float64))
+            tl.store(s + 4, _sum(a_gg, 0).to(tl.float64))
+            tl.store(s + 5, _sum(a_vv, 0).to(tl.float64))
+            tl.store(s + 6, _sum(a_pg, 0).to(tl.float64))
+            tl.store(s + 7, _sum(a_pv, 0).to(tl.float64))
+            tl.store(s + 8, _sum(a_gv, 0).to(tl.float64))
+
+
+@_device_function
+def _store9(base, mask, a, b, c, d, e, f, g, h, i):
+    """Nine float64 values per position: base[9 k + j] for the j-th statistic."""
+    tl.store(base + 0, a.to(tl.float64), mask=mask)
+    tl.store(base + 1, b.to(tl.float64), mask=mask)
+    tl.store(base + 2, c.to(tl.float64), mask=mask)
+    tl.store(base + 3, d.to(tl.float64), mask=mask)
+    tl.store(base + 4, e.to(tl.float64), mask=mask)
+    tl.store(base + 5, f.to(tl.float64), mask=mask)
+    tl.store(base + 6, g.to(tl.float64), mask=mask)
+    tl.store(base + 7, h.to(tl.float64), mask=mask)
+    tl.store(base + 8, i.to(tl.float64), mask=mask)
+
+
+@triton.jit
+def _stats_kernel(
+    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",
+    gmul: "fp64", scale_ptr, inf_ptr,
+    scratch,
+    TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+    HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+):
+    # tiles[8 * pid:]: tensor, row block, column block, d0, row length, row-partials base,
+    # column-partials base, tile slot (bases and slot in units of 9 float64; -1: not needed).
+    # Row partial of (row r, column block cb): row_base + cb * d0 + r; column partial of
+    # (row block rb, column c): col_base + rb * rowlen + c.
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_INF:
+        if tl.load(inf_ptr) != 0:
+            return
+    e = tiles + 8 * pid
+    t = tl.load(e)
+    rb = tl.load(e + 1)
+    cb = tl.load(e + 2)
+    d0 = tl.load(e + 3)
+    rowlen = tl.load(e + 4)
+    row_base = tl.load(e + 5)
+    col_base = tl.load(e + 6)
+    slot = tl.load(e + 7)
+    p_base = tl.load(ptrs + t)
+    g_base = tl.load(ptrs + n_tensors + t)
+    v_base = tl.load(ptrs + 2 * n_tensors + t)
+    first = tl.load(ptrs + 3 * n_tensors + t)
+    lr, wd, mom, one_minus_damp, gmul = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
+                                                 HAS_LR_PTR, HAS_SCALE, CT)
+
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < rowlen
+    v_rows = tl.where(first == 0, d0, 0)
+    c_p = tl.zeros([BLOCK_C], CT)
+    c_g = tl.zeros([BLOCK_C], CT)
+    c_v = tl.zeros([BLOCK_C], CT)
+    c_pp = tl.zeros([BLOCK_C], CT)
+    c_gg = tl.zeros([BLOCK_C], CT)
+    c_vv = tl.zeros([BLOCK_C], CT)
+    c_pg = tl.zeros([BLOCK_C], CT)
+    c_pv = tl.zeros([BLOCK_C], CT)
+    c_gv = tl.zeros([BLOCK_C], CT)
+    for r0 in range(0, TILE_R, SUB_R):
+        rows = rb * TILE_R + r0 + tl.arange(0, SUB_R)
+        row_ok = rows < d0
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * rowlen + cols[None, :]
+        p = _load(p_base, offs, mask, BITS, DT, CT)
+        g = _load(g_base, offs, mask, BITS, DT, CT) * gmul
+        v = tl.zeros([SUB_R, BLOCK_C], CT)
+        if HAS_MOM:  # a buffer created by this step is not read (it may hold anything)
+            v = _load(v_base, offs, (rows < v_rows)[:, None] & col_ok[None, :], BITS, DT, CT)
+        p_new, v_new = _update(p, g, v, first, lr, wd, mom, one_minus_damp, HAS_WD, HAS_MOM, NESTEROV)
+        _store(p_base, offs, p_new, mask, BITS, DT)
+        if HAS_MOM:
+            _store(v_base, offs, v_new, mask, BITS, DT)
+        pp = p * p
+        gg = g * g
+        vv = v * v
+        pg = p * g
+        pv = p * v
+        gv = g * v
+        if row_base >= 0:
+            _store9(scratch + 9 * (row_base + cb * d0 + rows), row_ok,
+                    _sum(p, 1), _sum(g, 1), _sum(v, 1),
+                    _sum(pp, 1), _sum(gg, 1), _sum(vv, 1),
+                    _sum(pg, 1), _sum(pv, 1), _sum(gv, 1))
+        c_p += _sum(p, 0)
+        c_g += _sum(g, 0)
+        c_v += _sum(v, 0)
+        c_pp += _sum(pp, 0)
+        c_gg += _sum(gg, 0)
+        c_vv += _sum(vv, 0)
+        c_pg += _sum(pg, 0)
+        c_pv += _sum(pv, 0)
+        c_gv += _sum(gv, 0)
+    if col_base >= 0:
+        _store9(scratch + 9 * (col_base + rb * rowlen + cols), col_ok,
+                c_p, c_g, c_v, c_pp, c_gg, c_vv, c_pg, c_pv, c_gv)
+    if slot >= 0:
+        s = scratch + 9 * slot
+        tl.store(s + 0, _sum(c_p, 0).to(tl.float64))
+        tl.store(s + 1, _sum(c_g, 0).to(tl.float64))
+        tl.store(s + 2, _sum(c_v, 0).to(tl.float64))
+        tl.store(s + 3, _sum(c_pp, 0).to(tl.float64))
+        tl.store(s + 4, _sum(c_gg, 0).to(tl.float64))
+        tl.store(s + 5, _sum(c_vv, 0).to(tl.float64))
+        tl.store(s + 6, _sum(c_pg, 0).to(tl.float64))
+        tl.store(s + 7, _sum(c_pv, 0).to(tl.float64))
+        tl.store(s + 8, _sum(c_gv, 0).to(tl.float64))
+
+
+@triton.jit
+def _reduce_kernel(tasks, n_tasks, scratch, out, inf_ptr,
+                   TASKS: tl.constexpr, CHUNK: tl.constexpr, HAS_INF: tl.constexpr):
+    # TASKS tasks per program (the host sorts them by size, so a program's tasks are alike);
+    # tasks[5 * k:]: base, count, inner, outer stride, output row. Partial j of a task is the
+    # 9 float64 at scratch[9 * (base + (j // inner) * outer + j % inner)]; they are summed in
+    # float64 in the same order every run.
+    pid = tl.program_id(0).to(tl.int64)
+    task = pid * TASKS + tl.arange(0, TASKS).to(tl.int64)
+    live = task < n_tasks
+    base = tl.load(tasks + 5 * task, mask=live, other=0)
+    count = tl.load(tasks + 5 * task + 1, mask=live, other=0)
+    inner = tl.load(tasks + 5 * task + 2, mask=live, other=1)
+    outer = tl.load(tasks + 5 * task + 3, mask=live, other=0)
+    row = tl.load(tasks + 5 * task + 4, mask=live, other=0)
+    stat = tl.arange(0, 16)
+    acc = tl.zeros([TASKS, CHUNK, 16], tl.float64)
+    for j0 in range(0, tl.max(count, axis=0), CHUNK):
+        j = j0 + tl.arange(0, CHUNK).to(tl.int64)
+        idx = base[:, None] + (j[None, :] // inner[:, None]) * outer[:, None] + j[None, :] % inner[:, None]
+        m = (j[None, :] < count[:, None])[:, :, None] & (stat < 9)[None, None, :]
+        acc += tl.load(scratch + 9 * idx[:, :, None] + stat[None, None, :], mask=m, other=0.0)
+    total = _sum(acc, 1)
+    if HAS_INF:
+        if tl.load(inf_ptr) != 0:
+            total = tl.full([TASKS, 16], float("nan"), tl.float64)
+    tl.store(out + 9 * row[:, None] + stat[None, :], total, mask=live[:, None] & (stat < 9)[None, :])
+
+
+# -- host side --------------------------------------------------------------------------------------
+
+
+class TritonPlan:
+    """The static part of one bucket's launches, built once per layout (see `_cached`):
+    the flat tiles, the 2-D statistics tiles, the reduction tasks and the scratch buffer."""
+
+    def __init__(self, numels: Sequence[int], geom: Sequence[int] | None, offsets: Sequence[int],
+                 device: torch.device) -> None:
+        flat: list[int] = []
+        tiles2d: list[int] = []
+        tasks: list[int] = []
+        scratch = 0  # in units of 9 float64
+
+        def alloc(n: int) -> int:
+            nonlocal scratch
+            scratch += n
+            return scratch - n
+
+        for i, numel in enumerate(numels):
+            at = offsets[3 * i : 3 * i + 3] if offsets else (-1, -1, -1)
+            rows_at, cols_at, all_at = at
+            tracked = max(at) >= 0
+            d0, d1, rest = geom[3 * i : 3 * i + 3] if tracked else (numel, 1, 1)
+            rowlen = d1 * rest
+            if tracked and numel == 0:  # every group of an empty tensor sums nothing: zeros
+                for at_row, n_groups in ((rows_at, d0), (cols_at, d1), (all_at, 1)):
+                    if at_row >= 0:
+                        for k in range(n_groups):
+                            tasks += (0, 0, 1, 1, at_row + k)
+                continue
+            if not tracked or rowlen == 1:
+                # Flat tiles. Rows of single elements: the kernel writes each element's values as
+                # its row group; a column track (d1 == 1) and an "all" track sum tile partials.
+                n_tiles = -(-numel // FLAT_TILE)
+                first_slot = alloc(n_tiles) if tracked and (cols_at >= 0 or all_at >= 0) else -1
+                for k in range(n_tiles):
+                    flat += (i, k * FLAT_TILE, min(numel, (k + 1) * FLAT_TILE),
+                             first_slot + k if first_slot >= 0 else -1, rows_at if tracked else -1)
+                for at_row in (cols_at, all_at):
+                    if at_row >= 0:
+                        tasks += (first_slot, n_tiles, 1, 1, at_row)
+                continue
+            n_rb, n_cb = -(-d0 // TILE_ROWS), -(-rowlen // BLOCK_COLS)
+            row_base = alloc(n_cb * d0) if rows_at >= 0 else -1
+            col_base = alloc(n_rb * rowlen) if cols_at >= 0 else -1
+            first_slot = alloc(n_rb * n_cb) if all_at >= 0 else -1
+            for rb in range(n_rb):
+                for cb in range(n_cb):
+                    slot = first_slot + rb * n_cb + cb if first_slot >= 0 else -1
+                    tiles2d += (i, rb, cb, d0, rowlen, row_base, col_base, slot)
+            if rows_at >= 0:  # row r: its n_cb partials, stride d0
+                for r in range(d0):
+                    tasks += (row_base + r, n_cb, 1, d0, rows_at + r)
+            if cols_at >= 0:  # column j: rest consecutive partials in each of n_rb row blocks
+                for j in range(d1):
+                    tasks += (col_base + j * rest, n_rb * rest, rest, rowlen, cols_at + j)
+            if all_at >= 0:
+                tasks += (first_slot, n_rb * n_cb, 1, 1, all_at)
+
+        def as_tensor(xs: list[int]) -> Tensor:
+            return torch.tensor(xs or [0], dtype=torch.int64).to(device)
+
+        self.flat = as_tensor(flat)
+        self.n_flat = len(flat) // 5
+        self.tiles2d = as_tensor(tiles2d)
+        self.n_tiles2d = len(tiles2d) // 8
+        # Tasks sorted by their number of partials: a reduction program's tasks take alike time.
+        rows5 = [tasks[k : k + 5] for k in range(0, len(tasks), 5)]
+        rows5.sort(key=lambda r: -r[1])
+        self.tasks = as_tensor([x for r in rows5 for x in r])
+        self.n_tasks = len(rows5)
+        self.scratch = torch.zeros(9 * max(scratch, 1), dtype=torch.float64, device=device)
+        self.pointers: Tensor | None = None
+        self.last_pointers: tuple[int, ...] | None = None
+
+
+def _plan(numels: tuple[int, ...], geom: tuple[int, ...] | None, offsets: tuple[int, ...],
+          device: torch.device, owner: int) -> TritonPlan:
+    return _cached(("triton", device, numels, geom, offsets, owner),
+                   lambda: TritonPlan(numels, geom, offsets, device))
+
+
+def _pointer_table(plan: TritonPlan, ptrs: list[int], device: torch.device) -> Tensor:
+    """The device copy of the address table, refreshed only when an address changed. The host
+    copy stays referenced by the plan, so a CUDA graph that captured the upload replays it from
+    live memory."""
+    key = tuple(ptrs)
+    if key != plan.last_pointers or plan.pointers is None:
+        host = torch.tensor(ptrs, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+            if plan.pointers is None or plan.pointers.numel() != host.numel():
+                plan.pointers = torch.empty_like(host, device=device)
+            plan.pointers.copy_(host, non_blocking=True)
+            plan.host_pointers = host
+        else:
+            plan.pointers = host
+        plan.last_pointers = key
+    return plan.pointers
+
+
+def sgd_step_triton(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    is_first: Sequence[bool],
+    *,
+    lr: float,
+    lr_tensor: Tensor | None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    stats: Tensor | None = None,
+    stats_offsets: Sequence[int] = (),
+    numels: tuple[int, ...] | None = None,
+) -> None:
+    """One step of dense tensors sharing a device and dtype (see ops.py), with the statistics of
+    the tracked ones written to `stats` rows `stats_offsets`."""
+    if not params:
+        return
+    device = params[0].device
+    dtype = params[0].dtype
+    has_momentum = momentum != 0
+    with_stats = stats is not None and len(stats_offsets) > 0 and max(stats_offsets) >= 0
+    numels = numels if numels is not None else tuple(p.numel() for p in params)
+    offsets = tuple(stats_offsets) if with_stats else ()
+    geom = None
+    if with_stats:
+        geom = tuple(x for i, p in enumerate(params)
+                     for x in (geometry(p.shape) if max(offsets[3 * i : 3 * i + 3]) >= 0 else (0, 0, 0)))
+    owner = params[0].data_ptr() if device.type == "cuda" else 0
+    plan = _plan(numels, geom, offsets, device, owner)
+
+    n = len(params)
+    ptrs = [p.data_ptr() for p in params] + [g.data_ptr() for g in grads]
+    if has_momentum:
+        ptrs += [b.data_ptr() for b in momentum_buffers] + [int(f) for f in is_first]
+    else:
+        ptrs += [0] * (2 * n)
+    table = _pointer_table(plan, ptrs, device)
+
+    dummy = plan.scratch  # any device tensor, for pointer arguments a variant does not read
+    lr_ptr = dummy
+    if lr_tensor is not None:
+        lr_ptr = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+    scale_ptr = dummy if grad_scale is None else _amp_scalar(grad_scale, device, "grad_scale")
+    inf_ptr = dummy if found_inf is None else _amp_scalar(found_inf, device, "found_inf")
+    compute = tl.float64 if dtype == torch.float64 else tl.float32
+    args = (
+        table, n, None, float(lr), lr_ptr, float(weight_decay), float(momentum), 1.0 - float(dampening),
+        -1.0 if maximize else 1.0, scale_ptr, inf_ptr,
+    )
+    flags = dict(
+        BITS=_BITS[dtype], DT=_FLOAT[dtype], CT=compute,
+        HAS_LR_PTR=lr_tensor is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+        HAS_WD=weight_decay != 0, HAS_MOM=has_momentum, NESTEROV=bool(nesterov),
+    )
+    out = stats if with_stats else dummy
+    with _on(device):
+        if plan.n_flat:
+            _step_kernel[(plan.n_flat,)](
+                *args[:2], plan.flat, *args[3:], plan.scratch, out,
+                BLOCK=FLAT_BLOCK, WITH_STATS=with_stats, **flags,
+            )
+        if plan.n_tiles2d:
+            _stats_kernel[(plan.n_tiles2d,)](
+                *args[:2], plan.tiles2d, *args[3:], plan.scratch,
+                TILE_R=TILE_ROWS, SUB_R=SUB_ROWS, BLOCK_C=BLOCK_COLS, **flags,
+            )
+        if with_stats and plan.n_tasks:
+            _reduce_kernel[(triton.cdiv(plan.n_tasks, REDUCE_TASKS),)](
+                plan.tasks, plan.n_tasks, plan.scratch, stats, inf_ptr,
+                TASKS=REDUCE_TASKS, CHUNK=REDUCE_CHUNK, HAS_INF=found_inf is not None,
+            )
+    torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))
+
+
+class _on:
+    """`torch.cuda.device(device)` for CUDA tensors, nothing for CPU tensors (interpreter)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    return t.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)

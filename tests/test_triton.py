@@ -1,0 +1,223 @@
+"""The Triton backend: the same step and statistics as the reference, in one fused pass.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), the same kernel source the GPU compiles. The interpreter is slow, so this
+file picks its cases: trajectories over awkward shapes (tiles, partial tiles, rows longer than a
+column block, single rows and columns, empty tensors) for every dtype and the hyper-parameter
+paths, the statistics against float64 up to 10^6-element groups, AMP skips and determinism. The
+broad parametrised suites (test_parity, test_stats, ...) also run "cpu-triton", marked slow.
+On a GPU machine every test here runs on CUDA tensors, plus CUDA-graph capture (marked gpu).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nm_optim
+from conftest import assert_rel_close
+from test_stats import SHAPES, axes_for, run_and_check
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in nm_optim.available_backends(DEVICE),
+    reason=f"backend 'triton' not available for {DEVICE} here (needs triton; on CPU, TRITON_INTERPRET=1)",
+)
+
+# (shape, axes tracked): flat tiles (untracked, 1-D rows, an "all" over several tiles), 2-D tiles
+# with partial row and column blocks, a single row / column, and empty tensors.
+TRAJECTORY_SHAPES = [
+    ((1,), ("rows", "all")),
+    ((7,), ()),
+    ((20000,), ("all",)),  # two flat tiles
+    ((13, 17), ("rows", "cols", "all")),
+    ((3, 5, 7, 11), ("rows", "cols")),  # 4-D: a "cols" group spans rows and the trailing dims
+    ((130, 300), ("rows", "cols", "all")),  # 3 row blocks x 3 column blocks, both partial
+    ((300, 1), ("cols", "all")),  # rows of one element
+    ((1, 300), ("rows", "cols")),
+    ((40, 9), ()),
+    ((0,), ("rows", "all")),
+    ((3, 0), ("rows", "cols", "all")),
+]
+
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device=DEVICE, dtype=dtype).requires_grad_() for s, _ in TRAJECTORY_SHAPES]
+
+
+def tracks_of(params):
+    return [(p, axis) for p, (_, axes) in zip(params, TRAJECTORY_SHAPES) for axis in axes]
+
+
+@pytest.mark.parametrize(
+    "dtype,hyper",
+    [
+        (torch.float32, dict(momentum=0.9, dampening=0.1, weight_decay=1e-2)),
+        (torch.float32, dict(momentum=0.9, nesterov=True, maximize=True)),
+        (torch.float32, dict(weight_decay=1e-3)),
+        (torch.float32, dict(momentum=0.5, lr_tensor=True)),
+        (torch.bfloat16, dict(momentum=0.9, weight_decay=1e-2)),
+        (torch.float16, dict(momentum=0.9, nesterov=True)),
+        (torch.float64, dict(momentum=0.9, dampening=0.3, weight_decay=1e-2)),
+    ],
+    ids=["f32-momentum-dampening-wd", "f32-nesterov-maximize", "f32-no-momentum", "f32-tensor-lr",
+         "bf16-momentum-wd", "f16-nesterov", "f64-momentum-dampening-wd"],
+)
+def test_trajectory_matches_the_reference_backend(dtype, hyper):
+    """Params, momentum buffers and every track's statistics, step after step, against the
+    reference backend fed the same gradients (same formula, same compute type)."""
+    hyper = dict(hyper)
+    lr = torch.tensor(0.05, device=DEVICE) if hyper.pop("lr_tensor", False) else 0.05
+    a, b = make_params(dtype), make_params(dtype)
+    opt = nm_optim.SGD(a, lr=lr, backend="triton", track=tracks_of(a), **hyper)
+    ref = nm_optim.SGD(b, lr=copy.deepcopy(lr), backend="reference", track=tracks_of(b), **hyper)
+    tol = TOL[dtype]
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(a, b):
+            g = torch.randn(p.shape, generator=gen).to(device=DEVICE, dtype=dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(a, b)):
+            what = f"step {step}, param {i} {tuple(p.shape)}"
+            assert_rel_close(p, q, tol, f"{what}: param")
+            if "momentum" in hyper:
+                assert_rel_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], tol,
+                                 f"{what}: momentum buffer")
+        for t, got, want in zip(opt.tracks, opt.last_stats(), ref.last_stats()):
+            # Partial sums in float32 inside a tile: relative to the sum of |terms|.
+            scale = want.abs().clamp_min(1e-30) if dtype == torch.float64 else want.abs() + 1.0
+            err = ((got - want).abs() / scale).max().item() if got.numel() else 0.0
+            assert err <= (1e-12 if dtype == torch.float64 else 1e-5), (
+                f"step {step} {t.name}: stats differ from the reference by {err:.2e}"
+            )
+        if isinstance(lr, torch.Tensor):  # a scheduler moving a tensor lr: no recompiles, no sync
+            opt.param_groups[0]["lr"].mul_(0.8)
+            ref.param_groups[0]["lr"].mul_(0.8)
+
+
+@pytest.mark.slow  # about 2 minutes in the interpreter (10^6-element groups, 313 tiles of one tensor)
+@pytest.mark.parametrize("hyper", [dict(momentum=0.9, dampening=0.1, weight_decay=1e-2)], ids=["momentum_dampening_wd"])
+def test_stats_match_float64_on_the_awkward_shapes_up_to_a_million_elements(hyper):
+    """test_stats.SHAPES (numel 1, primes, 278011, 4-D conv weights, rows longer than a tile,
+    a single column, 10^6-element groups, empty tensors): <= 1e-6 relative to the sum of
+    |terms|."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in SHAPES]
+    tracks = [(p, axis) for p in params for axis in axes_for(p.shape)]
+    opt = nm_optim.SGD(params, lr=0.05, backend="triton", track=tracks, **hyper)
+    run_and_check(params, opt, tracks, steps=2)
+
+
+def test_g_is_the_unscaled_gradient_under_amp():
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in [(40, 30), (17,)]]
+    tracks = [(params[0], "rows"), (params[0], "cols"), (params[1], "all")]
+    opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, backend="triton", track=tracks)
+    run_and_check(params, opt, tracks, steps=2, grad_scale=1024.0)
+
+
+def test_found_inf_writes_nothing_and_reports_nan_statistics():
+    params = make_params(torch.float32)
+    opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, backend="triton", track=tracks_of(params))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # buffers exist now
+    before = [p.detach().clone() for p in params]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    opt.grad_scale = torch.tensor(1.0, device=DEVICE)
+    opt.found_inf = torch.tensor(1.0, device=DEVICE)
+    opt.step()
+    for p, b, v in zip(params, before, bufs):
+        assert torch.equal(p.detach(), b)
+        assert torch.equal(opt.state[p]["momentum_buffer"], v)
+    assert all(s.isnan().all() for s in opt.last_stats())
+
+
+def test_statistics_are_bitwise_identical_run_to_run():
+    runs = []
+    for _ in range(2):
+        params = make_params(torch.float32)
+        opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3, backend="triton",
+                           track=tracks_of(params))
+        for step in range(2):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            opt.step()
+        runs.append(torch.cat([s.reshape(-1) for s in opt.last_stats()]))
+    assert torch.equal(runs[0].nan_to_num(7.0), runs[1].nan_to_num(7.0))
+
+
+def test_training_a_model_matches_torch_sgd():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).to(DEVICE)
+    b = copy.deepcopy(a)
+    opt = nm_optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend="triton", track="layers")
+    ref = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=False)
+    x, y = torch.randn(32, 8, device=DEVICE), torch.randint(0, 3, (32,), device=DEVICE)
+    for model, o in ((a, opt), (b, ref)):
+        for _ in range(4):
+            o.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_rel_close(p, q, 1e-5, "param after 4 steps")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_training_step_captured_in_a_cuda_graph_replays_like_eager(backend):
+    """lr as a device tensor, grads kept in place (zero_grad(set_to_none=False)), a side-stream
+    warm-up that creates the buffers and tables; then every replay equals an eager step."""
+    if backend not in nm_optim.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} not available")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).cuda()
+    eager = copy.deepcopy(model)
+    lr = torch.tensor(0.05, device="cuda")
+    opt = nm_optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3, backend=backend, track="layers")
+    opt.recorder.enabled = False  # the recorder's bookkeeping is host-side: read last_stats() instead
+    ref = nm_optim.SGD(eager.parameters(), lr=lr.clone(), momentum=0.9, weight_decay=1e-3, backend=backend,
+                       track="layers")
+    x = torch.randn(16, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+
+    def step(m, o, inputs, targets):
+        o.zero_grad(set_to_none=False)
+        F.cross_entropy(m(inputs), targets).backward()
+        o.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(model, opt, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        step(eager, ref, x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt, x, y)
+    for k in range(5):
+        new_x, new_y = torch.randn(16, 32, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+        x.copy_(new_x)
+        y.copy_(new_y)
+        lr.fill_(0.05 * 0.8**k)
+        ref.param_groups[0]["lr"].fill_(0.05 * 0.8**k)
+        graph.replay()
+        step(eager, ref, new_x, new_y)
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager.parameters()):
+        assert_rel_close(p, q, 1e-5, "param after graph replays")
+    for got, want in zip(opt.last_stats(), ref.last_stats()):
+        assert_rel_close(got, want, 1e-5, "stats of the last replay", floor=1.0)
