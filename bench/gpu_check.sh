@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The one prepared check for a GPU machine (CUDA 13, torch, no network). Written without a GPU:
-# it has not run yet; the Triton backend (issue 4) is not in it because it does not exist yet.
+# The one prepared check for a GPU machine (CUDA 13, torch, Triton, no network). Written without
+# a GPU: it has not run yet.
 #   bash bench/gpu_check.sh OUT_DIR
 # 1. builds nm_optim._C for the local GPU with the local nvcc;
-# 2. runs the tests on CUDA (every test parametrized over the cuda backend, and gpu-marked ones);
+# 2. runs the tests on CUDA: every test parametrized over the cuda and triton backends, the
+#    gpu-marked ones (CUDA-graph capture) and tests/test_triton.py on CUDA tensors;
 # 3. runs compute-sanitizer memcheck on small steps through every CUDA kernel path;
 # 4. benchmarks (copy bandwidth; torch foreach / fused / fused + sums / torch.compile (opt-in);
-#    nm_optim with and without tracks) on VGG-16, ResNet-50 and 1000 x 4096 (bench/gpu_bench.py);
+#    nm_optim cuda and triton with and without tracks) on VGG-16, ResNet-50 and 1000 x 4096
+#    (bench/gpu_bench.py; torch.compile of step + sums on VGG-16 only: it compiles for minutes);
 # 5. writes OUT_DIR/gpu_check.json (+ logs). Each stage's status goes into OUT_DIR/summary.txt,
 #    and a failing stage does not stop the later ones.
 set -uo pipefail
@@ -23,7 +25,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 stage build env NM_OPTIM_CUDA=1 NM_OPTIM_CUDA_ARCHS=native CMAKE_BUILD_PARALLEL_LEVEL=16 \
   pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 python -c "import nm_optim, json; print(json.dumps(nm_optim.build_info()))" | tee "$OUT/build_info.json"
-stage tests timeout 240 python -m pytest -q --maxfail=20 -k "cuda" -m "not slow" tests > "$OUT/pytest.log" 2>&1
+stage tests timeout 240 python -m pytest -q --maxfail=20 -k "cuda or triton" -m "not slow" tests > "$OUT/pytest.log" 2>&1
 tail -15 "$OUT/pytest.log"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   stage memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python bench/sanitize_step.py \
@@ -32,9 +34,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
   echo "memcheck: skipped (compute-sanitizer not found)" | tee -a "$summary"
 fi
-# torch.compile of (step + sums) takes minutes to compile: GPU_CHECK_COMPILE=1 adds it.
-compile_flag=""
-[[ "${GPU_CHECK_COMPILE:-0}" == 1 ]] && compile_flag="--compile"
+# torch.compile of (step + sums) compiles for a minute or more: VGG-16 only; GPU_CHECK_COMPILE=0 drops it.
+compile_flag="--compile"
+[[ "${GPU_CHECK_COMPILE:-1}" == 0 ]] && compile_flag=""
 (cd bench && stage bench timeout 240 python gpu_bench.py --rounds 20 $compile_flag --json "$OUT/gpu_check.json") \
   2>&1 | tee "$OUT/bench.log"
 cat "$summary"

@@ -28,6 +28,8 @@ TILE_SIZE = {"cpu": 32768, "cuda": 16384}
 # A tensor with a "cols" track is cut into tiles of whole rows, about this many elements each:
 # the CPU kernel walks such a tile in column strips (csrc/cpu/sgd_step_cpu.cpp, StatsTile).
 ROW_TILE_SIZE = 1 << 19
+# CPU buckets with fewer elements than this are stepped by one thread.
+SERIAL_BELOW = 1 << 16
 
 _TABLE_CACHE_SIZE = 64
 _data_ptr = Tensor.data_ptr
@@ -278,7 +280,9 @@ def sgd_step_native(
             stats_geom=geom_ptr,
             stats_offsets=offsets_ptr,
             stats_out=out_ptr,
-            num_threads=torch.get_num_threads(),
+            # Small buckets run on the calling thread: a parallel region costs more than it saves
+            # there, and far more when the machine is oversubscribed (spinning workers).
+            num_threads=1 if sum(numels) < SERIAL_BELOW else torch.get_num_threads(),
             **common,
         )
     else:
