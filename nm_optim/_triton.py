@@ -131,9 +131,9 @@ def _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
 
 
 @triton.jit
-def _step_kernel(
-    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",
-    gmul: "fp64", scale_ptr, inf_ptr,
+def _step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
+    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
+    gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
     scratch, out,
     BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
@@ -230,9 +230,9 @@ def _store9(base, mask, a, b, c, d, e, f, g, h, i):
 
 
 @triton.jit
-def _stats_kernel(
-    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",
-    gmul: "fp64", scale_ptr, inf_ptr,
+def _stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
+    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
+    gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
     scratch,
     TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,

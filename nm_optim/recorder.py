@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nm_optim._io import atomic_write
 from nm_optim.tracks import STAT_NAMES
 
 if TYPE_CHECKING:
@@ -75,18 +75,7 @@ class Record:
             arrays[f"hyper_{name}"] = values
         for i, s in enumerate(self.stats):
             arrays[f"stats_{i}"] = s
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return path
 
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nm_optim._io import atomic_write
+
 CHECKPOINT_FORMAT = "nm_optim.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -182,30 +184,9 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def _new_file_mode() -> int:
-    """What open() would give a new file (0o666 less the umask): mkstemp's 0o600 would make
-    outputs unreadable to the rest of a group sharing a results folder."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write a temporary file next to `path`, fsync, rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _new_file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write `text` to `path` atomically (nm_optim._io.atomic_write)."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -230,19 +211,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -35,7 +35,8 @@ def test_without_the_extension_reference_still_works_and_native_says_how_to_buil
     _extension.require_backend.cache_clear()
     _extension.default_backend.cache_clear()
     try:
-        assert nm_optim.available_backends("cpu") == ["reference"]
+        # Triton (under TRITON_INTERPRET=1 on CPU tensors) needs no compiled module either.
+        assert [b for b in nm_optim.available_backends("cpu") if b != "triton"] == ["reference"]
         assert nm_optim.build_info()["extension"] is False
         p = torch.nn.Parameter(torch.ones(3))
         p.grad = torch.ones(3)
