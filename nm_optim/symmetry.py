@@ -378,7 +378,13 @@ class Rescale(Symmetry):
 
 def symmetries_from_record(record: Any) -> list[Symmetry]:
     """The symmetries an nm_optim.SGD(..., symmetries=...) run stored in its record (no tensors)."""
-    return [Symmetry.from_description(d) for d in record.meta.get("symmetries", [])]
+    described = record.meta.get("symmetries")
+    if not described:
+        raise ValueError(
+            "the record describes no symmetries (meta['symmetries'] is missing); train with "
+            "nm_optim.SGD(..., symmetries=syms) or pass symmetries= explicitly"
+        )
+    return [Symmetry.from_description(d) for d in described]
 
 
 # ================================================================================================

@@ -632,17 +632,10 @@ def predict(record: Record, symmetry: Any) -> Prediction:
 
 
 def symmetries_of(record: Record) -> list[Any]:
-    """The symmetries described in record.meta["symmetries"] (nm_optim.SGD(symmetries=...) saves
-    them), rebuilt without the model."""
-    described = record.meta.get("symmetries")
-    if not described:
-        raise ValueError(
-            "the record describes no symmetries (meta['symmetries'] is missing); train with "
-            "nm_optim.SGD(..., symmetries=syms) or pass symmetries= explicitly"
-        )
-    from nm_optim.symmetry import Symmetry
+    """The symmetries described in record.meta["symmetries"], rebuilt without the model."""
+    from nm_optim.symmetry import symmetries_from_record
 
-    return [Symmetry.from_description(d) for d in described]
+    return symmetries_from_record(record)
 
 
 # ------------------------------------------------------------------------------------------------
