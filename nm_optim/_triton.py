@@ -23,6 +23,7 @@ Offsets are 64-bit throughout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nm_optim._native import _cached
+from nm_optim._native import _amp_scalar, _cached
 from nm_optim.tracks import geometry
 
 # Flat tiles of the step kernel, and the 2-D tiles of the statistics kernel (rows x columns of
@@ -203,21 +204,15 @@ def _step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars
             a_gv += g * v
     if WITH_STATS:
         if slot >= 0:
-            s = scratch + 9 * slot
-            tl.store(s + 0, _sum(a_p, 0).to(tl.float64))
-            tl.store(s + 1, _sum(a_g, 0).to(tl.float64))
-            tl.store(s + 2, _sum(a_v, 0).to(tl.float64))
-            tl.store(s + 3, _sum(a_pp, 0).to(tl.float64))
-            tl.store(s + 4, _sum(a_gg, 0).to(tl.float64))
-            tl.store(s + 5, _sum(a_vv, 0).to(tl.float64))
-            tl.store(s + 6, _sum(a_pg, 0).to(tl.float64))
-            tl.store(s + 7, _sum(a_pv, 0).to(tl.float64))
-            tl.store(s + 8, _sum(a_gv, 0).to(tl.float64))
+            _store9(scratch + 9 * slot, None, _sum(a_p, 0), _sum(a_g, 0), _sum(a_v, 0),
+                    _sum(a_pp, 0), _sum(a_gg, 0), _sum(a_vv, 0), _sum(a_pg, 0), _sum(a_pv, 0),
+                    _sum(a_gv, 0))
 
 
 @_device_function
 def _store9(base, mask, a, b, c, d, e, f, g, h, i):
-    """Nine float64 values per position: base[9 k + j] for the j-th statistic."""
+    """Nine float64 values per position: base[9 k + j] for the j-th statistic (mask None: a
+    single position, e.g. a tile's totals)."""
     tl.store(base + 0, a.to(tl.float64), mask=mask)
     tl.store(base + 1, b.to(tl.float64), mask=mask)
     tl.store(base + 2, c.to(tl.float64), mask=mask)
@@ -313,16 +308,9 @@ def _stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalar
         _store9(scratch + 9 * (col_base + rb * rowlen + cols), col_ok,
                 c_p, c_g, c_v, c_pp, c_gg, c_vv, c_pg, c_pv, c_gv)
     if slot >= 0:
-        s = scratch + 9 * slot
-        tl.store(s + 0, _sum(c_p, 0).to(tl.float64))
-        tl.store(s + 1, _sum(c_g, 0).to(tl.float64))
-        tl.store(s + 2, _sum(c_v, 0).to(tl.float64))
-        tl.store(s + 3, _sum(c_pp, 0).to(tl.float64))
-        tl.store(s + 4, _sum(c_gg, 0).to(tl.float64))
-        tl.store(s + 5, _sum(c_vv, 0).to(tl.float64))
-        tl.store(s + 6, _sum(c_pg, 0).to(tl.float64))
-        tl.store(s + 7, _sum(c_pv, 0).to(tl.float64))
-        tl.store(s + 8, _sum(c_gv, 0).to(tl.float64))
+        _store9(scratch + 9 * slot, None, _sum(c_p, 0), _sum(c_g, 0), _sum(c_v, 0),
+                _sum(c_pp, 0), _sum(c_gg, 0), _sum(c_vv, 0), _sum(c_pg, 0), _sum(c_pv, 0),
+                _sum(c_gv, 0))
 
 
 @triton.jit
@@ -503,7 +491,7 @@ def sgd_step_triton(
     dummy = plan.scratch  # any device tensor, for pointer arguments a variant does not read
     lr_ptr = dummy
     if lr_tensor is not None:
-        lr_ptr = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+        lr_ptr = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
     scale_ptr = dummy if grad_scale is None else _amp_scalar(grad_scale, device, "grad_scale")
     inf_ptr = dummy if found_inf is None else _amp_scalar(found_inf, device, "found_inf")
     compute = tl.float64 if dtype == torch.float64 else tl.float32
@@ -517,7 +505,7 @@ def sgd_step_triton(
         HAS_WD=weight_decay != 0, HAS_MOM=has_momentum, NESTEROV=bool(nesterov),
     )
     out = stats if with_stats else dummy
-    with _on(device):
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if plan.n_flat:
             _step_kernel[(plan.n_flat,)](
                 *args[:2], plan.flat, *args[3:], plan.scratch, out,
@@ -534,24 +522,3 @@ def sgd_step_triton(
                 TASKS=REDUCE_TASKS, CHUNK=REDUCE_CHUNK, HAS_INF=found_inf is not None,
             )
     torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))
-
-
-class _on:
-    """`torch.cuda.device(device)` for CUDA tensors, nothing for CPU tensors (interpreter)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-def _amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
-    if t.numel() != 1:
-        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
-    return t.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
