@@ -221,3 +221,16 @@ def test_training_step_captured_in_a_cuda_graph_replays_like_eager(backend):
         assert_rel_close(p, q, 1e-5, "param after graph replays")
     for got, want in zip(opt.last_stats(), ref.last_stats()):
         assert_rel_close(got, want, 1e-5, "stats of the last replay", floor=1.0)
+
+
+def test_the_op_passes_opcheck_so_torch_compile_sees_one_opaque_mutating_op():
+    """The Triton backend goes through torch.ops.nm_optim.sgd_step_ (schema, fake kernel,
+    mutation annotations), with statistics."""
+    from nm_optim import ops
+    from test_op import op_args
+
+    params, grads, bufs, is_first, *rest = op_args(DEVICE, "triton", 0.9, False, lr_tensor=True)
+    stats = torch.zeros(5 + 1 + 3 + 3 + 1, 9, dtype=torch.float64, device=DEVICE)
+    # rows + all of the (5,) param; rows of (3, 4); cols + all of (2, 3, 3, 3)
+    offsets = [0, -1, 5, 6, -1, -1, -1, 9, 12]
+    torch.library.opcheck(ops.sgd_step_, (params, grads, bufs, is_first, *rest, stats, offsets))
