@@ -42,10 +42,14 @@ from nm_optim.tracks import geometry
 FLAT_TILE = 16384
 FLAT_BLOCK = 1024
 TILE_ROWS = 64
-SUB_ROWS = 16
+SUB_ROWS = 8
 BLOCK_COLS = 128
 REDUCE_TASKS = 16
-REDUCE_CHUNK = 16
+REDUCE_CHUNK = 4
+# Warps per program. Chosen without a GPU from ptxas's register counts (tests/
+# compile_triton_kernels.py prints them): at 4 warps the step and statistics kernels needed 255
+# registers per thread and the statistics kernel spilled.
+NUM_WARPS = {"step": 8, "stats": 8, "reduce": 4}
 
 _BITS = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float64: tl.int64}
 _FLOAT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
@@ -509,16 +513,17 @@ def sgd_step_triton(
         if plan.n_flat:
             _step_kernel[(plan.n_flat,)](
                 *args[:2], plan.flat, *args[3:], plan.scratch, out,
-                BLOCK=FLAT_BLOCK, WITH_STATS=with_stats, **flags,
+                BLOCK=FLAT_BLOCK, WITH_STATS=with_stats, num_warps=NUM_WARPS["step"], **flags,
             )
         if plan.n_tiles2d:
             _stats_kernel[(plan.n_tiles2d,)](
                 *args[:2], plan.tiles2d, *args[3:], plan.scratch,
-                TILE_R=TILE_ROWS, SUB_R=SUB_ROWS, BLOCK_C=BLOCK_COLS, **flags,
+                TILE_R=TILE_ROWS, SUB_R=SUB_ROWS, BLOCK_C=BLOCK_COLS, num_warps=NUM_WARPS["stats"], **flags,
             )
         if with_stats and plan.n_tasks:
             _reduce_kernel[(triton.cdiv(plan.n_tasks, REDUCE_TASKS),)](
                 plan.tasks, plan.n_tasks, plan.scratch, stats, inf_ptr,
                 TASKS=REDUCE_TASKS, CHUNK=REDUCE_CHUNK, HAS_INF=found_inf is not None,
+                num_warps=NUM_WARPS["reduce"],
             )
     torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))

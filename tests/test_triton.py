@@ -94,8 +94,9 @@ def test_trajectory_matches_the_reference_backend(dtype, hyper):
                 assert_rel_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], tol,
                                  f"{what}: momentum buffer")
         for t, got, want in zip(opt.tracks, opt.last_stats(), ref.last_stats()):
-            # Partial sums in float32 inside a tile: relative to the sum of |terms|.
-            scale = want.abs().clamp_min(1e-30) if dtype == torch.float64 else want.abs() + 1.0
+            # Another summation order than the reference's: relative to |sum| + 1 (the terms are
+            # O(1), so a group sum that cancels to ~0 is compared at the scale of its terms).
+            scale = want.abs() + 1.0
             err = ((got - want).abs() / scale).max().item() if got.numel() else 0.0
             assert err <= (1e-12 if dtype == torch.float64 else 1e-5), (
                 f"step {step} {t.name}: stats differ from the reference by {err:.2e}"
@@ -234,3 +235,33 @@ def test_the_op_passes_opcheck_so_torch_compile_sees_one_opaque_mutating_op():
     # rows + all of the (5,) param; rows of (3, 4); cols + all of (2, 3, 3, 3)
     offsets = [0, -1, 5, 6, -1, -1, -1, 9, 12]
     torch.library.opcheck(ops.sgd_step_, (params, grads, bufs, is_first, *rest, stats, offsets))
+
+
+def _compile_for_gpus(tmp_path, *args: str) -> str:
+    """tests/compile_triton_kernels.py in a fresh process (outside the interpreter) and cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    script = Path(__file__).with_name("compile_triton_kernels.py")
+    r = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"Triton kernels failed to compile:\n{r.stdout}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_kernels_compile_for_sm90_without_spilling(tmp_path):
+    """Ahead-of-time compilation for an H100 (Triton ships ptxas; no GPU needed): float32 and
+    bfloat16 with every switch on, and the reduction. No register spills (STACK:0)."""
+    pytest.importorskip("triton.backends.nvidia")
+    out = _compile_for_gpus(tmp_path, "--quick")
+    compiled = [line for line in out.splitlines() if line.startswith("ok")]
+    assert len(compiled) == 5 and all("STACK:0" in line for line in compiled), out
+
+
+@pytest.mark.slow  # about 3 minutes: 4 dtypes x 2 switch sets x 2 kernels + reductions, sm_90 and sm_80
+def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    _compile_for_gpus(tmp_path)
