@@ -6,11 +6,13 @@
 # 2. runs the tests on CUDA: every test parametrized over the cuda and triton backends, the
 #    gpu-marked ones (CUDA-graph capture) and tests/test_triton.py on CUDA tensors;
 # 3. runs compute-sanitizer memcheck on small steps through every CUDA kernel path;
-# 4. benchmarks (copy bandwidth; torch foreach / fused / fused + sums / torch.compile (opt-in);
-#    nm_optim cuda and triton with and without tracks) on VGG-16, ResNet-50 and 1000 x 4096
-#    (bench/gpu_bench.py; torch.compile of step + sums on VGG-16 only: it compiles for minutes);
+# 4. benchmarks (copy bandwidth; torch foreach / fused / fused + sums / torch.compile of step +
+#    sums; nm_optim cuda and triton with and without tracks) on VGG-16, ResNet-50 and 1000 x 4096
+#    (bench/gpu_bench.py; torch.compile on VGG-16 only: compiling 1000 tensors takes minutes);
 # 5. writes OUT_DIR/gpu_check.json (+ logs). Each stage's status goes into OUT_DIR/summary.txt,
 #    and a failing stage does not stop the later ones.
+# Stage time limits (build ~1-2 min, tests 120 s, memcheck 60 s, bench 150 s) keep the whole run
+# near the 6 minutes a GPU session can spare, with room for a rerun.
 set -uo pipefail
 OUT=${1:-bench/out}
 mkdir -p "$OUT"
@@ -25,10 +27,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 stage build env NM_OPTIM_CUDA=1 NM_OPTIM_CUDA_ARCHS=native CMAKE_BUILD_PARALLEL_LEVEL=16 \
   pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 python -c "import nm_optim, json; print(json.dumps(nm_optim.build_info()))" | tee "$OUT/build_info.json"
-stage tests timeout 240 python -m pytest -q --maxfail=20 -k "cuda or triton" -m "not slow" tests > "$OUT/pytest.log" 2>&1
+stage tests timeout 120 python -m pytest -q --maxfail=20 -k "cuda or triton" -m "not slow" tests > "$OUT/pytest.log" 2>&1
 tail -15 "$OUT/pytest.log"
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  stage memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python bench/sanitize_step.py \
+  stage memcheck timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python bench/sanitize_step.py \
     > "$OUT/memcheck.log" 2>&1
   tail -5 "$OUT/memcheck.log"
 else
@@ -37,6 +39,6 @@ fi
 # torch.compile of (step + sums) compiles for a minute or more: VGG-16 only; GPU_CHECK_COMPILE=0 drops it.
 compile_flag="--compile"
 [[ "${GPU_CHECK_COMPILE:-1}" == 0 ]] && compile_flag=""
-(cd bench && stage bench timeout 240 python gpu_bench.py --rounds 20 $compile_flag --json "$OUT/gpu_check.json") \
+(cd bench && stage bench timeout 150 python gpu_bench.py --rounds 15 $compile_flag --json "$OUT/gpu_check.json") \
   2>&1 | tee "$OUT/bench.log"
 cat "$summary"
