@@ -82,20 +82,18 @@ void step_cpu(int dtype, int64_t n_tensors, std::uintptr_t numel, std::uintptr_t
 void step_cuda(int dtype, int64_t n_tensors, std::uintptr_t numel, std::uintptr_t table, int64_t n_tiles,
                std::uintptr_t tiles, int64_t tile_size, double lr, double momentum, double dampening,
                double weight_decay, bool nesterov, bool maximize, std::uintptr_t grad_scale,
-               std::uintptr_t found_inf, std::uintptr_t lr_device, std::uintptr_t stats_geom,
-               std::uintptr_t stats_tiles, int64_t n_stats_tiles, std::uintptr_t stats_scratch_off,
-               std::uintptr_t stats_scratch, std::uintptr_t stats_tasks, int64_t n_stats_tasks,
-               std::uintptr_t stats_out, std::uintptr_t stream) {
+               std::uintptr_t found_inf, std::uintptr_t lr_device, std::uintptr_t stats_tiles,
+               int64_t n_stats_tiles, std::uintptr_t stats_scratch, std::uintptr_t stats_tasks,
+               int64_t n_stats_tasks, std::uintptr_t stats_out, std::uintptr_t stream) {
   const DType dt = to_dtype(dtype);
   const BucketView b = to_bucket(n_tensors, numel, table, n_tiles, tiles, tile_size);
   const SGDHyper h = to_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize);
   const AmpView amp = to_amp(grad_scale, found_inf);
-  if (stats_out != 0 && (stats_geom == 0 || stats_scratch_off == 0 || (n_stats_tiles > 0 && stats_tiles == 0) ||
+  if (stats_out != 0 && (stats_scratch == 0 || (n_stats_tiles > 0 && stats_tiles == 0) ||
                          (n_stats_tasks > 0 && stats_tasks == 0))) {
-    throw std::invalid_argument("nm_optim._C: CUDA statistics need geom, tiles, scratch and tasks tables");
+    throw std::invalid_argument("nm_optim._C: CUDA statistics need tiles, scratch and tasks tables");
   }
-  const CudaStatsView st{reinterpret_cast<const int64_t*>(stats_geom), reinterpret_cast<const int64_t*>(stats_tiles),
-                         n_stats_tiles, reinterpret_cast<const int64_t*>(stats_scratch_off),
+  const CudaStatsView st{reinterpret_cast<const int64_t*>(stats_tiles), n_stats_tiles,
                          reinterpret_cast<double*>(stats_scratch), reinterpret_cast<const int64_t*>(stats_tasks),
                          n_stats_tasks, reinterpret_cast<double*>(stats_out)};
   const char* err = sgd_step_cuda(dt, b, h, amp, reinterpret_cast<const float*>(lr_device), st, stream);
@@ -146,9 +144,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("n_tensors"), py::arg("numel"), py::arg("table"), py::arg("n_tiles"),
         py::arg("tiles"), py::arg("tile_size"), py::arg("lr"), py::arg("momentum"),
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
-        py::arg("grad_scale"), py::arg("found_inf"), py::arg("lr_device"), py::arg("stats_geom") = 0,
-        py::arg("stats_tiles") = 0, py::arg("n_stats_tiles") = 0, py::arg("stats_scratch_off") = 0,
-        py::arg("stats_scratch") = 0, py::arg("stats_tasks") = 0, py::arg("n_stats_tasks") = 0,
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("lr_device"),
+        py::arg("stats_tiles") = 0, py::arg("n_stats_tiles") = 0, py::arg("stats_scratch") = 0, py::arg("stats_tasks") = 0, py::arg("n_stats_tasks") = 0,
         py::arg("stats_out") = 0, py::arg("stream") = 0);
   m.def("cuda_device_count", &cuda_device_count);
 #else

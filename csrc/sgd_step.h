@@ -66,21 +66,23 @@ void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
                   const AmpView& amp, const StatsView& stats, int num_threads);
 
 // CUDA statistics: tracked tensors are stepped by their own kernel over 2-D tiles (kStatsTileRows
-// rows x kStatsTileCols row elements), which writes per-tile row and column partial sums to
-// `scratch`; a second kernel adds them up in a fixed order (deterministic, no atomics).
-//   geom[3 * i]               d0, d1, rest of tensor i (as StatsView)
-//   tiles[3 * n_tiles]        (tensor, row block, column block) of each 2-D tile
-//   scratch_off[2 * i]        offsets (in doubles) of tensor i's row partials
-//                             [n_col_blocks][d0][9] and column partials [n_row_blocks][rowlen][9]
-//   tasks[4 * n_tasks]        (tensor, axis 0 rows / 1 cols / 2 all, group, output row)
+// rows x kStatsTileCols row elements of the [d0, d1 * rest] view), which writes the partial sums
+// a track needs to `scratch`; a second kernel adds them up in a fixed order (deterministic, no
+// atomics). The tables are nm_optim/ops/plan.py's StatsPlan, shared with the Triton kernels:
+//   tiles[8 * n_tiles]   (tensor, row block rb, column block cb, d0, rowlen, row_base, col_base,
+//                        slot); bases and slot in units of 9 doubles, -1 when not needed. The
+//                        row partial of (row r, cb) is at row_base + cb * d0 + r, the column
+//                        partial of (rb, column c) at col_base + rb * rowlen + c, the tile's
+//                        total at slot.
+//   tasks[5 * n_tasks]   (base, count, inner, outer, output row): partial j of the task is at
+//                        base + (j / inner) * outer + j % inner; the sum of its `count` partials
+//                        is the group's row of `out`.
 constexpr int kStatsTileRows = 128;
 constexpr int kStatsTileCols = 128;
 
 struct CudaStatsView {
-  const int64_t* geom;
   const int64_t* tiles;
   int64_t n_tiles;
-  const int64_t* scratch_off;
   double* scratch;
   const int64_t* tasks;
   int64_t n_tasks;

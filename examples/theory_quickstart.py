@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import nm_optim
-from nm_optim.data import load_digits
+from nm_optim.app.data import load_digits
 from nm_optim.models import get_model
 
 

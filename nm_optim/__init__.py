@@ -8,16 +8,15 @@ one fused kernel per (param group, device, dtype). `available_backends()` and `b
 what this build and machine can run.
 """
 
-__version__ = "0.1.0"
-
-from nm_optim._extension import available_backends, build_info  # noqa: E402
-from nm_optim.reference import sgd_step_reference  # noqa: E402
-from nm_optim.recorder import Record, Recorder, load_record  # noqa: E402
-from nm_optim.sgd import SGD  # noqa: E402
+from nm_optim._version import __version__
+from nm_optim.names import AXES, STAT_NAMES
+from nm_optim.ops import available_backends, build_info, sgd_step_reference
+from nm_optim.recorder import Record, Recorder, load_record
+from nm_optim.sgd import SGD
 from nm_optim.symmetry import Rescale, Scale, Symmetry, Translation, find_symmetries, verify_symmetries  # noqa: E402
 from nm_optim import models  # noqa: E402
 from nm_optim import theory  # noqa: E402  (numpy only; nm_optim.plot imports matplotlib lazily)
-from nm_optim.tracks import AXES, STAT_NAMES, Track  # noqa: E402
+from nm_optim.tracks import Track  # noqa: E402
 
 __all__ = [
     "AXES",
@@ -40,3 +39,13 @@ __all__ = [
     "verify_symmetries",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """Documented submodules that import optional dependencies lazily are reachable as
+    attributes (``nm_optim.plot.figure(...)`` after ``import nm_optim``)."""
+    if name in ("plot", "app", "ops"):
+        import importlib
+
+        return importlib.import_module(f"nm_optim.{name}")
+    raise AttributeError(f"module 'nm_optim' has no attribute {name!r}")

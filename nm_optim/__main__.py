@@ -2,7 +2,7 @@
 
 import sys
 
-from nm_optim.cli import main
+from nm_optim.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,23 +14,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from nm_optim._io import atomic_write
-from nm_optim.tracks import STAT_NAMES
-
-if TYPE_CHECKING:
-    from nm_optim.sgd import SGD
-
-FORMAT = "nm_optim.record"
-FORMAT_VERSION = 1
-HYPER_NAMES = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+from nm_optim._version import __version__
+from nm_optim.names import HYPER_NAMES, STAT_NAMES
+from nm_optim.names import RECORD_FORMAT as FORMAT
+from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
+from nm_optim.tracks import TrackTable
 
 
 @dataclass
@@ -103,14 +101,21 @@ def load_record(path: str | os.PathLike) -> Record:
 
 
 class Recorder:
-    """Attached to an nm_optim.SGD with tracks as `opt.recorder`."""
+    """Attached to an nm_optim.SGD with tracks as `opt.recorder`.
 
-    def __init__(self, optimizer: SGD, record_every: int = 1, chunk: int = 256) -> None:
+    It reads the optimizer through what it is given: the track table (whose stats tensors the
+    kernels write), the current param groups (for the hyper-parameters of each step) and a
+    function giving extra JSON-able metadata for the record (the symmetries' descriptions)."""
+
+    def __init__(self, tracks: TrackTable, param_groups: Callable[[], list[dict[str, Any]]], record_every: int = 1,
+                 chunk: int = 256, meta: Callable[[], dict[str, Any]] | None = None) -> None:
         if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
             raise ValueError(f"record_every must be a positive int, got {record_every!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-        self.optimizer = optimizer
+        self._tracks = tracks
+        self._param_groups = param_groups
+        self._meta = meta or dict
         self.record_every = record_every
         self.chunk = chunk
         self.enabled = True
@@ -132,7 +137,7 @@ class Recorder:
         self._step += 1
         if not self.enabled or step % self.record_every:
             return
-        table = self.optimizer._tracks
+        table = self._tracks
         slot = self._slot
         for device in table.devices():
             stats = table.stats(device)
@@ -144,7 +149,7 @@ class Recorder:
         m["steps"].append(step)
         m["first"].append([id(t.param) in first_params for t in table.tracks])
         m["skipped"].append(self._scalar(found_inf, slot, 0) if found_inf is not None else 0.0)
-        groups = self.optimizer.param_groups
+        groups = self._param_groups()
         for hi, name in enumerate(HYPER_NAMES):
             m[name].append([self._scalar(g[name], slot, 1 + hi * len(groups) + gi) for gi, g in enumerate(groups)])
         self._slot += 1
@@ -156,7 +161,7 @@ class Recorder:
         if not isinstance(x, Tensor):
             return float(x)
         buf = self._scalar_buf.get(x.device)
-        width = 1 + len(HYPER_NAMES) * len(self.optimizer.param_groups)
+        width = 1 + len(HYPER_NAMES) * len(self._param_groups())
         if buf is None or buf.shape[1] < width:
             old = buf
             buf = self._scalar_buf[x.device] = torch.full((self.chunk, width), float("nan"), dtype=torch.float64, device=x.device)
@@ -174,7 +179,7 @@ class Recorder:
         if self._slot:
             self._flush()
         self._collect(keep=0)
-        table = self.optimizer._tracks
+        table = self._tracks
         table.check_unchanged()
         meta = self._host_meta
         n = len(meta["steps"])
@@ -188,8 +193,6 @@ class Recorder:
             )
         groups = self._group_index()
         tracks = [dict(t.describe(), param_group=groups.get(id(t.param), -1)) for t in table.tracks]
-        from nm_optim import __version__
-
         return Record(
             tracks=tracks,
             steps=np.asarray(meta["steps"], dtype=np.int64),
@@ -202,8 +205,7 @@ class Recorder:
                 torch=torch.__version__,
                 record_every=self.record_every,
                 saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **({"symmetries": self.optimizer._symmetry_descriptions()} if getattr(self.optimizer, "symmetries", None)
-                   else {}),
+                **self._meta(),
             ),
         )
 
@@ -235,7 +237,7 @@ class Recorder:
             "record_every": self.record_every,
             "enabled": self.enabled,
             "step": self._step,
-            "tracks": [t.name for t in self.optimizer._tracks.tracks],
+            "tracks": [t.name for t in self._tracks.tracks],
             "stats": {
                 str(d): torch.from_numpy(np.concatenate(c)) for d, c in self._host_stats.items() if c
             },
@@ -246,13 +248,13 @@ class Recorder:
         """Restore what :meth:`state_dict` saved, replacing anything recorded here so far."""
         if state.get("format") != FORMAT:
             raise ValueError(f"not an nm_optim recorder state (format {state.get('format')!r})")
-        tracks = [t.name for t in self.optimizer._tracks.tracks]
+        tracks = [t.name for t in self._tracks.tracks]
         if list(state["tracks"]) != tracks:
             raise ValueError(
                 f"recorder state has tracks {list(state['tracks'])}, but this optimizer tracks {tracks}"
             )
         rows: dict[str, int] = {}
-        for t in self.optimizer._tracks.tracks:
+        for t in self._tracks.tracks:
             rows[str(t.device)] = max(rows.get(str(t.device), 0), t.row + t.num_groups)
         saved = dict(state["stats"])
         if set(saved) != set(rows) and len(saved) == len(rows) == 1:
@@ -312,7 +314,7 @@ class Recorder:
                 self._host_meta[name].extend(_resolve(v, row, host_scalars) for row, v in enumerate(values))
 
     def _group_index(self) -> dict[int, int]:
-        return {id(p): gi for gi, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        return {id(p): gi for gi, g in enumerate(self._param_groups()) for p in g["params"]}
 
 
 def _resolve(x: Any, row: int, host_scalars: dict[torch.device, np.ndarray]) -> Any:

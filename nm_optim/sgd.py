@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from nm_optim import ops
-from nm_optim._extension import BACKENDS, default_backend, require_backend
+from nm_optim.names import check_backend_name
+from nm_optim.ops import resolve_backend, sgd_step_
 from nm_optim.recorder import Recorder
 from nm_optim.symmetry import Symmetry
-from nm_optim.tracks import Track, TrackTable
+from nm_optim.tracks import Track, TrackTable, track_pairs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _UNTRACKED = (-1, -1, -1)
@@ -95,7 +95,7 @@ class SGD(Optimizer):
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _check_backend_name(backend)
+        check_backend_name(backend)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -110,7 +110,10 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
         spec, names, self.symmetries = _with_symmetries(track, symmetries, self.param_groups)
         self._tracks = TrackTable(spec, self.param_groups, names)
-        self.recorder = Recorder(self, record_every)
+        self.recorder = self._new_recorder(record_every)
+
+    def _new_recorder(self, record_every: int) -> Recorder:
+        return Recorder(self._tracks, lambda: self.param_groups, record_every, meta=self._record_meta)
 
     @property
     def tracks(self) -> list[Track]:
@@ -123,15 +126,18 @@ class SGD(Optimizer):
         call synchronises with the device; step() never does."""
         return self._tracks.last_stats()
 
-    def _symmetry_descriptions(self) -> list[dict[str, Any]]:
-        """describe() of each symmetry, member names as this optimizer's tracks name them."""
+    def _record_meta(self) -> dict[str, Any]:
+        """What the record's meta says of this optimizer: describe() of each symmetry, member
+        names as this optimizer's tracks name them."""
+        if not self.symmetries:
+            return {}
         out = []
         for sym in self.symmetries:
             d = sym.describe()
             for md, m in zip(d["members"], sym.members):
                 md["name"] = self._tracks.param_name(m.param)
             out.append(d)
-        return out
+        return {"symmetries": out}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tracks survive deepcopy / pickling (their params map to the copies); the recorded
@@ -150,7 +156,7 @@ class SGD(Optimizer):
         if "_tracks" not in self.__dict__:
             spec, names, self.symmetries = _with_symmetries(spec, symmetries, self.param_groups)
             self._tracks = TrackTable(spec, self.param_groups, names)
-            self.recorder = Recorder(self, record_every)
+            self.recorder = self._new_recorder(record_every)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -158,7 +164,7 @@ class SGD(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "backend" in param_group:
-            _check_backend_name(param_group["backend"])
+            check_backend_name(param_group["backend"])
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -211,7 +217,7 @@ class SGD(Optimizer):
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
             wd = group["weight_decay"]
-            ops.sgd_step_(
+            sgd_step_(
                 params,
                 grads,
                 bufs,
@@ -225,7 +231,7 @@ class SGD(Optimizer):
                 bool(group["maximize"]),
                 grad_scale,
                 found_inf,
-                self._resolve_backend(group["backend"], device),
+                resolve_backend(group["backend"], device),
                 tracks.stats(device) if offsets else None,
                 offsets,
             )
@@ -299,12 +305,6 @@ class SGD(Optimizer):
         plans[id(group)] = (group, key, result, list(params))
         return result
 
-    def _resolve_backend(self, backend: str, device: torch.device) -> str:
-        if backend == "auto":
-            return default_backend(device)
-        require_backend(backend, device)
-        return backend
-
 
 def _with_symmetries(
     track: Any, symmetries: Iterable[Symmetry] | None, param_groups: list[dict[str, Any]]
@@ -315,15 +315,8 @@ def _with_symmetries(
     if not syms:
         return track, None, []
     in_optimizer = {id(p) for group in param_groups for p in group["params"]}
-    if track is None:
-        pairs: list[Any] = []
-    elif isinstance(track, str):
-        if track != "layers":
-            raise ValueError(f"track must be 'layers' or a list of (param, axis) pairs, got {track!r}")
-        pairs = [(p, "all") for group in param_groups for p in group["params"]]
-    else:
-        pairs = list(track)
-    seen = {(id(item[0]), item[1]) for item in pairs if isinstance(item, tuple | list) and len(item) == 2}
+    pairs: list[Any] = track_pairs(track, param_groups)
+    seen = {(id(p), axis) for p, axis in pairs}
     names: dict[int, str] = {}
     for sym in syms:
         if not isinstance(sym, Symmetry):
@@ -345,11 +338,6 @@ def _with_symmetries(
         twice = sorted(n for n, k in taken.items() if k > 1)
         raise ValueError(f"symmetries give different parameters the same name: {twice}")
     return pairs, names, syms
-
-
-def _check_backend_name(backend: Any) -> None:
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {BACKENDS}")
 
 
 def _param_name(group: dict[str, Any], i: int, p: Tensor) -> str:

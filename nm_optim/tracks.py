@@ -13,7 +13,6 @@ param's device; the kernel writes it in place every step, so nothing moves to th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,25 +20,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-STAT_NAMES = ("p", "g", "v", "pp", "gg", "vv", "pg", "pv", "gv")
-AXES = ("rows", "cols", "all")
-
-
-def geometry(shape: Sequence[int]) -> tuple[int, int, int]:
-    """(d0, d1, rest) of a shape: size(0), size(1), product of the sizes after dim 1."""
-    d0 = shape[0] if len(shape) >= 1 else 1
-    d1 = shape[1] if len(shape) >= 2 else 1
-    return d0, d1, math.prod(shape[2:])
-
-
-def group_counts(shape: Sequence[int]) -> tuple[int, int, int]:
-    """Groups of a "rows", "cols" and "all" track of a tensor of this shape."""
-    d0, d1, _ = geometry(shape)
-    return d0, d1, 1
+from nm_optim.names import AXES, STAT_NAMES
+from nm_optim.ops.layout import group_counts
 
 
 def num_groups(shape: Sequence[int], axis: str) -> int:
     return group_counts(shape)[AXES.index(axis)]
+
+
+def track_pairs(spec: Any, param_groups: Sequence[dict[str, Any]]) -> list[tuple[Tensor, str]]:
+    """The (param, axis) pairs of a `track` argument: None, "layers" (an "all" track for every
+    param) or an iterable of (param, axis) pairs."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        if spec != "layers":
+            raise ValueError(f"track must be 'layers' or a list of (param, axis) pairs, got {spec!r}")
+        return [(p, "all") for group in param_groups for p in group["params"]]
+    pairs = []
+    for item in spec:
+        if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], Tensor)):
+            raise TypeError(f"each track must be a (param, axis) pair, got {item!r}")
+        pairs.append((item[0], item[1]))
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -95,18 +98,7 @@ class TrackTable:
     def __init__(self, spec: str | Iterable[tuple[Tensor, str]] | None, param_groups: Sequence[dict[str, Any]],
                  names: dict[int, str] | None = None):
         self._names = names = _param_names(param_groups, names)
-        if spec is None:
-            pairs: list[tuple[Tensor, str]] = []
-        elif isinstance(spec, str):
-            if spec != "layers":
-                raise ValueError(f"track must be 'layers' or a list of (param, axis) pairs, got {spec!r}")
-            pairs = [(p, "all") for group in param_groups for p in group["params"]]
-        else:
-            pairs = []
-            for item in spec:
-                if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], Tensor)):
-                    raise TypeError(f"each track must be a (param, axis) pair, got {item!r}")
-                pairs.append((item[0], item[1]))
+        pairs = track_pairs(spec, param_groups)
 
         self.tracks: list[Track] = []
         self._slots: dict[tuple[int, str], Track] = {}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nm_optim
-from conftest import assert_rel_close, device_backends
-from test_api import batch, tiny_model
+from helpers import assert_rel_close, device_backends
+from helpers import batch, tiny_model
 
 FIRST_SCALE = 2.0**16
 

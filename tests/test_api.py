@@ -10,17 +10,8 @@ import torch
 
 import nm_optim
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from conftest import assert_rel_close, device_backends
-
-
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-
-
-def batch(step: int):
-    gen = torch.Generator().manual_seed(step)
-    return torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+from helpers import assert_rel_close, device_backends
+from helpers import batch, tiny_model
 
 
 def train(model, opt, steps, scheduler=None, start=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nm_optim
-from nm_optim import _extension
+from nm_optim.ops import extension, registry
 
 
 def test_build_info_reports_the_build():
@@ -30,10 +30,10 @@ def test_available_backends_per_device():
 
 
 def test_without_the_extension_reference_still_works_and_native_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(_extension, "_C", None)
-    monkeypatch.setattr(_extension, "_C_IMPORT_ERROR", ImportError("no module named nm_optim._C"))
-    _extension.require_backend.cache_clear()
-    _extension.default_backend.cache_clear()
+    monkeypatch.setattr(extension, "_C", None)
+    monkeypatch.setattr(extension, "_C_IMPORT_ERROR", ImportError("no module named nm_optim._C"))
+    registry.require_backend.cache_clear()
+    registry.default_backend.cache_clear()
     try:
         # Triton (under TRITON_INTERPRET=1 on CPU tensors) needs no compiled module either.
         assert [b for b in nm_optim.available_backends("cpu") if b != "triton"] == ["reference"]
@@ -45,10 +45,10 @@ def test_without_the_extension_reference_still_works_and_native_says_how_to_buil
         with pytest.raises(ImportError, match=r"pip install"):
             nm_optim.SGD([p], lr=0.5, backend="cpu").step()
     finally:
-        _extension.require_backend.cache_clear()
-        _extension.default_backend.cache_clear()
+        registry.require_backend.cache_clear()
+        registry.default_backend.cache_clear()
 
 
 def test_auto_picks_the_compiled_kernel_when_there_is_one():
     expected = "cpu" if "cpu" in nm_optim.available_backends("cpu") else "reference"
-    assert _extension.default_backend(torch.device("cpu")) == expected
+    assert registry.default_backend(torch.device("cpu")) == expected

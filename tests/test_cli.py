@@ -13,10 +13,11 @@ import sys
 
 import numpy as np
 import pytest
-from test_data import write_cifar10, write_image_folder
+from helpers import write_cifar10, write_image_folder
 
 import nm_optim
-from nm_optim.cli import DEMO_RUNS, main
+from nm_optim.app.cli import main
+from nm_optim.app.demo import DEMO_RUNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT_KEYS = {"name", "symmetry", "model", "optimizer", "steps", "num_groups", "exact_max_rel_err",
@@ -104,7 +105,7 @@ def test_plot_redraws_a_demo_record_with_its_oscillation(demo_dir, tmp_path, cap
 def test_demo_prints_a_table(tmp_path, capsys, monkeypatch):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr("nm_optim.cli.DEMO_RUNS", DEMO_RUNS[-1:])
+    monkeypatch.setattr("nm_optim.app.demo.DEMO_RUNS", DEMO_RUNS[-1:])
     code, out, err = run_cli(capsys, "demo", "--out", tmp_path, "--steps", 3)
     assert code == 0, err
     lines = out.splitlines()
@@ -217,7 +218,7 @@ def test_an_interrupted_train_says_how_to_resume(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("nm_optim.train.train", interrupted)
+    monkeypatch.setattr("nm_optim.app.cli.train", interrupted)
     code, _, err = run_cli(capsys, "train", "--model", "mlp", "--data", "digits", "--out", tmp_path)
     assert code == 130
     assert err == f"nm-optim: interrupted; continue from the last checkpoint with: nm-optim train --out {tmp_path} --resume\n"

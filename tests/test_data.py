@@ -3,56 +3,13 @@ tiny generated data sets; every malformed folder is named in a one-line DataErro
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import pytest
 import torch
+from helpers import dump, write_cifar10, write_image_folder
 
-from nm_optim import data
-from nm_optim.data import DataError
-
-# -- generators of tiny data sets ---------------------------------------------------------------------
-
-
-def dump(obj, path):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def write_cifar10(root, n_per_batch=6, seed=0, *, skip=(), meta=True):
-    """CIFAR-10's python layout: data_batch_1..5 + test_batch, dicts with bytes keys, uint8 [N, 3072]."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    batches = {}
-    for name in (*data.CIFAR10_TRAIN, data.CIFAR10_TEST):
-        images = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
-        labels = [int(x) for x in rng.integers(0, 10, size=n_per_batch)]
-        batches[name] = (images, labels)
-        if name in skip:
-            continue
-        with open(root / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": images,
-                         b"filenames": [f"{i}.png".encode() for i in range(n_per_batch)]}, f, protocol=2)
-    if meta:
-        with open(root / "batches.meta", "wb") as f:
-            pickle.dump({b"label_names": [n.encode() for n in data.CIFAR10_CLASSES]}, f)
-    return batches
-
-
-def write_image_folder(root, classes=("cat", "dog", "eel"), per_class=3, size=(10, 7), seed=0, nested=False):
-    Image = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(seed)
-    pixels = {}
-    for c in classes:
-        folder = root / c / ("images" if nested else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(arr).save(folder / f"{c}_{i}.png")
-            pixels[(c, i)] = arr
-    return pixels
-
+from nm_optim.app import data
+from nm_optim.app.data import DataError
 
 # -- digits ------------------------------------------------------------------------------------------------
 

@@ -78,11 +78,11 @@ def test_cpu_backend_on_wrong_device_or_missing_cuda_is_clear():
 
 
 def test_triton_on_cpu_tensors_outside_the_interpreter_says_how(monkeypatch):
-    from nm_optim import _extension
+    from nm_optim.ops import registry
 
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    _extension.require_backend.cache_clear()
+    registry.require_backend.cache_clear()
     try:
         p = torch.nn.Parameter(torch.randn(3))
         p.grad = torch.randn(3)
@@ -93,7 +93,7 @@ def test_triton_on_cpu_tensors_outside_the_interpreter_says_how(monkeypatch):
         assert torch.equal(p.detach(), before)
         assert "triton" not in nm_optim.available_backends("cpu")
     finally:
-        _extension.require_backend.cache_clear()
+        registry.require_backend.cache_clear()
 
 
 def test_sparse_gradient_error_names_the_parameter():

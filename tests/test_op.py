@@ -8,19 +8,9 @@ import pytest
 import torch
 
 import nm_optim
-from nm_optim import _native, ops
-from conftest import device_backends
-
-
-def op_args(device, backend, momentum, first, n=3, dtype=torch.float32, lr_tensor=False):
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(5,), (3, 4), (2, 3, 3, 3)][:n]
-    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
-    bufs = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes] if momentum else []
-    is_first = [first] * len(shapes) if momentum else []
-    lr_t = torch.tensor(0.05, device=device) if lr_tensor else None
-    return (params, grads, bufs, is_first, 0.1, lr_t, 0.01, momentum, 0.0, False, False, None, None, backend)
+from nm_optim import ops
+from nm_optim.ops import extension, native, plan
+from helpers import device_backends, op_args
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
@@ -46,7 +36,7 @@ def test_op_mutates_only_params_and_buffers_and_bumps_their_versions(device, bac
 
 def count_kernel_calls(monkeypatch):
     calls = []
-    C = nm_optim._extension.extension()
+    C = extension.extension()
     real = C.sgd_step_cpu
 
     class Spy:
@@ -58,7 +48,7 @@ def count_kernel_calls(monkeypatch):
             calls.append(kwargs["n_tensors"])
             return real(**kwargs)
 
-    monkeypatch.setattr(_native, "extension", lambda: Spy())
+    monkeypatch.setattr(native, "extension", lambda: Spy())
     return calls
 
 
@@ -78,14 +68,14 @@ def test_one_kernel_call_per_bucket_whatever_the_number_of_tensors(monkeypatch, 
 @pytest.mark.skipif("cpu" not in nm_optim.available_backends("cpu"), reason="nm_optim._C not built")
 def test_the_tile_table_is_built_once_and_rebuilt_when_params_change(monkeypatch):
     built = []
-    real = _native.TileTable
+    real = plan.TileTable
 
     def spy(numels, *args):
         built.append(numels)
         return real(numels, *args)
 
-    monkeypatch.setattr(_native, "TileTable", spy)
-    monkeypatch.setattr(_native, "_tables", type(_native._tables)())
+    monkeypatch.setattr(plan, "TileTable", spy)
+    monkeypatch.setattr(plan, "_tables", type(plan._tables)())
     params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 100_000, 7)]
     opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, backend="cpu")
     for _ in range(5):
@@ -100,3 +90,30 @@ def test_the_tile_table_is_built_once_and_rebuilt_when_params_change(monkeypatch
         p.grad = torch.randn_like(p)
     opt.step()
     assert built == [(3, 100_000, 7), (3, 100_000, 7, 11)]
+
+
+def test_the_fake_checks_what_the_kernels_assume():
+    """Under tracing (fake tensors) the op checks its lists as the real op does, so a mistake
+    fails at compile time with a message instead of inside a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    hyper = (0.1, None, 0.0, 0.9, 0.0, False, False, None, None, "reference")
+    with FakeTensorMode():
+        p, g, v = torch.empty(3), torch.empty(4), torch.empty(3)
+        with pytest.raises(RuntimeError, match="grad 0 has shape"):
+            ops.sgd_step_([p], [g], [v], [False], *hyper)
+        with pytest.raises(RuntimeError, match="one momentum buffer and one is_first flag per param"):
+            ops.sgd_step_([p], [torch.empty(3)], [], [], *hyper)
+        stats = torch.empty(2, 9, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match=r"needs stats rows \[0, 3\)"):
+            ops.sgd_step_([p], [torch.empty(3)], [v], [False], *hyper, stats, [0, -1, -1])
+
+
+def test_step_args_follow_the_op_schema():
+    """The arguments after the four tensor lists are StepArgs' fields, in order: a new
+    hyper-parameter is one schema entry and one field, and every backend receives it."""
+    from nm_optim.ops.args import FIELDS
+
+    names = [a.name for a in ops.sgd_step_.default._schema.arguments]
+    assert names[:4] == ["params", "grads", "momentum_buffers", "is_first"]
+    assert tuple(names[4:]) == FIELDS

@@ -12,7 +12,7 @@ import torch
 from torch.testing._internal.common_optimizers import optim_db
 
 import nm_optim
-from conftest import assert_rel_close, device_backends
+from helpers import assert_rel_close, device_backends
 
 SGD_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.SGD)
 SGD_INPUTS = SGD_INFO.optim_inputs_func(device="cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nm_optim
-from conftest import device_backends
+from helpers import device_backends
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:

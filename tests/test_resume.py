@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 import nm_optim
-from nm_optim import train as T
-from nm_optim.data import Split, TensorData
+from nm_optim.app.checkpoint import CHECKPOINT_NAME, load_checkpoint, resume_config
+from nm_optim.app.config import TrainConfig, UserError
+from nm_optim.app.data import Split, TensorData
+from nm_optim.app.loop import epoch_order, train
 
 
 def tiny_data(n=96, seed=0) -> Split:
@@ -34,12 +36,12 @@ def tiny_model(config, shape, num_classes) -> nn.Module:
     )
 
 
-CONFIG = T.TrainConfig(model="tiny", data="tiny", lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=20,
+CONFIG = TrainConfig(model="tiny", data="tiny", lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=20,
                        steps=23, checkpoint_every=5, seed=3)
 
 
 def run(out, *, resume=False, on_step=None, config=CONFIG):
-    return T.train(config, out, resume=resume, progress=False, data=tiny_data(), model_fn=tiny_model,
+    return train(config, out, resume=resume, progress=False, data=tiny_data(), model_fn=tiny_model,
                    symmetries_fn=lambda model, example: [], track="layers", on_step=on_step, write_outputs=False)
 
 
@@ -73,11 +75,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, crash):
     with pytest.raises(Crash):
         run(tmp_path / "parts", on_step=crash_at(crash))
     if crash < CONFIG.checkpoint_every:
-        assert not (tmp_path / "parts" / T.CHECKPOINT_NAME).exists()
-        with pytest.raises(T.UserError, match="no checkpoint to resume from"):
+        assert not (tmp_path / "parts" / CHECKPOINT_NAME).exists()
+        with pytest.raises(UserError, match="no checkpoint to resume from"):
             run(tmp_path / "parts", resume=True)
         return
-    saved = T.load_checkpoint(tmp_path / "parts" / T.CHECKPOINT_NAME)
+    saved = load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)
     assert saved["step"] == saved["recorder"]["step"] == crash // CONFIG.checkpoint_every * CONFIG.checkpoint_every
     resumed = run(tmp_path / "parts", resume=True)
     assert resumed.resumed_from == crash // CONFIG.checkpoint_every * CONFIG.checkpoint_every
@@ -93,21 +95,21 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, crash):
 
 
 def test_resume_can_extend_a_finished_run(tmp_path):
-    short = T.TrainConfig(**{**CONFIG.to_dict(), "steps": 10})
+    short = TrainConfig(**{**CONFIG.to_dict(), "steps": 10})
     run(tmp_path / "ext", config=short)
-    extended = run(tmp_path / "ext", resume=True, config=T.resume_config(tmp_path / "ext", {"steps": CONFIG.steps}))
+    extended = run(tmp_path / "ext", resume=True, config=resume_config(tmp_path / "ext", {"steps": CONFIG.steps}))
     assert extended.resumed_from == 10
     assert_same_record(run(tmp_path / "whole").record, extended.record)
 
 
 def test_resume_refuses_a_different_trajectory(tmp_path):
-    run(tmp_path / "r", config=T.TrainConfig(**{**CONFIG.to_dict(), "steps": 5}))
-    with pytest.raises(T.UserError, match=r"--lr 0.1 differs from the checkpointed run .* \(0.05\)"):
-        T.resume_config(tmp_path / "r", {"lr": 0.1})
-    with pytest.raises(T.UserError, match="--momentum 0.5 differs"):
-        run(tmp_path / "r", resume=True, config=T.TrainConfig(**{**CONFIG.to_dict(), "momentum": 0.5}))
-    (tmp_path / "r" / T.CHECKPOINT_NAME).write_bytes(b"garbage")
-    with pytest.raises(T.UserError, match="cannot read checkpoint"):
+    run(tmp_path / "r", config=TrainConfig(**{**CONFIG.to_dict(), "steps": 5}))
+    with pytest.raises(UserError, match=r"--lr 0.1 differs from the checkpointed run .* \(0.05\)"):
+        resume_config(tmp_path / "r", {"lr": 0.1})
+    with pytest.raises(UserError, match="--momentum 0.5 differs"):
+        run(tmp_path / "r", resume=True, config=TrainConfig(**{**CONFIG.to_dict(), "momentum": 0.5}))
+    (tmp_path / "r" / CHECKPOINT_NAME).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
         run(tmp_path / "r", resume=True)
 
 
@@ -156,9 +158,9 @@ def _roundtrip(obj):
 
 
 def test_each_epoch_visits_every_example_once_in_an_order_fixed_by_seed_and_epoch():
-    orders = [T.epoch_order(50, seed=3, epoch=e) for e in range(3)]
+    orders = [epoch_order(50, seed=3, epoch=e) for e in range(3)]
     for o in orders:
         assert sorted(o.tolist()) == list(range(50))
     assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
-    assert torch.equal(T.epoch_order(50, seed=3, epoch=1), orders[1]), "no hidden generator state"
-    assert not torch.equal(T.epoch_order(50, seed=4, epoch=1), orders[1])
+    assert torch.equal(epoch_order(50, seed=3, epoch=1), orders[1]), "no hidden generator state"
+    assert not torch.equal(epoch_order(50, seed=4, epoch=1), orders[1])

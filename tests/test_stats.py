@@ -8,69 +8,8 @@ import pytest
 import torch
 
 import nm_optim
-from conftest import device_backends
-from nm_optim.tracks import geometry
-
-SHAPES = [
-    (1,),
-    (7,),
-    (13, 17),
-    (278011,),
-    (32, 16, 3, 3),
-    (3, 40000),  # rows longer than one CPU tile (32768 elements)
-    (300, 1),  # a single column
-    (1000, 1000),  # 10^6 elements in the "all" group
-    (0,),
-    (3, 0),
-    (2, 3, 0, 4),
-]
-
-TOL = 1e-6
-
-
-def axes_for(shape) -> list[str]:
-    return ["rows", "cols", "all"] if len(shape) >= 2 else ["rows", "all"]
-
-
-def expected_stats(p, g, v, axis) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 sums and the sums of absolute terms (the scale of each sum's rounding)."""
-    d0, d1, rest = geometry(p.shape)
-    terms = torch.stack([p, g, v, p * p, g * g, v * v, p * g, p * v, g * v], -1).reshape(d0, d1, rest, 9)
-    dims = {"rows": (1, 2), "cols": (0, 2), "all": (0, 1, 2)}[axis]
-    n = {"rows": d0, "cols": d1, "all": 1}[axis]
-    return terms.sum(dims).reshape(n, 9), terms.abs().sum(dims).reshape(n, 9)
-
-
-def assert_stats_close(got, want, scale, what):
-    assert got.dtype == torch.float64 and got.device.type == "cpu"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    if got.numel() == 0:
-        return
-    err = ((got - want).abs() / scale.clamp_min(1e-300)).max().item()
-    assert err <= TOL, f"{what}: relative error {err:.3e} (relative to the sum of |terms|)"
-
-
-def run_and_check(params, opt, tracks, steps, grad_scale=1.0, maximize=False, dtype_tol=None):
-    for step in range(steps):
-        pre_p = [p.detach().double().cpu().clone() for p in params]
-        pre_v = [
-            opt.state[p]["momentum_buffer"].double().cpu().clone() if p in opt.state else torch.zeros(p.shape, dtype=torch.float64)
-            for p in params
-        ]
-        gen = torch.Generator().manual_seed(step)
-        for p in params:
-            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(device=p.device, dtype=p.dtype)
-        grads = [p.grad.double().cpu() / grad_scale * (-1 if maximize else 1) for p in params]
-        if grad_scale != 1.0:
-            opt.grad_scale = torch.tensor(grad_scale, device=params[0].device)
-            opt.found_inf = torch.tensor(0.0, device=params[0].device)
-        opt.step()
-        index = {id(p): i for i, p in enumerate(params)}
-        for (p, axis), got in zip(tracks, opt.last_stats()):
-            i = index[id(p)]
-            want, scale = expected_stats(pre_p[i], grads[i], pre_v[i], axis)
-            assert_stats_close(got, want, scale, f"step {step} {tuple(p.shape)}:{axis}")
-
+from helpers import device_backends
+from helpers import SHAPES, axes_for, run_and_check
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize(

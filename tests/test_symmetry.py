@@ -1,7 +1,7 @@
-"""Symmetries of real networks (the seed's Part 1): the detector finds exactly the groups of
-ARCHITECTURE.md's table on real architectures and claims nothing where a symmetry does not hold;
-the gradient and Hessian constraints hold to rounding (float64) where it does; and the optimizer
-reduces exactly the statistics a symmetry's groups need."""
+"""Symmetries of real networks (Kunin et al., ICLR 2021, section 3): the detector finds exactly the
+groups of docs/architecture.md's table ("Symmetries") on real architectures and claims nothing
+where a symmetry does not hold; the gradient and Hessian constraints hold to rounding (float64)
+where it does; and the optimizer reduces exactly the statistics a symmetry's groups need."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def batch64(shape, classes, n=12, seed=0):
     return torch.randn(n, *shape, generator=gen, dtype=torch.float64), torch.randint(0, classes, (n,), generator=gen)
 
 
-# -- the seed's toy -------------------------------------------------------------------------------
+# -- a toy -----------------------------------------------------------------------------------------
 def test_rotation_generator_of_the_toy_is_orthogonal_to_the_gradient():
     """f(x, y) = x² + y² is invariant under rotations; the generator ξ = Jθ = (−y, x) satisfies
     ⟨∇f, ξ⟩ = 0 everywhere and, differentiated, the Hessian constraint H Jθ = J ∇f."""
@@ -524,7 +524,7 @@ def test_sgd_with_named_params_and_deepcopy_keep_the_symmetries():
     assert opt.symmetries == syms
     twin = copy.deepcopy(opt)
     assert [t.name for t in twin.tracks] == [t.name for t in opt.tracks]
-    assert [d["name"] for d in twin._symmetry_descriptions()] == [s.name for s in syms]
+    assert [d["name"] for d in twin.recorder.snapshot().meta["symmetries"]] == [s.name for s in syms]
     twin_params = {id(p) for g in twin.param_groups for p in g["params"]}
     assert all(id(t.param) in twin_params for t in twin.tracks), "the copy tracks its own params"
     assert all(id(m.param) in twin_params for s in twin.symmetries for m in s.members)

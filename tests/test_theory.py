@@ -1,4 +1,4 @@
-"""The theory layer on toys whose answers are known: the seed's toy examples (a rotation field whose
+"""The theory layer on toys whose answers are known: the paper's toy examples (a rotation field whose
 norm grows only through the finite step, gradient descent on a quadratic, a scale-invariant loss
 with weight decay), and the exact discrete recursion against real nm_optim.SGD runs in float64,
 where it must reproduce the measured quantity to rounding for every optimizer feature:
@@ -15,10 +15,11 @@ import torch
 
 import nm_optim
 from nm_optim import theory
+from nm_optim.names import HYPER_NAMES
 from nm_optim.theory import Schedule
 
 # ------------------------------------------------------------------------------------------------
-# The seed's toys
+# Toys with known answers
 # ------------------------------------------------------------------------------------------------
 
 
@@ -118,7 +119,7 @@ def run_sgd(loss_fn, shape, steps, *, axis="rows", params=None, tracks=None, sch
         if sched:
             sched.step()
     rec = opt.recorder.snapshot()
-    schedule = Schedule(*(rec.hyper[n][:, 0] for n in theory.HYPER_FIELDS), first=rec.first[:, 0],
+    schedule = Schedule(*(rec.hyper[n][:, 0] for n in HYPER_NAMES), first=rec.first[:, 0],
                         skipped=rec.skipped)
     return (rec.stats[0] if len(tracks) == 1 else rec.stats), schedule
 
@@ -267,8 +268,8 @@ def test_exact_and_paper_converge_as_lr_goes_to_zero():
 
 
 def test_conservation_is_the_lr_to_zero_limit():
-    """Part 2: without weight decay, gradient flow conserves |θ_A|² (the `gradient_flow`
-    prediction, a constant). SGD breaks it only through the finite step, η∫|g|²dt: over the same
+    """The paper's section 4: without weight decay, gradient flow conserves |θ_A|² (the
+    `gradient_flow` prediction, a constant). SGD breaks it only through the finite step, η∫|g|²dt: over the same
     time the drift from the constant shrinks in proportion to lr, while the exact recursion
     follows every step."""
     drifts = []
@@ -308,7 +309,7 @@ def test_step_propagation_is_the_closed_form(gamma, omega2):
 
 
 def test_oscillator_parameters_and_the_paper_translation_law():
-    """γ, ω of the seed (dampening enters through h = η(1-δ)); the translation law with momentum
+    """γ, ω of the paper's modified flow (dampening enters through h = η(1-δ)); the translation law with momentum
     is e^{-γt}(cosh κt + γ/κ sinh κt) q0 for a buffer starting at zero."""
     h, gamma, omega2 = theory.oscillator_parameters(0.1, 0.9, 0.5, 0.01, "translation")
     assert h == pytest.approx(0.05)
@@ -389,7 +390,7 @@ class _HandSymmetry:
         return {role: sum(record.stats[track[n]] for n in names) for role, names in self.roles.items()}
 
     def hyper(self, record):
-        return {n: record.hyper[n][:, 0] for n in theory.HYPER_FIELDS}
+        return {n: record.hyper[n][:, 0] for n in HYPER_NAMES}
 
     def first(self, record):
         return record.first[:, 0]

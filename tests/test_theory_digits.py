@@ -3,7 +3,7 @@ scikit-learn's 8x8 digits with nm_optim.SGD (C++ CPU backend, float32) and the s
 find_symmetries gives it: three scale symmetries (one per BatchNorm'd conv), one rescale
 (classifier.0 -> classifier.2 through a ReLU) and softmax's translation on the last Linear.
 
-What must hold (the issue's acceptance criteria):
+What must hold:
 - `exact` within 1e-4 of the measured trajectory for translation, 1e-3 for scale and rescale; the
   remaining scale error is BatchNorm's eps breaking the symmetry, which the record measures
   (Σpg ≠ 0): with that recorded term put back the recursion is exact to float32 rounding.

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nm_optim
-from conftest import assert_rel_close
-from test_stats import SHAPES, axes_for, run_and_check
+from helpers import assert_rel_close
+from helpers import SHAPES, axes_for, run_and_check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -228,7 +228,7 @@ def test_the_op_passes_opcheck_so_torch_compile_sees_one_opaque_mutating_op():
     """The Triton backend goes through torch.ops.nm_optim.sgd_step_ (schema, fake kernel,
     mutation annotations), with statistics."""
     from nm_optim import ops
-    from test_op import op_args
+    from helpers import op_args
 
     params, grads, bufs, is_first, *rest = op_args(DEVICE, "triton", 0.9, False, lr_tensor=True)
     stats = torch.zeros(5 + 1 + 3 + 3 + 1, 9, dtype=torch.float64, device=DEVICE)
@@ -238,7 +238,7 @@ def test_the_op_passes_opcheck_so_torch_compile_sees_one_opaque_mutating_op():
 
 
 def _compile_for_gpus(tmp_path, *args: str) -> str:
-    """tests/compile_triton_kernels.py in a fresh process (outside the interpreter) and cache."""
+    """tools/compile_triton_kernels.py in a fresh process (outside the interpreter) and cache."""
     import os
     import subprocess
     import sys
@@ -246,7 +246,7 @@ def _compile_for_gpus(tmp_path, *args: str) -> str:
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    script = Path(__file__).with_name("compile_triton_kernels.py")
+    script = Path(__file__).parents[1] / "tools" / "compile_triton_kernels.py"
     r = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"Triton kernels failed to compile:\n{r.stdout}\n{r.stderr[-3000:]}"
     return r.stdout

@@ -120,12 +120,14 @@ __global__ void __launch_bounds__(kThreads)
 
 
 // ---- statistics ---------------------------------------------------------------------------
-// One 256-thread block per 2-D tile of a tracked tensor: rows [rb * kTR, +kTR), row elements
-// [cb * kTC, +kTC). Warp w takes rows w, w + 8, ...; lane l takes row elements l + 32 e (e < 4),
-// so every load is one coalesced 128-byte line. Per row, the warp's 128 values are reduced with
-// a fixed xor-butterfly in float64 and lane 0 writes the row partial; per row element, each
+// One 256-thread block per 2-D tile of a tracked tensor (the StatsPlan of nm_optim/ops/plan.py,
+// see sgd_step.h): rows [rb * kTR, +kTR), row elements [cb * kTC, +kTC). Warp w takes rows w,
+// w + 8, ...; lane l takes row elements l + 32 e (e < 4), so every load is one coalesced 128-byte
+// line. Per row, the warp's 128 values are reduced with a fixed xor-butterfly in float64 and
+// lane 0 writes the row partial (and adds it to its warp's tile total); per row element, each
 // thread keeps float sums over its (at most kTR / 8 = 16) rows, and the 8 warps' sums are added
-// in warp order through shared memory into the column partial (float64).
+// in warp order through shared memory into the column partial (float64). Only the partials a
+// track needs are written (base or slot >= 0).
 constexpr int kTR = kStatsTileRows;
 constexpr int kTC = kStatsTileCols;
 constexpr int kWarps = kThreads / 32;
@@ -140,18 +142,18 @@ __global__ void __launch_bounds__(kThreads)
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
   const StepScalars<C> s = step_scalars<C>(h, amp, lr_device);
   __shared__ float col_sm[kWarps][kTC][kNumStats];
+  __shared__ double total_sm[kWarps][kNumStats];
 
-  const int64_t k = blockIdx.x;
-  const int64_t t = st.tiles[3 * k], rb = st.tiles[3 * k + 1], cb = st.tiles[3 * k + 2];
+  const int64_t* tile = st.tiles + 8 * static_cast<int64_t>(blockIdx.x);
+  const int64_t t = tile[0], rb = tile[1], cb = tile[2], d0 = tile[3], rowlen = tile[4];
+  const int64_t row_base = tile[5], col_base = tile[6], slot = tile[7];
   const int64_t n = b.n_tensors;
-  const int64_t d0 = st.geom[3 * t], rowlen = st.geom[3 * t + 1] * st.geom[3 * t + 2];
   T* p = reinterpret_cast<T*>(b.table[t]);
   const T* g = reinterpret_cast<const T*>(b.table[n + t]);
   T* v = MOM ? reinterpret_cast<T*>(b.table[2 * n + t]) : nullptr;
   const bool first = MOM && b.table[3 * n + t] != 0;
-  double* row_part = st.scratch + st.scratch_off[2 * t];
-  double* col_part = st.scratch + st.scratch_off[2 * t + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  double warp_total[kNumStats] = {};  // lane 0: the sum of this warp's row sums
 
   float col_acc[kPerLane][kNumStats];
 #pragma unroll
@@ -192,61 +194,53 @@ __global__ void __launch_bounds__(kThreads)
       double x = row_acc[q];
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
-      if (lane == 0) row_part[(cb * d0 + r) * kNumStats + q] = x;
+      warp_total[q] += x;
+      if (lane == 0 && row_base >= 0) st.scratch[(row_base + cb * d0 + r) * kNumStats + q] = x;
     }
   }
+  if (col_base >= 0) {
 #pragma unroll
-  for (int e = 0; e < kPerLane; ++e) {
+    for (int e = 0; e < kPerLane; ++e) {
 #pragma unroll
-    for (int q = 0; q < kNumStats; ++q) col_sm[warp][lane + 32 * e][q] = col_acc[e][q];
+      for (int q = 0; q < kNumStats; ++q) col_sm[warp][lane + 32 * e][q] = col_acc[e][q];
+    }
+  }
+  if (slot >= 0 && lane == 0) {
+#pragma unroll
+    for (int q = 0; q < kNumStats; ++q) total_sm[warp][q] = warp_total[q];
   }
   __syncthreads();
-  if (threadIdx.x < kTC) {
+  if (col_base >= 0 && threadIdx.x < kTC) {
     const int64_t c = cb * kTC + threadIdx.x;
     if (c < rowlen) {
       for (int q = 0; q < kNumStats; ++q) {
         double x = 0.0;
         for (int w = 0; w < kWarps; ++w) x += static_cast<double>(col_sm[w][threadIdx.x][q]);
-        col_part[(rb * rowlen + c) * kNumStats + q] = x;
+        st.scratch[(col_base + rb * rowlen + c) * kNumStats + q] = x;
       }
     }
   }
+  if (slot >= 0 && threadIdx.x < kNumStats) {  // the tile's total, warps added in order
+    double x = 0.0;
+    for (int w = 0; w < kWarps; ++w) x += total_sm[w][threadIdx.x];
+    st.scratch[slot * kNumStats + threadIdx.x] = x;
+  }
 }
 
-// One block per output group: adds the partials in a fixed order (strided per thread, then a
-// shared-memory tree) and writes the group's 9 sums.
+// One block per reduction task (one output group): adds its partials in a fixed order (strided
+// per thread, then a shared-memory tree) and writes the group's 9 sums.
 constexpr int kReduceThreads = 128;
 
 __global__ void __launch_bounds__(kReduceThreads)
     sgd_stats_reduce_kernel(CudaStatsView st, const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // the step was skipped: out stays NaN
   __shared__ double red[kNumStats][kReduceThreads];
-  const int64_t task = blockIdx.x;
-  const int64_t t = st.tasks[4 * task], axis = st.tasks[4 * task + 1];
-  const int64_t group = st.tasks[4 * task + 2], out_row = st.tasks[4 * task + 3];
-  const int64_t d0 = st.geom[3 * t], rest = st.geom[3 * t + 2];
-  const int64_t rowlen = st.geom[3 * t + 1] * rest;
-  const int64_t n_cb = (rowlen + kTC - 1) / kTC, n_rb = (d0 + kTR - 1) / kTR;
-  const double* row_part = st.scratch + st.scratch_off[2 * t];
-  const double* col_part = st.scratch + st.scratch_off[2 * t + 1];
+  const int64_t* task = st.tasks + 5 * static_cast<int64_t>(blockIdx.x);
+  const int64_t base = task[0], count = task[1], inner = task[2], outer = task[3], out_row = task[4];
   double acc[kNumStats] = {};
-  if (axis == 0) {  // row `group`: its partial from every column block
-    for (int64_t i = threadIdx.x; i < n_cb; i += kReduceThreads) {
-      for (int q = 0; q < kNumStats; ++q) acc[q] += row_part[(i * d0 + group) * kNumStats + q];
-    }
-  } else if (axis == 1) {  // column `group`: its `rest` row elements, from every row block
-    const int64_t total = n_rb * rest;
-    for (int64_t i = threadIdx.x; i < total; i += kReduceThreads) {
-      const int64_t rb = i / rest, e = i % rest;
-      for (int q = 0; q < kNumStats; ++q) {
-        acc[q] += col_part[(rb * rowlen + group * rest + e) * kNumStats + q];
-      }
-    }
-  } else {  // the whole tensor: every row partial
-    const int64_t total = n_cb * d0;
-    for (int64_t i = threadIdx.x; i < total; i += kReduceThreads) {
-      for (int q = 0; q < kNumStats; ++q) acc[q] += row_part[i * kNumStats + q];
-    }
+  for (int64_t j = threadIdx.x; j < count; j += kReduceThreads) {
+    const double* part = st.scratch + (base + (j / inner) * outer + j % inner) * kNumStats;
+    for (int q = 0; q < kNumStats; ++q) acc[q] += part[q];
   }
   for (int q = 0; q < kNumStats; ++q) red[q][threadIdx.x] = acc[q];
   __syncthreads();

@@ -3,7 +3,7 @@ without a GPU (Triton ships ptxas): type errors, unsupported casts and constexpr
 here, not first on a borrowed GPU. Run by tests/test_triton.py in a subprocess (the kernels must be
 defined outside the interpreter, so TRITON_INTERPRET must be unset).
 
-    python tests/compile_triton_kernels.py [--arch 90 --arch 80] [--quick]
+    python tools/compile_triton_kernels.py [--arch 90 --arch 80] [--quick]
 
 Prints each variant's registers and spills (ptxas), the first thing to read before a GPU run.
 """
@@ -25,7 +25,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import nm_optim._triton as T  # noqa: E402
+import nm_optim.ops.triton.kernels as T  # noqa: E402
 
 # Argument types as the launcher passes them (pointers to the tables, float64 hyper-parameters).
 ARG_TYPES = {
@@ -46,10 +46,10 @@ def variants(quick: bool):
     for dt, bits, ct in DTYPES[::2] if quick else DTYPES:  # quick: float32 and bfloat16
         for flags in FLAG_SETS[:1] if quick else FLAG_SETS:
             consts = dict(BITS=bits, DT=dt, CT=ct, **flags)
-            yield "step", T._step_kernel, dict(consts, BLOCK=T.FLAT_BLOCK, WITH_STATS=flags["HAS_MOM"])
-            yield "stats", T._stats_kernel, dict(consts, TILE_R=T.TILE_ROWS, SUB_R=T.SUB_ROWS, BLOCK_C=T.BLOCK_COLS)
+            yield "step", T.step_kernel, dict(consts, BLOCK=T.FLAT_BLOCK, WITH_STATS=flags["HAS_MOM"])
+            yield "stats", T.stats_kernel, dict(consts, TILE_R=T.TILE_ROWS, SUB_R=T.SUB_ROWS, BLOCK_C=T.BLOCK_COLS)
     for has_inf in (True,) if quick else (True, False):
-        yield "reduce", T._reduce_kernel, dict(TASKS=T.REDUCE_TASKS, CHUNK=T.REDUCE_CHUNK, HAS_INF=has_inf)
+        yield "reduce", T.reduce_kernel, dict(TASKS=T.REDUCE_TASKS, CHUNK=T.REDUCE_CHUNK, HAS_INF=has_inf)
 
 
 def resource_usage(cubin: bytes) -> str:

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from nm_optim.tracks import STAT_NAMES, geometry, group_counts
+from nm_optim.names import STAT_NAMES
+from nm_optim.ops.args import Bucket, StepArgs
+from nm_optim.ops.layout import geometry, group_counts
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,25 +33,15 @@ def reduce_stats(p: Tensor, g: Tensor, v: Tensor, offsets: Sequence[int], stats:
             stats[offset : offset + n] = terms.sum(dims).reshape(n, len(STAT_NAMES)).to(stats.device)
 
 
-def sgd_step_reference(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    is_first: Sequence[bool],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None = None,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stats: Tensor | None = None,
-    stats_offsets: Sequence[int] = (),
-) -> None:
-    """One SGD step in place on `params` (and `momentum_buffers` when momentum != 0).
+def sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                       is_first: Sequence[bool], **hyper) -> None:
+    """The reference step with the hyper-parameters by keyword (StepArgs' fields), e.g.
+    ``sgd_step_reference(params, grads, bufs, is_first, lr=0.1, momentum=0.9)``."""
+    step_reference(Bucket(params, grads, momentum_buffers, is_first), StepArgs(**hyper))
+
+
+def step_reference(bucket: Bucket, args: StepArgs) -> None:
+    """One SGD step in place on the bucket's params (and `momentum_buffers` when momentum != 0).
 
     g  = grad * gmul, gmul = (-1 if maximize else 1) / grad_scale
     d  = g + weight_decay * p                    (only when weight_decay != 0)
@@ -62,6 +54,11 @@ def sgd_step_reference(
     v = 0 on the first step and without momentum) go to the rows stats_offsets[3i : 3i + 3] of
     its rows / cols / all tracks (see nm_optim/tracks.py); a skipped step writes NaN there.
     """
+    params, grads, momentum_buffers, is_first, _ = bucket
+    a = args
+    lr, lr_tensor, weight_decay, momentum = a.lr, a.lr_tensor, a.weight_decay, a.momentum
+    dampening, nesterov, maximize = a.dampening, a.nesterov, a.maximize
+    grad_scale, found_inf, stats, stats_offsets = a.grad_scale, a.found_inf, a.stats, a.stats_offsets
     has_momentum = momentum != 0
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, p in enumerate(params):

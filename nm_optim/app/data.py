@@ -8,7 +8,7 @@ A data set is a :class:`Split` pair (train, test) of objects with ``len()`` and
 digits and CIFAR-10 (stored as uint8 where the source is, normalised per batch), and lazily
 decoded files for ImageFolder trees, which may not fit in memory.
 
-    train, test = nm_optim.data.load("cifar10:/data/cifar-10-batches-py")
+    train, test = nm_optim.app.data.load("cifar10:/data/cifar-10-batches-py")
 """
 
 from __future__ import annotations

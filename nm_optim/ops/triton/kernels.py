@@ -1,15 +1,16 @@
-"""The Triton backend: the fused step and every track's statistics, in one pass over memory.
+"""The Triton kernels: the fused step and every track's statistics, in one pass over memory.
 
-Three launches per bucket, whatever the number of tensors (the same plan as csrc/cuda):
+Three launches per bucket, whatever the number of tensors (the plan of nm_optim/ops/plan.py,
+shared with csrc/cuda; the launches are in launch.py):
 
-1. `_step_kernel`, one program per flat tile of an untracked tensor, or of a tensor whose rows are
+1. `step_kernel`, one program per flat tile of an untracked tensor, or of a tensor whose rows are
    single elements (1-D biases, BatchNorm weights): step, and for tracked tiles write the tile's
    9 partial sums (and, for a "rows" track of such a tensor, each element's own 9 values).
-2. `_stats_kernel`, one program per 2-D tile (TILE_ROWS rows x BLOCK_COLS row elements) of a
+2. `stats_kernel`, one program per 2-D tile (TILE_ROWS rows x BLOCK_COLS row elements) of a
    tensor with a "rows" or "cols" track, viewed as [d0, d1 * rest]: step, then write per-row
    partials (reduced over the tile's columns), per-column partials (over its rows) and the
    tile's total into a float64 scratch buffer.
-3. `_reduce_kernel`, one program per output group: sums its partials in a fixed order in float64
+3. `reduce_kernel`, one program per output group: sums its partials in a fixed order in float64
    and writes the group's row of `stats`. No atomics: bitwise identical from run to run.
 
 Tensors are reached through a table of raw addresses (param, grad, buffer, is_first per tensor),
@@ -23,17 +24,11 @@ Offsets are 64-bit throughout.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from nm_optim._native import _amp_scalar, _cached
-from nm_optim.tracks import geometry
+from nm_optim.ops.registry import triton_interpreting
 
 # Flat tiles of the step kernel, and the 2-D tiles of the statistics kernel (rows x columns of
 # the [d0, d1 * rest] view; processed SUB_ROWS rows at a time). Partials written per element:
@@ -46,18 +41,13 @@ SUB_ROWS = 8
 BLOCK_COLS = 128
 REDUCE_TASKS = 16
 REDUCE_CHUNK = 4
-# Warps per program. Chosen without a GPU from ptxas's register counts (tests/
+# Warps per program. Chosen without a GPU from ptxas's register counts (tools/
 # compile_triton_kernels.py prints them): at 4 warps the step and statistics kernels needed 255
 # registers per thread and the statistics kernel spilled.
 NUM_WARPS = {"step": 8, "stats": 8, "reduce": 4}
 
-_BITS = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float64: tl.int64}
-_FLOAT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BITS = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float64: tl.int64}
+FLOAT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
 
 
 # -- device code ----------------------------------------------------------------------------------
@@ -67,10 +57,10 @@ def _device_function(fn):
     """A helper called from the kernels: a Triton device function when compiling; under the
     interpreter a plain Python function (the interpreter re-patches triton.language on every
     device-function call, which would make the tests minutes slower, not more thorough)."""
-    return fn if interpreting() else triton.jit(fn)
+    return fn if triton_interpreting() else triton.jit(fn)
 
 
-if interpreting():
+if triton_interpreting():
 
     def _sum(x, axis):
         # tl.sum is itself a device function (see above); its builtin core is reduce + add.
@@ -136,7 +126,7 @@ def _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
 
 
 @triton.jit
-def _step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
+def step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
     ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
     gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
     scratch, out,
@@ -229,7 +219,7 @@ def _store9(base, mask, a, b, c, d, e, f, g, h, i):
 
 
 @triton.jit
-def _stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
+def stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
     ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
     gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
     scratch,
@@ -318,7 +308,7 @@ def _stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalar
 
 
 @triton.jit
-def _reduce_kernel(tasks, n_tasks, scratch, out, inf_ptr,
+def reduce_kernel(tasks, n_tasks, scratch, out, inf_ptr,
                    TASKS: tl.constexpr, CHUNK: tl.constexpr, HAS_INF: tl.constexpr):
     # TASKS tasks per program (the host sorts them by size, so a program's tasks are alike);
     # tasks[5 * k:]: base, count, inner, outer stride, output row. Partial j of a task is the
@@ -344,186 +334,3 @@ def _reduce_kernel(tasks, n_tasks, scratch, out, inf_ptr,
         if tl.load(inf_ptr) != 0:
             total = tl.full([TASKS, 16], float("nan"), tl.float64)
     tl.store(out + 9 * row[:, None] + stat[None, :], total, mask=live[:, None] & (stat < 9)[None, :])
-
-
-# -- host side --------------------------------------------------------------------------------------
-
-
-class TritonPlan:
-    """The static part of one bucket's launches, built once per layout (see `_cached`):
-    the flat tiles, the 2-D statistics tiles, the reduction tasks and the scratch buffer."""
-
-    def __init__(self, numels: Sequence[int], geom: Sequence[int] | None, offsets: Sequence[int],
-                 device: torch.device) -> None:
-        flat: list[int] = []
-        tiles2d: list[int] = []
-        tasks: list[int] = []
-        scratch = 0  # in units of 9 float64
-
-        def alloc(n: int) -> int:
-            nonlocal scratch
-            scratch += n
-            return scratch - n
-
-        for i, numel in enumerate(numels):
-            at = offsets[3 * i : 3 * i + 3] if offsets else (-1, -1, -1)
-            rows_at, cols_at, all_at = at
-            tracked = max(at) >= 0
-            d0, d1, rest = geom[3 * i : 3 * i + 3] if tracked else (numel, 1, 1)
-            rowlen = d1 * rest
-            if tracked and numel == 0:  # every group of an empty tensor sums nothing: zeros
-                for at_row, n_groups in ((rows_at, d0), (cols_at, d1), (all_at, 1)):
-                    if at_row >= 0:
-                        for k in range(n_groups):
-                            tasks += (0, 0, 1, 1, at_row + k)
-                continue
-            if not tracked or rowlen == 1:
-                # Flat tiles. Rows of single elements: the kernel writes each element's values as
-                # its row group; a column track (d1 == 1) and an "all" track sum tile partials.
-                n_tiles = -(-numel // FLAT_TILE)
-                first_slot = alloc(n_tiles) if tracked and (cols_at >= 0 or all_at >= 0) else -1
-                for k in range(n_tiles):
-                    flat += (i, k * FLAT_TILE, min(numel, (k + 1) * FLAT_TILE),
-                             first_slot + k if first_slot >= 0 else -1, rows_at if tracked else -1)
-                for at_row in (cols_at, all_at):
-                    if at_row >= 0:
-                        tasks += (first_slot, n_tiles, 1, 1, at_row)
-                continue
-            n_rb, n_cb = -(-d0 // TILE_ROWS), -(-rowlen // BLOCK_COLS)
-            row_base = alloc(n_cb * d0) if rows_at >= 0 else -1
-            col_base = alloc(n_rb * rowlen) if cols_at >= 0 else -1
-            first_slot = alloc(n_rb * n_cb) if all_at >= 0 else -1
-            for rb in range(n_rb):
-                for cb in range(n_cb):
-                    slot = first_slot + rb * n_cb + cb if first_slot >= 0 else -1
-                    tiles2d += (i, rb, cb, d0, rowlen, row_base, col_base, slot)
-            if rows_at >= 0:  # row r: its n_cb partials, stride d0
-                for r in range(d0):
-                    tasks += (row_base + r, n_cb, 1, d0, rows_at + r)
-            if cols_at >= 0:  # column j: rest consecutive partials in each of n_rb row blocks
-                for j in range(d1):
-                    tasks += (col_base + j * rest, n_rb * rest, rest, rowlen, cols_at + j)
-            if all_at >= 0:
-                tasks += (first_slot, n_rb * n_cb, 1, 1, all_at)
-
-        def as_tensor(xs: list[int]) -> Tensor:
-            return torch.tensor(xs or [0], dtype=torch.int64).to(device)
-
-        self.flat = as_tensor(flat)
-        self.n_flat = len(flat) // 5
-        self.tiles2d = as_tensor(tiles2d)
-        self.n_tiles2d = len(tiles2d) // 8
-        # Tasks sorted by their number of partials: a reduction program's tasks take alike time.
-        rows5 = [tasks[k : k + 5] for k in range(0, len(tasks), 5)]
-        rows5.sort(key=lambda r: -r[1])
-        self.tasks = as_tensor([x for r in rows5 for x in r])
-        self.n_tasks = len(rows5)
-        self.scratch = torch.zeros(9 * max(scratch, 1), dtype=torch.float64, device=device)
-        self.pointers: Tensor | None = None
-        self.last_pointers: tuple[int, ...] | None = None
-
-
-def _plan(numels: tuple[int, ...], geom: tuple[int, ...] | None, offsets: tuple[int, ...],
-          device: torch.device, owner: int) -> TritonPlan:
-    return _cached(("triton", device, numels, geom, offsets, owner),
-                   lambda: TritonPlan(numels, geom, offsets, device))
-
-
-def _pointer_table(plan: TritonPlan, ptrs: list[int], device: torch.device) -> Tensor:
-    """The device copy of the address table, refreshed only when an address changed. The host
-    copy stays referenced by the plan, so a CUDA graph that captured the upload replays it from
-    live memory."""
-    key = tuple(ptrs)
-    if key != plan.last_pointers or plan.pointers is None:
-        host = torch.tensor(ptrs, dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-            if plan.pointers is None or plan.pointers.numel() != host.numel():
-                plan.pointers = torch.empty_like(host, device=device)
-            plan.pointers.copy_(host, non_blocking=True)
-            plan.host_pointers = host
-        else:
-            plan.pointers = host
-        plan.last_pointers = key
-    return plan.pointers
-
-
-def sgd_step_triton(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    is_first: Sequence[bool],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    stats: Tensor | None = None,
-    stats_offsets: Sequence[int] = (),
-    numels: tuple[int, ...] | None = None,
-) -> None:
-    """One step of dense tensors sharing a device and dtype (see ops.py), with the statistics of
-    the tracked ones written to `stats` rows `stats_offsets`."""
-    if not params:
-        return
-    device = params[0].device
-    dtype = params[0].dtype
-    has_momentum = momentum != 0
-    with_stats = stats is not None and len(stats_offsets) > 0 and max(stats_offsets) >= 0
-    numels = numels if numels is not None else tuple(p.numel() for p in params)
-    offsets = tuple(stats_offsets) if with_stats else ()
-    geom = None
-    if with_stats:
-        geom = tuple(x for i, p in enumerate(params)
-                     for x in (geometry(p.shape) if max(offsets[3 * i : 3 * i + 3]) >= 0 else (0, 0, 0)))
-    owner = params[0].data_ptr() if device.type == "cuda" else 0
-    plan = _plan(numels, geom, offsets, device, owner)
-
-    n = len(params)
-    ptrs = [p.data_ptr() for p in params] + [g.data_ptr() for g in grads]
-    if has_momentum:
-        ptrs += [b.data_ptr() for b in momentum_buffers] + [int(f) for f in is_first]
-    else:
-        ptrs += [0] * (2 * n)
-    table = _pointer_table(plan, ptrs, device)
-
-    dummy = plan.scratch  # any device tensor, for pointer arguments a variant does not read
-    lr_ptr = dummy
-    if lr_tensor is not None:
-        lr_ptr = lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
-    scale_ptr = dummy if grad_scale is None else _amp_scalar(grad_scale, device, "grad_scale")
-    inf_ptr = dummy if found_inf is None else _amp_scalar(found_inf, device, "found_inf")
-    compute = tl.float64 if dtype == torch.float64 else tl.float32
-    args = (
-        table, n, None, float(lr), lr_ptr, float(weight_decay), float(momentum), 1.0 - float(dampening),
-        -1.0 if maximize else 1.0, scale_ptr, inf_ptr,
-    )
-    flags = dict(
-        BITS=_BITS[dtype], DT=_FLOAT[dtype], CT=compute,
-        HAS_LR_PTR=lr_tensor is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-        HAS_WD=weight_decay != 0, HAS_MOM=has_momentum, NESTEROV=bool(nesterov),
-    )
-    out = stats if with_stats else dummy
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if plan.n_flat:
-            _step_kernel[(plan.n_flat,)](
-                *args[:2], plan.flat, *args[3:], plan.scratch, out,
-                BLOCK=FLAT_BLOCK, WITH_STATS=with_stats, num_warps=NUM_WARPS["step"], **flags,
-            )
-        if plan.n_tiles2d:
-            _stats_kernel[(plan.n_tiles2d,)](
-                *args[:2], plan.tiles2d, *args[3:], plan.scratch,
-                TILE_R=TILE_ROWS, SUB_R=SUB_ROWS, BLOCK_C=BLOCK_COLS, num_warps=NUM_WARPS["stats"], **flags,
-            )
-        if with_stats and plan.n_tasks:
-            _reduce_kernel[(triton.cdiv(plan.n_tasks, REDUCE_TASKS),)](
-                plan.tasks, plan.n_tasks, plan.scratch, stats, inf_ptr,
-                TASKS=REDUCE_TASKS, CHUNK=REDUCE_CHUNK, HAS_INF=found_inf is not None,
-                num_warps=NUM_WARPS["reduce"],
-            )
-    torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))

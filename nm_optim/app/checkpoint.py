@@ -1,0 +1,120 @@
+"""The checkpoint format of `nm-optim train`: one torch.save'd dict, written atomically, that
+holds everything a resumed run needs to continue bit-identically.
+
+    format, version      CHECKPOINT_FORMAT, CHECKPOINT_VERSION (a newer version is refused)
+    nm_optim             the version that wrote it
+    config               TrainConfig.to_dict() of the run
+    step                 optimizer steps done; with config.seed it fixes the data position
+                         (loop.epoch_order), so no data-loader state is kept
+    model, optimizer     their state_dicts
+    recorder             the recorder's state_dict: the record so far
+    rng                  the torch RNG states (dropout): "torch", and "cuda" on a GPU
+    losses               the loss log, [[steps done, mean loss], ...]
+    pending_losses       the per-step losses since the last log entry (0-d tensors)
+
+Only tensors and plain values: it loads with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nm_optim._io import atomic_write
+from nm_optim._version import __version__
+from nm_optim.app.config import TrainConfig, UserError, apply_resume_overrides
+
+CHECKPOINT_FORMAT = "nm_optim.checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    config: TrainConfig,
+    step: int,
+    model: nn.Module,
+    optimizer: Any,
+    device: torch.device,
+    losses: list[tuple[int, float]],
+    pending_losses: list[Tensor],
+) -> None:
+    """Write the checkpoint of a run at `step` to `path`, atomically (a crash while writing
+    leaves the previous checkpoint)."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "nm_optim": __version__,
+        "config": config.to_dict(),
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "recorder": optimizer.recorder.state_dict(),
+        "rng": _rng_state(device),
+        "losses": [list(x) for x in losses],
+        "pending_losses": [t.detach().cpu() for t in pending_losses],
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, or raise UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint to resume from: {path} does not exist")
+    try:
+        # mmap: reading the config for --resume must not load a VGG-sized checkpoint twice
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an nm_optim checkpoint")
+    if state.get("version", 0) > CHECKPOINT_VERSION:
+        raise UserError(f"{path} was written by a newer nm_optim (checkpoint version {state['version']}); upgrade nm_optim")
+    return state
+
+
+def restore_checkpoint(
+    state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: Any, device: torch.device, backend: str
+) -> tuple[int, list[tuple[int, float]], list[Tensor]]:
+    """Load a checkpoint's `state` (read from `path`) into a freshly built model and optimizer,
+    run with `backend` from now on and restore the RNG states. Returns (step, the loss log, the
+    pending losses on `device`)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # the backend is how, not what: it may change on resume
+        group["backend"] = backend
+    try:
+        optimizer.recorder.load_state_dict(state["recorder"])
+    except ValueError as e:
+        raise UserError(f"checkpoint {path} does not fit this model: {e}") from e
+    losses = [(int(s), float(v)) for s, v in state["losses"]]
+    pending = [t.to(device) for t in state["pending_losses"]]
+    _set_rng_state(state["rng"], device)
+    return int(state["step"]), losses, pending
+
+
+def resume_config(out: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config of the run checkpointed in `out`, with `overrides` (the options the user gave
+    again) applied by config.apply_resume_overrides: only RESUMABLE_CHANGES may differ."""
+    path = Path(out) / CHECKPOINT_NAME
+    return apply_resume_overrides(load_checkpoint(path)["config"], overrides, path)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    # a checkpoint from another GPU count (or from the CPU) keeps this machine's CUDA states
+    if device.type == "cuda" and "cuda" in state and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,201 @@
+"""What a run is: :class:`TrainConfig` and its validation, the device and backend it resolves to,
+the rules for what a resumed run may change, and :class:`TrainResult`, what a finished run hands
+back.
+
+User mistakes raise :class:`UserError`, whose message is one line that the command line prints
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nm_optim.names import BACKENDS, HYPER_NAMES
+from nm_optim.ops import available_backends, default_backend
+
+# The config fields a resumed run may change: how long it runs and how it reports (device and
+# backend are how, not what). Everything else decides the trajectory.
+RESUMABLE_CHANGES = ("steps", "epochs", "checkpoint_every", "device", "backend")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; the message is one line, printed without a
+    traceback by the command line."""
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of a config field: weight_decay -> --weight-decay."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """What a run trains, on what, and how. `steps` or `epochs` (epochs drop the last partial
+    batch, so every step sees `batch_size` examples)."""
+
+    model: str = "mlp"
+    data: str = "digits"
+    lr: float = 0.1
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    batch_size: int = 128
+    steps: int | None = None
+    epochs: int | None = None
+    image_size: int | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    record_every: int = 1
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, allow_zero: bool = False) -> None:
+            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+            if not ok:
+                raise UserError(f"{_option(name)} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise UserError(f"{_option(name)} must be a finite number >= 0, got {v!r}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise UserError("--nesterov needs --momentum > 0 and --dampening 0")
+        positive("batch_size", self.batch_size)
+        positive("record_every", self.record_every)
+        positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        if self.steps is not None and self.epochs is not None:
+            raise UserError("give --steps or --epochs, not both")
+        if self.steps is not None:
+            positive("steps", self.steps)
+        if self.epochs is not None:
+            positive("epochs", self.epochs)
+        if self.image_size is not None:
+            positive("image_size", self.image_size)
+
+    @property
+    def optimizer(self) -> dict[str, Any]:
+        """The SGD hyper-parameters, keyed by nm_optim.names.HYPER_NAMES."""
+        return {k: getattr(self, k) for k in HYPER_NAMES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """A finished (or resumed-and-finished) run."""
+
+    config: TrainConfig
+    record: Any  # nm_optim.Record
+    model: nn.Module
+    optimizer: Any  # nm_optim.SGD
+    symmetries: list
+    steps: int
+    device: str
+    backend: str
+    losses: list[tuple[int, float]]  # (steps done, mean training loss over the last loop.LOG_EVERY steps)
+    final_loss: float | None  # mean training loss over the last (up to LOG_EVERY) steps
+    test_accuracy: float | None
+    seconds: float
+    resumed_from: int | None = None
+    out: Path | None = None
+
+
+# -- where a run runs and writes ---------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when a GPU is present, else cpu; anything else must exist here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {device!r} is not a device (expected auto, cpu, cuda or cuda:N)") from e
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif d.type != "cpu":
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+    return d
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend nm_optim.SGD will run for `device` ("auto" resolved), or a UserError that
+    lists the ones available here."""
+    if backend == "auto":
+        return default_backend(device)  # the rule nm_optim.SGD applies (nm_optim/ops/registry.py)
+    available = available_backends(device.type)
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r} is unknown; expected auto or one of {', '.join(BACKENDS)}")
+    if backend not in available:
+        raise UserError(f"--backend {backend} cannot run on {device.type} here; available: auto, {', '.join(available)}")
+    return backend
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create `folder` and prove a file can be written there, or raise UserError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".nm_optim_write_test.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from e
+    return folder
+
+
+# -- what a resumed run may change -------------------------------------------------------------------------
+
+
+def apply_resume_overrides(saved: dict[str, Any], overrides: dict[str, Any] | None, where: Path) -> TrainConfig:
+    """The checkpointed config `saved` (read from `where`) with `overrides` (the options the user
+    gave again) applied: those in RESUMABLE_CHANGES replace the saved ones (more --steps, another
+    --device); any other that differs is a UserError naming the option."""
+    overrides = overrides or {}
+    merged = dict(saved)
+    for name, new in overrides.items():
+        if name not in merged:
+            raise UserError(f"{where}: unknown option {name!r}")
+        if new == saved[name]:
+            continue
+        if name not in RESUMABLE_CHANGES:
+            raise UserError(
+                f"{_option(name)} {new} differs from the checkpointed run in {where} "
+                f"({saved[name]}); a resumed run keeps its settings (only {', '.join(RESUMABLE_CHANGES)} may change)"
+            )
+        merged[name] = new
+    # --steps and --epochs exclude each other: the one given again replaces the saved length
+    if overrides.get("steps") is not None:
+        merged["epochs"] = None
+    elif overrides.get("epochs") is not None:
+        merged["steps"] = None
+    try:
+        return TrainConfig(**merged)
+    except TypeError as e:
+        raise UserError(f"{where} holds a config this nm_optim does not understand: {e}") from e
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig, where: Path) -> None:
+    """UserError unless `config` is the checkpointed config `saved` (read from `where`) up to
+    RESUMABLE_CHANGES."""
+    for name, value in config.to_dict().items():
+        if name not in RESUMABLE_CHANGES and saved.get(name) != value:
+            raise UserError(
+                f"{_option(name)} {value} differs from the checkpointed run in {where} ({saved.get(name)}); "
+                f"only {', '.join(RESUMABLE_CHANGES)} may change on --resume"
+            )

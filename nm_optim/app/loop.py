@@ -1,0 +1,273 @@
+"""The training loop behind `nm-optim demo|train`: deterministic, checkpointed, resumable.
+
+A run is a :class:`~nm_optim.app.config.TrainConfig` (model, data, optimizer hyper-parameters,
+steps, seed) and an output folder. :func:`train` builds the model from the zoo
+(`nm_optim.models`), finds its symmetries (`nm_optim.symmetry.find_symmetries`), trains it with
+`nm_optim.SGD` tracking them, and writes
+
+    DIR/record.npz       the recorded statistics (Record.save, atomic), at the end of the run
+    DIR/checkpoint.pt    the latest checkpoint (app.checkpoint, atomic), when checkpoint_every > 0;
+                         it holds the record so far (the recorder's state_dict), so it is not also
+                         written as record.npz: the record grows by 72 bytes per group and step
+    DIR/summary.json     what ran and how well each symmetry's theory matched (app.report, atomic)
+    DIR/<kind>.png       the theory-vs-measurement figure of every symmetry kind found
+
+Determinism: the weights are initialised from `seed`; epoch e visits the training set in the
+order of ``randperm(N)`` drawn from a generator seeded with (seed, e), so the data position is
+just the global step; a checkpoint holds the model, the optimizer state, the recorder state, the
+torch RNG states (dropout) and that step. Resuming from it continues bit-identically — the
+parameters and the record — on the same device, backend and thread count (on CUDA, cuDNN is
+put in deterministic mode for that).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import nm_optim
+from nm_optim import models
+from nm_optim.app.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from nm_optim.app.config import (
+    TrainConfig,
+    TrainResult,
+    UserError,
+    check_resumable,
+    check_writable,
+    resolve_backend,
+    resolve_device,
+)
+from nm_optim.app.data import DataError, Split, load
+from nm_optim.app.report import RECORD_NAME, write_run_outputs
+from nm_optim.symmetry import find_symmetries
+
+LOG_EVERY = 10  # steps per entry of the loss log (and per progress-bar update)
+
+
+# -- building a run -------------------------------------------------------------------------------------
+
+
+def load_data(config: TrainConfig) -> Split:
+    """The data set `config.data` names, with its DataError as a UserError."""
+    try:
+        return load(config.data, image_size=config.image_size)
+    except DataError as e:
+        raise UserError(str(e)) from e
+
+
+def check_model_name(name: str) -> None:
+    if name not in models.MODELS:
+        raise UserError(f"unknown model {name!r}; expected one of: {', '.join(models.MODELS)}")
+
+
+def build_model(config: TrainConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """`config.model` from the zoo for images of `shape` (C, H, W), initialised from config.seed."""
+    check_model_name(config.model)
+    c, h, w = shape
+    if h != w:
+        raise UserError(f"the model zoo expects square images, the data has {h}x{w}")
+    torch.manual_seed(config.seed)
+    try:
+        return models.get_model(config.model, num_classes=num_classes, in_channels=c, image_size=h)
+    except ValueError as e:  # e.g. images too small for the model's poolings
+        raise UserError(f"--model {config.model} on {config.data}: {e}") from e
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The order epoch `epoch` visits n examples: a function of (seed, epoch) only, so a
+    resumed run needs no generator state, just the step."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(n, generator=gen)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr when tqdm is installed and wanted; otherwise None."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike | None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str | None = None,
+    data: Any = None,
+    model_fn: Callable[[TrainConfig, tuple[int, int, int], int], nn.Module] | None = None,
+    symmetries_fn: Callable[[nn.Module, Tensor], list] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    track: Any = None,
+    write_outputs: bool = True,
+) -> TrainResult:
+    """Train `config` and write its outputs to `out` (see the module docstring).
+
+    resume: continue from `out/checkpoint.pt`. `config` must be the checkpointed run's, up to
+        the fields in config.RESUMABLE_CHANGES (e.g. more steps): see checkpoint.resume_config.
+    data: a preloaded nm_optim.app.data.Split (else `config.data` is read).
+    model_fn / symmetries_fn: replace the zoo and the symmetry detector (tests, custom models).
+    on_step(step): called after every optimizer step with the number of steps done (a test
+        raises from it to simulate a crash).
+    track: more statistics to record besides the symmetries' (nm_optim.SGD's `track`).
+    write_outputs: write record, summary and figures at the end (checkpoints are written
+        whenever checkpoint_every > 0).
+    """
+    started = time.perf_counter()
+    out_dir = check_writable(out) if out is not None else None
+    ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    ckpt_state = None
+    if resume:
+        if ckpt_path is None:
+            raise UserError("--resume needs the output folder of the run to continue (--out DIR)")
+        ckpt_state = load_checkpoint(ckpt_path)
+        check_resumable(ckpt_state["config"], config, ckpt_path)
+
+    device = resolve_device(config.device)
+    backend = resolve_backend(config.backend, device)
+    if device.type == "cuda":
+        # Bit-identical resume needs deterministic convolution algorithms.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+    if model_fn is None:
+        check_model_name(config.model)  # before reading a data set that may take minutes
+    split = data if data is not None else load_data(config)
+    train_set = split.train
+    n = len(train_set)
+    if config.batch_size > n:
+        raise UserError(f"--batch-size {config.batch_size} is larger than the training set ({n} examples)")
+    per_epoch = n // config.batch_size
+    total = config.steps if config.steps is not None else (config.epochs or 1) * per_epoch
+
+    model = (model_fn or build_model)(config, train_set.shape, train_set.num_classes).to(device)
+    model.train()
+    example = train_set.batch(torch.arange(min(2, n)))[0].to(device)
+    symmetries = list((symmetries_fn or find_symmetries)(model, example))
+    opt = nm_optim.SGD(
+        model.named_parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        dampening=config.dampening,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+        backend=config.backend,
+        track=track,
+        symmetries=symmetries,
+        record_every=config.record_every,
+    )
+
+    step = 0
+    losses: list[tuple[int, float]] = []
+    pending: list[Tensor] = []
+    if ckpt_state is not None:
+        step, losses, pending = restore_checkpoint(
+            ckpt_state, ckpt_path, model=model, optimizer=opt, device=device, backend=config.backend
+        )
+        if step > total:
+            raise UserError(f"the checkpoint is at step {step}, past the {total} steps asked for (give more --steps)")
+    else:
+        torch.manual_seed(config.seed)  # whatever building the model and its symmetries drew
+    resumed_from = step if ckpt_state is not None else None
+
+    bar = _progress(total, step, desc or f"{config.model} on {config.data}", progress)
+    order, order_epoch = None, -1
+    try:
+        while step < total:
+            epoch, pos = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(n, config.seed, epoch), epoch
+            idx = order[pos * config.batch_size : (pos + 1) * config.batch_size]
+            x, y = train_set.batch(idx)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            pending.append(loss.detach())
+            # The log holds whole intervals only (step % LOG_EVERY == 0): a run stopped at any
+            # step and resumed logs exactly what an uninterrupted run logs.
+            if step % LOG_EVERY == 0:
+                value = torch.stack(pending).mean().item()
+                pending.clear()
+                losses.append((step, value))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                    bar.update(step - bar.n)
+                if not math.isfinite(value):
+                    raise UserError(
+                        f"training diverged at step {step} (loss {value}); lower --lr or --momentum"
+                    )
+            if bar is not None and step == total:
+                bar.update(step - bar.n)
+            if ckpt_path is not None and config.checkpoint_every and (step % config.checkpoint_every == 0 or step == total):
+                save_checkpoint(ckpt_path, config=config, step=step, model=model, optimizer=opt, device=device,
+                                losses=losses, pending_losses=pending)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # the mean loss of the last steps: those not yet in the log, else the last log entry
+    final_loss = torch.stack(pending).mean().item() if pending else (losses[-1][1] if losses else None)
+    accuracy = evaluate(model, split.test, device, config.batch_size) if split.test is not None else None
+    record = _finish_record(opt, config, losses, accuracy, step)
+    result = TrainResult(
+        config=config, record=record, model=model, optimizer=opt, symmetries=symmetries, steps=step,
+        device=str(device), backend=backend, losses=losses, final_loss=final_loss, test_accuracy=accuracy,
+        seconds=time.perf_counter() - started, resumed_from=resumed_from, out=out_dir,
+    )
+    if write_outputs and out_dir is not None:
+        record.save(out_dir / RECORD_NAME)
+        write_run_outputs(result, out_dir)
+    return result
+
+
+def _finish_record(opt, config: TrainConfig, losses: list[tuple[int, float]], accuracy: float | None, step: int):
+    """The recorder's snapshot, with what the run was and how it went in meta["training"]."""
+    record = opt.recorder.snapshot()
+    record.meta["training"] = {
+        "config": config.to_dict(),
+        "steps_done": step,
+        "loss": [list(x) for x in losses],
+        "test_accuracy": accuracy,
+    }
+    return record
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, device: torch.device, batch_size: int) -> float:
+    """Top-1 accuracy on `data`, in eval mode (BatchNorm running statistics); restores train mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(data), batch_size):
+            x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(len(data), 1)
+

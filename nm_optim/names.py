@@ -1,0 +1,42 @@
+"""The vocabulary every layer shares: the statistics, the track axes, the hyper-parameters, the
+symmetry kinds and roles, the backends and the record format.
+
+This module imports nothing from nm_optim, so every other module may import it (nothing imports
+upward). The meaning of each name is in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+# The 9 sums the fused step reduces for every group of every track, in this column order, of the
+# pre-step values p, g (the gradient after AMP unscaling and the maximize sign, before weight
+# decay) and v (the momentum buffer before the step; 0 on its first step). They close the one-step
+# dynamics exactly (docs/architecture.md, "The statistics").
+STAT_NAMES = ("p", "g", "v", "pp", "gg", "vv", "pg", "pv", "gv")
+STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
+
+# A track's axis: one group per index of dim 0, one per index of dim 1 (reducing over dim 0 and
+# dims >= 2), or the whole tensor as one group.
+AXES = ("rows", "cols", "all")
+
+# The param-group hyper-parameters that the theory needs and the record keeps for every step
+# (nesterov as 0 / 1), in the order of torch.optim.SGD's arguments.
+HYPER_NAMES = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+# The symmetries of the Neural Mechanics paper (Kunin et al., ICLR 2021, section 3) and the roles
+# of their parameter groups: A for translation and scale; A1 (incoming) and A2 (outgoing) for
+# rescale.
+KINDS = ("translation", "scale", "rescale")
+ROLES = {"translation": ("A",), "scale": ("A",), "rescale": ("A1", "A2")}
+
+# The implementations of the one op (nm_optim/ops): "auto" picks the fastest available per device.
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# The record file (nm_optim/recorder.py): a .npz whose "meta" JSON names this format.
+RECORD_FORMAT = "nm_optim.record"
+RECORD_FORMAT_VERSION = 1
+
+
+def check_backend_name(backend: object) -> None:
+    """ValueError unless `backend` is "auto" or one of BACKENDS (the message torch-style)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {BACKENDS}")

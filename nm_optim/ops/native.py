@@ -1,0 +1,139 @@
+"""The "cpu" and "cuda" backends: one call of the compiled kernels (nm_optim._C) per bucket.
+
+The tables come from nm_optim/ops/plan.py; here only the per-step values move: the address
+table, the AMP scalars, the learning rate.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from nm_optim.ops.args import Bucket, StepArgs
+from nm_optim.ops.extension import extension
+from nm_optim.ops.layout import DTYPE_CODES
+from nm_optim.ops.plan import stats_geometry, stats_plan, tile_table
+
+# CPU buckets with fewer elements than this are stepped by one thread: an OpenMP region costs
+# more than the work there, and 10-20x more when the machine is oversubscribed (spinning
+# workers: 3.7-17 ms vs 0.8 ms per step measured on the digits nets under load).
+SERIAL_BELOW = 1 << 16
+
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+
+
+def address_table(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                  is_first: Sequence[bool], has_momentum: bool) -> list[int]:
+    """[4, n] int64: the addresses of params, grads, buffers (0 without momentum), is_first."""
+    ptrs = list(map(_data_ptr, params))
+    ptrs += map(_data_ptr, grads)
+    if has_momentum:
+        ptrs += map(_data_ptr, momentum_buffers)
+        ptrs += map(int, is_first)
+    else:
+        ptrs += [0] * (2 * len(params))
+    return ptrs
+
+
+def amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
+    """GradScaler's scale / found_inf as a float32 scalar on the kernel's device."""
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    return t.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+
+
+def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
+    """One kernel call for dense tensors that share a device and dtype (see ops/op.py)."""
+    params, grads, momentum_buffers, is_first, numels = bucket
+    if not params:
+        return
+    C = extension()
+    device = params[0].device
+    has_momentum = args.has_momentum
+    owner = params[0].data_ptr() if device.type == "cuda" else 0
+    with_stats = args.with_stats
+    offsets = tuple(args.stats_offsets) if with_stats else ()
+    geom = stats_geometry([p.shape for p in params], offsets) if with_stats else ()
+    numels = numels if numels is not None else tuple(map(_numel, params))
+    row_lengths = None
+    if with_stats and device.type == "cpu" and any(o >= 0 for o in offsets[1::3]):
+        row_lengths = tuple(geom[3 * i + 1] * geom[3 * i + 2] if offsets[3 * i + 1] >= 0 else 0
+                            for i in range(len(params)))
+    all_numels = numels
+    if with_stats and device.type == "cuda":
+        # Tracked tensors are stepped by the statistics kernel: none of their flat tiles here.
+        numels = tuple(0 if max(offsets[3 * i : 3 * i + 3]) >= 0 else m for i, m in enumerate(numels))
+    table = tile_table(numels, device, owner, row_lengths)
+    if table.n_tiles == 0 and not with_stats:
+        return
+    ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
+    if device.type == "cpu":
+        host = array("q", ptrs)  # all the CPU kernel needs; it lives until the call returns
+        table_ptr = host.buffer_info()[0]
+    else:
+        table_ptr = table.pointers.upload(ptrs, device).data_ptr()
+
+    scale_ptr = inf_ptr = 0
+    if args.grad_scale is not None:
+        grad_scale = amp_scalar(args.grad_scale, device, "grad_scale")
+        scale_ptr = grad_scale.data_ptr()
+    if args.found_inf is not None:
+        found_inf = amp_scalar(args.found_inf, device, "found_inf")
+        inf_ptr = found_inf.data_ptr()
+    common = dict(
+        dtype=DTYPE_CODES[params[0].dtype],
+        n_tensors=table.n_tensors,
+        numel=table.numel.data_ptr(),
+        table=table_ptr,
+        n_tiles=table.n_tiles,
+        tiles=table.tiles.data_ptr(),
+        tile_size=table.tile_size,
+        momentum=float(args.momentum),
+        dampening=float(args.dampening),
+        weight_decay=float(args.weight_decay),
+        nesterov=bool(args.nesterov),
+        maximize=bool(args.maximize),
+        grad_scale=scale_ptr,
+        found_inf=inf_ptr,
+    )
+    if device.type == "cpu":
+        lr_value = float(args.lr_tensor) if args.lr_tensor is not None else float(args.lr)
+        geom_ptr = offsets_ptr = out_ptr = 0
+        if with_stats:
+            geom_arr, offsets_arr = array("q", geom), array("q", offsets)
+            geom_ptr, offsets_ptr = geom_arr.buffer_info()[0], offsets_arr.buffer_info()[0]
+            out_ptr = args.stats.data_ptr()
+        C.sgd_step_cpu(
+            lr=lr_value,
+            stats_geom=geom_ptr,
+            stats_offsets=offsets_ptr,
+            stats_out=out_ptr,
+            num_threads=1 if sum(numels) < SERIAL_BELOW else torch.get_num_threads(),
+            **common,
+        )
+    else:
+        stats_args = {}
+        if with_stats:
+            plan = stats_plan(all_numels, geom, offsets, device, owner, C.STATS_TILE_ROWS, C.STATS_TILE_COLS)
+            stats_args = dict(
+                stats_tiles=plan.tiles2d.data_ptr(),
+                n_stats_tiles=plan.n_tiles2d,
+                stats_scratch=plan.scratch.data_ptr(),
+                stats_tasks=plan.tasks.data_ptr(),
+                n_stats_tasks=plan.n_tasks,
+                stats_out=args.stats.data_ptr(),
+            )
+        lr_ptr = 0
+        if args.lr_tensor is not None:
+            lr_dev = args.lr_tensor.detach().to(device=device, dtype=torch.float32, non_blocking=True)
+            lr_ptr = lr_dev.reshape(()).data_ptr()
+        stream = torch.cuda.current_stream(device).cuda_stream
+        with torch.cuda.device(device):
+            C.sgd_step_cuda(lr=float(args.lr), lr_device=lr_ptr, stream=stream, **stats_args, **common)
+    # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would, so
+    # that a backward through a stale saved param raises instead of using the new values.
+    torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))

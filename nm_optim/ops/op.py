@@ -1,0 +1,139 @@
+"""The one op every backend goes through: ``torch.ops.nm_optim.sgd_step_``.
+
+Registered with torch.library so torch.compile and CUDA graphs see one opaque op that mutates the
+params and momentum buffers in place (the schema says so, so the dispatcher bumps their version
+counters), with a fake implementation that checks its arguments for tracing. The arguments after
+the four tensor lists are unpacked once into a StepArgs (nm_optim/ops/args.py) and the backend
+named by `backend` runs them (nm_optim/ops/registry.py).
+
+All params of one call share a device and a dtype (nm_optim.SGD buckets them). A tensor that the
+flat-memory kernels cannot stream is stepped by the reference instead (nm_optim/ops/layout.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import repeat
+
+import torch
+from torch import Tensor
+
+from nm_optim.names import STAT_NAMES
+from nm_optim.ops.args import FIELDS, Bucket, StepArgs
+from nm_optim.ops.layout import DTYPE_CODES, group_counts, kernel_layout_ok, uniform_dense
+from nm_optim.ops.registry import backend_step, require_backend
+
+SCHEMA = (
+    "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
+    "float lr, Tensor? lr_tensor, float weight_decay, float momentum, float dampening, "
+    "bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, str backend, "
+    "Tensor(c!)? stats=None, int[] stats_offsets=[]) -> ()"
+)
+
+_lib = torch.library.Library("nm_optim", "DEF")  # noqa: TOR901 (the op is defined once, here)
+_lib.define(SCHEMA)
+
+
+def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                 is_first: Sequence[bool], args: StepArgs) -> None:
+    """The list lengths and the statistics rows, checked before any kernel reads a pointer."""
+    n = len(params)
+    torch._check(len(grads) == n, lambda: f"sgd_step_: got {n} params but {len(grads)} grads")
+    if args.has_momentum:
+        torch._check(
+            len(momentum_buffers) == n and len(is_first) == n,
+            lambda: "sgd_step_: momentum != 0 needs one momentum buffer and one is_first flag per param, "
+            f"got {n} params, {len(momentum_buffers)} buffers, {len(is_first)} flags",
+        )
+    if args.stats is not None:
+        _check_stats(params, args.stats, args.stats_offsets)
+
+
+def _sgd_step_impl(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                   is_first: Sequence[bool], *rest) -> None:
+    args = StepArgs(*rest)
+    _check_lists(params, grads, momentum_buffers, is_first, args)
+    if not args.with_stats and args.stats_offsets:
+        args = args.subset(())
+    if not params:
+        return
+    dtype = params[0].dtype
+    backend = args.backend
+    if backend == "reference" or dtype not in DTYPE_CODES:
+        backend_step("reference")(Bucket(params, grads, momentum_buffers, is_first), args)
+        return
+    device = params[0].device
+    require_backend(backend, device)
+    step = backend_step(backend)
+    bufs = momentum_buffers if args.has_momentum else []
+    numels = uniform_dense(params, grads, bufs, dtype, params[0].get_device())
+    bucket = Bucket(params, grads, momentum_buffers, is_first, numels)
+    if numels is not None:
+        step(bucket, args)
+        return
+    # Rare: some tensor the flat kernel cannot stream. Step the others natively.
+    ok = list(map(kernel_layout_ok, params, grads, bufs if args.has_momentum else repeat(None),
+                  repeat(dtype), repeat(device)))
+    for run, want in ((step, True), (backend_step("reference"), False)):
+        idx = [i for i, good in enumerate(ok) if good is want]
+        if idx:
+            run(bucket.subset(idx, args.has_momentum), args.subset(idx))
+
+
+def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]) -> None:
+    """Every tracked group must land inside `stats` (a float64 [rows, 9] tensor on the params'
+    device): the kernels write there through raw pointers."""
+    torch._check(
+        len(offsets) in (0, 3 * len(params)),
+        lambda: f"sgd_step_: stats_offsets needs 3 entries per param, got {len(offsets)} for {len(params)}",
+    )
+    torch._check(
+        stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == len(STAT_NAMES)
+        and stats.is_contiguous(),
+        lambda: f"sgd_step_: stats must be a contiguous float64 [rows, 9] tensor, got {stats.dtype} "
+        f"{tuple(stats.shape)}",
+    )
+    rows = stats.shape[0]
+    for i in range(len(params) if offsets else 0):
+        for off, n in zip(offsets[3 * i : 3 * i + 3], group_counts(params[i].shape)):
+            if off < 0:
+                continue
+            torch._check(
+                off + n <= rows,
+                lambda: f"sgd_step_: param {i} (shape {tuple(params[i].shape)}) needs stats rows "
+                f"[{off}, {off + n}) but stats has {rows}",
+            )
+            torch._check(stats.device == params[i].device,
+                         lambda: f"sgd_step_: stats is on {stats.device}, param {i} on {params[i].device}")
+
+
+def _sgd_step_fake(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                   is_first: Sequence[bool], *rest) -> None:
+    """What tracing needs to know: the op returns nothing and mutates in place; the arguments are
+    checked as the real op checks them (lengths, stats rows), plus devices and dtypes."""
+    args = StepArgs(*rest)
+    _check_lists(params, grads, momentum_buffers, is_first, args)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        torch._check(g.shape == p.shape, lambda: f"sgd_step_: grad {i} has shape {tuple(g.shape)}, "
+                     f"param {tuple(p.shape)}")
+        torch._check(g.device == p.device and p.device == params[0].device,
+                     lambda: f"sgd_step_: param {i} and its grad must be on {params[0].device}")
+        if args.has_momentum:
+            v = momentum_buffers[i]
+            torch._check(v.shape == p.shape and v.dtype == p.dtype and v.device == p.device,
+                         lambda: f"sgd_step_: momentum buffer {i} must match its param's shape, dtype and device")
+
+
+_lib.impl("sgd_step_", _sgd_step_impl, "CPU")
+_lib.impl("sgd_step_", _sgd_step_impl, "CUDA")
+torch.library.register_fake("nm_optim::sgd_step_", _sgd_step_fake, lib=_lib)
+
+sgd_step_ = torch.ops.nm_optim.sgd_step_
+"""``sgd_step_(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum,
+dampening, nesterov, maximize, grad_scale, found_inf, backend, stats=None, stats_offsets=[])``: one
+fused SGD step, in place, over tensors of one device and dtype (the arguments after the lists are
+StepArgs' fields). ``momentum_buffers`` and ``is_first`` are empty when momentum == 0; otherwise
+``is_first[i]`` says buffer i is created by this step (v' = d, its old contents unread).
+"""
+
+assert tuple(a.name for a in sgd_step_.default._schema.arguments)[4:] == FIELDS, "StepArgs follows the schema"

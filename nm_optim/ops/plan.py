@@ -1,0 +1,209 @@
+"""The static part of a bucket's kernel launches, built once per layout and cached: how the work is
+cut into tiles, where the statistics' partial sums go, and the device copy of the address table.
+
+A bucket is the tensors of one param group on one device with one dtype. Its layout (element
+counts, shapes of tracked tensors, statistics rows) decides the tables; per step only addresses
+move (the grads are new tensors after every ``zero_grad(set_to_none=True)``). One kernel call
+(one OpenMP region, one CUDA or Triton launch per kind of tile) per bucket, whatever the number
+of tensors. docs/architecture.md, "The statistics plan", draws the GPU plan.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from nm_optim.ops.layout import geometry
+
+# Elements per flat tile. CPU: 32K fp32 = 128 KiB per stream, large enough to amortise the loop
+# setup, small enough to balance 2..64 threads on VGG-sized layers. CUDA: one 256-thread block
+# per 16K.
+TILE_SIZE = {"cpu": 32768, "cuda": 16384}
+# A CPU tensor with a "cols" track is cut into tiles of whole rows, about this many elements
+# each: the CPU kernel walks such a tile in column strips (csrc/cpu/sgd_step_cpu.cpp).
+ROW_TILE_SIZE = 1 << 19
+
+_TABLE_CACHE_SIZE = 64
+_tables: OrderedDict[tuple, object] = OrderedDict()
+T = TypeVar("T")
+
+
+def cached(key: tuple, make: Callable[[], T]) -> T:
+    """The LRU cache of every plan and table (a few per bucket, built once, rebuilt when the
+    bucket's layout changes)."""
+    table = _tables.get(key)
+    if table is None:
+        table = _tables[key] = make()
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table  # type: ignore[return-value]
+
+
+def _int64(xs: Sequence[int], device: torch.device) -> Tensor:
+    return torch.tensor(list(xs) or [0], dtype=torch.int64).to(device)
+
+
+class PointerTable:
+    """The device copy of a bucket's address table [4, n] (param, grad, buffer, is_first),
+    refreshed only when an address changed since the last step (with a caching allocator the
+    grads of step k+1 often land where those of step k were). The host copy stays referenced,
+    so a CUDA graph that captured the upload replays it from live memory."""
+
+    def __init__(self) -> None:
+        self.device_copy: Tensor | None = None
+        self.host_copy: Tensor | None = None
+        self.last: tuple[int, ...] | None = None
+
+    def upload(self, ptrs: Sequence[int], device: torch.device) -> Tensor:
+        key = tuple(ptrs)
+        if key != self.last or self.device_copy is None:
+            host = torch.tensor(key, dtype=torch.int64)
+            if device.type == "cuda":
+                host = host.pin_memory()
+                if self.device_copy is None or self.device_copy.numel() != host.numel():
+                    self.device_copy = torch.empty_like(host, device=device)
+                self.device_copy.copy_(host, non_blocking=True)
+            else:
+                self.device_copy = host
+            self.host_copy = host
+            self.last = key
+        return self.device_copy
+
+
+class TileTable:
+    """Flat tiles for the compiled kernels: numel[n] and tiles[3 * n_tiles] = (tensor index,
+    begin, end), on the kernel's device. `row_lengths[i]` > 0 asks for tiles of whole rows of
+    that length for tensor i (the CPU kernel's "cols" statistics)."""
+
+    def __init__(self, numels: tuple[int, ...], tile_size: int, device: torch.device,
+                 row_lengths: tuple[int, ...] | None = None) -> None:
+        numel = torch.tensor(numels, dtype=torch.int64)
+        step = torch.full_like(numel, tile_size)
+        if row_lengths is not None:
+            rowlen = torch.tensor(row_lengths, dtype=torch.int64)
+            whole_rows = rowlen.clamp_min(1) * (ROW_TILE_SIZE // rowlen.clamp_min(1)).clamp_min(1)
+            step = torch.where(rowlen > 0, whole_rows, step)
+        counts = (numel + step - 1) // step
+        n_tiles = int(counts.sum())
+        tensor_index = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        first_tile = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        tile_step = torch.repeat_interleave(step, counts)
+        start = (torch.arange(n_tiles) - first_tile) * tile_step
+        end = torch.minimum(start + tile_step, torch.repeat_interleave(numel, counts))
+        tiles = torch.stack([tensor_index, start, end], dim=1).reshape(-1).contiguous()
+        self.n_tensors = len(numels)
+        self.n_tiles = n_tiles
+        self.tile_size = int(step.max()) if len(numels) else tile_size
+        self.numel = numel.to(device)
+        self.tiles = tiles.to(device)
+        self.pointers = PointerTable()
+
+
+def tile_table(numels: tuple[int, ...], device: torch.device, owner: int = 0,
+               row_lengths: tuple[int, ...] | None = None) -> TileTable:
+    """The cached flat tiles for these element counts. `owner` (the first param's address on
+    CUDA) keeps buckets apart whose device pointer tables must not be shared across streams."""
+    return cached(("tiles", device, numels, owner, row_lengths),
+                  lambda: TileTable(numels, TILE_SIZE[device.type], device, row_lengths))
+
+
+class StatsPlan:
+    """The GPU plan of one bucket with tracks, shared by the CUDA and Triton kernels.
+
+    - 2-D tiles (``tiles2d``, 8 int64 each: tensor, row block, column block, d0, row length,
+      row-partials base, column-partials base, tile slot) of `tile_rows` rows x `tile_cols` row
+      elements over the [d0, d1 * rest] view of each tracked tensor. Each tile steps its
+      elements and writes the 9 partial sums a track needs, in float64, to ``scratch`` (bases
+      and slots in units of 9 float64; -1: not needed): the partial of (row r, column block cb)
+      at row_base + cb * d0 + r, of (row block rb, column c) at col_base + rb * rowlen + c, the
+      tile's total at its slot.
+    - Flat tiles (``flat``, 5 int64 each: tensor, begin, end, tile slot, first per-element
+      output row), only when `flat_tile` is given (Triton): untracked tensors, and tracked
+      tensors whose rows are single elements (1-D biases), whose "rows" groups are the elements
+      themselves.
+    - Reduction tasks (``tasks``, 5 int64 each: base, count, inner, outer stride, output row),
+      one per output group: partial j of a task is at base + (j // inner) * outer + j % inner;
+      the kernel adds them in float64 in this order, so results are bitwise reproducible (no
+      atomics). Sorted by count, so that tasks reduced together take alike time.
+    """
+
+    def __init__(self, numels: Sequence[int], geom: Sequence[int], offsets: Sequence[int],
+                 device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None) -> None:
+        flat: list[int] = []
+        tiles2d: list[int] = []
+        tasks: list[tuple[int, int, int, int, int]] = []
+        scratch = 0
+
+        def alloc(n: int) -> int:
+            nonlocal scratch
+            scratch += n
+            return scratch - n
+
+        for i, numel in enumerate(numels):
+            at = offsets[3 * i : 3 * i + 3] if offsets else (-1, -1, -1)
+            rows_at, cols_at, all_at = at
+            tracked = max(at) >= 0
+            d0, d1, rest = geom[3 * i : 3 * i + 3] if tracked else (numel, 1, 1)
+            rowlen = d1 * rest
+            if tracked and numel == 0:  # every group of an empty tensor sums nothing: zeros
+                for at_row, n_groups in ((rows_at, d0), (cols_at, d1), (all_at, 1)):
+                    if at_row >= 0:
+                        tasks += [(0, 0, 1, 1, at_row + k) for k in range(n_groups)]
+                continue
+            if flat_tile is not None and (not tracked or rowlen == 1):
+                n_tiles = -(-numel // flat_tile)
+                first_slot = alloc(n_tiles) if tracked and (cols_at >= 0 or all_at >= 0) else -1
+                for k in range(n_tiles):
+                    flat += (i, k * flat_tile, min(numel, (k + 1) * flat_tile),
+                             first_slot + k if first_slot >= 0 else -1, rows_at if tracked else -1)
+                for at_row in (cols_at, all_at):
+                    if at_row >= 0:
+                        tasks.append((first_slot, n_tiles, 1, 1, at_row))
+                continue
+            if not tracked:
+                continue  # stepped by the caller's flat kernel
+            n_rb, n_cb = -(-d0 // tile_rows), -(-rowlen // tile_cols)
+            row_base = alloc(n_cb * d0) if rows_at >= 0 else -1
+            col_base = alloc(n_rb * rowlen) if cols_at >= 0 else -1
+            first_slot = alloc(n_rb * n_cb) if all_at >= 0 else -1
+            for rb in range(n_rb):
+                for cb in range(n_cb):
+                    slot = first_slot + rb * n_cb + cb if first_slot >= 0 else -1
+                    tiles2d += (i, rb, cb, d0, rowlen, row_base, col_base, slot)
+            if rows_at >= 0:  # row r: its n_cb partials, stride d0
+                tasks += [(row_base + r, n_cb, 1, d0, rows_at + r) for r in range(d0)]
+            if cols_at >= 0:  # column j: rest consecutive partials in each of n_rb row blocks
+                tasks += [(col_base + j * rest, n_rb * rest, rest, rowlen, cols_at + j) for j in range(d1)]
+            if all_at >= 0:
+                tasks.append((first_slot, n_rb * n_cb, 1, 1, all_at))
+
+        tasks.sort(key=lambda task: -task[1])
+        self.flat = _int64(flat, device)
+        self.n_flat = len(flat) // 5
+        self.tiles2d = _int64(tiles2d, device)
+        self.n_tiles2d = len(tiles2d) // 8
+        self.tasks = _int64([x for task in tasks for x in task], device)
+        self.n_tasks = len(tasks)
+        self.scratch = torch.zeros(9 * max(scratch, 1), dtype=torch.float64, device=device)
+        self.pointers = PointerTable()
+
+
+def stats_plan(numels: tuple[int, ...], geom: tuple[int, ...], offsets: tuple[int, ...], device: torch.device,
+               owner: int, tile_rows: int, tile_cols: int, flat_tile: int | None = None) -> StatsPlan:
+    """The cached StatsPlan of a bucket (`owner` as in tile_table)."""
+    return cached(("stats", device, numels, geom, offsets, owner, tile_rows, tile_cols, flat_tile),
+                  lambda: StatsPlan(numels, geom, offsets, device, tile_rows, tile_cols, flat_tile))
+
+
+def stats_geometry(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> tuple[int, ...]:
+    """(d0, d1, rest) per tensor for the statistics; zeros for untracked tensors."""
+    out: list[int] = []
+    for i, shape in enumerate(shapes):
+        out += geometry(shape) if max(offsets[3 * i : 3 * i + 3]) >= 0 else (0, 0, 0)
+    return tuple(out)

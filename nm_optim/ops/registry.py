@@ -1,0 +1,156 @@
+"""The backends of the op, in one table: what each one runs, where it can run, and what
+backend="auto" picks. This is the one place that decides what runs where.
+
+    "reference"  nm_optim/ops/reference.py: pure PyTorch, any device, float64 too; the oracle
+    "cpu"        nm_optim._C on CPU tensors (csrc/cpu: OpenMP + SIMD)
+    "cuda"       nm_optim._C on CUDA tensors (csrc/cuda)
+    "triton"     nm_optim/ops/triton on CUDA tensors (CPU tensors under TRITON_INTERPRET=1)
+
+A backend's step function is ``step(bucket: Bucket, args: StepArgs) -> None`` (ops/args.py),
+imported on first use, so that importing nm_optim never
+needs the compiled module, a GPU or Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nm_optim.names import BACKENDS
+from nm_optim.ops.extension import cuda_compiled, extension
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors in its interpreter (for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _require_reference(device: torch.device) -> None:
+    return None
+
+
+def _require_cpu(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ValueError(f"backend='cpu' runs CPU tensors only, got a tensor on {device}")
+    extension()
+
+
+def _require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda' runs CUDA tensors only, got a tensor on {device}")
+    mod = extension()
+    if not mod.build_info()["cuda_compiled"]:
+        raise RuntimeError(
+            "backend='cuda' needs nm_optim._C built with CUDA "
+            f"({mod.build_info()['cuda_reason']}); reinstall with nvcc on PATH "
+            "(NM_OPTIM_CUDA=1 makes a missing nvcc a build error)"
+        )
+
+
+def _require_triton(device: torch.device) -> None:
+    if not _triton_installed():
+        raise ImportError("backend='triton' needs Triton: `pip install triton` (or nm_optim[triton])")
+    if device.type == "cpu" and not triton_interpreting():
+        raise ValueError(
+            "backend='triton' runs CUDA tensors; CPU tensors only in Triton's interpreter "
+            "(set TRITON_INTERPRET=1 before starting Python)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' runs CUDA tensors, got a tensor on {device}")
+
+
+def _has_extension() -> bool:
+    try:
+        extension()
+    except ImportError:
+        return False
+    return True
+
+
+def _cuda_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the op. `require(device)` raises a clear error when it cannot run
+    tensors on `device` here; `usable(device)` says whether it can (without raising); `step` is
+    "module:function", imported on first use."""
+
+    name: str
+    step_path: str
+    require: Callable[[torch.device], None]
+    usable: Callable[[torch.device], bool]
+
+    @functools.cached_property
+    def step(self) -> Callable:
+        module, function = self.step_path.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("reference", "nm_optim.ops.reference:step_reference", _require_reference, lambda d: True),
+        Backend("cpu", "nm_optim.ops.native:sgd_step_native", _require_cpu,
+                lambda d: d.type == "cpu" and _has_extension()),
+        Backend("cuda", "nm_optim.ops.native:sgd_step_native", _require_cuda,
+                lambda d: _cuda_usable(d) and cuda_compiled()),
+        Backend("triton", "nm_optim.ops.triton.launch:sgd_step_triton", _require_triton,
+                lambda d: _triton_installed() and (_cuda_usable(d) or d.type == "cpu" and triton_interpreting())),
+    )
+}
+assert tuple(REGISTRY) == BACKENDS, "nm_optim.names.BACKENDS and the registry list the same backends"
+# Fastest first: what backend="auto" picks among the usable ones (Triton only when asked for).
+AUTO_ORDER = ("cuda", "cpu", "reference")
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """The backend names usable for tensors on `device` on this machine.
+
+    - "reference": pure PyTorch, any device, also float64 (the oracle).
+    - "cpu": the compiled OpenMP/SIMD kernel, CPU tensors.
+    - "cuda": the compiled CUDA kernel, CUDA tensors, when built with nvcc and a GPU is present.
+    - "triton": the Triton kernel (needs `triton`), CUDA tensors; CPU tensors too when
+      TRITON_INTERPRET=1 (Triton's interpreter: slow, for testing).
+    """
+    device = torch.device(device)
+    return [name for name, b in REGISTRY.items() if b.usable(device)]
+
+
+@functools.lru_cache(maxsize=None)
+def require_backend(backend: str, device: torch.device) -> None:
+    """Raise a clear error if `backend` cannot run tensors on `device` here."""
+    if backend not in REGISTRY:
+        raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {BACKENDS}")
+    REGISTRY[backend].require(device)
+
+
+@functools.lru_cache(maxsize=None)
+def default_backend(device: torch.device) -> str:
+    """What backend='auto' picks for tensors on `device`: the fastest available."""
+    names = available_backends(device)
+    return next(name for name in AUTO_ORDER if name in names)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs tensors on `device` for a param group's `backend` setting."""
+    if backend == "auto":
+        return default_backend(device)
+    require_backend(backend, device)
+    return backend
+
+
+def backend_step(name: str) -> Callable:
+    """The step function of backend `name`."""
+    return REGISTRY[name].step

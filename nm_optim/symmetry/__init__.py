@@ -1,0 +1,54 @@
+"""Symmetries of real networks: which parameter groups they act on, how to find them, and a check
+that they hold (the paper: Kunin et al., ICLR 2021, section 3; docs/architecture.md, "Symmetries").
+
+A symmetry is a set of `Member`s: (parameter, kernel track axis, role). Its groups are what the
+conservation laws are about:
+
+| kind | generator on group A | groups (PyTorch shapes) |
+|---|---|---|
+| `Translation` | θ_A ↦ θ_A + α·1 | final Linear W (C, D) before softmax: column j of W (groups 0..D-1) and the bias as one group (group D) |
+| `Scale` | θ_A ↦ α θ_A | layer followed by BatchNorm: output channel o = row o of W plus b[o] |
+| `Rescale` | (θ_A1, θ_A2) ↦ (α θ_A1, θ_A2 / α) | hidden unit c: A1 = row c of W_l plus b_l[c], A2 = column c of W_{l+1} (a block of columns after a Flatten) |
+
+    syms = nm_optim.find_symmetries(model, example_inputs)          # torch.fx
+    report = nm_optim.verify_symmetries(model, loss_fn, (x, y), syms)  # gradient and Hessian constraints
+    print(report.table())
+    opt = nm_optim.SGD(model.parameters(), lr=0.1, symmetries=syms)  # their tracks, one pass
+    ...
+    sym.group_stats(opt.recorder.snapshot())   # role -> [steps, groups, 9] sums per symmetry group
+
+Layers the detector does not know can be described by hand, e.g. a BatchNorm's affine parameters
+feeding a conv through a ReLU: ``Rescale(bn.weight, conv.weight, bn.bias, name="bn1->conv2")``.
+
+The package has three modules, one job each:
+
+- `base`: the data model (`Member`, `Symmetry`, `Translation`, `Scale`, `Rescale`) and reading a
+  record (`Symmetry.group_stats`, `symmetries_from_record`);
+- `detect`: `find_symmetries` on the torch.fx graph, conservative: it claims only patterns it can
+  prove;
+- `verify`: `verify_symmetries`, the gradient and Hessian constraints checked with torch.func.
+
+It imports nothing from the optimizer, the op or the recorder, so these may import it.
+"""
+
+from __future__ import annotations
+
+from nm_optim.names import KINDS
+from nm_optim.symmetry.base import Member, Rescale, Scale, Symmetry, Translation, symmetries_from_record
+from nm_optim.symmetry.detect import SymmetryDetectionError, find_symmetries
+from nm_optim.symmetry.verify import SymmetryCheck, SymmetryReport, verify_symmetries
+
+__all__ = [
+    "KINDS",
+    "Member",
+    "Rescale",
+    "Scale",
+    "Symmetry",
+    "SymmetryCheck",
+    "SymmetryDetectionError",
+    "SymmetryReport",
+    "Translation",
+    "find_symmetries",
+    "symmetries_from_record",
+    "verify_symmetries",
+]

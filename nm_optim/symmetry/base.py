@@ -1,0 +1,334 @@
+"""The symmetry data model: a `Symmetry` is a set of `Member`s (parameter, kernel track axis,
+role), built by hand (`Translation`, `Scale`, `Rescale`), by `find_symmetries` or from a record's
+descriptions (`symmetries_from_record`), and read back from a record as per-group sums
+(`Symmetry.group_stats`, `hyper`, `first`). See docs/architecture.md, "Symmetries".
+
+This module needs torch only for the members' tensors; it imports nothing from the optimizer, the
+op or the recorder (a record is anything with the attributes read below: meta, steps, tracks,
+stats, hyper, first), so the optimizer may import it without a cycle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nm_optim.names import AXES, HYPER_NAMES, KINDS, ROLES, STAT_NAMES
+
+__all__ = ["Member", "Rescale", "Scale", "Symmetry", "Translation", "symmetries_from_record"]
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One parameter's part in a symmetry: its groups are the kernel track (param, axis).
+
+    `role` is "A" (translation, scale) or "A1" (incoming) / "A2" (outgoing) for a rescale.
+    `block` (axis "cols" only): that many consecutive columns form one group, e.g. a conv channel's
+    H*W inputs of the Linear after a Flatten. `shape` is filled from `param`; it is needed only
+    when `param` is None (a member rebuilt from a record's description)."""
+
+    param: Tensor | None
+    name: str
+    axis: str
+    role: str
+    block: int = 1
+    shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Member name must be a non-empty str, got {self.name!r}")
+        if self.axis not in AXES:
+            raise ValueError(f"Member {self.name!r}: axis must be one of {AXES}, got {self.axis!r}")
+        if self.role not in ("A", "A1", "A2"):
+            raise ValueError(f"Member {self.name!r}: role must be 'A', 'A1' or 'A2', got {self.role!r}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"Member {self.name!r}: block must be a positive int, got {self.block!r}")
+        if self.block != 1 and self.axis != "cols":
+            raise ValueError(f"Member {self.name!r}: block applies to axis 'cols' only (axis is {self.axis!r})")
+        if self.param is not None:
+            if not isinstance(self.param, Tensor):
+                raise TypeError(f"Member {self.name!r}: param must be a tensor or None, got {type(self.param).__name__}")
+            shape = tuple(self.param.shape)
+            if self.shape is not None and tuple(self.shape) != shape:
+                raise ValueError(f"Member {self.name!r}: shape {tuple(self.shape)} != the param's shape {shape}")
+            object.__setattr__(self, "shape", shape)
+        elif self.shape is None:
+            raise ValueError(f"Member {self.name!r}: give a param or its shape")
+        else:
+            object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        need = {"rows": 1, "cols": 2, "all": 0}[self.axis]
+        if len(self.shape) < need:
+            raise ValueError(f"Member {self.name!r}: axis {self.axis!r} needs >= {need} dims, got shape {self.shape}")
+        if self.axis == "cols" and self.shape[1] % self.block:
+            raise ValueError(f"Member {self.name!r}: {self.shape[1]} columns do not split into blocks of {self.block}")
+
+    @property
+    def track(self) -> str:
+        """The name of this member's track in a record: f"{name}:{axis}"."""
+        return f"{self.name}:{self.axis}"
+
+    @property
+    def num_groups(self) -> int:
+        if self.axis == "all":
+            return 1
+        return self.shape[0] if self.axis == "rows" else self.shape[1] // self.block
+
+    def reduce(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Per-group sums [num_groups] of an elementwise quantity `t` of the member's shape
+        (accumulated in `dtype` if given)."""
+        if self.axis == "all":
+            return t.sum(dtype=dtype).reshape(1)
+        d0, d1 = t.shape[0], t.shape[1] if t.dim() > 1 else 1
+        if self.axis == "rows":
+            return t.reshape(d0, d1 * math.prod(t.shape[2:])).sum(1, dtype=dtype)
+        s = t.reshape(d0, d1, math.prod(t.shape[2:])).sum((0, 2), dtype=dtype)
+        return s.reshape(-1, self.block).sum(1) if self.block > 1 else s
+
+    def expand(self, c: Tensor) -> Tensor:
+        """Per-group values [num_groups] broadcast to the member's shape."""
+        dims = len(self.shape)
+        if self.axis == "all":
+            return c.reshape([1] * dims).expand(self.shape)
+        if self.axis == "rows":
+            return c.reshape(-1, *[1] * (dims - 1)).expand(self.shape)
+        if self.block > 1:
+            c = c.repeat_interleave(self.block)
+        return c.reshape(1, -1, *[1] * (dims - 2)).expand(self.shape)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "axis": self.axis, "role": self.role, "block": self.block, "shape": list(self.shape)}
+
+    def __repr__(self) -> str:
+        block = f", block={self.block}" if self.block != 1 else ""
+        return f"Member({self.track}, role={self.role}, shape={self.shape}{block})"
+
+
+class Symmetry:
+    """Base of Translation, Scale and Rescale: a kind, a readable name, members and groups.
+
+    Build the subclasses by hand (their constructors take the tensors) or with `find_symmetries`;
+    `Symmetry.from_description(d)` rebuilds one from `describe()` (e.g. from a saved record's
+    ``meta["symmetries"]``) without tensors, enough for `group_stats`, `hyper` and `first`."""
+
+    kind: ClassVar[str] = ""
+
+    def _setup(self, name: str, members: Sequence[Member]) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{type(self).__name__}: name must be a non-empty str, got {name!r}")
+        self.name = name
+        self.members: tuple[Member, ...] = tuple(members)
+        roles = ROLES[self.kind]
+        for m in self.members:
+            if not isinstance(m, Member):
+                raise TypeError(f"{self.kind} {name!r}: members must be Member objects, got {type(m).__name__}")
+            if m.role not in roles:
+                raise ValueError(f"{self.kind} {name!r}: member {m.name!r} has role {m.role!r}, expected one of {roles}")
+        for role in roles:
+            if not any(m.role == role for m in self.members):
+                raise ValueError(f"{self.kind} {name!r}: no member with role {role!r}")
+        self._offsets, self.num_groups = self._layout()
+
+    def _layout(self) -> tuple[list[int], int]:
+        """Where each member's groups start among the symmetry's groups, and how many there are:
+        every member covers all groups (scale, rescale); translation puts "all" members after the
+        columns."""
+        counts = {m.num_groups for m in self.members if self.kind != "translation" or m.axis != "all"}
+        if len(counts) != 1:
+            detail = ", ".join(f"{m.track}: {m.num_groups}" for m in self.members)
+            raise ValueError(f"{self.kind} {self.name!r}: members have different numbers of groups ({detail})")
+        n = counts.pop()
+        if self.kind == "translation" and any(m.axis == "all" for m in self.members):
+            return [n if m.axis == "all" else 0 for m in self.members], n + 1
+        return [0] * len(self.members), n
+
+    # -- what the optimizer needs ----------------------------------------------------------------
+    def tracks(self) -> list[tuple[Tensor, str]]:
+        """(param, axis) pairs for nm_optim.SGD's track list, without duplicates."""
+        out: list[tuple[Tensor, str]] = []
+        seen: set[tuple[int, str]] = set()
+        for m in self.members:
+            if m.param is None:
+                raise ValueError(
+                    f"{self.kind} {self.name!r} was rebuilt from a description and has no tensors; build it from the "
+                    "model (find_symmetries or the constructors) to track it"
+                )
+            if (id(m.param), m.axis) not in seen:
+                seen.add((id(m.param), m.axis))
+                out.append((m.param, m.axis))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able: kind, name, num_groups and the members (name, axis, role, block, shape)."""
+        return {"kind": self.kind, "name": self.name, "num_groups": self.num_groups,
+                "members": [m.describe() for m in self.members]}
+
+    @classmethod
+    def from_description(cls, d: dict[str, Any]) -> Symmetry:
+        """The symmetry `describe()` gave, with params None."""
+        kind = d.get("kind")
+        classes = {c.kind: c for c in (Translation, Scale, Rescale)}
+        if kind not in classes:
+            raise ValueError(f"unknown symmetry kind {kind!r} (expected one of {KINDS})")
+        if cls is not Symmetry and cls.kind != kind:
+            raise ValueError(f"{cls.__name__}.from_description got a {kind} description")
+        sym = classes[kind].__new__(classes[kind])
+        members = [Member(None, m["name"], m["axis"], m["role"], int(m.get("block", 1)), tuple(m["shape"]))
+                   for m in d["members"]]
+        sym._setup(d["name"], members)
+        if "num_groups" in d and int(d["num_groups"]) != sym.num_groups:
+            raise ValueError(f"{kind} {d['name']!r}: description says {d['num_groups']} groups, members give "
+                             f"{sym.num_groups}")
+        return sym
+
+    # -- reading a record ----------------------------------------------------------------------
+    def _track_indices(self, record: Any) -> list[int]:
+        index = {t["name"]: i for i, t in enumerate(record.tracks)}
+        out = []
+        for m in self.members:
+            i = index.get(m.track)
+            if i is None:
+                raise KeyError(
+                    f"{self.kind} {self.name!r}: the record has no track {m.track!r} (it has "
+                    f"{', '.join(sorted(index)) or 'none'}); train with nm_optim.SGD(..., symmetries=[...]) or "
+                    "use the record's own descriptions: nm_optim.symmetry.symmetries_from_record(record)"
+                )
+            if tuple(record.tracks[i]["shape"]) != m.shape:
+                raise ValueError(f"{self.kind} {self.name!r}: track {m.track!r} has shape "
+                                 f"{tuple(record.tracks[i]['shape'])} in the record, the member {m.shape}")
+            out.append(i)
+        return out
+
+    def group_stats(self, record: Any) -> dict[str, np.ndarray]:
+        """role -> float64 [steps, num_groups, 9]: the 9 sums (STAT_NAMES order) of every group,
+        summed over the role's members (a block of columns folded into its group). Rescale gives
+        "A1" (incoming) and "A2" (outgoing); translation and scale give "A"."""
+        steps = len(record.steps)
+        out = {role: np.zeros((steps, self.num_groups, len(STAT_NAMES))) for role in ROLES[self.kind]}
+        for m, off, i in zip(self.members, self._offsets, self._track_indices(record)):
+            s = np.asarray(record.stats[i], dtype=np.float64)
+            if m.axis == "cols" and m.block > 1:
+                s = s.reshape(steps, m.num_groups, m.block, len(STAT_NAMES)).sum(2)
+            out[m.role][:, off : off + m.num_groups] += s
+        return out
+
+    def hyper(self, record: Any) -> dict[str, np.ndarray]:
+        """Hyper-parameter name -> [steps]: those of the param group holding the members."""
+        groups = sorted({int(record.tracks[i].get("param_group", 0)) for i in self._track_indices(record)})
+        for name in HYPER_NAMES:
+            cols = record.hyper[name][:, groups]
+            if not all(np.array_equal(cols[:, 0], cols[:, k], equal_nan=True) for k in range(1, len(groups))):
+                raise ValueError(
+                    f"{self.kind} {self.name!r}: its members sit in param groups {groups} with different {name!r}; "
+                    "the symmetry's dynamics need one set of hyper-parameters"
+                )
+        return {name: np.asarray(record.hyper[name][:, groups[0]], dtype=np.float64) for name in HYPER_NAMES}
+
+    def first(self, record: Any) -> np.ndarray:
+        """[steps] bool: the steps at which a member's param created its momentum buffer."""
+        return np.asarray(record.first)[:, self._track_indices(record)].any(axis=1)
+
+    def __repr__(self) -> str:
+        parts = " + ".join(f"{m.track}{'/' + str(m.block) if m.block > 1 else ''}[{m.role}]" for m in self.members)
+        return f"{type(self).__name__}({self.name!r}, {self.num_groups} groups: {parts})"
+
+
+def _check_tensor(what: str, t: Any, dims: int | None = None, at_least: int = 0) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{what} must have {dims} dims, got shape {tuple(t.shape)}")
+    if t.dim() < at_least:
+        raise ValueError(f"{what} must have at least {at_least} dims, got shape {tuple(t.shape)}")
+
+
+def _check_bias(what: str, bias: Tensor, n: int) -> None:
+    _check_tensor(what, bias, dims=1)
+    if bias.shape[0] != n:
+        raise ValueError(f"{what} has {bias.shape[0]} elements, expected {n}")
+
+
+class Translation(Symmetry):
+    """Softmax's translation symmetry on the final Linear W (C, D), b (C): θ_A ↦ θ_A + α·1.
+
+    Groups 0..D-1 are the columns of W (adding α to column j adds α·x_j to every logit), group D is
+    the bias. Holds when the logits go into softmax / log_softmax / cross-entropy over the class
+    dim. `name` is the layer's module name; the param names default to name.weight / name.bias."""
+
+    kind = "translation"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, name: str, weight_name: str | None = None,
+                 bias_name: str | None = None) -> None:
+        _check_tensor(f"Translation {name!r}: weight", weight, dims=2)
+        members = [Member(weight, weight_name or f"{name}.weight", "cols", "A")]
+        if bias is not None:
+            _check_bias(f"Translation {name!r}: bias", bias, weight.shape[0])
+            members.append(Member(bias, bias_name or f"{name}.bias", "all", "A"))
+        self._setup(name, members)
+
+
+class Scale(Symmetry):
+    """A normalised layer's scale symmetry: θ_A ↦ α θ_A per output channel o (row o of the weight
+    plus b[o]), for a Conv/Linear whose output is normalised per channel with batch statistics."""
+
+    kind = "scale"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, name: str, weight_name: str | None = None,
+                 bias_name: str | None = None) -> None:
+        _check_tensor(f"Scale {name!r}: weight", weight, at_least=1)
+        members = [Member(weight, weight_name or f"{name}.weight", "rows", "A")]
+        if bias is not None:
+            _check_bias(f"Scale {name!r}: bias", bias, weight.shape[0])
+            members.append(Member(bias, bias_name or f"{name}.bias", "rows", "A"))
+        self._setup(name, members)
+
+
+class Rescale(Symmetry):
+    """Rescale symmetry of hidden unit c between two layers through a positively homogeneous
+    activation (ReLU, max-pool...): (θ_A1, θ_A2) ↦ (α θ_A1, θ_A2 / α) with A1 = row c of the
+    incoming weight plus its bias[c] and A2 = column c of the outgoing weight (columns
+    c*block .. c*block+block-1 when a Flatten sits between a conv and a Linear).
+
+    With `name` "first->second" (module names) the param names default to first.weight,
+    first.bias and second.weight; otherwise give them."""
+
+    kind = "rescale"
+
+    def __init__(self, incoming_weight: Tensor, outgoing_weight: Tensor, incoming_bias: Tensor | None = None, *,
+                 block: int = 1, name: str, incoming_weight_name: str | None = None,
+                 incoming_bias_name: str | None = None, outgoing_weight_name: str | None = None) -> None:
+        _check_tensor(f"Rescale {name!r}: incoming_weight", incoming_weight, at_least=1)
+        _check_tensor(f"Rescale {name!r}: outgoing_weight", outgoing_weight, at_least=2)
+        first, arrow, second = name.partition("->") if isinstance(name, str) else ("", "", "")
+        names = [incoming_weight_name, incoming_bias_name if incoming_bias is not None else "", outgoing_weight_name]
+        if not arrow and not all(names):
+            raise ValueError(f"Rescale {name!r}: give incoming_weight_name, outgoing_weight_name (and "
+                             "incoming_bias_name), or a name 'first->second' made of the two module names")
+        hidden = incoming_weight.shape[0]
+        if outgoing_weight.shape[1] != hidden * block:
+            raise ValueError(f"Rescale {name!r}: outgoing_weight has {outgoing_weight.shape[1]} columns; the incoming "
+                             f"weight's {hidden} rows with block={block} need {hidden * block}")
+        members = [
+            Member(incoming_weight, incoming_weight_name or f"{first}.weight", "rows", "A1"),
+            Member(outgoing_weight, outgoing_weight_name or f"{second}.weight", "cols", "A2", block),
+        ]
+        if incoming_bias is not None:
+            _check_bias(f"Rescale {name!r}: incoming_bias", incoming_bias, hidden)
+            members.insert(1, Member(incoming_bias, incoming_bias_name or f"{first}.bias", "rows", "A1"))
+        self._setup(name, members)
+
+
+def symmetries_from_record(record: Any) -> list[Symmetry]:
+    """The symmetries an nm_optim.SGD(..., symmetries=...) run stored in its record (no tensors)."""
+    described = record.meta.get("symmetries")
+    if not described:
+        raise ValueError(
+            "the record describes no symmetries (meta['symmetries'] is missing); train with "
+            "nm_optim.SGD(..., symmetries=syms) or pass symmetries= explicitly"
+        )
+    return [Symmetry.from_description(d) for d in described]

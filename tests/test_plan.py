@@ -1,0 +1,115 @@
+"""The GPU statistics plan (nm_optim/ops/plan.py), shared by the CUDA and Triton kernels, checked
+on the CPU: its tiles cover every element of every tensor exactly once, and adding partials the
+way the kernels index them (csrc/cuda/sgd_step_cuda.cu, nm_optim/ops/triton/kernels.py: row
+partial at row_base + cb * d0 + r, column partial at col_base + rb * rowlen + c, tile totals at
+their slot, reduction tasks as strided walks) gives every group's sums. The kernels themselves
+run on a GPU (gpu tests) and, for Triton, in its interpreter (tests/test_triton.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nm_optim.ops.layout import geometry
+from nm_optim.ops.plan import StatsPlan
+
+SHAPES = [(1,), (7,), (300, 1), (5, 700), (129, 130), (33, 3, 3, 3), (3, 0), (2, 3, 0, 4), (260, 5), (40,)]
+# (tile_rows, tile_cols, flat_tile): CUDA's 2-D tiles for every tracked tensor; Triton's, with
+# flat tiles for untracked tensors and tensors whose rows are single elements.
+CONFIGS = {"cuda": (128, 128, None), "triton": (64, 128, 16384), "tiny": (4, 8, 16)}
+
+
+def axes_of(shape):
+    return ["rows", "cols", "all"] if len(shape) >= 2 else ["rows", "all"]
+
+
+def build(shapes, axes_of, untracked=()):
+    geom, offsets, row = [], [], 0
+    expected_rows = {}
+    for i, s in enumerate(shapes):
+        offs = [-1, -1, -1]
+        if i not in untracked:
+            d0, d1, rest = geometry(s)
+            for a in axes_of(s):
+                k = ("rows", "cols", "all").index(a)
+                offs[k] = row
+                expected_rows[(i, a)] = (row, (d0, d1, 1)[k])
+                row += (d0, d1, 1)[k]
+        geom += geometry(s) if i not in untracked else (0, 0, 0)
+        offsets += offs
+    return tuple(geom), tuple(offsets), expected_rows, row
+
+
+def simulate(plan: StatsPlan, shapes, terms, tile_rows, tile_cols, n_rows):
+    """What the kernels compute from the plan: scratch partials, then the reductions."""
+    scratch = np.full((plan.scratch.numel() // 9, 9), np.nan)
+    covered = [np.zeros(max(1, int(np.prod(s))), dtype=int) for s in shapes]
+    out = np.full((n_rows, 9), np.nan)
+    for t, begin, end, slot, elem_row in plan.flat[: 5 * plan.n_flat].reshape(-1, 5).tolist():
+        x = terms[t].reshape(-1, 9).numpy()
+        covered[t][begin:end] += 1
+        if slot >= 0:
+            scratch[slot] = x[begin:end].sum(0)
+        if elem_row >= 0:
+            out[elem_row + begin : elem_row + end] = x[begin:end]
+    for t, rb, cb, d0, rowlen, row_base, col_base, slot in plan.tiles2d[: 8 * plan.n_tiles2d].reshape(-1, 8).tolist():
+        x = terms[t].reshape(d0, rowlen, 9).numpy()
+        r0, r1 = rb * tile_rows, min(d0, (rb + 1) * tile_rows)
+        c0, c1 = cb * tile_cols, min(rowlen, (cb + 1) * tile_cols)
+        covered[t].reshape(d0, rowlen)[r0:r1, c0:c1] += 1
+        if row_base >= 0:
+            for r in range(r0, r1):
+                scratch[row_base + cb * d0 + r] = x[r, c0:c1].sum(0)
+        if col_base >= 0:
+            for c in range(c0, c1):
+                scratch[col_base + rb * rowlen + c] = x[r0:r1, c].sum(0)
+        if slot >= 0:
+            scratch[slot] = x[r0:r1, c0:c1].sum((0, 1))
+    counts = []
+    for base, count, inner, outer, row in plan.tasks[: 5 * plan.n_tasks].reshape(-1, 5).tolist():
+        counts.append(count)
+        idx = [base + (j // inner) * outer + j % inner for j in range(count)]
+        out[row] = scratch[idx].sum(0) if idx else 0.0
+    return out, covered, counts
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
+def test_tiles_cover_every_element_once_and_partials_add_up_to_every_group(config):
+    tile_rows, tile_cols, flat_tile = CONFIGS[config]
+    untracked = (len(SHAPES) - 1,)  # the last tensor has no track
+    geom, offsets, expected_rows, n_rows = build(SHAPES, axes_of, untracked)
+    numels = tuple(int(np.prod(s)) for s in SHAPES)
+    plan = StatsPlan(numels, geom, offsets, torch.device("cpu"), tile_rows, tile_cols, flat_tile)
+    gen = torch.Generator().manual_seed(0)
+    terms = [torch.randn(*s, 9, generator=gen, dtype=torch.float64) for s in SHAPES]
+    out, covered, counts = simulate(plan, SHAPES, terms, tile_rows, tile_cols, n_rows)
+    for i, c in enumerate(covered):
+        if numels[i] == 0 or (i in untracked and flat_tile is None):
+            assert c.sum() == 0, f"tensor {i} {SHAPES[i]}: the caller's flat kernel steps it"
+        else:
+            assert (c == 1).all(), f"tensor {i} {SHAPES[i]}: every element in exactly one tile"
+    assert counts == sorted(counts, reverse=True), "tasks sorted by size"
+    for (i, axis), (row, n) in expected_rows.items():
+        d0, d1, rest = geometry(SHAPES[i])
+        x = terms[i].reshape(d0, d1, rest, 9)
+        want = {"rows": x.sum((1, 2)), "cols": x.sum((0, 2)), "all": x.sum((0, 1, 2)).reshape(1, 9)}[axis]
+        np.testing.assert_allclose(out[row : row + n], want.numpy(), rtol=1e-12, atol=1e-12,
+                                   err_msg=f"{config} {SHAPES[i]}:{axis}")
+
+
+@pytest.mark.parametrize("axes", [("rows",), ("all",), ("cols",)])
+def test_only_the_partials_a_track_needs_are_planned(axes):
+    shape = (300, 500)
+    geom, offsets, _, _ = build([shape], lambda s: list(axes))
+    plan = StatsPlan((150000,), geom, offsets, torch.device("cpu"), 128, 128)
+    n_rb, n_cb = 3, 4
+    want = {"rows": n_cb * 300, "all": n_rb * n_cb, "cols": n_rb * 500}[axes[0]]
+    assert plan.scratch.numel() == 9 * want
+
+
+@pytest.mark.parametrize("shape", [(4096, 25088), (512, 512, 3, 3)], ids=["fc1", "conv"])
+def test_scratch_stays_proportional_to_the_tensor(shape):
+    d0, d1, rest = geometry(shape)
+    plan = StatsPlan((d0 * d1 * rest,), (d0, d1, rest), (0, d0, -1), torch.device("meta"), 128, 128)
+    assert plan.scratch.numel() * 8 <= 0.6 * d0 * d1 * rest * 4, "partials stay well below the tensor's size"
