@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, eq, is_
 
@@ -82,3 +83,40 @@ def _non_overlapping_and_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+@dataclass(frozen=True)
+class StorageView:
+    """A dense tensor in any dimension order (channels_last, ``.t()``, a permutation), as the
+    row-major [P, Q, R] view of its memory that the kernels index, and where its logical
+    "rows" / "cols" groups come from in that view.
+
+    The tensor's dims sorted by stride give its storage order n_0 .. n_k (a contiguous
+    permutation: no copy). Logical dims 0 and 1 sit at storage positions a and b; with
+    x = min(a, b), y = max(a, b) the view is P = n_0..n_x, Q = n_x+1..n_y, R = the rest, so each
+    view row holds one index of storage axis x (innermost of P) and each view column one index of
+    axis y (innermost of Q). A logical group is then the sum of the view groups g with
+    g % n = its index: ``view_sums.view(G // n, n, 9).sum(0)``, exact in float64."""
+
+    perm: tuple[int, ...]
+    shape: tuple[int, int, int]
+    rows_from: int  # view axis (0: view rows, 1: view cols) that gives the logical rows
+    cols_from: int  # ... the logical cols (-1: a tensor with fewer than 2 dims)
+
+    def view(self, t: Tensor) -> Tensor:
+        return t.permute(self.perm).reshape(self.shape)
+
+
+def storage_view(t: Tensor) -> StorageView:
+    """The StorageView of a dense tensor (kernel_layout_ok) with at least 1 dimension."""
+    sizes, strides = t.shape, t.stride()
+    # Size-1 dims have arbitrary strides and do not change the memory order: any place works.
+    perm = tuple(sorted(range(t.dim()), key=lambda d: (-strides[d] if sizes[d] > 1 else 0, d)))
+    n = [sizes[d] for d in perm]
+    a = perm.index(0)
+    b = perm.index(1) if t.dim() >= 2 else a
+    x, y = min(a, b), max(a, b)
+    shape = (math.prod(n[: x + 1]), math.prod(n[x + 1 : y + 1]), math.prod(n[y + 1 :]))
+    if t.dim() < 2:
+        return StorageView(perm, shape, 0, -1)
+    return StorageView(perm, shape, 0 if a <= b else 1, 1 if a <= b else 0)

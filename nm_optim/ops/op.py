@@ -12,6 +12,7 @@ flat-memory kernels cannot stream is stepped by the reference instead (nm_optim/
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from itertools import repeat
 
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from nm_optim.names import STAT_NAMES
 from nm_optim.ops.args import FIELDS, Bucket, StepArgs
-from nm_optim.ops.layout import DTYPE_CODES, group_counts, kernel_layout_ok, uniform_dense
+from nm_optim.ops.layout import (DTYPE_CODES, StorageView, group_counts, kernel_layout_ok, storage_view,
+                                 uniform_dense)
 from nm_optim.ops.registry import backend_step, require_backend
 
 SCHEMA = (
@@ -71,13 +73,55 @@ def _sgd_step_impl(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_b
     if numels is not None:
         step(bucket, args)
         return
-    # Rare: some tensor the flat kernel cannot stream. Step the others natively.
+    # Rare: some tensor is not contiguous. Dense tensors in another dimension order go to the
+    # kernel (through their storage view when tracked); anything else to the reference.
     ok = list(map(kernel_layout_ok, params, grads, bufs if args.has_momentum else repeat(None),
                   repeat(dtype), repeat(device)))
-    for run, want in ((step, True), (backend_step("reference"), False)):
+    permuted = [i for i, good in enumerate(ok)
+                if good and args.with_stats and max(args.offsets_of(i)) >= 0 and not params[i].is_contiguous()]
+    if permuted:
+        _step_permuted(step, bucket.subset(permuted, args.has_momentum), args.subset(permuted))
+        for i in permuted:
+            ok[i] = None
+    for want in (True, False):
         idx = [i for i, good in enumerate(ok) if good is want]
         if idx:
+            run = step if want else backend_step("reference")
             run(bucket.subset(idx, args.has_momentum), args.subset(idx))
+
+
+def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
+    """Dense tracked tensors whose memory is not in row-major order (channels_last, ``.t()``):
+    the kernel steps their row-major storage views and reduces the views' groups into a
+    temporary block, and each logical group is the sum of its view groups (ops/layout.py,
+    StorageView). The update itself is element-wise, so it is the same in any order."""
+    views: list[StorageView] = [storage_view(p) for p in bucket.params]
+    tmp_offsets: list[int] = []
+    folds: list[tuple[int, int, int, int]] = []  # (stats row, groups, tmp row, view groups)
+    tmp_rows = 0
+    for i, sv in enumerate(views):
+        rows_at, cols_at, all_at = args.offsets_of(i)
+        want = [-1, -1, -1]
+        for at, src, n in ((rows_at, sv.rows_from, bucket.params[i].shape[0]),
+                           (cols_at, sv.cols_from, bucket.params[i].shape[1] if bucket.params[i].dim() > 1 else 1),
+                           (all_at, 2, 1)):
+            if at < 0:
+                continue
+            if want[src] < 0:
+                want[src] = tmp_rows
+                tmp_rows += sv.shape[src] if src < 2 else 1
+            folds.append((at, n, want[src], sv.shape[src] if src < 2 else 1))
+        tmp_offsets += want
+    tmp = torch.full((tmp_rows, len(STAT_NAMES)), float("nan"), dtype=torch.float64, device=args.stats.device)
+    view_bucket = Bucket(
+        [sv.view(t) for sv, t in zip(views, bucket.params)],
+        [sv.view(t) for sv, t in zip(views, bucket.grads)],
+        [sv.view(t) for sv, t in zip(views, bucket.momentum_buffers)] if args.has_momentum else [],
+        bucket.is_first,
+    )
+    step(view_bucket, dataclasses.replace(args, stats=tmp, stats_offsets=tmp_offsets))
+    for at, n, tmp_at, g in folds:
+        args.stats[at : at + n] = tmp[tmp_at : tmp_at + g].view(g // n, n, len(STAT_NAMES)).sum(0)
 
 
 def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]) -> None:
