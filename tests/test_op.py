@@ -117,3 +117,68 @@ def test_step_args_follow_the_op_schema():
     names = [a.name for a in ops.sgd_step_.default._schema.arguments]
     assert names[:4] == ["params", "grads", "momentum_buffers", "is_first"]
     assert tuple(names[4:]) == FIELDS
+
+
+@pytest.mark.skipif("cpu" not in nm_optim.available_backends("cpu"), reason="nm_optim._C not built")
+def test_many_buckets_keep_their_tables(monkeypatch):
+    """Tables are cached per bucket, not in one global LRU: 100 per-layer param groups (100
+    buckets, each with tracks) build their tables on the first step only."""
+    built = []
+    real = plan.TileTable
+    monkeypatch.setattr(plan, "TileTable", lambda numels, *a: built.append(numels) or real(numels, *a))
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(100)]
+    opt = nm_optim.SGD([{"params": [p]} for p in params], lr=0.1, momentum=0.9, backend="cpu",
+                       track=[(p, "cols") for p in params])
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert len(built) == 100, f"step {step}: {len(built)} tables built"
+
+
+@pytest.mark.skipif("cpu" not in nm_optim.available_backends("cpu"), reason="nm_optim._C not built")
+def test_a_buckets_tables_go_with_its_params():
+    import gc
+
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10)
+    opt = nm_optim.SGD([p], lr=0.1, backend="cpu")
+    opt.step()
+    key = id(p)
+    assert key in plan._tables
+    del opt, p
+    gc.collect()
+    assert key not in plan._tables
+
+
+def test_a_driver_too_old_for_the_cuda_runtime_falls_back_with_one_warning(monkeypatch):
+    """torch sees a GPU, the module's static CUDA 13 runtime does not (driver < 580): 'cuda' is
+    not offered, 'auto' picks another backend and says why, 'cuda' asked for says why."""
+    from nm_optim.ops import extension, registry
+
+    if not nm_optim.build_info()["cuda_compiled"]:
+        pytest.skip("nm_optim._C built without CUDA")
+    real = extension.extension()
+
+    class OldDriver:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def cuda_device_count():
+            return 0
+
+    monkeypatch.setattr(registry, "extension", lambda: OldDriver())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for f in (registry._cuda_runtime_sees_devices, registry.default_backend, registry.require_backend):
+        f.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert "cuda" not in nm_optim.available_backends(cuda)
+        with pytest.warns(RuntimeWarning, match="driver"):
+            assert registry.default_backend(cuda) in ("triton", "reference")
+        with pytest.raises(RuntimeError, match="driver"):
+            registry.require_backend("cuda", cuda)
+    finally:
+        for f in (registry._cuda_runtime_sees_devices, registry.default_backend, registry.require_backend):
+            f.cache_clear()

@@ -15,13 +15,15 @@ from torch import Tensor
 class Bucket(NamedTuple):
     """Tensors of one device and dtype, stepped by one backend call. momentum_buffers and
     is_first are empty when momentum == 0. numels: the params' element counts, when the caller
-    has them already (the kernels' tables are keyed by them)."""
+    has them already (the kernels' tables are keyed by them). owner: the object whose lifetime
+    keys the bucket's cached tables (nm_optim/ops/plan.py; default: the first param)."""
 
     params: Sequence[Tensor]
     grads: Sequence[Tensor]
     momentum_buffers: Sequence[Tensor]
     is_first: Sequence[bool]
     numels: tuple[int, ...] | None = None
+    owner: object = None
 
     def subset(self, index: Sequence[int], has_momentum: bool) -> Bucket:
         """The tensors at `index`."""

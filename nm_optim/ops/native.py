@@ -48,13 +48,13 @@ def amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
 
 def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     """One kernel call for dense tensors that share a device and dtype (see ops/op.py)."""
-    params, grads, momentum_buffers, is_first, numels = bucket
+    params, grads, momentum_buffers, is_first, numels, owner = bucket
     if not params:
         return
     C = extension()
     device = params[0].device
     has_momentum = args.has_momentum
-    owner = params[0].data_ptr() if device.type == "cuda" else 0
+    owner = owner if owner is not None else params[0]
     with_stats = args.with_stats
     offsets = tuple(args.stats_offsets) if with_stats else ()
     geom = stats_geometry([p.shape for p in params], offsets) if with_stats else ()
@@ -67,7 +67,7 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     if with_stats and device.type == "cuda":
         # Tracked tensors are stepped by the statistics kernel: none of their flat tiles here.
         numels = tuple(0 if max(offsets[3 * i : 3 * i + 3]) >= 0 else m for i, m in enumerate(numels))
-    table = tile_table(numels, device, owner, row_lengths)
+    table = tile_table(owner, numels, device, row_lengths)
     if table.n_tiles == 0 and not with_stats:
         return
     ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
@@ -118,7 +118,7 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     else:
         stats_args = {}
         if with_stats:
-            plan = stats_plan(all_numels, geom, offsets, device, owner, C.STATS_TILE_ROWS, C.STATS_TILE_COLS)
+            plan = stats_plan(owner, all_numels, geom, offsets, device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS)
             stats_args = dict(
                 stats_tiles=plan.tiles2d.data_ptr(),
                 n_stats_tiles=plan.n_tiles2d,

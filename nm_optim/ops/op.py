@@ -118,6 +118,7 @@ def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
         [sv.view(t) for sv, t in zip(views, bucket.grads)],
         [sv.view(t) for sv, t in zip(views, bucket.momentum_buffers)] if args.has_momentum else [],
         bucket.is_first,
+        owner=bucket.params[0],  # the views are new objects every step; the param is not
     )
     step(view_bucket, dataclasses.replace(args, stats=tmp, stats_offsets=tmp_offsets))
     for at, n, tmp_at, g in folds:

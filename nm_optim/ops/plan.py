@@ -10,7 +10,7 @@ of tensors. docs/architecture.md, "The statistics plan", draws the GPU plan.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -27,21 +27,28 @@ TILE_SIZE = {"cpu": 32768, "cuda": 16384}
 # each: the CPU kernel walks such a tile in column strips (csrc/cpu/sgd_step_cpu.cpp).
 ROW_TILE_SIZE = 1 << 19
 
-_TABLE_CACHE_SIZE = 64
-_tables: OrderedDict[tuple, object] = OrderedDict()
+# Layouts kept per bucket: a bucket whose set of params with a grad alternates between a few
+# layouts (a param skipped now and then) keeps each one's tables.
+LAYOUTS_PER_BUCKET = 4
+# id(owner) -> {layout key: table}; an entry goes when its owner (a bucket's first param) does.
+_tables: dict[int, dict[tuple, object]] = {}
 T = TypeVar("T")
 
 
-def cached(key: tuple, make: Callable[[], T]) -> T:
-    """The LRU cache of every plan and table (a few per bucket, built once, rebuilt when the
-    bucket's layout changes)."""
-    table = _tables.get(key)
+def cached(owner: object, key: tuple, make: Callable[[], T]) -> T:
+    """The plans and tables of one bucket, identified by `owner` (its first param): built once
+    per layout, rebuilt when the bucket's layout changes. Per bucket rather than one global LRU,
+    so that any number of buckets (per-layer param groups) never evict each other, and each
+    bucket's device tables are its own (no sharing across streams)."""
+    per_owner = _tables.get(id(owner))
+    if per_owner is None:
+        per_owner = _tables[id(owner)] = {}
+        weakref.finalize(owner, _tables.pop, id(owner), None)
+    table = per_owner.get(key)
     if table is None:
-        table = _tables[key] = make()
-        if len(_tables) > _TABLE_CACHE_SIZE:
-            _tables.popitem(last=False)
-    else:
-        _tables.move_to_end(key)
+        if len(per_owner) >= LAYOUTS_PER_BUCKET:
+            per_owner.pop(next(iter(per_owner)))  # the oldest layout
+        table = per_owner[key] = make()
     return table  # type: ignore[return-value]
 
 
@@ -52,16 +59,26 @@ def _int64(xs: Sequence[int], device: torch.device) -> Tensor:
 class PointerTable:
     """The device copy of a bucket's address table [4, n] (param, grad, buffer, is_first),
     refreshed only when an address changed since the last step (with a caching allocator the
-    grads of step k+1 often land where those of step k were). The host copy stays referenced,
-    so a CUDA graph that captured the upload replays it from live memory."""
+    grads of step k+1 often land where those of step k were).
+
+    Under CUDA graph capture every upload gets tables of its own, kept alive as long as this
+    object: a replay reads the host copy the capture recorded and the device copy the captured
+    kernels read, which no later eager step (with other addresses) may overwrite."""
 
     def __init__(self) -> None:
         self.device_copy: Tensor | None = None
         self.host_copy: Tensor | None = None
         self.last: tuple[int, ...] | None = None
+        self.captured: list[tuple[Tensor, Tensor]] = []
 
     def upload(self, ptrs: Sequence[int], device: torch.device) -> Tensor:
         key = tuple(ptrs)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            host = torch.tensor(key, dtype=torch.int64).pin_memory()
+            dev = torch.empty_like(host, device=device)
+            dev.copy_(host, non_blocking=True)
+            self.captured.append((host, dev))
+            return dev
         if key != self.last or self.device_copy is None:
             host = torch.tensor(key, dtype=torch.int64)
             if device.type == "cuda":
@@ -105,11 +122,10 @@ class TileTable:
         self.pointers = PointerTable()
 
 
-def tile_table(numels: tuple[int, ...], device: torch.device, owner: int = 0,
+def tile_table(owner: object, numels: tuple[int, ...], device: torch.device,
                row_lengths: tuple[int, ...] | None = None) -> TileTable:
-    """The cached flat tiles for these element counts. `owner` (the first param's address on
-    CUDA) keeps buckets apart whose device pointer tables must not be shared across streams."""
-    return cached(("tiles", device, numels, owner, row_lengths),
+    """The flat tiles of `owner`'s bucket for these element counts (see `cached`)."""
+    return cached(owner, ("tiles", device, numels, row_lengths),
                   lambda: TileTable(numels, TILE_SIZE[device.type], device, row_lengths))
 
 
@@ -194,10 +210,10 @@ class StatsPlan:
         self.pointers = PointerTable()
 
 
-def stats_plan(numels: tuple[int, ...], geom: tuple[int, ...], offsets: tuple[int, ...], device: torch.device,
-               owner: int, tile_rows: int, tile_cols: int, flat_tile: int | None = None) -> StatsPlan:
-    """The cached StatsPlan of a bucket (`owner` as in tile_table)."""
-    return cached(("stats", device, numels, geom, offsets, owner, tile_rows, tile_cols, flat_tile),
+def stats_plan(owner: object, numels: tuple[int, ...], geom: tuple[int, ...], offsets: tuple[int, ...],
+               device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None) -> StatsPlan:
+    """The StatsPlan of `owner`'s bucket for this layout (see `cached`)."""
+    return cached(owner, ("stats", device, numels, geom, offsets, tile_rows, tile_cols, flat_tile),
                   lambda: StatsPlan(numels, geom, offsets, device, tile_rows, tile_cols, flat_tile))
 
 

@@ -54,7 +54,7 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
     v = 0 on the first step and without momentum) go to the rows stats_offsets[3i : 3i + 3] of
     its rows / cols / all tracks (see nm_optim/tracks.py); a skipped step writes NaN there.
     """
-    params, grads, momentum_buffers, is_first, _ = bucket
+    params, grads, momentum_buffers, is_first = bucket[:4]
     a = args
     lr, lr_tensor, weight_decay, momentum = a.lr, a.lr_tensor, a.weight_decay, a.momentum
     dampening, nesterov, maximize = a.dampening, a.nesterov, a.maximize

@@ -17,6 +17,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +56,21 @@ def _require_cuda(device: torch.device) -> None:
             f"({mod.build_info()['cuda_reason']}); reinstall with nvcc on PATH "
             "(NM_OPTIM_CUDA=1 makes a missing nvcc a build error)"
         )
+    if torch.cuda.is_available() and not _cuda_runtime_sees_devices():
+        raise RuntimeError(f"backend='cuda': {_NO_RUNTIME_DEVICE}")
+
+
+_NO_RUNTIME_DEVICE = (
+    "torch sees a GPU but nm_optim._C's CUDA runtime (linked statically, CUDA 13) finds none: the "
+    "driver is likely older than the runtime needs (CUDA 13: driver >= 580); update the driver, or "
+    "use backend='triton' or 'reference'"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runtime_sees_devices() -> bool:
+    """Probed once: whether the compiled module's own CUDA runtime can use the GPUs torch sees."""
+    return extension().cuda_device_count() > 0
 
 
 def _require_triton(device: torch.device) -> None:
@@ -105,14 +121,15 @@ REGISTRY: dict[str, Backend] = {
         Backend("cpu", "nm_optim.ops.native:sgd_step_native", _require_cpu,
                 lambda d: d.type == "cpu" and _has_extension()),
         Backend("cuda", "nm_optim.ops.native:sgd_step_native", _require_cuda,
-                lambda d: _cuda_usable(d) and cuda_compiled()),
+                lambda d: _cuda_usable(d) and cuda_compiled() and _cuda_runtime_sees_devices()),
         Backend("triton", "nm_optim.ops.triton.launch:sgd_step_triton", _require_triton,
                 lambda d: _triton_installed() and (_cuda_usable(d) or d.type == "cpu" and triton_interpreting())),
     )
 }
 assert tuple(REGISTRY) == BACKENDS, "nm_optim.names.BACKENDS and the registry list the same backends"
-# Fastest first: what backend="auto" picks among the usable ones (Triton only when asked for).
-AUTO_ORDER = ("cuda", "cpu", "reference")
+# Fastest first: what backend="auto" picks among the usable ones. Triton only on CUDA devices
+# (on CPU tensors it is Triton's interpreter, for tests).
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
@@ -138,9 +155,14 @@ def require_backend(backend: str, device: torch.device) -> None:
 
 @functools.lru_cache(maxsize=None)
 def default_backend(device: torch.device) -> str:
-    """What backend='auto' picks for tensors on `device`: the fastest available."""
+    """What backend='auto' picks for tensors on `device`: the fastest available. When CUDA
+    tensors cannot use the compiled kernel although it was built, says why, once."""
     names = available_backends(device)
-    return next(name for name in AUTO_ORDER if name in names)
+    choice = next(name for name in AUTO_ORDER.get(device.type, ("reference",)) if name in names)
+    if device.type == "cuda" and choice != "cuda" and cuda_compiled() and torch.cuda.is_available():
+        warnings.warn(f"nm_optim: backend='auto' uses {choice!r} on {device}: {_NO_RUNTIME_DEVICE}",
+                      RuntimeWarning, stacklevel=2)
+    return choice
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

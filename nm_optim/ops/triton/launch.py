@@ -19,7 +19,7 @@ from nm_optim.ops.triton import kernels as K
 def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     """One step of dense tensors sharing a device and dtype (see ops/op.py), with the statistics
     of the tracked ones written to `args.stats`."""
-    params, grads, momentum_buffers, is_first, numels = bucket
+    params, grads, momentum_buffers, is_first, numels, owner = bucket
     if not params:
         return
     device = params[0].device
@@ -29,8 +29,8 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     numels = numels if numels is not None else tuple(p.numel() for p in params)
     offsets = tuple(args.stats_offsets) if with_stats else ()
     geom = stats_geometry([p.shape for p in params], offsets) if with_stats else ()
-    owner = params[0].data_ptr() if device.type == "cuda" else 0
-    plan = stats_plan(numels, geom, offsets, device, owner, K.TILE_ROWS, K.BLOCK_COLS, flat_tile=K.FLAT_TILE)
+    owner = owner if owner is not None else params[0]
+    plan = stats_plan(owner, numels, geom, offsets, device, K.TILE_ROWS, K.BLOCK_COLS, flat_tile=K.FLAT_TILE)
     table = plan.pointers.upload(address_table(params, grads, momentum_buffers, is_first, has_momentum), device)
 
     dummy = plan.scratch  # any device tensor, for pointer arguments a variant does not read
