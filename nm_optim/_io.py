@@ -1,31 +1,67 @@
 """Writing files so that a crash never leaves half of one: a temporary file in the same folder,
-fsync, rename over the target. Used for records, summaries and checkpoints."""
+fsync, rename over the target. Used for records, summaries and checkpoints.
+
+The process umask is never set here, not even for a moment: it is process-wide, so setting it
+(even to read it back) makes files that other threads create meanwhile group/world-writable."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+# How a new file is opened: created here or not at all (never through a planted symlink).
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_CREATE |= getattr(os, "O_BINARY", 0)
+
+
+def _create_new(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new file `folder/prefix<random>suffix` opened with mode 0o666, so that the OS applies the
+    umask (and any default ACL) exactly as open() would; mkstemp's fixed 0o600 would make outputs
+    unreadable to the rest of a group sharing a results folder."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            return os.open(path, _CREATE, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder}")
+
+
+def _umask() -> int:
+    """The current umask, read without setting it: /proc/self/status on Linux, else the mode the
+    OS gives a probe file."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    fd, probe = _create_new(Path(tempfile.gettempdir()), ".nm_optim_umask.", ".probe")
+    try:
+        return 0o777 & ~os.fstat(fd).st_mode & 0o666
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
 
 def new_file_mode() -> int:
-    """What open() would give a new file (0o666 less the umask): mkstemp's 0o600 would make
-    outputs unreadable to the rest of a group sharing a results folder."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    """What open() gives a new file: 0o666 less the umask (the umask is read, never set)."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
     """Call `write(file)` on a temporary file next to `path`, then fsync and rename it to `path`.
-    A crash (or an exception in `write`) leaves the old file, or none, never a partial one."""
+    A crash (or an exception in `write`) leaves the old file, or none, never a partial one. The
+    file gets the mode open() would give it (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_new(path.parent, f".{path.name}.", ".tmp")
     try:
-        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()

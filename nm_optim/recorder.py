@@ -12,6 +12,7 @@ are copied there without a sync.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from nm_optim._version import __version__
 from nm_optim.names import HYPER_NAMES, STAT_NAMES
 from nm_optim.names import RECORD_FORMAT as FORMAT
 from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
-from nm_optim.tracks import TrackTable
+from nm_optim.tracks import TrackTable, describe_value
 
 
 @dataclass
@@ -109,10 +110,8 @@ class Recorder:
 
     def __init__(self, tracks: TrackTable, param_groups: Callable[[], list[dict[str, Any]]], record_every: int = 1,
                  chunk: int = 256, meta: Callable[[], dict[str, Any]] | None = None) -> None:
-        if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
-            raise ValueError(f"record_every must be a positive int, got {record_every!r}")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+        record_every = _positive_int("record_every", record_every)
+        chunk = _positive_int("chunk", chunk)
         self._tracks = tracks
         self._param_groups = param_groups
         self._meta = meta or dict
@@ -179,8 +178,10 @@ class Recorder:
         if self._slot:
             self._flush()
         self._collect(keep=0)
+        # No check of the params' current shapes: SGD.step refuses a tracked param whose shape
+        # changed before recording it, so everything here was recorded with the tracks' shapes
+        # (and the history stays saveable after such a change).
         table = self._tracks
-        table.check_unchanged()
         meta = self._host_meta
         n = len(meta["steps"])
         whole = {d: np.concatenate(c) for d, c in self._host_stats.items() if c}
@@ -315,6 +316,16 @@ class Recorder:
 
     def _group_index(self) -> dict[int, int]:
         return {id(p): gi for gi, g in enumerate(self._param_groups()) for p in g["params"]}
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """`value` as an int: any integral type (numpy's too), but not a bool; at least 1."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int (any integral type but bool), got "
+                        f"{type(value).__name__} {describe_value(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {int(value)}")
+    return int(value)
 
 
 def _resolve(x: Any, row: int, host_scalars: dict[torch.device, np.ndarray]) -> Any:

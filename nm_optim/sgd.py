@@ -54,8 +54,15 @@ class SGD(Optimizer):
             group of each track the step emits the 9 sums of ``nm_optim.STAT_NAMES`` of the
             pre-step p, g (grad after unscaling and the maximize sign, before weight decay) and
             v (the momentum buffer before the step); read them with :meth:`last_stats`.
-        record_every (int): with tracks, ``opt.recorder`` keeps every record_every-th step's
-            statistics and hyper-parameters (see nm_optim.recorder; default: 1).
+        foreach (bool, optional), fused (bool, optional): accepted for drop-in compatibility and
+            kept in the param groups (and state dicts) as torch.optim.SGD keeps them; they choose
+            nothing here: every step is one fused kernel per bucket, whatever their values
+            (``backend`` chooses the implementation). As in torch, both True is an error.
+        differentiable (bool): must be False (default); differentiating through the step is not
+            supported (the kernels write in place through raw pointers).
+        record_every (int): with tracks, ``opt.recorder`` keeps the statistics and
+            hyper-parameters of one step in every ``record_every`` (steps 0, record_every, ...;
+            see nm_optim.recorder; default: 1). Any integral value (numpy's too), not a bool.
         symmetries: nm_optim.Translation / Scale / Rescale objects (e.g. from
             :func:`nm_optim.find_symmetries`): their (param, axis) tracks are added after the
             `track` items, each distinct (param, axis) once, so two symmetries sharing a tensor
@@ -63,10 +70,17 @@ class SGD(Optimizer):
             the record's ``meta["symmetries"]`` describes them, so ``sym.group_stats(record)``
             and :func:`nm_optim.symmetry.symmetries_from_record` work on a loaded file.
 
-    The state dict has torch.optim.SGD's format (``momentum_buffer`` per param), so state moves
-    between the two optimizers in both directions. Works with torch.amp.GradScaler: the scale is
-    applied inside the kernel, and a step with ``found_inf`` set writes nothing and creates no
-    state, also on the first step.
+    The state dict has torch.optim.SGD's format and keys exactly (``momentum_buffer`` per param;
+    no ``backend``, which is a choice of this process, not training state), so state moves between
+    the two optimizers in both directions, also through torch.distributed.checkpoint; loading
+    keeps each param group's backend. Works with torch.amp.GradScaler: the scale is applied inside
+    the kernel, and a step with ``found_inf`` set writes nothing and creates no state, also on the
+    first step.
+
+    A param listed twice in one group is stepped twice, in order, as torch.optim.SGD does (both
+    warn at construction): the second update sees the first's result. Each kernel call sees a
+    tensor once (the occurrences go to successive calls); a tracked param's statistics are those
+    of its first occurrence, i.e. of the pre-step values.
     """
 
     _step_supports_amp_scaling = True
@@ -81,6 +95,9 @@ class SGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         backend: str = "auto",
         track: str | Iterable[tuple[Tensor, str]] | None = None,
         record_every: int = 1,
@@ -95,6 +112,7 @@ class SGD(Optimizer):
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_differentiable(differentiable)
         check_backend_name(backend)
         defaults = {
             "lr": lr,
@@ -103,11 +121,16 @@ class SGD(Optimizer):
             "weight_decay": weight_decay,
             "nesterov": nesterov,
             "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
             "backend": backend,
         }
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
+        if fused and foreach:  # torch.optim.SGD's check and message
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         spec, names, self.symmetries = _with_symmetries(track, symmetries, self.param_groups)
         self._tracks = TrackTable(spec, self.param_groups, names)
         self.recorder = self._new_recorder(record_every)
@@ -160,25 +183,43 @@ class SGD(Optimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+            # As torch.optim.SGD.__setstate__ (which also runs at the end of load_state_dict).
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
             group.setdefault("backend", "auto")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "backend" in param_group:
             check_backend_name(param_group["backend"])
+        if "differentiable" in param_group:
+            _check_differentiable(param_group["differentiable"])
         super().add_param_group(param_group)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of nm_optim.SGD or torch.optim.SGD.
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.SGD's state dict, keys included: the param groups carry no ``backend`` (it
+        says how this process runs the step, not what training reached; loading keeps the
+        backend each group has here), so torch's loader and torch.distributed.checkpoint meet
+        exactly the keys torch.optim.SGD saves."""
+        state = super().state_dict()
+        for group in state["param_groups"]:  # fresh dicts, built by Optimizer.state_dict
+            group.pop("backend", None)
+        return state
 
-        A torch.optim.SGD state dict has no ``backend``: each group keeps the one it had here.
-        """
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of nm_optim.SGD or torch.optim.SGD (they have the same format).
+
+        Each param group keeps the backend it has here (a ``backend`` key in a state dict saved
+        by an older nm_optim is ignored)."""
         backends = [g.get("backend", "auto") for g in self.param_groups]
-        saved_groups = state_dict.get("param_groups", [])
-        missing = [("backend" not in g) for g in saved_groups]
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list) and any(isinstance(g, dict) and "backend" in g for g in groups):
+            state_dict = dict(state_dict, param_groups=[
+                {k: v for k, v in g.items() if k != "backend"} if isinstance(g, dict) else g for g in groups
+            ])
         super().load_state_dict(state_dict)
-        for group, backend, absent in zip(self.param_groups, backends, missing):
-            if absent:
-                group["backend"] = backend
+        for group, backend in zip(self.param_groups, backends):
+            group["backend"] = backend
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -194,11 +235,15 @@ class SGD(Optimizer):
 
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if self._tracks:
+            # Before anything is written: a tracked param whose shape or device changed would
+            # have its groups reduced into rows laid out for the old shape.
+            self._tracks.check_unchanged()
 
         calls = []
         new_buffers: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
-            for (device, _), bucket in self._buckets(group, new_buffers).items():
+            for device, bucket in self._buckets(group, new_buffers):
                 calls.append((group, device, *bucket))
 
         # A step that would create momentum buffers while GradScaler found an inf or nan: skip
@@ -241,9 +286,10 @@ class SGD(Optimizer):
             self.recorder.after_step({id(p) for p, _ in new_buffers}, found_inf)
         return loss
 
-    def _buckets(self, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> dict:
-        """Params with a grad, split by (device, dtype), with their buffers, is_first flags and
-        statistics offsets (empty when no param of the bucket is tracked)."""
+    def _buckets(self, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> list:
+        """(device, bucket) for each kernel call, in order: params with a grad, split by (device,
+        dtype), with their buffers, is_first flags and statistics offsets (empty when no param of
+        the bucket is tracked). A param listed k times in the group is in k successive calls."""
         all_params = group["params"]
         grads = list(map(_grad, all_params))
         if all(map(is_not, grads, repeat(None))):
@@ -256,8 +302,8 @@ class SGD(Optimizer):
             i = next(i for i, g in enumerate(grads) if g.is_sparse)
             _check_param(group, i if index is None else index[i], params[i], grads[i])
 
-        buckets = {}
-        for key, members in self._plan(group, params, index).items():
+        buckets = []
+        for device, members, first_round in self._plan(group, params, index):
             if members is None:
                 bparams, bgrads = params, grads
             else:
@@ -278,29 +324,41 @@ class SGD(Optimizer):
                         is_first.append(False)
                     bufs.append(buf)
             offsets: list[int] = []
-            if self._tracks:
+            # A repeated occurrence is stepped untracked: the statistics are of the pre-step values.
+            if self._tracks and first_round:
                 lookup = self._tracks.offsets
                 found = [lookup(p) for p in bparams]
                 if any(o is not None for o in found):
                     for o in found:
                         offsets += o if o is not None else _UNTRACKED
-            buckets[key] = (bparams, bgrads, bufs, is_first, offsets)
+            buckets.append((device, (bparams, bgrads, bufs, is_first, offsets)))
         return buckets
 
-    def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> dict:
-        """{(device, dtype): positions in `params`, or None for all}; cached per param group and
-        rebuilt when the set of params with a grad changes."""
+    def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
+        """The kernel calls of a group: (device, positions in `params` or None for all, whether
+        this is the first occurrence of its params), one per (device, dtype), in order; cached per
+        param group and rebuilt when the set of params with a grad changes.
+
+        A param listed several times (torch warns, and steps it once per occurrence, in order)
+        goes into one call per occurrence: in one call the kernel's threads would step the same
+        memory at once, a data race."""
         plans = self.__dict__.setdefault("_nm_plans", {})
         key = tuple(map(id, params))
         cached = plans.get(id(group))
         if cached is not None and cached[0] is group and cached[1] == key:
             return cached[2]
-        plan: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        plan: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
+        seen: Counter[int] = Counter()
         for i, p in enumerate(params):
             if p.dtype not in _DTYPES:
                 _check_param(group, i if index is None else index[i], p, p)
-            plan.setdefault((p.device, p.dtype), []).append(i)
-        result = {k: (None if len(v) == len(params) else v) for k, v in plan.items()}
+            occurrence = seen[id(p)]
+            seen[id(p)] += 1
+            plan.setdefault((occurrence, p.device, p.dtype), []).append(i)
+        # All first occurrences, then all second ones, ...; a stable sort keeps the group's order
+        # within each (different params are independent, so only each param's own order matters).
+        result = [(device, None if len(v) == len(params) else v, occurrence == 0)
+                  for (occurrence, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
         # The plan holds the group and its params, so their ids cannot be reused while cached.
         plans[id(group)] = (group, key, result, list(params))
         return result
@@ -338,6 +396,14 @@ def _with_symmetries(
         twice = sorted(n for n, k in taken.items() if k > 1)
         raise ValueError(f"symmetries give different parameters the same name: {twice}")
     return pairs, names, syms
+
+
+def _check_differentiable(differentiable: Any) -> None:
+    if differentiable:
+        raise NotImplementedError(
+            "nm_optim.SGD does not support differentiable=True: its kernels update params in "
+            "place outside autograd; use torch.optim.SGD(..., differentiable=True) for that"
+        )
 
 
 def _param_name(group: dict[str, Any], i: int, p: Tensor) -> str:

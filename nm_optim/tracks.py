@@ -24,6 +24,17 @@ from nm_optim.names import AXES, STAT_NAMES
 from nm_optim.ops.layout import group_counts
 
 
+def describe_value(x: Any) -> str:
+    """`x` for an error message: a tensor by its shape and dtype (its repr prints the values,
+    thousands of lines for a weight matrix), a sequence item by item, anything else by repr."""
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)} ({str(x.dtype).removeprefix('torch.')})"
+    if isinstance(x, tuple | list):
+        inner = ", ".join(describe_value(v) for v in x)
+        return f"({inner}{',' if len(x) == 1 else ''})" if isinstance(x, tuple) else f"[{inner}]"
+    return repr(x)
+
+
 def num_groups(shape: Sequence[int], axis: str) -> int:
     return group_counts(shape)[AXES.index(axis)]
 
@@ -40,7 +51,7 @@ def track_pairs(spec: Any, param_groups: Sequence[dict[str, Any]]) -> list[tuple
     pairs = []
     for item in spec:
         if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], Tensor)):
-            raise TypeError(f"each track must be a (param, axis) pair, got {item!r}")
+            raise TypeError(f"each track must be a (param, axis) pair, got {describe_value(item)}")
         pairs.append((item[0], item[1]))
     return pairs
 
@@ -82,7 +93,9 @@ def _param_names(param_groups: Sequence[dict[str, Any]], fallback: dict[int, str
 
 def _check_axis(name: str, shape: tuple[int, ...], axis: Any) -> None:
     if axis not in AXES:
-        raise ValueError(f"track {name!r}: axis must be one of {AXES}, got {axis!r}")
+        raise ValueError(
+            f"track {name!r}: axis must be one of {AXES}, got {describe_value(axis)} (param shape {shape})"
+        )
     if axis == "rows" and len(shape) < 1:
         raise ValueError(f"track {name!r}: axis 'rows' needs a tensor with at least 1 dimension, got shape {shape}")
     if axis == "cols" and len(shape) < 2:
@@ -159,9 +172,21 @@ class TrackTable:
         return [host[t.device][t.row : t.row + t.num_groups].clone() for t in self.tracks]
 
     def check_unchanged(self) -> None:
+        """RuntimeError if a tracked param's shape or device is no longer the one its track's
+        rows were laid out for (e.g. ``p.data = smaller``). Called by every step, before it writes
+        anything, so the statistics recorded so far all describe the shapes of the tracks."""
         for t in self._slots.values():
-            if tuple(t.param.shape) != t.shape or t.param.device != t.device:
-                raise RuntimeError(
-                    f"track {t.name!r} was set up for shape {t.shape} on {t.device}, but the parameter is now "
-                    f"{tuple(t.param.shape)} on {t.param.device}; create the optimizer again after changing it"
-                )
+            p = t.param
+            if p.shape != t.shape or p.device != t.device:
+                self._changed(t)
+
+    def _changed(self, t: Track) -> None:
+        name = self._names[id(t.param)]
+        axes = sorted(a for (pid, a) in self._slots if pid == id(t.param))
+        raise RuntimeError(
+            f"parameter {name!r} is tracked ({', '.join(axes)}) with shape {t.shape} on {t.device}, the "
+            f"shape it had when the optimizer was created, but it is now {tuple(t.param.shape)} on "
+            f"{t.param.device}. A track's groups are fixed when the optimizer is created: save the history "
+            "recorded so far with opt.recorder.save(path), then re-track the parameter at its new shape by "
+            "creating a new nm_optim.SGD with track=[...]."
+        )

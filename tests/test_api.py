@@ -45,7 +45,8 @@ def test_param_groups_and_add_param_group_take_defaults():
     g0, g1 = opt.param_groups
     assert g1["lr"] == 0.01 and g1["momentum"] == 0.9 and g1["backend"] == "reference"
     assert set(g0) == set(g1) == {
-        "params", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "backend"
+        "params", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach",
+        "differentiable", "fused", "backend"
     }
 
 
@@ -197,7 +198,7 @@ def test_a_torch_state_dict_keeps_the_backend_chosen_here():
     opt.load_state_dict(ref.state_dict())
     assert opt.param_groups[0]["backend"] == "reference"
     back = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    back.load_state_dict(opt.state_dict())  # the extra "backend" key does not bother torch
+    back.load_state_dict(opt.state_dict())  # torch.optim.SGD's keys: no "backend" to carry along
     assert back.param_groups[0]["foreach"] is None
 
 
