@@ -109,7 +109,7 @@ def test_resume_refuses_a_different_trajectory(tmp_path):
     with pytest.raises(UserError, match="--momentum 0.5 differs"):
         run(tmp_path / "r", resume=True, config=TrainConfig(**{**CONFIG.to_dict(), "momentum": 0.5}))
     (tmp_path / "r" / CHECKPOINT_NAME).write_bytes(b"garbage")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="is damaged or not a checkpoint"):
         run(tmp_path / "r", resume=True)
 
 

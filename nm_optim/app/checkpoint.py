@@ -31,6 +31,8 @@ from nm_optim.app.config import TrainConfig, UserError, apply_resume_overrides
 CHECKPOINT_FORMAT = "nm_optim.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+# What save_checkpoint writes; a checkpoint without one of these cannot resume a run exactly.
+PARTS = ("config", "step", "model", "optimizer", "recorder", "rng", "losses", "pending_losses")
 
 
 def save_checkpoint(
@@ -67,15 +69,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint to resume from: {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (a save that was interrupted?); it cannot be resumed")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise UserError(f"checkpoint {path} is damaged or not a checkpoint (not a torch.save file)")
     try:
         # mmap: reading the config for --resume must not load a VGG-sized checkpoint twice
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    except Exception as e:  # torch's message is about its file format, not about the run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is damaged or not a checkpoint ({type(e).__name__}: {first[:120]})") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an nm_optim checkpoint")
     if state.get("version", 0) > CHECKPOINT_VERSION:
         raise UserError(f"{path} was written by a newer nm_optim (checkpoint version {state['version']}); upgrade nm_optim")
+    missing = [k for k in PARTS if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete: it has no {', '.join(repr(k) for k in missing)}")
     return state
 
 
@@ -84,19 +95,40 @@ def restore_checkpoint(
 ) -> tuple[int, list[tuple[int, float]], list[Tensor]]:
     """Load a checkpoint's `state` (read from `path`) into a freshly built model and optimizer,
     run with `backend` from now on and restore the RNG states. Returns (step, the loss log, the
-    pending losses on `device`)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    pending losses on `device`). A checkpoint that does not fit raises UserError."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:300]
+        raise UserError(f"the weights in {path} do not fit this model: {detail}") from e
+    _check_momentum_state(state, path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the optimizer state in {path} does not fit this model: {e}") from e
     for group in optimizer.param_groups:  # the backend is how, not what: it may change on resume
         group["backend"] = backend
     try:
         optimizer.recorder.load_state_dict(state["recorder"])
-    except ValueError as e:
-        raise UserError(f"checkpoint {path} does not fit this model: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"the recorder state in checkpoint {path} is damaged or does not fit this model: "
+                        f"{type(e).__name__}: {e}") from e
     losses = [(int(s), float(v)) for s, v in state["losses"]]
     pending = [t.to(device) for t in state["pending_losses"]]
     _set_rng_state(state["rng"], device)
     return int(state["step"]), losses, pending
+
+
+def _check_momentum_state(state: dict[str, Any], path: Path) -> None:
+    """A run with momentum that has stepped has a momentum buffer per param: a checkpoint
+    without any would resume with momentum silently reset, a different run."""
+    opt = state["optimizer"]
+    groups = opt.get("param_groups", []) if isinstance(opt, dict) else []
+    momentum = any(float(g.get("momentum", 0)) != 0 for g in groups)
+    if momentum and int(state["step"]) > 0 and not opt.get("state"):
+        raise UserError(f"checkpoint {path} has no momentum buffers although the run used momentum and "
+                        f"took {int(state['step'])} steps: resuming would reset momentum")
 
 
 def resume_config(out: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
