@@ -15,10 +15,12 @@ import json
 import numbers
 import os
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -78,27 +80,82 @@ class Record:
         return path
 
 
+class RecordError(ValueError):
+    """A file that is not a readable nm_optim record; the message names the file and what is
+    wrong with it, in one line."""
+
+
+# Errors numpy, zipfile and json raise on damaged or foreign files.
+_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def load_record(path: str | os.PathLike) -> Record:
-    """Read a file written by `Recorder.save` / `Record.save`."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not an nm_optim record (format {meta.get('format')!r})")
+    """Read a file written by `Recorder.save` / `Record.save`. A missing, damaged or foreign
+    file, or one whose arrays disagree, raises RecordError naming the file and the problem."""
+    path = Path(path)
+
+    def fail(what: str) -> NoReturn:
+        raise RecordError(f"{path}: {what}")
+
+    if not path.is_file():
+        fail("no such file")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except _READ_ERRORS:
+        fail("not an nm_optim record (not a .npz file, or a damaged one)")
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        fail("a single array (.npy), not an nm_optim record (.npz)")
+    with z:
+        def read(key: str) -> np.ndarray:
+            if key not in z.files:
+                fail(f"damaged or incomplete record: no {key!r} entry" if "meta" in z.files
+                     else "not an nm_optim record (no 'meta' entry)")
+            try:
+                return z[key]
+            except _READ_ERRORS as e:
+                fail(f"damaged record: entry {key!r} cannot be read ({type(e).__name__})")
+
+        try:
+            meta = json.loads(str(read("meta")))
+        except json.JSONDecodeError:
+            fail("damaged record: its 'meta' entry is not valid JSON")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            fail(f"not an nm_optim record (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: record format version {meta['format_version']} is newer than this nm_optim "
-                f"reads ({FORMAT_VERSION}); upgrade nm_optim"
-            )
+            fail(f"record format version {meta['format_version']} is newer than this nm_optim reads "
+                 f"({FORMAT_VERSION}); upgrade nm_optim")
+        for key in ("tracks", "hyper_names"):
+            if not isinstance(meta.get(key), list):
+                fail(f"damaged record: its meta has no {key!r} list")
         tracks = meta.pop("tracks")
-        return Record(
+        record = Record(
             tracks=tracks,
-            steps=z["steps"],
-            stats=[z[f"stats_{i}"] for i in range(len(tracks))],
-            hyper={name: z[f"hyper_{name}"] for name in meta.pop("hyper_names")},
-            first=z["first"],
-            skipped=z["skipped"],
+            steps=read("steps"),
+            stats=[read(f"stats_{i}") for i in range(len(tracks))],
+            hyper={name: read(f"hyper_{name}") for name in meta.pop("hyper_names")},
+            first=read("first"),
+            skipped=read("skipped"),
             meta=meta,
         )
+    _check_consistent(record, fail)
+    return record
+
+
+def _check_consistent(record: Record, fail: Callable[[str], NoReturn]) -> None:
+    """Every array has one row per recorded step, and each track's stats its groups."""
+    n = record.steps.shape[0] if record.steps.ndim == 1 else fail(f"'steps' has shape {record.steps.shape}")
+    for i, (t, s) in enumerate(zip(record.tracks, record.stats)):
+        groups = t.get("num_groups") if isinstance(t, dict) else None
+        if s.shape != (n, groups, len(STAT_NAMES)):
+            fail(f"arrays disagree: 'stats_{i}' has shape {list(s.shape)}, expected [{n}, {groups}, "
+                 f"{len(STAT_NAMES)}] ({n} steps recorded)")
+    expected = {"first": (n, len(record.tracks)), "skipped": (n,)}
+    for key, shape in expected.items():
+        if getattr(record, key).shape != shape:
+            fail(f"arrays disagree: {key!r} has shape {list(getattr(record, key).shape)}, expected {list(shape)}")
+    for name, values in record.hyper.items():
+        if values.ndim != 2 or values.shape[0] != n:
+            fail(f"arrays disagree: 'hyper_{name}' has shape {list(values.shape)}, expected [{n}, param groups]")
 
 
 class Recorder:

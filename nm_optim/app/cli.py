@@ -24,6 +24,7 @@ from nm_optim.app.config import TrainConfig, UserError, check_writable
 from nm_optim.app.demo import DEMO_STEPS, run_demo
 from nm_optim.app.loop import train
 from nm_optim.app.report import SUMMARY_NAME, format_table, plot_record
+from nm_optim.recorder import RecordError
 
 PROG = "nm-optim"
 DEFAULT_CHECKPOINT_EVERY = 1000
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         return args.func(args)
-    except UserError as e:
+    except (UserError, RecordError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
