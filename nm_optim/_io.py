@@ -6,6 +6,8 @@ The process umask is never set here, not even for a moment: it is process-wide, 
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import secrets
 import tempfile
@@ -54,13 +56,44 @@ def new_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def _temp_prefix(path: Path, pid: int) -> str:
+    # The writer's pid is in the name, so a later save can tell a crashed writer's leftover
+    # (its process is gone) from a concurrent writer's file in progress.
+    return f".{path.name}.{pid}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files that writers of `path` killed mid-save (SIGKILL, power loss)
+    left next to it: a killed save of a large record must not leave hundreds of MB behind."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
     """Call `write(file)` on a temporary file next to `path`, then fsync and rename it to `path`.
-    A crash (or an exception in `write`) leaves the old file, or none, never a partial one. The
-    file gets the mode open() would give it (0o666 less the umask)."""
+    A crash (or an exception in `write`) leaves the old file, or none, never a partial one; a
+    temporary file a killed earlier save left behind is removed. The file gets the mode open()
+    would give it (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_new(path.parent, f".{path.name}.", ".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = _create_new(path.parent, _temp_prefix(path, os.getpid()), ".tmp")
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

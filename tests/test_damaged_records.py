@@ -4,9 +4,7 @@ that loads and fails later; `nm-optim plot` prints it as one line."""
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -109,3 +107,40 @@ def test_plot_prints_one_line(record_path, tmp_path, capsys):
     assert main(["plot", str(record_path), "--out", str(tmp_path / "figs")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(record_path) in err and "Traceback" not in err
+
+
+def test_a_save_killed_by_sigkill_leaves_nothing_behind_after_the_next_save(tmp_path):
+    """A writer killed mid-save leaves its temporary file; the next save of that path removes
+    it (its writer is gone), and never touches a live writer's file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    target = tmp_path / "run.rec.npz"
+    script = textwrap.dedent(f"""
+        import time, sys
+        from nm_optim._io import atomic_write
+        def write(f):
+            f.write(b"x" * 1000)
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+        atomic_write({str(target)!r}, write)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    leftovers = list(tmp_path.glob(".run.rec.npz.*.tmp"))
+    assert len(leftovers) == 1
+    live = tmp_path / f".run.rec.npz.{os.getpid()}.0123.tmp"  # this process: alive
+    live.write_bytes(b"in progress")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert leftovers[0].exists(), "SIGKILL runs no cleanup"
+
+    from nm_optim._io import atomic_write
+
+    atomic_write(target, lambda f: f.write(b"done"))
+    assert target.read_bytes() == b"done"
+    assert not leftovers[0].exists() and live.exists()
