@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from itertools import repeat
-from operator import attrgetter, is_not
 from typing import Any
 
 import torch
@@ -20,8 +18,6 @@ from nm_optim.tracks import Track, TrackTable, track_pairs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _UNTRACKED = (-1, -1, -1)
-_grad = attrgetter("grad")
-_is_sparse = attrgetter("is_sparse")
 
 
 class SGD(Optimizer):
@@ -291,14 +287,15 @@ class SGD(Optimizer):
         dtype), with their buffers, is_first flags and statistics offsets (empty when no param of
         the bucket is tracked). A param listed k times in the group is in k successive calls."""
         all_params = group["params"]
-        grads = list(map(_grad, all_params))
-        if all(map(is_not, grads, repeat(None))):
+        # Comprehensions rather than map(attrgetter): as fast eagerly, and torch.compile traces them.
+        grads = [p.grad for p in all_params]
+        if all(g is not None for g in grads):
             params, index = all_params, None
         else:
             index = [i for i, g in enumerate(grads) if g is not None]
             params = [all_params[i] for i in index]
             grads = [grads[i] for i in index]
-        if any(map(_is_sparse, grads)):
+        if any(g.is_sparse for g in grads):
             i = next(i for i, g in enumerate(grads) if g.is_sparse)
             _check_param(group, i if index is None else index[i], params[i], grads[i])
 

@@ -51,6 +51,10 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
         _check_stats(params, args.stats, args.stats_offsets)
 
 
+# The implementation runs as eager code even inside torch.compile (the compiled graph calls the op
+# as one node, and the dispatcher calls this function): Dynamo must not try to compile its frames
+# (tables, raw pointers, the pybind call), which would only add graph breaks and recompiles.
+@torch.compiler.disable
 def _sgd_step_impl(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
                    is_first: Sequence[bool], *rest) -> None:
     args = StepArgs(*rest)

@@ -30,8 +30,18 @@ ROW_TILE_SIZE = 1 << 19
 # Layouts kept per bucket: a bucket whose set of params with a grad alternates between a few
 # layouts (a param skipped now and then) keeps each one's tables.
 LAYOUTS_PER_BUCKET = 4
-# id(owner) -> {layout key: table}; an entry goes when its owner (a bucket's first param) does.
+# id(owner) -> {layout key: table}; an entry goes when its owner (a bucket's first param) does,
+# through the callback of the weak reference kept next to it.
 _tables: dict[int, dict[tuple, object]] = {}
+_owners: dict[int, weakref.ref] = {}
+
+
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    def forget(_: weakref.ref) -> None:
+        _tables.pop(key, None)
+        _owners.pop(key, None)
+
+    return forget
 T = TypeVar("T")
 
 
@@ -43,7 +53,7 @@ def cached(owner: object, key: tuple, make: Callable[[], T]) -> T:
     per_owner = _tables.get(id(owner))
     if per_owner is None:
         per_owner = _tables[id(owner)] = {}
-        weakref.finalize(owner, _tables.pop, id(owner), None)
+        _owners[id(owner)] = weakref.ref(owner, _forget(id(owner)))
     table = per_owner.get(key)
     if table is None:
         if len(per_owner) >= LAYOUTS_PER_BUCKET:
