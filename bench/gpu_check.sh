@@ -1,44 +1,386 @@
 #!/usr/bin/env bash
-# The one prepared check for a GPU machine (CUDA 13, torch, Triton, no network). Written without
-# a GPU: it has not run yet.
-#   bash bench/gpu_check.sh OUT_DIR
-# 1. builds nm_optim._C for the local GPU with the local nvcc;
-# 2. runs the tests on CUDA: every test parametrized over the cuda and triton backends, the
-#    gpu-marked ones (CUDA-graph capture) and tests/test_triton.py on CUDA tensors;
-# 3. runs compute-sanitizer memcheck on small steps through every CUDA kernel path;
-# 4. benchmarks (copy bandwidth; torch foreach / fused / fused + sums / torch.compile of step +
-#    sums; nm_optim cuda and triton with and without tracks) on VGG-16, ResNet-50 and 1000 x 4096
-#    (bench/gpu_bench.py; torch.compile on VGG-16 only: compiling 1000 tensors takes minutes);
-# 5. writes OUT_DIR/gpu_check.json (+ logs). Each stage's status goes into OUT_DIR/summary.txt,
-#    and a failing stage does not stop the later ones.
-# Stage time limits (build ~1-2 min, tests 120 s, memcheck 60 s, bench 150 s) keep the whole run
-# near the 6 minutes a GPU session can spare, with room for a rerun.
+# The one prepared check for a GPU machine (an H200 with CUDA 13, torch, Triton, no network).
+#
+#   bash bench/gpu_check.sh OUT_DIR                # the real run, on the GPU machine (<= 8 min)
+#   bash bench/gpu_check.sh --dry-run OUT_DIR      # every stage's plumbing here, on the CPU (~3 min)
+#
+# Through the device tool (one command, carrying nothing: the GPU machine has every tool; the
+# build stage runs `python3 -m pip install --no-build-isolation --no-deps -e .` there):
+#
+#   run(command="bash bench/gpu_check.sh $OUT", timeout_s=540)
+#
+# $OUT then comes back with 6 files: gpu_check.json (the report), gpu_check.log (everything
+# printed), build.log, pytest.log, sanitizer.log, bench.json (the device tool returns at most 8
+# files; intermediate files live in a temporary folder). A rerun of some stages on the still-warm
+# machine (the build stays): GPU_CHECK_ONLY=tests_kernels,bench bash bench/gpu_check.sh $OUT
+#
+# Stages, in order; each one's result goes into OUT/gpu_check.json as soon as it ends (status
+# ok / failed / skipped, seconds, its time limit, what it measured), and a failing stage never
+# stops the later ones:
+#   preflight      the interpreter ($PY, default python3: the one that holds torch there), torch,
+#                  torch.cuda, the GPU, triton, pybind11, expecttest, nvcc, cmake, ninja,
+#                  compute-sanitizer: lists what is missing.
+#   build          nm_optim._C for this GPU's architecture (NM_OPTIM_CUDA=1). Skipped when nvcc,
+#                  cmake or pybind11 is missing; when it fails the check goes on with Triton alone
+#                  (the package imports from the source tree: PYTHONPATH).
+#   tests_kernels  the kernel tests first: test_stats, test_layouts, test_plan, test_triton,
+#                  test_op, test_amp, test_bitwise, test_graphs (those present), the cases that
+#                  run our CUDA / Triton kernels: -k "(cuda or triton or graphs) and not
+#                  cuda-reference" (cuda-reference cases test torch, not us).
+#   tests_more     the same selection in test_api, test_recorder, test_errors, test_parity.
+#                  Both test stages stop with SIGINT at their limit, so pytest still prints its
+#                  summary and writes its junit XML (digested into the report).
+#   memcheck       compute-sanitizer memcheck over bench/sanitize_step.py (offset views, odd
+#                  tails, channels_last / transposed tracked params, every dtype, both backends),
+#                  PyTorch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1).
+#   racecheck      compute-sanitizer racecheck over bench/racecheck_stats.py (the statistics
+#                  kernels, run twice: bitwise identical).
+#   bench          bench/gpu_bench.py: copy bandwidth, bitwise agreement of one step with
+#                  torch.optim.SGD(fused=True) per dtype and hyper-parameter set, then step times
+#                  on 1000 x 4096, ResNet-50, VGG-16. GPU_CHECK_COMPILE=1 adds torch.compile(step +
+#                  sums) on VGG-16 (a minute or more: off by default).
+#
+# Time: each stage ends by a deadline, the budgets below added up from the start (time a stage
+# leaves unused passes to the next): 30 + 110 + 105 + 40 + 75 + 35 + 65 = 460 s, plus at most
+# 15 s of grace per stage that ignores its SIGINT: the real run ends within 8 minutes, and the
+# device tool's 15 minutes leave room for a machine start and a partial rerun.
+# The dry run: CPU tensors, Triton's interpreter (TRITON_INTERPRET=1), no build (the package is
+# installed here), no compute-sanitizer (the same scripts run without it), tiny shapes and two
+# rounds; its test stages stop at their (short) limits by design.
+# The last line printed says what passed; the exit status is 1 if any stage failed.
 set -uo pipefail
+
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY=1
+  shift
+fi
 OUT=${1:-bench/out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-summary="$OUT/summary.txt"
-: > "$summary"
-stage() { local name=$1; shift; local t0=$SECONDS; "$@"; local rc=$?; echo "$name: rc=$rc ($((SECONDS - t0)) s)" | tee -a "$summary"; return $rc; }
+REPO=$(pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+REPORT="$OUT/gpu_check.json"
+rm -f "$OUT/gpu_check.log" "$OUT/build.log" "$OUT/pytest.log" "$OUT/sanitizer.log" "$OUT/bench.json"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia_smi.txt"
-stage build env NM_OPTIM_CUDA=1 NM_OPTIM_CUDA_ARCHS=native CMAKE_BUILD_PARALLEL_LEVEL=16 \
-  pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python -c "import nm_optim, json; print(json.dumps(nm_optim.build_info()))" | tee "$OUT/build_info.json"
-stage tests timeout 120 python -m pytest -q --maxfail=20 -k "cuda or triton" -m "not slow" tests > "$OUT/pytest.log" 2>&1
-tail -15 "$OUT/pytest.log"
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  stage memcheck timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python bench/sanitize_step.py \
-    > "$OUT/memcheck.log" 2>&1
-  tail -5 "$OUT/memcheck.log"
-else
-  echo "memcheck: skipped (compute-sanitizer not found)" | tee -a "$summary"
+# The interpreter: $PY, else python3; here (the dry run) python3 may lack torch and the project's
+# virtual environment has it.
+if [[ -z "${PY:-}" ]]; then
+  PY=python3
+  if ! python3 -c "import torch" >/dev/null 2>&1 && [[ -x "$REPO/.venv/bin/python" ]]; then
+    PY="$REPO/.venv/bin/python"
+  fi
 fi
-# torch.compile of (step + sums) compiles for a minute or more: VGG-16 only; GPU_CHECK_COMPILE=0 drops it.
-compile_flag="--compile"
-[[ "${GPU_CHECK_COMPILE:-1}" == 0 ]] && compile_flag=""
-(cd bench && stage bench timeout 150 python gpu_bench.py --rounds 15 $compile_flag --json "$OUT/gpu_check.json") \
-  2>&1 | tee "$OUT/bench.log"
-cat "$summary"
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "gpu_check: no interpreter '$PY' (set PY=...)"
+  printf '{"format": "nm_optim.gpu_check", "stages": [], "final": "no interpreter %s"}\n' "$PY" > "$REPORT"
+  exit 1
+fi
+# Tools installed as Python packages (cmake, ninja) live beside the interpreter; nvcc and
+# compute-sanitizer in the CUDA toolkit.
+PY_BIN=$("$PY" -c "import sys, os; print(os.path.dirname(sys.executable))" 2>/dev/null || true)
+export PATH="${PY_BIN:+$PY_BIN:}$PATH:/usr/local/cuda/bin:/usr/local/cuda/compute-sanitizer"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # the package imports even if the build fails
+REP() { "$PY" "$REPO/bench/gpu_check_report.py" "$@"; }
+
+if ((DRY)); then
+  export TRITON_INTERPRET=1
+  DEVICE=cpu
+  declare -A BUDGET=([preflight]=90 [build]=60 [tests_kernels]=40 [tests_more]=25 [memcheck]=150
+                     [racecheck]=90 [bench]=120)
+  REP init "$REPORT" --mode dry-run
+else
+  DEVICE=cuda
+  declare -A BUDGET=([preflight]=30 [build]=110 [tests_kernels]=105 [tests_more]=40 [memcheck]=75
+                     [racecheck]=35 [bench]=65)
+  REP init "$REPORT" --mode real
+fi
+ORDER=(preflight build tests_kernels tests_more memcheck racecheck bench)
+T0=$SECONDS
+
+# Seconds stage $1 may run: real run, its deadline (budgets summed from the start) minus now;
+# dry run, its own budget (its test stages would otherwise take up every second left over).
+limit_for() {
+  if ((DRY)); then
+    echo "${BUDGET[$1]}"
+    return
+  fi
+  local cum=0 s
+  for s in "${ORDER[@]}"; do
+    cum=$((cum + BUDGET[$s]))
+    [[ $s == "$1" ]] && break
+  done
+  local left=$((T0 + cum - SECONDS))
+  ((left < 15)) && left=15
+  echo "$left"
+}
+
+# run_limited LIMIT LOG CMD...: CMD with SIGINT at LIMIT seconds (SIGKILL 15 s later), output
+# appended to LOG; sets RC (124: stopped at the limit) and ELAPSED.
+run_limited() {
+  local limit=$1 log=$2 t0=$SECONDS
+  shift 2
+  echo "+ $* (limit ${limit} s)" >> "$log"
+  timeout -s INT -k 15 "$limit" "$@" >> "$log" 2>&1
+  RC=$?
+  ELAPSED=$((SECONDS - t0))
+}
+
+# wanted STAGE: false when GPU_CHECK_ONLY lists stages and this is not one of them.
+wanted() {
+  [[ -z "${GPU_CHECK_ONLY:-}" || ",${GPU_CHECK_ONLY}," == *",$1,"* ]]
+}
+
+skip_stage() { REP stage "$REPORT" "$1" skipped 0 --note "$2"; }
+
+jget() { "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); print(d.get(sys.argv[2], ''))" "$1" "$2" 2>/dev/null; }
+
+# -- preflight ----------------------------------------------------------------------------------
+echo "gpu_check: $( ((DRY)) && echo dry run || echo real run ) in $REPO, interpreter $PY, output in $OUT"
+t0=$SECONDS
+LIMIT=$(( $(limit_for preflight) + 30 ))  # a probe that dies would cost every later stage its inputs
+timeout -k 5 "$LIMIT" "$PY" - "$WORK/preflight.json" "$DEVICE" <<'EOF'
+import importlib, json, os, shutil, subprocess, sys
+out, device = sys.argv[1], sys.argv[2]
+info = dict(python=sys.executable, python_version=sys.version.split()[0], device=device, missing=[])
+def tool(name, *extra):
+    path = shutil.which(name) or next((p for p in extra if os.access(p, os.X_OK)), None)
+    info[name] = path
+    if path is None:
+        info["missing"].append(name)
+    return path
+for name in ("torch", "triton", "pybind11", "expecttest", "hypothesis", "pytest"):
+    try:
+        mod = importlib.import_module(name)
+        info[name] = getattr(mod, "__version__", "present")
+    except Exception as e:  # noqa: BLE001
+        info[name] = None
+        info["missing"].append(name + ("" if isinstance(e, ImportError) else f" ({type(e).__name__})"))
+if info["torch"]:
+    import torch
+    info["torch_cuda_version"] = torch.version.cuda
+    info["cuda_available"] = torch.cuda.is_available()
+    if info["cuda_available"]:
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 1))
+    elif device == "cuda":
+        info["missing"].append("torch.cuda")
+tool("nvcc", "/usr/local/cuda/bin/nvcc")
+tool("cmake")
+if tool("ninja") is None and importlib.util.find_spec("ninja") is not None:
+    info["missing"].remove("ninja")
+    info["ninja"] = "python module"
+tool("compute-sanitizer", "/usr/local/cuda/bin/compute-sanitizer")
+tool("nvidia-smi")
+if info.get("nvidia-smi"):
+    r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                       capture_output=True, text=True, timeout=30)
+    info["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()
+try:
+    import nm_optim
+    info["backends"] = nm_optim.available_backends(device)
+except Exception as e:  # noqa: BLE001
+    info["nm_optim_import_error"] = f"{type(e).__name__}: {e}"
+json.dump(info, open(out, "w"), indent=1)
+print("preflight:", json.dumps(info))
+EOF
+RC=$?
+if [[ ! -s "$WORK/preflight.json" ]]; then
+  echo "{\"error\": \"the probe did not finish (rc $RC)\"}" > "$WORK/preflight.json"
+fi
+MISSING=$(jget "$WORK/preflight.json" missing | tr -d "[]'")
+CUDA_OK=$(jget "$WORK/preflight.json" cuda_available)
+# a probe that did not finish says nothing: let the stages try (each one fails on its own)
+((!DRY)) && [[ -z "$CUDA_OK" ]] && CUDA_OK=True
+CAP=$(jget "$WORK/preflight.json" capability)
+status=ok
+note="missing: ${MISSING:-nothing}"
+if [[ $RC != 0 ]]; then
+  status=failed
+  note="the probe failed (rc $RC); $note"
+elif ((!DRY)) && [[ "$CUDA_OK" != True ]]; then
+  status=failed
+  note="torch sees no CUDA device; $note"
+fi
+REP stage "$REPORT" preflight $status $((SECONDS - t0)) --limit "$LIMIT" --note "$note" --measured "$WORK/preflight.json"
+# has TOOL: the probe found it (or, if the probe did not finish, it is on PATH / importable)
+has() {
+  [[ -n "$(jget "$WORK/preflight.json" "$1")" && "$(jget "$WORK/preflight.json" "$1")" != None ]] && return 0
+  command -v "$1" >/dev/null 2>&1 || { [[ $1 == pybind11 ]] && "$PY" -c "import pybind11" 2>/dev/null; }
+}
+
+# -- build ----------------------------------------------------------------------------------------
+build_info() {
+  timeout 60 "$PY" -c "import json, nm_optim; i = nm_optim.build_info(); i['backends_$DEVICE'] = nm_optim.available_backends('$DEVICE'); print(json.dumps(i))" \
+    > "$WORK/build_info.json" 2>> "$OUT/build.log" || echo '{"error": "nm_optim.build_info() failed: see build.log"}' > "$WORK/build_info.json"
+  cat "$WORK/build_info.json"
+}
+if ! wanted build; then
+  skip_stage build "not in GPU_CHECK_ONLY"
+elif ((DRY)); then
+  build_info
+  REP stage "$REPORT" build skipped 0 --note "dry run: the package is already installed here" --measured "$WORK/build_info.json"
+else
+  need=()
+  for t in nvcc cmake pybind11; do has "$t" || need+=("$t"); done
+  if ((${#need[@]})); then
+    build_info
+    REP stage "$REPORT" build skipped 0 --note "missing ${need[*]}: no CUDA kernel; going on with Triton alone" \
+      --measured "$WORK/build_info.json"
+  else
+    ARCHS=${CAP/./}
+    LIMIT=$(limit_for build)
+    export CUDACXX=${CUDACXX:-$(command -v nvcc)}
+    run_limited "$LIMIT" "$OUT/build.log" env NM_OPTIM_CUDA=1 NM_OPTIM_CUDA_ARCHS="${ARCHS:-native}" \
+      CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" \
+      "$PY" -m pip install --no-build-isolation --no-deps -e .
+    build_info
+    compiled=$(jget "$WORK/build_info.json" cuda_compiled)
+    if [[ $RC == 0 && $compiled == True ]]; then
+      REP stage "$REPORT" build ok $ELAPSED --limit "$LIMIT" --note "sm_${ARCHS:-native}" --measured "$WORK/build_info.json"
+    else
+      tail -30 "$OUT/build.log"
+      REP stage "$REPORT" build failed $ELAPSED --limit "$LIMIT" --measured "$WORK/build_info.json" \
+        --note "rc $RC, cuda_compiled=$compiled (see build.log); going on with Triton alone"
+    fi
+  fi
+fi
+
+# -- tests ----------------------------------------------------------------------------------------
+SELECT="(cuda or triton or graphs) and not cuda-reference"
+KERNEL_FILES=() MORE_FILES=()
+for f in stats layouts plan triton op amp bitwise graphs; do
+  [[ -f tests/test_$f.py ]] && KERNEL_FILES+=("tests/test_$f.py")
+done
+for f in api recorder errors parity; do
+  [[ -f tests/test_$f.py ]] && MORE_FILES+=("tests/test_$f.py")
+done
+
+test_stage() {  # test_stage NAME FILES...
+  local name=$1
+  shift
+  if ! wanted "$name"; then
+    skip_stage "$name" "not in GPU_CHECK_ONLY"
+    return
+  fi
+  if ((!DRY)) && [[ "$CUDA_OK" != True ]]; then
+    skip_stage "$name" "torch sees no CUDA device"
+    return
+  fi
+  LIMIT=$(limit_for "$name")
+  echo "gpu_check: $name: ${#@} files, -k \"$SELECT\", limit $LIMIT s"
+  run_limited "$LIMIT" "$WORK/$name.log" "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=5 \
+    --junitxml="$WORK/junit_$name.xml" -k "$SELECT" "$@"
+  { echo "==== $name ===="; cat "$WORK/$name.log"; } >> "$OUT/pytest.log"
+  REP pytest "$WORK/junit_$name.xml" "$WORK/$name.log" > "$WORK/$name.json"
+  local summary failed errors passed
+  summary=$(jget "$WORK/$name.json" summary_line)
+  failed=$(jget "$WORK/$name.json" failed)
+  errors=$(jget "$WORK/$name.json" errors)
+  passed=$(jget "$WORK/$name.json" passed)
+  echo "gpu_check: $name: $summary"
+  local status=ok note="$summary"
+  if ((${failed:-0} + ${errors:-0} > 0)); then
+    status=failed
+  elif [[ $RC == 124 ]]; then
+    if ((DRY)); then
+      note="dry run: stopped at its $LIMIT s limit by design; $summary"
+    else
+      status=failed
+      note="cut at its $LIMIT s limit after $passed passed; $summary"
+    fi
+  elif [[ $RC != 0 ]]; then
+    status=failed
+    note="pytest rc $RC; $summary"
+  fi
+  REP stage "$REPORT" "$name" $status $ELAPSED --limit "$LIMIT" --note "$note" --measured "$WORK/$name.json"
+}
+: > "$OUT/pytest.log"
+test_stage tests_kernels "${KERNEL_FILES[@]}"
+test_stage tests_more "${MORE_FILES[@]}"
+
+# -- compute-sanitizer ----------------------------------------------------------------------------
+: > "$OUT/sanitizer.log"
+sanitizer_stage() {  # sanitizer_stage NAME TOOL SCRIPT [ARGS...]
+  local name=$1 tool=$2 script=$3
+  shift 3
+  if ! wanted "$name"; then
+    skip_stage "$name" "not in GPU_CHECK_ONLY"
+    return
+  fi
+  LIMIT=$(limit_for "$name")
+  local log="$WORK/$name.log"
+  # the script starts no case after its time budget, so that it ends, and the sanitizer with it,
+  # before the limit (the sanitizer's start and end take seconds)
+  set -- "$@" --time-budget $((LIMIT > 60 ? LIMIT - 30 : LIMIT / 2))
+  if ((DRY)); then
+    run_limited "$LIMIT" "$log" "$PY" "$script" --device cpu "$@"
+  elif [[ "$CUDA_OK" != True ]]; then
+    skip_stage "$name" "torch sees no CUDA device"
+    return
+  elif ! has compute-sanitizer; then
+    skip_stage "$name" "compute-sanitizer not found"
+    return
+  else
+    run_limited "$LIMIT" "$log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+      --error-exitcode 9 "$PY" "$script" "$@"
+  fi
+  { echo "==== $name ===="; cat "$log"; } >> "$OUT/sanitizer.log"
+  tail -4 "$log"
+  REP sanitizer "$log" > "$WORK/$name.json"
+  local status=ok note summary
+  summary=$(jget "$WORK/$name.json" script_summary)
+  case $RC in
+    0) note="no errors" ;;
+    9) status=failed note="compute-sanitizer $tool reported errors: $(jget "$WORK/$name.json" tool_summary)" ;;
+    124) status=failed note="cut at its $LIMIT s limit" ;;
+    *) status=failed note="rc $RC (a case failed, or the script or the sanitizer broke): $(tail -1 "$log")" ;;
+  esac
+  note="$note; ${summary:-the script printed no summary}"
+  ((DRY)) && note="dry run, without compute-sanitizer: $note"
+  REP stage "$REPORT" "$name" $status $ELAPSED --limit "$LIMIT" --note "$note" --measured "$WORK/$name.json"
+}
+if ((DRY)); then
+  sanitizer_stage memcheck memcheck bench/sanitize_step.py --quick
+else
+  sanitizer_stage memcheck memcheck bench/sanitize_step.py
+fi
+sanitizer_stage racecheck racecheck bench/racecheck_stats.py
+
+# -- benchmark ------------------------------------------------------------------------------------
+if ! wanted bench; then
+  skip_stage bench "not in GPU_CHECK_ONLY"
+elif ((!DRY)) && [[ "$CUDA_OK" != True ]]; then
+  skip_stage bench "torch sees no CUDA device"
+else
+  LIMIT=$(limit_for bench)
+  args=(--json "$OUT/bench.json")
+  if ((DRY)); then
+    args+=(--device cpu --quick --rounds 2 --warmup 1)
+  else
+    args+=(--rounds 15)
+  fi
+  [[ "${GPU_CHECK_COMPILE:-0}" == 1 ]] && args+=(--compile)
+  run_limited "$LIMIT" "$WORK/bench.log" "$PY" bench/gpu_bench.py "${args[@]}"
+  cat "$WORK/bench.log"
+  REP bench "$OUT/bench.json" > "$WORK/bench_digest.json"
+  case $RC in
+    0) status=ok note="" ;;
+    124) status=failed note="cut at its $LIMIT s limit (bench.json holds the sections that ended)" ;;
+    *) status=failed note="rc $RC (a section failed: see gpu_check.log)" ;;
+  esac
+  REP stage "$REPORT" bench $status $ELAPSED --limit "$LIMIT" --note "$note" --measured "$WORK/bench_digest.json"
+fi
+
+echo "gpu_check: $((SECONDS - T0)) s in all; report $REPORT"
+REP final "$REPORT"
+RC=$?
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit $RC

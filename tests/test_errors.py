@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (not installed here)")
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 import nm_optim

@@ -1,0 +1,146 @@
+"""bench/gpu_check.sh, the one prepared GPU check, cannot rot between GPU runs: its dry run
+(`--dry-run`: CPU tensors, Triton's interpreter, no build, no compute-sanitizer) runs every
+stage's plumbing here and writes the same report; the fast tests check the script's syntax and
+time budget and the report's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_check_report as report  # noqa: E402
+
+STAGES = ["preflight", "build", "tests_kernels", "tests_more", "memcheck", "racecheck", "bench"]
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+@needs_bash
+def test_script_parses_and_its_real_run_fits_in_eight_minutes():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    text = SCRIPT.read_text()
+    real = re.search(r"else\n  DEVICE=cuda\n  declare -A BUDGET=\((.*?)\)\n", text, re.S)
+    assert real, "the real run's BUDGET table moved: update this test"
+    budget = {k: int(v) for k, v in re.findall(r"\[(\w+)\]=(\d+)", real.group(1))}
+    assert list(budget) == STAGES
+    # 460 s of deadlines + 20 s for a stage or two that take their 15 s of grace after SIGINT
+    assert sum(budget.values()) <= 460, budget
+    assert 'run(command="bash bench/gpu_check.sh $OUT", timeout_s=540)' in text
+    assert "-m pip install --no-build-isolation --no-deps -e ." in text
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in text and "timeout -s INT" in text
+
+
+def test_the_parity_and_error_modules_skip_without_expecttest():
+    for name in ("test_parity.py", "test_errors.py"):
+        lines = (ROOT / "tests" / name).read_text().splitlines()
+        guard = next(i for i, ln in enumerate(lines) if ln.startswith('pytest.importorskip("expecttest"'))
+        first = next(i for i, ln in enumerate(lines) if ln.startswith("from torch.testing._internal"))
+        assert guard < first, name
+
+
+def _junit(path: Path, cases: str) -> None:
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{cases}</testsuite></testsuites>')
+
+
+def test_pytest_digest_counts_failures_and_reads_an_interrupted_summary(tmp_path):
+    _junit(tmp_path / "j.xml",
+           '<testcase classname="tests.test_stats" name="a[cuda-cuda]"/>'
+           '<testcase classname="tests.test_stats" name="b[cuda-cuda]"><failure message="boom"/></testcase>'
+           '<testcase classname="tests.test_op" name="c"><skipped message="no"/></testcase>'
+           '<testcase classname="tests.test_op" name="d"/>')
+    (tmp_path / "log").write_text("..F\n!!!!! KeyboardInterrupt !!!!!\n"
+                                  "===== 1 failed, 1 passed, 1 skipped, 9 deselected in 12.01s =====\n")
+    d = report.pytest_digest(str(tmp_path / "j.xml"), str(tmp_path / "log"))
+    assert d["interrupted"] and d["summary_line"] == "1 failed, 1 passed, 1 skipped, 9 deselected in 12.01s"
+    assert (d["passed"], d["failed"], d["skipped"], d["tests"]) == (1, 1, 1, 4)  # pytest's counts win
+    assert d["failures"] == ["tests.test_stats::b[cuda-cuda]: boom"]
+    missing = report.pytest_digest(str(tmp_path / "none.xml"), str(tmp_path / "none.log"))
+    assert "junit_error" in missing and "log_error" in missing
+
+
+def test_sanitizer_digest_reads_the_tool_and_script_summaries(tmp_path):
+    (tmp_path / "log").write_text("sanitize_step: FAIL cuda fp16 x: boom\nsanitize_step: 3 of 4 cases ok on cuda\n"
+                                  "========= ERROR SUMMARY: 2 errors\n")
+    d = report.sanitizer_digest(str(tmp_path / "log"))
+    assert d["errors"] == 2 and d["script_summary"].startswith("sanitize_step: 3 of 4")
+    assert d["failed_cases"] == ["sanitize_step: FAIL cuda fp16 x: boom"]
+
+
+def test_report_stages_and_final_line(tmp_path, capsys):
+    rep = str(tmp_path / "gpu_check.json")
+    report.main(["init", rep, "--mode", "real"])
+    (tmp_path / "t.json").write_text(json.dumps(dict(passed=212, failed=0, errors=0, interrupted=False)))
+    (tmp_path / "b.json").write_text(json.dumps(dict(bitwise_vs_torch_fused={
+        "cuda fp32": "yes", "cuda bf16": "no (3 elements, max 1 ulp)"})))
+    report.main(["stage", rep, "build", "ok", "41"])
+    report.main(["stage", rep, "tests_kernels", "ok", "80", "--measured", str(tmp_path / "t.json")])
+    report.main(["stage", rep, "memcheck", "failed", "70", "--note", "cut at its limit"])
+    report.main(["stage", rep, "bench", "ok", "50", "--measured", str(tmp_path / "b.json")])
+    doc = json.loads(Path(rep).read_text())
+    assert [s["name"] for s in doc["stages"]] == ["build", "tests_kernels", "memcheck", "bench"]
+    assert report.main(["final", rep]) == 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == ("gpu_check: build ok, tests_kernels 212 passed, memcheck failed, bench ok (bitwise vs torch "
+                    "fused: cuda: fp32 yes bf16 no (3 el, 1 ulp)) => FAILED: memcheck")
+    assert json.loads(Path(rep).read_text())["final"] == line
+
+
+def test_ulp_distance_counts_representable_steps():
+    import gpu_bench
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        a = torch.tensor([1.0, -1.0, 0.0, 1e-3, -2.0, 0.0], dtype=dtype)
+        up = torch.nextafter(a, torch.full_like(a, 10.0))
+        assert gpu_bench.ulp_distance(a, a).tolist() == [0.0] * 6
+        assert gpu_bench.ulp_distance(a, up).tolist() == [1.0] * 6
+        assert gpu_bench.ulp_distance(a, torch.nextafter(up, torch.full_like(a, 10.0))).tolist() == [2.0] * 6
+        assert gpu_bench.ulp_distance(torch.tensor([0.0], dtype=dtype), torch.tensor([-0.0], dtype=dtype)).item() == 1
+
+
+@needs_bash
+@pytest.mark.slow
+def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
+    """The whole script on this machine (about 2 minutes on 2 cores)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable}
+    env.pop("GPU_CHECK_ONLY", None)
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu_check (dry run): preflight ok") and "=> all stages ok or skipped" in last, last
+    doc = json.loads((out / "gpu_check.json").read_text())
+    assert doc["mode"] == "dry-run" and doc["ok"] is True and doc["final"] == last
+    assert [s["name"] for s in doc["stages"]] == STAGES
+    for s in doc["stages"]:
+        assert s["status"] in ("ok", "skipped"), s
+        assert isinstance(s["seconds"], (int, float)) and isinstance(s["measured"], dict), s
+    by = {s["name"]: s for s in doc["stages"]}
+    assert by["build"]["status"] == "skipped" and "version" in by["build"]["measured"]
+    assert by["preflight"]["measured"]["torch"] == torch.__version__
+    for name in ("tests_kernels", "tests_more"):
+        m = by[name]["measured"]
+        assert m["summary_line"] and m["failed"] == 0 and m["errors"] == 0, m
+    assert by["tests_kernels"]["measured"]["passed"] > 0
+    assert by["memcheck"]["measured"]["script_summary"].startswith("sanitize_step:")
+    assert by["racecheck"]["measured"]["script_summary"].startswith("racecheck_stats:")
+    bench = by["bench"]["measured"]
+    assert [s["status"] for s in bench["sections"]] == ["ok"] * len(bench["sections"])
+    assert {"copy_bandwidth", "bitwise", "tiny"} <= {s["name"] for s in bench["sections"]}
+    assert set(bench["bitwise_vs_torch_fused"]) >= {"cpu fp32", "cpu bf16"}
+    # the device tool returns at most 8 files with plain names, no more than 2 folders down
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
