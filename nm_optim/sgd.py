@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from nm_optim.distributed import check_not_zero_partition, has_dtensors, local_tensors
 from nm_optim.names import check_backend_name
 from nm_optim.ops import resolve_backend, sgd_step_
 from nm_optim.recorder import Recorder
@@ -77,6 +78,23 @@ class SGD(Optimizer):
     warn at construction): the second update sees the first's result. Each kernel call sees a
     tensor once (the occurrences go to successive calls); a tracked param's statistics are those
     of its first occurrence, i.e. of the pre-step values.
+
+    Distributed (nm_optim.distributed):
+
+    - DDP: params, momentum buffers and the all-reduced grads are the same on every rank, and
+      the kernels' reductions are deterministic, so the statistics (and ``opt.recorder``'s
+      records) are identical on every rank, without any communication by the optimizer.
+    - FSDP2 (``fully_shard``) and other DTensor params: each rank steps its local shards (one
+      op per bucket, as without DTensors); momentum buffers are DTensors with their params'
+      placements, as torch.optim.SGD's are, so state dicts and torch.distributed.checkpoint see
+      torch's layout. A track on a param sharded with ``Shard(d)`` over one mesh dimension (any
+      d, uneven and empty shards included) reports the statistics of the **whole** tensor,
+      identical on every rank: each rank reduces its shard at its global group offsets and one
+      all-reduce (SUM) per step (per device) combines the shards of all tracks. Replicated
+      DTensors need no communication (every rank holds the whole tensor).
+    - torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=nm_optim.SGD): supported
+      without tracks; ``track=`` / ``symmetries=`` raise NotImplementedError at construction,
+      on every rank (each rank's optimizer holds only its partition of the params).
     """
 
     _step_supports_amp_scaling = True
@@ -127,6 +145,7 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
         if fused and foreach:  # torch.optim.SGD's check and message
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_not_zero_partition(track is not None or bool(symmetries))
         spec, names, self.symmetries = _with_symmetries(track, symmetries, self.param_groups)
         self._tracks = TrackTable(spec, self.param_groups, names)
         self.recorder = self._new_recorder(record_every)
@@ -176,6 +195,7 @@ class SGD(Optimizer):
             spec, names, self.symmetries = _with_symmetries(spec, symmetries, self.param_groups)
             self._tracks = TrackTable(spec, self.param_groups, names)
             self.recorder = self._new_recorder(record_every)
+        self._nm_dtensors = has_dtensors(self.param_groups)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -191,6 +211,9 @@ class SGD(Optimizer):
         if "differentiable" in param_group:
             _check_differentiable(param_group["differentiable"])
         super().add_param_group(param_group)
+        # Checked when the param set changes, so that step() reads one attribute (and the
+        # single-process step, compiled or not, meets no distributed code).
+        self._nm_dtensors = self.__dict__.get("_nm_dtensors", False) or has_dtensors(self.param_groups[-1:])
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.SGD's state dict, keys included: the param groups carry no ``backend`` (it
@@ -247,7 +270,7 @@ class SGD(Optimizer):
         # step that creates state (torch's fused SGD instead keeps uninitialised buffers).
         if new_buffers and found_inf is not None and bool(found_inf.detach().reshape(-1).ne(0).any()):
             if self._tracks:
-                self._tracks.begin_step()  # this step's statistics: none (NaN)
+                self._tracks.begin_step(skipped=True)  # this step's statistics: none (NaN)
                 self.recorder.after_step(set(), found_inf)
             return loss
 
@@ -279,6 +302,8 @@ class SGD(Optimizer):
         for p, buf in new_buffers:
             self.state[p]["momentum_buffer"] = buf
         if tracks:
+            if tracks.sharded:
+                tracks.reduce_across_ranks()  # one all-reduce: whole-tensor statistics on every rank
             self.recorder.after_step({id(p) for p, _ in new_buffers}, found_inf)
         return loss
 
@@ -328,6 +353,8 @@ class SGD(Optimizer):
                 if any(o is not None for o in found):
                     for o in found:
                         offsets += o if o is not None else _UNTRACKED
+            if self._nm_dtensors:  # the op steps the local shards; the state keeps the DTensors
+                bparams, bgrads, bufs = local_tensors(bparams, bgrads, bufs)
             buckets.append((device, (bparams, bgrads, bufs, is_first, offsets)))
         return buckets
 

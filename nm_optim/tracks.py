@@ -9,6 +9,12 @@ the step (zeros on the first step and when momentum is 0).
 Each distinct (param, axis) owns a fixed block of rows in a float64 [rows, 9] tensor on its
 param's device; the kernel writes it in place every step, so nothing moves to the host in
 `step()`. Two tracks that name the same (param, axis) share one block (no duplicate work).
+
+A DTensor param sharded over one mesh dimension (FSDP2, tensor parallel) is tracked as the whole
+tensor: its rows are sized from the global shape, each rank's kernel writes its shard's groups at
+their global offsets (partial sums for the groups that span shards) into a block of sharded rows
+that starts at zero every step, and one all-reduce (SUM) per device after the kernels makes every
+rank's block the whole tensor's statistics (nm_optim/distributed.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nm_optim.distributed import all_reduce_sum, group_ranks, shard_layout
 from nm_optim.names import AXES, STAT_NAMES
 from nm_optim.ops.layout import group_counts
 
@@ -112,31 +119,59 @@ class TrackTable:
                  names: dict[int, str] | None = None):
         self._names = names = _param_names(param_groups, names)
         pairs = track_pairs(spec, param_groups)
+        self._shard_lo: dict[torch.device, int] = {}
 
         self.tracks: list[Track] = []
         self._slots: dict[tuple[int, str], Track] = {}
         self._rows_used: dict[torch.device, int] = {}
+        # Sharded DTensor params: id -> (global offset of this rank's shard, process group).
+        shards: dict[int, tuple[tuple[int, ...], Any]] = {}
         for p, axis in pairs:
             if id(p) not in names:
                 raise ValueError(
                     f"track on a tensor of shape {tuple(p.shape)} that is not a parameter of this optimizer"
                 )
             name = names[id(p)]
-            shape = tuple(p.shape)
-            _check_axis(name, shape, axis)
-            slot = self._slots.get((id(p), axis))
-            if slot is None:
+            _check_axis(name, tuple(p.shape), axis)
+            layout = shard_layout(p, name)
+            if layout is not None:
+                shards[id(p)] = layout
+        # Rows: first the tracks of unsharded params, then one block per device of the sharded
+        # ones (the block the all-reduce sums); the track list keeps the order of `pairs`.
+        for sharded in (False, True):
+            for p, axis in pairs:
+                if (id(p) in shards) != sharded or (id(p), axis) in self._slots:
+                    continue
+                if sharded:
+                    self._shard_lo.setdefault(p.device, self._rows_used.get(p.device, 0))
                 row = self._rows_used.get(p.device, 0)
+                shape = tuple(p.shape)
                 n = num_groups(shape, axis)
-                slot = Track(f"{name}:{axis}", p, axis, shape, n, p.device, row)
+                self._slots[(id(p), axis)] = Track(f"{names[id(p)]}:{axis}", p, axis, shape, n, p.device, row)
                 self._rows_used[p.device] = row + n
-                self._slots[(id(p), axis)] = slot
-            self.tracks.append(slot)
+        self.tracks = [self._slots[(id(p), axis)] for p, axis in pairs]
+        # The op's rows for each param: a shard's "rows" / "cols" groups start at its global
+        # offset along dim 0 / 1 (0 for a dim that is not sharded: partial sums, summed by the
+        # all-reduce), its "all" group is the track's row.
         self._offsets: dict[int, tuple[int, int, int]] = {}
         for (pid, axis), t in self._slots.items():
+            off = shards[pid][0] if pid in shards else ()
+            at = t.row + (off[AXES.index(axis)] if axis != "all" and len(off) > AXES.index(axis) else 0)
             r, c, a = self._offsets.get(pid, (-1, -1, -1))
-            r, c, a = (t.row if axis == "rows" else r, t.row if axis == "cols" else c, t.row if axis == "all" else a)
+            r, c, a = (at if axis == "rows" else r, at if axis == "cols" else c, at if axis == "all" else a)
             self._offsets[pid] = (r, c, a)
+        self._shard_groups: dict[torch.device, Any] = {}
+        for (pid, _), t in self._slots.items():
+            if pid in shards:
+                group = self._shard_groups.setdefault(t.device, shards[pid][1])
+                if group is not shards[pid][1] and group_ranks(group) != group_ranks(shards[pid][1]):
+                    raise NotImplementedError(
+                        f"nm_optim.SGD: tracked params on {t.device} are sharded over different process groups "
+                        f"(ranks {group_ranks(group)} and, for {self._names[pid]!r}, "
+                        f"{group_ranks(shards[pid][1])}): the statistics of sharded params are combined by one "
+                        "all-reduce, over one group")
+        self._sharded_tracks = [t for (pid, _), t in self._slots.items() if pid in shards]
+        self.sharded = bool(self._sharded_tracks)
         self._stats: dict[torch.device, Tensor] = {}
 
     def __len__(self) -> int:
@@ -158,10 +193,30 @@ class TrackTable:
             self._stats[device] = t
         return t
 
-    def begin_step(self) -> None:
-        """Groups not stepped this time (no grad, or a step skipped by found_inf) read NaN."""
+    def begin_step(self, skipped: bool = False) -> None:
+        """Groups not stepped this time (no grad, or a step skipped by found_inf) read NaN. The
+        sharded block starts at zero (each rank writes only its shards' groups) unless the step
+        is `skipped` (then nothing is reduced across ranks and everything reads NaN)."""
         for t in self._stats.values():
             t.fill_(float("nan"))
+        if self.sharded and not skipped:
+            for device, lo in self._shard_lo.items():
+                self.stats(device)[lo:].zero_()
+
+    @torch.compiler.disable
+    def reduce_across_ranks(self) -> None:
+        """After the kernels of a step: the sharded params' statistics of the whole tensors, the
+        same on every rank. A sharded param this rank did not step (no grad) makes its groups NaN
+        (NaN + x = NaN); then one all-reduce (SUM) per device of the sharded block."""
+        for t in self._sharded_tracks:
+            if t.param.grad is None:
+                r, c, a = self._offsets[id(t.param)]
+                at = {"rows": r, "cols": c, "all": a}[t.axis]
+                local = t.param._local_tensor.shape  # type: ignore[attr-defined]
+                n = 1 if t.axis == "all" else num_groups(local, t.axis)
+                self.stats(t.device)[at : at + n] = float("nan")
+        for device, lo in self._shard_lo.items():
+            all_reduce_sum(self.stats(device)[lo:], self._shard_groups[device])
 
     def devices(self) -> list[torch.device]:
         return list(self._rows_used)
