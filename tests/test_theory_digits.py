@@ -8,9 +8,10 @@ What must hold:
   remaining scale error is BatchNorm's eps breaking the symmetry, which the record measures
   (Σpg ≠ 0): with that recorded term put back the recursion is exact to float32 rounding.
   Translation in float32: a column sum Σp that cancels to ~1% of the column's norm (or the
-  zero-initialised bias, whose sum stays 0) carries the rounding of the parameters themselves
-  (~ε|θ_A| per step), which no recursion of the sums can predict: compare() measures
-  translation errors against max(|Σp|, |θ_A|) (`theory.error_floor`). In float64 the recursion
+  bias, whose sum stays at its initial value) carries the rounding of the parameters themselves
+  (~ε|θ_A| per step), which no recursion of the sums can predict: compare() measures the bias
+  group's error against max(|Σp|, |θ_A|) (`theory.error_floor`), and these tests the columns'
+  against |θ_A| as well. In float64 the recursion
   is exact to 1e-10 (the tests at the end);
 - `paper` within 2% where its assumptions hold: heavy-ball momentum or none, hyper-parameters
   constant, h = lr(1-δ) small against the time scales 1/γ and 1/ω (here γh ≤ 0.06, ωh ≤ 0.02)
@@ -45,7 +46,10 @@ SETTINGS = {
     # translation without weight decay (conserved)
     "no_wd": {"lr": 0.02, "momentum": 0.9},
 }
-TOL_EXACT = {"translation": 1e-4, "scale": 1e-3, "rescale": 1e-3}
+# Translation: a weight column's sum can cancel to ~1% of the column's norm, and then the float32
+# rounding of its elements (~1e-6 |θ_A| over the run) reads as ~1e-4 of Σθ_A; against |θ_A| the
+# recursion holds to 1e-5 (checked separately). Only the bias group gets |θ_A| as its floor.
+TOL_EXACT = {"translation": 1e-3, "scale": 1e-3, "rescale": 1e-3}
 
 
 @functools.cache
@@ -105,6 +109,9 @@ def test_exact_and_paper_match_training(setting):
     for p in result.predictions:
         err = p.exact_error.max()
         assert err < TOL_EXACT[p.kind], f"{setting} {p.name}: exact error {err:.2e}"
+        if p.kind == "translation":
+            against_norm = theory.relative_error(p.exact, p.measured, group_norm(record, p.name)).max()
+            assert against_norm < 1e-5, f"{setting}: {against_norm:.2e} of |θ_A|"
         assert p.paper_applies
         assert p.paper_error.max() < 0.02, f"{setting} {p.name}: paper error {p.paper_error.max():.2e}"
         assert p.gradient_flow_error.max() > 10 * err  # the quantity moved: the check is not vacuous
@@ -127,8 +134,9 @@ def test_translation_without_weight_decay_is_constant_to_rounding():
     assert np.array_equal(p.exact, p.gradient_flow)
     assert np.allclose(p.paper, p.gradient_flow, rtol=1e-12, atol=0)
     # What moved is float32 rounding: |Σg| ~ 1e-7 |g| per step, and the parameters' own rounding.
-    assert np.array_equal(p.floor, group_norm(record, p.name))
-    drift = p.gradient_flow_error.max()
+    # the floor |θ_A| only for the bias (the last group: an `all` member), which sums to ~0
+    assert np.all(p.floor[:-1] == 0) and p.floor[-1] == group_norm(record, p.name)[-1]
+    drift = theory.relative_error(p.gradient_flow, p.measured, group_norm(record, p.name)).max()
     assert drift < 1e-5, f"translation drifted by {drift:.2e} of |θ_A| without weight decay"
     scale_drift = min(q.gradient_flow_error.max() for q in theory.compare(record).predictions if q.kind == "scale")
     assert scale_drift > 100 * drift  # while the scale norms, driven by |g|², did move

@@ -45,26 +45,42 @@ def compare_record(record, symmetries=None):
 
 def compare_by_kind(comparison) -> dict[str, dict[str, Any]]:
     """For each symmetry kind of a theory.Comparison: its groups and the largest relative errors
-    of the exact and the paper's predictions against the measurement (per group, max over steps
-    |prediction - measured| / max over steps |measured|; see nm_optim.theory.relative_error),
-    maxed over the kind's symmetries and groups. NaN where the paper's closed form does not apply."""
+    of the predictions against the measurement (per group, max over steps |prediction -
+    measured| / max over steps |measured|; see nm_optim.theory.relative_error), maxed over the
+    kind's symmetries and groups: the exact recursion, the same with the measured symmetry
+    breaking kept, the paper's closed form (NaN where it does not apply) over the run and over
+    its last half, and the conserved constant (gradient flow: no forcing, no decay). Also
+    whether the closed form's assumptions hold and the non-finite steps."""
     return theory_errors_by_kind(comparison.rows())
+
+
+# summary.json key -> theory.Comparison.rows() key
+ERROR_KEYS = {
+    "exact_max_rel_err": "max_exact_error",
+    "exact_with_breaking_max_rel_err": "max_exact_breaking_error",
+    "paper_max_rel_err": "max_paper_error",
+    "paper_late_max_rel_err": "max_paper_late_error",
+    "gradient_flow_max_rel_err": "max_gradient_flow_error",
+}
 
 
 def theory_errors_by_kind(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Fold theory.Comparison.rows() (one per symmetry) into one entry per kind."""
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
-        e = out.setdefault(row["kind"], {"num_groups": 0, "exact_max_rel_err": 0.0, "paper_max_rel_err": 0.0,
-                                         "symmetries": []})
+        e = out.setdefault(row["kind"], {"num_groups": 0, **{k: 0.0 for k in ERROR_KEYS}, "paper_valid": True,
+                                         "paper_caveats": [], "nonfinite_steps": 0, "symmetries": []})
         e["num_groups"] += int(row["groups"])
-        for key, src in (("exact_max_rel_err", "max_exact_error"), ("paper_max_rel_err", "max_paper_error")):
+        for key, src in ERROR_KEYS.items():
             v = row.get(src)
             v = float("nan") if v is None else float(v)
             # NaN (no prediction) wins over any number: a maximum must not hide a missing group.
             e[key] = float("nan") if (math.isnan(v) or math.isnan(e[key])) else max(e[key], v)
         if not row.get("paper_applies", True):
-            e["paper_max_rel_err"] = float("nan")
+            e["paper_max_rel_err"] = e["paper_late_max_rel_err"] = float("nan")
+        e["paper_valid"] = e["paper_valid"] and bool(row.get("paper_valid", True))
+        e["paper_caveats"] += [f"{row['symmetry']}: {c}" for c in row.get("paper_caveats", [])]
+        e["nonfinite_steps"] = max(e["nonfinite_steps"], int(row.get("nonfinite_steps", 0)))
         e["symmetries"].append(row["symmetry"])
     return out
 
@@ -74,15 +90,22 @@ def underdamped(comparison, kind: str) -> bool:
     return any(seg.regime == "underdamped" for p in comparison.predictions if p.kind == kind for seg in p.segments)
 
 
-def draw_figure(comparison, kind: str, path: Path, *, title: str | None = None, oscillation: bool = False) -> Path:
+def draw_figure(comparison, kind: str, path: Path, *, title: str | None = None, oscillation: bool = False,
+                residuals: bool = True, baseline: bool = False, normalize: bool = False) -> Path:
     """One panel of nm_optim.plot.figure as a PNG: the `kind` symmetries' measured groups in
     colour with the paper's closed form dashed over them (the exact recursion where the closed
-    form does not apply), or, with `oscillation`, the momentum-oscillation panel."""
-    from nm_optim import plot  # matplotlib: an optional dependency, imported when drawing
+    form does not apply), or, with `oscillation`, the momentum-oscillation panel of `kind`;
+    with `residuals` (prediction - measured) / max |measured| under it; with `baseline` the
+    conserved constant dotted; with `normalize` every group divided by its initial value."""
+    from nm_optim import (
+        plot,  # matplotlib: an optional dependency, imported when drawing
+    )
 
     preds = [p for p in comparison.predictions if p.kind == kind]
     which = "paper" if preds and all(p.paper_applies for p in preds) else "exact"
-    fig = plot.figure(comparison, panels=(kind, "oscillation") if oscillation else (kind,), theory=which)
+    fig = plot.figure(comparison, panels=(kind, "oscillation") if oscillation else (kind,), theory=which,
+                      residuals=residuals, oscillation_kind=kind if oscillation else None, baseline=baseline,
+                      normalize=normalize)
     if title:  # the legend says which theory is dashed
         fig.suptitle(textwrap.fill(title, 50 if not oscillation else 100), fontsize=9)
     plot.save(fig, path)
@@ -112,10 +135,13 @@ def experiment_entry(
         "optimizer": {k: config.get(k) for k in HYPER_NAMES} if config else None,
         "steps": steps,
         "num_groups": errors["num_groups"],
-        "exact_max_rel_err": errors["exact_max_rel_err"],
-        "paper_max_rel_err": errors["paper_max_rel_err"],
+        **{k: errors.get(k, float("nan")) for k in ERROR_KEYS},
+        "paper_valid": errors.get("paper_valid", True),
+        "nonfinite_steps": errors.get("nonfinite_steps", 0),
         "figure": figure,
     }
+    if errors.get("paper_caveats"):
+        entry["paper_caveats"] = errors["paper_caveats"]
     if record is not None:
         entry["record"] = record
     return entry
@@ -230,15 +256,28 @@ def plot_record(path: str | os.PathLike, out: str | os.PathLike) -> list[dict[st
 
 
 def format_table(experiments: list[dict[str, Any]]) -> str:
-    """The short table the commands print: experiment, groups, exact error, paper error."""
-    header = ("experiment", "groups", "exact max rel err", "paper max rel err")
-    rows = [
-        (e["name"], str(e["num_groups"]), _fmt(e["exact_max_rel_err"]), _fmt(e["paper_max_rel_err"]))
-        for e in experiments
-    ]
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
+    """The short table the commands print: experiment, groups, and the max relative errors of the
+    exact recursion, of the recursion with the measured breaking kept, of the paper's closed
+    form (over the run and its last half; "!" where its assumptions fail) and of the conserved
+    constant (no forcing); "non-finite" steps when there are any."""
+    header = ["experiment", "groups", "exact", "exact+breaking", "paper", "paper late", "no forcing"]
+    nonfinite = any(e.get("nonfinite_steps") for e in experiments)
+    rows = []
+    for e in experiments:
+        paper = _fmt(e.get("paper_max_rel_err")) + ("" if e.get("paper_valid", True) else " !")
+        row = [e["name"], str(e["num_groups"]), _fmt(e.get("exact_max_rel_err")),
+               _fmt(e.get("exact_with_breaking_max_rel_err")), paper, _fmt(e.get("paper_late_max_rel_err")),
+               _fmt(e.get("gradient_flow_max_rel_err"))]
+        if nonfinite:
+            row.append(str(e.get("nonfinite_steps", 0)))
+        rows.append(tuple(row))
+    if nonfinite:
+        header.append("non-finite")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(r, widths))) for r in (header, *rows)]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("(max over steps |prediction - measured| / max |measured|, per group; late: the last half "
+                 "of the run; no forcing: the conserved constant; ! the closed form's assumptions fail)")
     return "\n".join(lines)
 
 

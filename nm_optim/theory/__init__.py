@@ -6,7 +6,8 @@ For every group of every symmetry the package builds trajectories over the recor
 - ``measured``: the conserved-or-not quantity read from the record (translation ``Σp``; scale
   ``Σp²``; rescale ``Σp²(A1) - Σp²(A2)``);
 - ``exact``: the discrete one-step recursion of torch's SGD with the symmetry's vanishing term set
-  to zero; its error is float rounding plus genuine symmetry breaking;
+  to zero; its error is float rounding plus genuine symmetry breaking (``exact_breaking`` keeps
+  the measured breaking term: rounding only);
 - ``paper``: the paper's continuous closed forms (modified gradient flow, damped oscillators with
   momentum), propagated step by step, piecewise where the hyper-parameters change;
 - ``gradient_flow``: conservation under gradient flow (``lr → 0``, no weight decay): the initial
@@ -30,8 +31,10 @@ from __future__ import annotations
 
 from nm_optim.theory.comparison import Comparison, compare
 from nm_optim.theory.continuous import (
+    VALIDITY_LIMIT,
     Segment,
     damped_oscillator,
+    first_order_rate,
     gradient_flow,
     oscillator_parameters,
     oscillator_step,
@@ -48,12 +51,16 @@ from nm_optim.theory.laws import (
     combine,
     exact,
     measured,
+    start_steps,
 )
 from nm_optim.theory.prediction import (
     Prediction,
     RecordLike,
+    bias_groups,
     check_consecutive,
     error_floor,
+    late_error,
+    nonfinite_steps,
     predict,
     predict_arrays,
     relative_error,
@@ -62,12 +69,14 @@ from nm_optim.theory.prediction import (
 )
 
 __all__ = [
+    "VALIDITY_LIMIT",
     "VANISHING",
     "Comparison",
     "Prediction",
     "RecordLike",
     "Schedule",
     "Segment",
+    "bias_groups",
     "breaking",
     "breaking_bound",
     "breaking_ratio",
@@ -78,8 +87,11 @@ __all__ = [
     "damped_oscillator",
     "error_floor",
     "exact",
+    "first_order_rate",
     "gradient_flow",
+    "late_error",
     "measured",
+    "nonfinite_steps",
     "oscillator_parameters",
     "oscillator_step",
     "paper",
@@ -88,5 +100,6 @@ __all__ = [
     "regime",
     "relative_error",
     "schedule_of",
+    "start_steps",
     "symmetries_of",
 ]

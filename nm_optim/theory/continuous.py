@@ -7,16 +7,23 @@ dynamics it gives, section 6), predicted from the recorded statistics.
     ``h = lr·(1 - dampening)`` with momentum; ``t = lr·k`` for a constant lr):
 
     * no momentum, the modified gradient flow ``θ̇ = -g - λθ`` with its finite-lr correction:
-      translation ``q(t) = e^{-λt} q0``; scale ``Q(t) = e^{-2λt} Q0 + η ∫ e^{-2λ(t-τ)} |g_A|² dτ``;
-      rescale the same with ``|g_A1|² - |g_A2|²``. Assumes ``η λ² Q ≪ |g_A|²`` (the paper drops it).
+      translation ``q(t) = e^{-rt} q0`` with ``r = λ(1 + ηλ/2)``; scale
+      ``Q(t) = e^{-rt} Q0 + η ∫ e^{-r(t-τ)} |g_A|² dτ`` with ``r = 2λ + ηλ²``; rescale the same
+      with ``|g_A1|² - |g_A2|²``. The O(ηλ²) corrections of the rates go with the O(η) forcing:
+      both are the β → 0 limit of the oscillator below (`first_order_rate`).
     * momentum β, dampening δ, ``h = η(1-δ)``: the modified flow
       ``(h(1+β)/2) θ̈ + (1-β) θ̇ = -g - λθ`` gives the driven damped harmonic oscillators
       ``q̈ + 2γq̇ + ω_T² q = 0`` and ``Q̈ + 2γQ̇ + ω_S² Q = 2|θ̇_A|²``, with
       ``γ = (1-β)/(h(1+β))``, ``ω_T² = 2λ/(h(1+β))``, ``ω_S² = 4λ/(h(1+β))`` and the kinetic term
       ``|θ̇_A|² = |v'|²/(1-δ)²`` measured from each step's post-step momentum buffer ``v'``
       (the finite-learning-rate term). Under-, critically and over-damped regimes are all
-      covered by one closed-form propagator. The initial velocity is ``θ̇(0) = -v0/(1-δ)`` from
-      the buffer at the first recorded step (zero when training starts there).
+      covered by one closed-form propagator. The initial velocity is consistent with the
+      staggered grid of the momentum method, ``θ̇(0) = -(v0 + v0')/(2(1-δ))`` (see `paper`'s
+      `start`; ``start="rest"`` gives the paper's figures as printed), and is re-anchored at every
+      segment boundary.
+
+    Every segment is checked against the forms' assumptions (h·γ, h·ω, η·λ small:
+    `Segment.valid`, `VALIDITY_LIMIT`).
 
     The convolution integrals are not evaluated as ``e^{-αt}∫e^{ατ}F dτ`` (the growing
     exponential overflowed float32 in the original research code after a few hundred steps):
@@ -46,7 +53,14 @@ from typing import Any
 import numpy as np
 
 from nm_optim.names import STAT_INDEX
-from nm_optim.theory.laws import Schedule, buffer_norm_after_step, check_kind, combine, measured
+from nm_optim.theory.laws import (
+    Schedule,
+    buffer_norm_after_step,
+    check_kind,
+    combine,
+    measured,
+    start_steps,
+)
 
 
 def oscillator_parameters(lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -124,9 +138,20 @@ def oscillator_step(gamma: float, omega2: float, h: float) -> tuple[np.ndarray, 
     return phi, np.array([integral, phi[0, 1]])
 
 
+# The continuous forms assume every rate is small against the step: h·γ, h·ω and η·λ above this
+# and the segment is flagged (`Segment.valid`). At lr 0.5, momentum 0.5 (h·γ = 1/3) the paper's
+# curve is off by 2.5-14% on a real network.
+VALIDITY_LIMIT = 0.1
+STARTS = ("consistent", "rest")
+
+
 @dataclass
 class Segment:
-    """A run of steps [start, stop) with constant hyper-parameters, and its closed form."""
+    """A run of steps [start, stop) with constant hyper-parameters, and its closed form.
+
+    ``h_gamma``, ``h_omega``, ``lr_wd``: the dimensionless rates h·γ, h·ω (oscillator) and η·λ;
+    ``valid`` is False (and ``caveat`` says which) where one exceeds `VALIDITY_LIMIT`: the
+    continuous form is then a poor model of the discrete steps."""
 
     start: int
     stop: int
@@ -139,76 +164,158 @@ class Segment:
     gamma: float | None = None
     omega2: float | None = None
     regime: str | None = None
+    rate: float | None = None  # without momentum: the decay rate of the modified flow
+    h_gamma: float | None = None
+    h_omega: float | None = None
+    lr_wd: float = 0.0
+    valid: bool = True
+    caveat: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def check_validity(self) -> None:
+        """Set ``valid`` / ``caveat`` from the dimensionless rates."""
+        bad = [f"{name} = {x:.3g}" for name, x in (("h·γ", self.h_gamma), ("h·ω", self.h_omega), ("η·λ", self.lr_wd))
+               if x is not None and x > VALIDITY_LIMIT]
+        self.valid = not bad
+        self.caveat = (f"steps {self.start}-{self.stop - 1}: {', '.join(bad)} > {VALIDITY_LIMIT:g}: the continuous "
+                       "form assumes small rates per step") if bad else None
 
-def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Schedule
+
+def first_order_rate(kind: str, lr: float, weight_decay: float) -> float:
+    """The decay rate of the modified flow without momentum, consistent with the β → 0 limit of
+    the oscillator (and with the discrete map to O(η²λ³)): translation λ(1 + ηλ/2) (the map
+    multiplies Σθ by 1 - ηλ), scale and rescale 2λ + ηλ² (|θ|² by (1 - ηλ)², next to the
+    forcing η|g|²)."""
+    lam = weight_decay
+    return lam * (1 + lr * lam / 2) if kind == "translation" else 2 * lam + lr * lam * lam
+
+
+def _velocity(c: float, momentum: float, rate_wd: float, U: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """θ̇ at a step time on the staggered grid: the mean of the buffer before and after the step,
+    -(u + u')/2 with u' = βu + d (u = v/(1-δ)); for the quantity, ẋ = -c((1+β)U + λx) with
+    (c, U) = (1/2, Σu) for translation and (1, Σθ·u) for scale and rescale (⟨θ, d⟩ = λ|θ|² and
+    Σd = λΣθ with the vanishing term dropped)."""
+    return -c * ((1 + momentum) * U + rate_wd * x)
+
+
+def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Schedule, *, start: str = "consistent",
           ) -> tuple[np.ndarray, np.ndarray, list[Segment], str | None]:
     """The paper's continuous prediction (section 6): (values [S+1, G], time [S+1], segments, reason).
 
     `reason` is None where the closed forms apply, else why they do not (nesterov). Time
-    t advances by h = lr (no momentum) or lr(1-δ) (momentum) per stepped step."""
+    t advances by h = lr (no momentum) or lr(1-δ) (momentum) per stepped step. Each group starts
+    at its first stepped step with finite statistics (`laws.start_steps`; NaN before it).
+
+    `start` sets the initial velocity with momentum: "consistent" (default) puts the buffer on
+    the staggered grid of the momentum method, where the pre-step buffer is the velocity at
+    t - h/2 and the post-step one at t + h/2: θ̇(t) = -(v + v')/(2(1-δ)), with v' from the
+    record's v and the step's d (for a buffer created by the step, v' = d, the effective
+    previous buffer is δd/β). The same rule re-anchors the velocity at every segment boundary
+    (the buffer carries over, the relation to θ̇ changes with β, λ, δ), and where momentum comes
+    back after momentum-0 steps (from the recorded, stale, buffer). "rest" is the literal
+    form of the paper's figures: θ̇ = -v/(1-δ) from the pre-step buffer, so a run that starts
+    at step 0 (or a fresh buffer) starts at rest."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     s = combine(kind, stats)
     S, G, _ = s.shape
     if len(schedule) != S:
         raise ValueError(f"schedule has {len(schedule)} steps, statistics {S}")
     c = lambda name: s[:, :, STAT_INDEX[name]]
-    out, time = np.empty((S + 1, G)), np.zeros(S + 1)
+    out, time = np.full((S + 1, G), np.nan), np.zeros(S + 1)
     reason = None
     if S == 0:
         return out, time, [], reason
     if np.any(schedule.nesterov & (schedule.momentum != 0)):
         reason = ("nesterov momentum: the paper's modified flow is for heavy-ball momentum; nesterov "
                   "changes it at first order in h (the heavy-ball curve is shown for reference)")
-    ok = np.isfinite(s).all(axis=2)
-    all_ok = ok.all(axis=1)
+    ok = np.isfinite(s).all(axis=2) & ~schedule.skipped[:, None]
+    begin = start_steps(s, schedule)
     linear = kind == "translation"
-    x = (c("p") if linear else c("pp"))[0].copy()
-    # Initial velocity from the buffer before the first recorded step: θ̇ = -v/(1-δ).
-    damp0 = 1 - float(schedule.dampening[0])
-    xdot = -(c("v") if linear else 2 * c("pv"))[0] / damp0 if schedule.momentum[0] != 0 else np.zeros(G)
+    cq = 0.5 if linear else 1.0
+    meas = c("p") if linear else c("pp")
+    buf = c("v") if linear else c("pv")  # Σv, Σθ·v before the step
+    x, xdot = np.full(G, np.nan), np.zeros(G)
+    started = np.zeros(G, bool)
     kinetic = None if linear else buffer_norm_after_step(s, schedule)
     segments: list[Segment] = []
-    out[0] = x
-    prev_c = damp0
-    for start, stop in schedule.segments():
-        lr, m = float(schedule.lr[start]), float(schedule.momentum[start])
-        damp, wd = float(schedule.dampening[start]), float(schedule.weight_decay[start])
-        seg = Segment(start, stop, lr, m, damp, wd, bool(schedule.nesterov[start]),
-                      "gradient flow" if wd == 0 and m == 0 else "modified flow")
+    prev: tuple[float, float, float] | None = None  # (β, λ, 1-δ) of the last momentum segment run
+    prev_momentum = False  # the previous segment had momentum (the velocity is a live state)
+
+    def from_record(k: int, mask: np.ndarray, m: float, damp: float, wd: float) -> None:
+        """Anchor the velocity of the groups in `mask` at step k from the recorded buffer."""
+        fresh = bool(schedule.first[k])
+        if start == "rest":
+            v = np.zeros(G) if fresh else -(2 * cq) * buf[k] / (1 - damp)
+        else:
+            if fresh:  # v' = d: the effective previous buffer is δd/β (in u units δd/((1-δ)β))
+                U = damp * wd * x / ((1 - damp) * m)
+            else:
+                U = buf[k] / (1 - damp)
+            v = _velocity(cq, m, wd, U, x)
+        xdot[:] = np.where(mask, v, xdot)
+
+    for seg_start, stop in schedule.segments():
+        lr, m = float(schedule.lr[seg_start]), float(schedule.momentum[seg_start])
+        damp, wd = float(schedule.dampening[seg_start]), float(schedule.weight_decay[seg_start])
+        seg = Segment(seg_start, stop, lr, m, damp, wd, bool(schedule.nesterov[seg_start]),
+                      "gradient flow" if wd == 0 and m == 0 else "modified flow", lr_wd=lr * wd)
         # One step of the closed form: (x, ẋ) ← [[A, B], [C, D]] (x, ẋ) + (fx_k, fv_k).
-        if m == 0:  # first order: ẋ = -(1|2)λ x (+ η|g|²); the velocity is not a state
+        if m == 0:  # first order: ẋ = -rate·x (+ η|g|²); the velocity is not a state
             h = lr
-            A, B, C, D = math.exp(-(1 if linear else 2) * wd * h), 0.0, 0.0, 0.0
-            fx = np.zeros((stop - start, G))
-            if not linear:  # η ∫ e^{-2λ(t-τ)} |g|² dτ over one step, |g|² held constant over it
-                w = h if wd == 0 else -math.expm1(-2 * wd * h) / (2 * wd)
-                fx = lr * w * c("gg")[start:stop]
+            rate = first_order_rate(kind, lr, wd)
+            seg.rate = rate
+            A, B, C, D = math.exp(-rate * h), 0.0, 0.0, 0.0
+            fx = np.zeros((stop - seg_start, G))
+            if not linear:  # η ∫ e^{-rate(t-τ)} |g|² dτ over one step, |g|² held constant over it
+                w = h if rate == 0 else -math.expm1(-rate * h) / rate
+                fx = lr * w * c("gg")[seg_start:stop]
             fv = np.zeros_like(fx)
         else:
             h, gamma, omega2 = oscillator_parameters(lr, m, damp, wd, kind)
             seg.model, seg.gamma, seg.omega2, seg.regime = "oscillator", gamma, omega2, regime(gamma, omega2)
-            xdot = xdot * prev_c / (1 - damp)  # the buffer is continuous and θ̇ = -v/(1-δ)
-            prev_c = 1 - damp
+            seg.h_gamma, seg.h_omega = h * gamma, h * math.sqrt(omega2)
+            # Re-anchor the velocity of the running groups at the boundary.
+            if prev_momentum and prev is not None:
+                b0, w0, c0 = prev
+                if start == "rest":  # the buffer is continuous and θ̇ = -v/(1-δ)
+                    xdot = xdot * c0 / (1 - damp)
+                else:  # recover the buffer from the old relation, the velocity from the new one
+                    U = (-xdot / cq - w0 * x) / (1 + b0) * c0 / (1 - damp)
+                    xdot = np.where(started, _velocity(cq, m, wd, U, x), xdot)
+            elif started.any():  # momentum (re)starts: the record holds the (fresh or stale) buffer
+                k0 = next((k for k in range(seg_start, stop) if not schedule.skipped[k]), None)
+                if k0 is not None:
+                    from_record(k0, started & ok[k0], m, damp, wd)
+            prev = (m, wd, 1 - damp)
             phi, psi = oscillator_step(gamma, omega2, h)
             (A, B), (C, D) = phi.tolist()
-            force = np.zeros((stop - start, G)) if linear else 2 * kinetic[start:stop] / (1 - damp) ** 2
+            force = np.zeros((stop - seg_start, G)) if linear else 2 * kinetic[seg_start:stop] / (1 - damp) ** 2
             fx, fv = psi[0] * force, psi[1] * force
+        seg.check_validity()
         segments.append(seg)
-        for k in range(start, stop):
+        prev_momentum = m != 0
+        for k in range(seg_start, stop):
             if schedule.skipped[k]:
                 out[k + 1], time[k + 1] = x, time[k]
                 continue
-            if m != 0 and schedule.first[k]:
-                xdot = np.zeros(G)  # a fresh buffer: the flow starts at rest
-            x1 = A * x + B * xdot + fx[k - start]
-            xdot1 = C * x + D * xdot + fv[k - start]
-            if all_ok[k]:
-                x, xdot = x1, xdot1
-            else:  # groups without a gradient this step did not move
-                x, xdot = np.where(ok[k], x1, x), np.where(ok[k], xdot1, xdot)
+            new = begin == k
+            if new.any():  # a group's first step: its recorded value (and buffer)
+                x = np.where(new, meas[k], x)
+                out[k, new] = x[new]
+                started |= new
+                if m != 0:
+                    from_record(k, new, m, damp, wd)
+            if m != 0 and schedule.first[k]:  # a buffer created by this step
+                if start == "rest":
+                    xdot = np.zeros(G)  # the flow starts at rest
+                else:
+                    from_record(k, started & ok[k] & ~new, m, damp, wd)
+            x1 = A * x + B * xdot + fx[k - seg_start]
+            xdot1 = C * x + D * xdot + fv[k - seg_start]
+            x, xdot = np.where(ok[k], x1, x), np.where(ok[k], xdot1, xdot)
             out[k + 1], time[k + 1] = x, time[k] + h
     return out, time, segments, reason
 

@@ -14,9 +14,10 @@ For every group of a symmetry:
     recursion from the first recorded step; only the data-driven terms ``Σg², Σg·v`` come from the
     record. It follows torch's SGD exactly: coupled weight decay, momentum, dampening, nesterov,
     the first-step buffer rule (``v' = d``, no dampening), ``momentum == 0`` (no buffer),
-    GradScaler-skipped steps and ungraded params (nothing changes) and any per-step schedule of
-    every hyper-parameter. Its error against ``measured`` is float rounding plus genuine symmetry
-    breaking (BatchNorm's eps, for one).
+    GradScaler-skipped steps and ungraded params (nothing changes; a group starts at its first
+    step with finite statistics, `start_steps`), the stale buffer torch resumes after
+    momentum-0 steps, and any per-step schedule of every hyper-parameter. Its error against
+    ``measured`` is float rounding plus genuine symmetry breaking (BatchNorm's eps, for one).
 
 Numpy only.
 """
@@ -181,10 +182,25 @@ def _coefficients(s: Schedule) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------------
 # exact: the discrete recursion
 # ------------------------------------------------------------------------------------------------
+def start_steps(stats: np.ndarray, schedule: Schedule) -> np.ndarray:
+    """[G] the first step at which each group was stepped with finite statistics (its prediction
+    starts there, from the recorded value); S where it never was. A GradScaler skip or a param
+    without a grad (NaN statistics) before it are simply not part of the group's trajectory."""
+    S, G = stats.shape[:2]
+    ok = np.isfinite(stats).all(axis=2) & ~np.asarray(schedule.skipped, bool)[:, None]
+    return np.where(ok.any(axis=0), np.argmax(ok, axis=0), S) if S else np.zeros(G, int)
+
+
 def exact(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Schedule,
           vanishing: bool = True) -> np.ndarray:
     """The exact discrete prediction of the measured quantity, [S+1, G]: entry k is the value
-    before step k (entry 0 is the record's; entry S the prediction after the last step).
+    before step k (entry S the prediction after the last step). Each group starts at its first
+    stepped step with finite statistics (`start_steps`; NaN before it) from the record's values
+    there.
+
+    While momentum is 0 torch keeps the (stale) buffer and resumes with it when momentum returns
+    (without creating a new one): at that step the buffer state (Σv, or Σpv and Σv²) is re-seeded
+    from the record, which holds the stale buffer's sums (without momentum the kernels see v = 0).
 
     `vanishing=False` keeps the recorded symmetry-breaking term (Σg or Σpg) as well: the
     recursion then reproduces the record to rounding, and the difference between the two
@@ -193,59 +209,62 @@ def exact(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
     if len(schedule) != s.shape[0]:
         raise ValueError(f"schedule has {len(schedule)} steps, statistics {s.shape[0]}")
     S, G, _ = s.shape
-    out = np.empty((S + 1, G))
+    out = np.full((S + 1, G), np.nan)
     if S == 0:
         return out
     c = lambda name: s[:, :, STAT_INDEX[name]]
-    ok = np.isfinite(s).all(axis=2)  # a group without a grad this step (NaN stats) did not move
-    all_ok = ok.all(axis=1)
+    ok = np.isfinite(s).all(axis=2) & ~schedule.skipped[:, None]  # groups stepped with finite sums
+    start = start_steps(s, schedule)
     co = _coefficients(schedule)
     coef = [tuple(float(co[n][k]) for n in ("lr", "wd", "a", "b", "e", "f")) for k in range(S)]
-    if kind == "translation":
-        p, v = c("p")[0].copy(), c("v")[0].copy()
-        g = c("g") if not vanishing else np.zeros((S, G))
-        out[0] = p
-        for k in range(S):
-            if not schedule.skipped[k]:
-                lr, wd, a, b, e, f = coef[k]
-                d = g[k] + wd * p
-                v1 = a * v + b * d
-                u = e * d + f * v1
-                p1 = p - lr * u
-                if co["nobuf"][k]:
-                    v1 = np.zeros_like(v1)
-                if all_ok[k]:
-                    p, v = p1, v1
-                else:
-                    p, v = np.where(ok[k], p1, p), np.where(ok[k], v1, v)
-            out[k + 1] = p
-        return out
-    pp, pv, vv = c("pp")[0].copy(), c("pv")[0].copy(), c("vv")[0].copy()
-    gg, gv = c("gg"), c("gv")
+    translation = kind == "translation"
+    names = ("p", "v") if translation else ("pp", "pv", "vv")
+    state = [np.full(G, np.nan) for _ in names]
+    prev_nobuf = np.zeros(G, bool)  # the group's last step ran without momentum (stale buffer kept)
+    g = c("g") if not vanishing else np.zeros((S, G))
     pg = c("pg") if not vanishing else np.zeros((S, G))
-    out[0] = pp
+    gg, gv = c("gg"), c("gv")
     for k in range(S):
         if not schedule.skipped[k]:
             lr, wd, a, b, e, f = coef[k]
-            pd = pg[k] + wd * pp
-            dd = gg[k] + 2 * wd * pg[k] + wd * wd * pp
-            vd = gv[k] + wd * pv
-            pv1 = a * pv + b * pd  # Σ p v'
-            vv1 = a * a * vv + 2 * a * b * vd + b * b * dd  # Σ v'²
-            dv1 = a * vd + b * dd  # Σ d v'
-            pu = e * pd + f * pv1
-            uu = e * e * dd + 2 * e * f * dv1 + f * f * vv1
-            uv1 = e * dv1 + f * vv1
-            pp_next = pp - 2 * lr * pu + lr * lr * uu
-            pv_next = pv1 - lr * uv1  # Σ p' v'
-            if co["nobuf"][k]:
-                pv_next, vv1 = np.zeros_like(pv_next), np.zeros_like(vv1)
-            if all_ok[k]:
-                pp, pv, vv = pp_next, pv_next, vv1
+            new = start == k
+            # Seed from the record: a group's first step, and the buffer torch resumes after
+            # momentum-0 steps (the record holds its sums; the recursion carried v = 0 there).
+            seed = new | (prev_nobuf & ok[k] & (not co["nobuf"][k]) & (not schedule.first[k]))
+            if seed.any():
+                for i, n in enumerate(names):
+                    state[i] = np.where(seed, c(n)[k], state[i])
+                out[k, new] = state[0][new]
+            b_k = b
+            if new.any() and not co["nobuf"][k] and not schedule.first[k]:
+                # A group whose param first got a grad here created its buffer now (recorded v = 0).
+                fresh = new & (c("vv")[k] == 0)
+                if fresh.any():
+                    b_k = np.where(fresh, 1.0, b)
+            if translation:
+                p, v = state
+                d = g[k] + wd * p
+                v1 = a * v + b_k * d
+                u = e * d + f * v1
+                nxt = [p - lr * u, v1]
             else:
-                live = ok[k]
-                pp, pv, vv = np.where(live, pp_next, pp), np.where(live, pv_next, pv), np.where(live, vv1, vv)
-        out[k + 1] = pp
+                pp, pv, vv = state
+                pd = pg[k] + wd * pp
+                dd = gg[k] + 2 * wd * pg[k] + wd * wd * pp
+                vd = gv[k] + wd * pv
+                pv1 = a * pv + b_k * pd  # Σ p v'
+                vv1 = a * a * vv + 2 * a * b_k * vd + b_k * b_k * dd  # Σ v'²
+                dv1 = a * vd + b_k * dd  # Σ d v'
+                pu = e * pd + f * pv1
+                uu = e * e * dd + 2 * e * f * dv1 + f * f * vv1
+                uv1 = e * dv1 + f * vv1
+                nxt = [pp - 2 * lr * pu + lr * lr * uu, pv1 - lr * uv1, vv1]  # Σp'², Σp'v', Σv'²
+            if co["nobuf"][k]:
+                nxt[1:] = [np.zeros(G) for _ in nxt[1:]]
+            live = ok[k]
+            state = [np.where(live, n1, n0) for n1, n0 in zip(nxt, state)]
+            prev_nobuf = np.where(live, bool(co["nobuf"][k]), prev_nobuf)
+        out[k + 1] = state[0]
     return out
 
 
