@@ -117,14 +117,17 @@ py::dict build_info() {
   d["openmp"] = false;
   d["openmp_max_threads"] = 1;
 #endif
+  // The CPU kernel's variant, chosen at run time as torch chooses its CPU kernels (sgd_math.h).
+  const bool fused = sgd_cpu_fused_variant();
 #if defined(NM_OPTIM_NATIVE)
-  d["cpu_simd"] = std::string("native (-march=native)");
+  d["cpu_simd"] = std::string("native (-march=native)") +
+                  (fused ? ", fused multiply-add" : ", unfused multiply-add");
 #elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  d["cpu_simd"] = std::string(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                                  ? "x86-64-v3 clone (AVX2, FMA, F16C), chosen at run time"
-                                  : "baseline clone, chosen at run time");
+  d["cpu_simd"] = std::string(fused ? "fused variant (AVX2, FMA, F16C), chosen at run time"
+                                    : "baseline variant (no FMA), chosen at run time");
 #else
-  d["cpu_simd"] = std::string("compiler default");
+  d["cpu_simd"] = std::string("compiler default") +
+                  (fused ? ", fused multiply-add" : ", unfused multiply-add");
 #endif
   return d;
 }

@@ -65,6 +65,10 @@ struct StatsView {
 void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
                   const AmpView& amp, const StatsView& stats, int num_threads);
 
+// Whether the CPU kernel runs its fused variant (one rounding per multiply-add, as torch's AVX2 /
+// AVX512 CPU kernels) or the unfused one (two, as torch's DEFAULT kernels); see sgd_math.h.
+bool sgd_cpu_fused_variant();
+
 // CUDA statistics: tracked tensors are stepped by their own kernel over 2-D tiles (kStatsTileRows
 // rows x kStatsTileCols row elements of the [d0, d1 * rest] view), which writes the partial sums
 // a track needs to `scratch`; a second kernel adds them up in a fixed order (deterministic, no

@@ -33,7 +33,11 @@ class SGD(Optimizer):
         p' = p - lr * u
 
     One kernel call per (param group, device, dtype) bucket reads p, grad and v once and writes
-    p and v once; fp16 / bf16 params are computed in float32 and rounded once.
+    p and v once. On the CPU, fp32 and fp64 params and momentum buffers are bitwise equal to
+    torch.optim.SGD's default step (the same operations, in the same order, with the same
+    roundings); on CUDA and Triton the update follows torch's fused CUDA kernel. fp16 / bf16 params
+    are updated in float32 and rounded once per step (torch rounds after every operation): each
+    step is torch's float32 step on the upcast values, rounded once.
 
     Args:
         params: iterable of parameters, named parameters, or param-group dicts.

@@ -96,9 +96,13 @@ def test_trajectory_matches_the_reference_backend(dtype, hyper):
         for t, got, want in zip(opt.tracks, opt.last_stats(), ref.last_stats()):
             # Another summation order than the reference's: relative to |sum| + 1 (the terms are
             # O(1), so a group sum that cancels to ~0 is compared at the scale of its terms).
+            # fp16 / bf16: Triton follows torch's fused CUDA expression, the reference torch's CPU
+            # for-loop, so a param may end one storage ulp apart and the next step's pre-step sums
+            # differ by that much: a few storage ulps for groups of single elements (bf16: 2^-8).
             scale = want.abs() + 1.0
             err = ((got - want).abs() / scale).max().item() if got.numel() else 0.0
-            assert err <= (1e-12 if dtype == torch.float64 else 1e-5), (
+            stats_tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3}.get(dtype, 3e-2)
+            assert err <= stats_tol, (
                 f"step {step} {t.name}: stats differ from the reference by {err:.2e}"
             )
         if isinstance(lr, torch.Tensor):  # a scheduler moving a tensor lr: no recompiles, no sync

@@ -29,7 +29,7 @@ inline BFloat16 from_float_bf16(float f) {
 #if !defined(__FLT16_MAX__)
 #error "nm_optim needs a compiler with _Float16 (GCC >= 12 or Clang on x86-64 / aarch64)"
 #endif
-// The compiler's IEEE binary16: with F16C (the x86-64-v3 clone) a load or store is one
+// The compiler's IEEE binary16: with F16C (the fused variant) a load or store is one
 // vcvtph2ps / vcvtps2ph, otherwise a correct software conversion.
 using Half = _Float16;
 inline float to_float(Half h) { return static_cast<float>(h); }

@@ -7,11 +7,17 @@
 // partial sums in float64, combined in a fixed order at the end (deterministic for a given
 // thread count; no atomics).
 //
-// Portable by default: the inner loops are compiled twice (x86-64-v3 = AVX2 + FMA + F16C, and the
-// baseline) and the loader picks one at run time (GCC function multiversioning). NM_OPTIM_NATIVE=1
-// at build time compiles for the build machine instead (-march=native, see CMakeLists.txt).
+// The update is bitwise torch.optim.SGD's on the CPU (sgd_math.h, sgd_update_cpu): torch's for-loop
+// op sequence, with one rounding per multiply-add where torch's CPU kernels fuse it (AVX2 / AVX512)
+// and two where they do not (DEFAULT). This file is compiled with -ffp-contract=off.
+//
+// Portable by default: the inner loops are compiled twice, a fused variant for AVX2 + FMA + F16C
+// and an unfused baseline, and the first call picks one as torch picks its CPU kernels
+// (use_fused_variant below). NM_OPTIM_NATIVE=1 at build time compiles for the build machine
+// instead (-march=native, see CMakeLists.txt), with both roundings available.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -25,9 +31,11 @@
 #include "numeric.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NM_OPTIM_NATIVE)
-#define NM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define NM_TWO_VARIANTS 1
+#define NM_FUSED_TARGET __attribute__((target("avx2,fma,f16c")))
 #else
-#define NM_TARGET_CLONES
+#define NM_TWO_VARIANTS 0
+#define NM_FUSED_TARGET
 #endif
 
 namespace nm_optim {
@@ -42,9 +50,46 @@ struct StepFlags {
 template <typename T>
 using ScalarsOf = StepScalars<typename Storage<T>::compute>;
 
+// Whether torch's CPU kernels fuse a * b + c (one rounding), decided once, as torch decides which
+// kernels to run (aten/src/ATen/native/DispatchStub.cpp, compute_cpu_capability): AVX2 or AVX512
+// (both need AVX2 and FMA: their vec::fmadd is vfmadd, and their scalar tails are contracted to
+// fma) unless ATEN_CPU_CAPABILITY=default, which selects the DEFAULT kernels (mul, then add).
+// Measured against torch 2.13 on x86-64 for all three settings (tests/test_bitwise.py).
+bool torch_fuses_madd() {
+  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+  if (env != nullptr && std::strcmp(env, "default") == 0) return false;
+#if NM_TWO_VARIANTS
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#elif defined(__x86_64__)
+#if defined(__FMA__)
+  return true;
+#else
+  return false;
+#endif
+#elif defined(__FP_FAST_FMA) && defined(__FP_FAST_FMAF)
+  return true;  // e.g. aarch64: torch's NEON fmadd is vfmaq, its scalar tail contracted
+#else
+  return false;
+#endif
+}
+
+// The fused variant runs where torch fuses. With two variants it is compiled for AVX2 + FMA + F16C
+// (F16C: one-instruction fp16 loads and stores), which every AVX2 + FMA CPU has.
+bool use_fused_variant() {
+  static const bool fused = [] {
+#if NM_TWO_VARIANTS
+    return torch_fuses_madd() && __builtin_cpu_supports("f16c");
+#else
+    return torch_fuses_madd();
+#endif
+  }();
+  return fused;
+}
+
 // The hot loop without statistics: flags are template arguments so every variant is branch-free
 // and vectorises.
-template <typename T, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
 struct PlainRange {
   static inline __attribute__((always_inline)) void run(T* __restrict p, const T* __restrict g,
                                                         T* __restrict v, int64_t n,
@@ -54,7 +99,7 @@ struct PlainRange {
     for (int64_t i = 0; i < n; ++i) {
       C pi = S::load(p[i]);
       C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
-      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(g[i]) * s.gmul, vi, s);
+      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(g[i]) * s.gmul, vi, s);
       p[i] = S::store(pi);
       if (MOM) v[i] = S::store(vi);
     }
@@ -65,8 +110,8 @@ struct PlainRange {
 // values: their sum over the segment is added to acc[0..8] (float64), and with COLS element j's
 // statistics are added to colf[k * rowlen + j] (the per-element column partials, see StatsTile;
 // `rowlen` is then the stride between their 9 rows).
-// Written with GCC vector extensions (32 bytes: 8 floats or 4 doubles, AVX in the x86-64-v3
-// clone, SSE pairs in the baseline) because the autovectoriser gives up on this loop. Sums run
+// Written with GCC vector extensions (32 bytes: 8 floats or 4 doubles, AVX in the fused
+// variant, SSE pairs in the baseline) because the autovectoriser gives up on this loop. Sums run
 // in the vector's lanes, fixed by the position in the segment, and go to float64 every
 // kFlushBlocks blocks: the result does not depend on the data's alignment (a vectorised
 // reduction with alignment peeling would give other bits for the same data), and no partial in
@@ -105,7 +150,7 @@ inline __attribute__((always_inline)) void store_vec(T* x, const V& r) {
   }
 }
 
-template <typename T, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS>
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS>
 struct StatsSegment {
   using S = Storage<T>;
   using C = typename S::compute;
@@ -142,7 +187,7 @@ struct StatsSegment {
       if (COLS) {
         for (int k = 0; k < kNumStats; ++k) add_to(colf + k * rowlen + i, t[k]);
       }
-      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
       store_vec(p + i, pi);
       if (MOM) store_vec(v + i, vi);
       if (++blocks == kFlushBlocks) {
@@ -160,7 +205,7 @@ struct StatsSegment {
       if (COLS) {
         for (int k = 0; k < kNumStats; ++k) colf[k * rowlen + i] += t[k];
       }
-      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
       p[i] = S::store(pi);
       if (MOM) v[i] = S::store(vi);
     }
@@ -221,14 +266,14 @@ void fold_cols(const TensorStats& ts, int64_t j0, int64_t j1) {
 
 // Steps elements [begin, end) of a tracked tensor (row = index of dim 0; column j of a row = its
 // elements [j * rest, (j + 1) * rest)).
-template <typename T, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
 struct StatsTile {
   static inline __attribute__((always_inline)) void run(T* p, const T* g, T* v, int64_t begin,
                                                         int64_t end, const TensorStats& ts,
                                                         const ScalarsOf<T>& s) {
     using C = typename Storage<T>::compute;
-    using Whole = StatsSegment<T, HAS_WD, MOM, FIRST, NESTEROV, false>;
-    using PerCol = StatsSegment<T, HAS_WD, MOM, FIRST, NESTEROV, true>;
+    using Whole = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, false>;
+    using PerCol = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, true>;
     const int64_t rowlen = ts.d1 * ts.rest;
     auto add_row = [&](int64_t r, const double* seg) {
       if (ts.rows != nullptr) {
@@ -271,41 +316,63 @@ struct StatsTile {
 };
 
 // Picks the template instance for the runtime flags.
-template <typename T, template <typename, bool, bool, bool, bool> class Op, bool HAS_WD, typename... A>
+template <typename T, template <typename, bool, bool, bool, bool, bool> class Op, bool FUSED, bool HAS_WD,
+          typename... A>
 inline __attribute__((always_inline)) void dispatch_wd(const StepFlags& f, bool first, A&&... args) {
-  if (!f.momentum) return Op<T, HAS_WD, false, false, false>::run(args...);
+  if (!f.momentum) return Op<T, FUSED, HAS_WD, false, false, false>::run(args...);
   if (first) {
-    if (f.nesterov) return Op<T, HAS_WD, true, true, true>::run(args...);
-    return Op<T, HAS_WD, true, true, false>::run(args...);
+    if (f.nesterov) return Op<T, FUSED, HAS_WD, true, true, true>::run(args...);
+    return Op<T, FUSED, HAS_WD, true, true, false>::run(args...);
   }
-  if (f.nesterov) return Op<T, HAS_WD, true, false, true>::run(args...);
-  return Op<T, HAS_WD, true, false, false>::run(args...);
+  if (f.nesterov) return Op<T, FUSED, HAS_WD, true, false, true>::run(args...);
+  return Op<T, FUSED, HAS_WD, true, false, false>::run(args...);
 }
 
-template <typename T, template <typename, bool, bool, bool, bool> class Op, typename... A>
+template <typename T, template <typename, bool, bool, bool, bool, bool> class Op, bool FUSED, typename... A>
 inline __attribute__((always_inline)) void dispatch(const StepFlags& f, bool first, A&&... args) {
-  if (f.has_wd) return dispatch_wd<T, Op, true>(f, first, args...);
-  return dispatch_wd<T, Op, false>(f, first, args...);
+  if (f.has_wd) return dispatch_wd<T, Op, FUSED, true>(f, first, args...);
+  return dispatch_wd<T, Op, FUSED, false>(f, first, args...);
 }
 
-// One multiversioned entry per storage type and path (target_clones does not apply to templates).
-#define NM_DEFINE_TILE_ENTRIES(T, NAME)                                                          \
-  NM_TARGET_CLONES void plain_##NAME(T* p, const T* g, T* v, int64_t n, bool first,             \
-                                     const StepFlags& f, const ScalarsOf<T>& s) {               \
-    dispatch<T, PlainRange>(f, first, p, g, v, n, s);                                           \
-  }                                                                                             \
-  NM_TARGET_CLONES void stats_##NAME(T* p, const T* g, T* v, int64_t begin, int64_t end,        \
-                                     bool first, const StepFlags& f, const TensorStats& ts,     \
-                                     const ScalarsOf<T>& s) {                                   \
-    dispatch<T, StatsTile>(f, first, p, g, v, begin, end, ts, s);                               \
-  }                                                                                             \
-  inline void plain_tile(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f,     \
-                         const ScalarsOf<T>& s) {                                               \
-    plain_##NAME(p, g, v, n, first, f, s);                                                      \
-  }                                                                                             \
-  inline void stats_tile(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,        \
-                         const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {    \
-    stats_##NAME(p, g, v, begin, end, first, f, ts, s);                                         \
+// Two entries per storage type and path: the fused variant (one rounding per multiply-add,
+// compiled for AVX2 + FMA + F16C in the two-variant build) and the unfused one (two roundings,
+// the baseline ISA). Without two variants both are compiled for the build's ISA; the fused one
+// only where the ISA has an FMA instruction (elsewhere it would call the C library's fma).
+#if NM_TWO_VARIANTS || defined(__FMA__) || (!defined(__x86_64__) && defined(__FP_FAST_FMA))
+#define NM_FUSED_ENTRY(T, NAME, PATH, OP, PARAMS, ARGS) \
+  NM_FUSED_TARGET void PATH##_##NAME##_fused PARAMS { dispatch<T, OP, true> ARGS; }
+#define NM_CALL_FUSED(CALL) if (use_fused_variant()) return CALL;
+#else
+#define NM_FUSED_ENTRY(T, NAME, PATH, OP, PARAMS, ARGS)
+#define NM_CALL_FUSED(CALL)
+#endif
+
+#define NM_DEFINE_TILE_ENTRIES(T, NAME)                                                           \
+  NM_FUSED_ENTRY(T, NAME, plain, PlainRange,                                                     \
+                 (T * p, const T* g, T* v, int64_t n, bool first, const StepFlags& f,           \
+                  const ScalarsOf<T>& s),                                                        \
+                 (f, first, p, g, v, n, s))                                                              \
+  NM_FUSED_ENTRY(T, NAME, stats, StatsTile,                                                      \
+                 (T * p, const T* g, T* v, int64_t begin, int64_t end, bool first,              \
+                  const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s),            \
+                 (f, first, p, g, v, begin, end, ts, s))                                                 \
+  void plain_##NAME##_unfused(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f, \
+                              const ScalarsOf<T>& s) {                                           \
+    dispatch<T, PlainRange, false>(f, first, p, g, v, n, s);                                     \
+  }                                                                                              \
+  void stats_##NAME##_unfused(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,    \
+                              const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {\
+    dispatch<T, StatsTile, false>(f, first, p, g, v, begin, end, ts, s);                         \
+  }                                                                                              \
+  inline void plain_tile(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f,      \
+                         const ScalarsOf<T>& s) {                                                \
+    NM_CALL_FUSED(plain_##NAME##_fused(p, g, v, n, first, f, s))                                 \
+    plain_##NAME##_unfused(p, g, v, n, first, f, s);                                             \
+  }                                                                                              \
+  inline void stats_tile(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,         \
+                         const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {     \
+    NM_CALL_FUSED(stats_##NAME##_fused(p, g, v, begin, end, first, f, ts, s))                    \
+    stats_##NAME##_unfused(p, g, v, begin, end, first, f, ts, s);                                \
   }
 
 NM_DEFINE_TILE_ENTRIES(float, f32)
@@ -451,6 +518,8 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
 }
 
 }  // namespace
+
+bool sgd_cpu_fused_variant() { return use_fused_variant(); }
 
 void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper, const AmpView& amp,
                   const StatsView& stats, int num_threads) {

@@ -6,6 +6,15 @@
 // Hyper-parameters are kernel arguments (lr may also come from a device scalar, so a scheduler
 // holding lr in a tensor neither syncs nor re-launches anything different). Built whenever nvcc
 // is found, with the runtime linked statically, so the module imports on machines without a GPU.
+//
+// The arithmetic is torch's fused CUDA SGD (SGD(fused=True) on CUDA: FusedSgdKernel.cu,
+// sgd_math), expression by expression (sgd_math.h, sgd_update_cuda): opmath values, double
+// hyper-parameters, so each expression is evaluated in double and rounded to opmath when
+// assigned; nvcc contracts a * b + c into fma by default (-fmad=true), as when torch is built,
+// so the same expressions get the same contractions. The gradient is unscaled and negated as
+// torch does (g /= (double)grad_scale; g *= -1.0) before the statistics see it. Not run here
+// (no GPU on the development machines): the Triton kernels, which spell the same contractions
+// out with tl.fma, are checked bitwise against an emulation of it (tests/test_bitwise.py).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -48,10 +57,24 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
   T x[N];
 };
 
+// The step's scalars as torch's fused kernel takes them, and how it forms g from the gradient.
+struct CudaScalars {
+  FusedScalars f;
+  const float* grad_scale;  // nullptr: no AMP scale
+  bool maximize;
+};
+
+// torch: g = (opmath)grad; if (grad_scale) g /= (double)*grad_scale; if (maximize) g *= -1.0.
+template <typename C>
+__device__ __forceinline__ C unscale(C g, const CudaScalars& s) {
+  if (s.grad_scale != nullptr) g /= static_cast<double>(*s.grad_scale);
+  if (s.maximize) g *= -1.0;
+  return g;
+}
+
 template <typename T, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
 __device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict__ g,
-                                          T* __restrict__ v, int64_t len,
-                                          const StepScalars<typename CudaStorage<T>::compute>& s) {
+                                          T* __restrict__ v, int64_t len, const CudaScalars& s) {
   using S = CudaStorage<T>;
   using C = typename S::compute;
   constexpr int kVec = 16 / sizeof(T);
@@ -69,7 +92,7 @@ __device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict
     for (int e = 0; e < kVec; ++e) {
       C pi = S::load(pp.x[e]);
       C vi = (MOM && !FIRST) ? S::load(vv.x[e]) : C(0);
-      sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(gg.x[e]) * s.gmul, vi, s);
+      sgd_update_cuda<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, unscale(S::load(gg.x[e]), s), vi, s.f);
       pp.x[e] = S::store(pi);
       if (MOM) vv.x[e] = S::store(vi);
     }
@@ -79,29 +102,26 @@ __device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict
   for (int64_t i = n_vec * kVec + threadIdx.x; i < len; i += kThreads) {
     C pi = S::load(p[i]);
     C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
-    sgd_update<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(g[i]) * s.gmul, vi, s);
+    sgd_update_cuda<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, unscale(S::load(g[i]), s), vi, s.f);
     p[i] = S::store(pi);
     if (MOM) v[i] = S::store(vi);
   }
 }
 
-template <typename C>
-__device__ __forceinline__ StepScalars<C> step_scalars(const SGDHyper& h, const AmpView& amp,
-                                                       const float* lr_device) {
-  C gmul = h.maximize ? C(-1) : C(1);
-  if (amp.grad_scale != nullptr) gmul /= static_cast<C>(*amp.grad_scale);
-  const C lr = lr_device != nullptr ? static_cast<C>(*lr_device) : static_cast<C>(h.lr);
-  return StepScalars<C>{-lr, static_cast<C>(h.weight_decay), static_cast<C>(h.momentum),
-                        static_cast<C>(1.0 - h.dampening), gmul};
+// torch: double_lr = lr_ptr != nullptr ? *lr_ptr : lr (a float32 device lr, widened).
+__device__ __forceinline__ CudaScalars step_scalars(const SGDHyper& h, const AmpView& amp,
+                                                    const float* lr_device) {
+  const double lr = lr_device != nullptr ? static_cast<double>(*lr_device) : h.lr;
+  return CudaScalars{FusedScalars{lr, h.weight_decay, h.momentum, h.dampening}, amp.grad_scale,
+                     h.maximize};
 }
 
 template <typename T, bool HAS_WD, bool MOM, bool NESTEROV>
 __global__ void __launch_bounds__(kThreads)
     sgd_step_kernel(BucketView b, SGDHyper h, AmpView amp, const float* lr_device) {
-  using C = typename CudaStorage<T>::compute;
   // found_inf set by a GradScaler: the step is skipped, nothing is written.
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
-  const StepScalars<C> s = step_scalars<C>(h, amp, lr_device);
+  const CudaScalars s = step_scalars(h, amp, lr_device);
 
   const int64_t k = blockIdx.x;
   const int64_t n = b.n_tensors;
@@ -140,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
   using S = CudaStorage<T>;
   using C = typename S::compute;
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
-  const StepScalars<C> s = step_scalars<C>(h, amp, lr_device);
+  const CudaScalars s = step_scalars(h, amp, lr_device);
   __shared__ float col_sm[kWarps][kTC][kNumStats];
   __shared__ double total_sm[kWarps][kNumStats];
 
@@ -171,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
       if (c >= rowlen) continue;
       const int64_t i = r * rowlen + c;
       C pi = S::load(p[i]);
-      const C gi = S::load(g[i]) * s.gmul;
+      const C gi = unscale(S::load(g[i]), s);
       C vi = (MOM && !first) ? S::load(v[i]) : C(0);
       const float tq[kNumStats] = {float(pi),      float(gi),      float(vi),
                                    float(pi * pi), float(gi * gi), float(vi * vi),
@@ -182,9 +202,9 @@ __global__ void __launch_bounds__(kThreads)
         col_acc[e][q] += tq[q];
       }
       if (first) {
-        sgd_update<C, HAS_WD, MOM, true, NESTEROV>(pi, gi, vi, s);
+        sgd_update_cuda<C, HAS_WD, MOM, true, NESTEROV>(pi, gi, vi, s.f);
       } else {
-        sgd_update<C, HAS_WD, MOM, false, NESTEROV>(pi, gi, vi, s);
+        sgd_update_cuda<C, HAS_WD, MOM, false, NESTEROV>(pi, gi, vi, s.f);
       }
       p[i] = S::store(pi);
       if (MOM) v[i] = S::store(vi);

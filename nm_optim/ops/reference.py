@@ -1,8 +1,11 @@
 """The oracle: the fused step in plain PyTorch, float64-capable, any device.
 
-It mirrors the branch structure of the kernels (csrc/sgd_math.h) line by line, in the same compute
-type (float32 for fp16/bf16/fp32 storage, float64 for float64), and rounds to the storage type
-once per step as the kernels do. Every backend is tested against it and against torch.optim.SGD.
+The update is torch.optim.SGD's for-loop (`_single_tensor_sgd`) performed with the same torch ops
+in the same order (`add` with alpha, `mul`, `add_` with alpha), so its roundings are those of the
+device's ATen kernels: on the CPU, params and buffers of fp32 / fp64 are bitwise torch.optim.SGD's
+(the CPU kernel's flavour, csrc/sgd_math.h). It computes in the compute type (float32 for
+fp16/bf16/fp32 storage, float64 for float64) and rounds to the storage type once per step, as
+the kernels do. Every backend is tested against it and against torch.optim.SGD.
 """
 
 from __future__ import annotations
@@ -80,22 +83,32 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
                         stats[off : off + n] = torch.where(skip.to(stats.device), float("nan"), stats[off : off + n])
         if p.numel() == 0:
             continue
+        # torch's ops, in torch's order (torch/optim/sgd.py, _single_tensor_sgd). `add(x, alpha=a)`
+        # is self + a * x with a converted to the dtype first; on the CPU one rounding (fma) with
+        # AVX2 / AVX512 kernels, two with the DEFAULT ones: whatever it is, it is torch's.
         pc = p.detach().to(cdt)
-        d = grads[i].detach().to(cdt) * gmul.to(cdt)
+        d = grads[i].detach().to(cdt) * gmul.to(cdt)  # exact without a grad scale: x * +-1
         if weight_decay != 0:
-            d = d + weight_decay * pc
+            d = d.add(pc, alpha=weight_decay)  # grad.add(param, alpha=weight_decay)
         u = d
         if has_momentum:
             v = momentum_buffers[i]
             if is_first[i]:
-                v_new = d
+                v_new = d  # buf = grad.clone()
             else:
-                v_new = momentum * v.detach().to(cdt) + (1 - dampening) * d
-            u = d + momentum * v_new if nesterov else v_new
-        if lr_tensor is not None:
-            p_new = pc - lr_tensor.to(device=p.device, dtype=cdt).reshape(()) * u
+                v_new = v.detach().to(cdt).mul(momentum).add_(d, alpha=1 - dampening)  # buf.mul_().add_()
+            u = d.add(v_new, alpha=momentum) if nesterov else v_new  # grad.add(buf, alpha=momentum)
+        if lr_tensor is not None and lr_tensor.device.type == "cpu":
+            # torch: param.add_(grad, alpha=-lr) with lr a tensor: alpha is the tensor's value.
+            p_new = pc.add(u, alpha=-lr_tensor.detach().reshape(()).item())
+        elif lr_tensor is not None:
+            # A device lr: torch's alpha=-lr would sync with the host (Tensor.item). addcmul is
+            # self + t1 * t2, one fma on CUDA like add's self + alpha * other (not checked here:
+            # no GPU on the development machines).
+            neg_lr = -lr_tensor.detach().to(device=p.device).reshape(())
+            p_new = torch.addcmul(pc, u, neg_lr.to(cdt))
         else:
-            p_new = pc + (-lr) * u
+            p_new = pc.add(u, alpha=-lr)  # param.add_(grad, alpha=-lr)
         if skip is not None:
             p_new = torch.where(skip.to(p.device), pc, p_new)
         p.detach().copy_(p_new)

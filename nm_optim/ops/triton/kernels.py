@@ -97,32 +97,43 @@ def _store(base, offs, x, mask, BITS: tl.constexpr, DT: tl.constexpr):
 @_device_function
 def _update(p, g, v, first, lr, wd, mom, one_minus_damp,
             HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr):
-    """csrc/sgd_math.h, element-wise: returns (p', v')."""
-    d = g
+    """torch's fused CUDA SGD, element-wise (FusedSgdKernel.cu sgd_math; csrc/sgd_math.h,
+    sgd_update_cuda): returns (p', v'). p, g, v are in the compute type (torch's opmath), the
+    hyper-parameters float64 (_scalars), so every expression is evaluated in float64 and rounded
+    to the compute type where torch assigns it to an opmath variable. nvcc contracts torch's
+    a * b + c into one fma (the first product of a sum): the same contractions are written out
+    with tl.fma here, so the interpreter (whose tl.fma is a true fma) and the GPU agree."""
+    CT = p.dtype
+    p64 = p.to(tl.float64)
     if HAS_WD:
-        d = g + wd * p
-    u = d
-    v_new = d
+        g = tl.fma(wd, p64, g.to(tl.float64)).to(CT)  # g += weight_decay * p
+    u = g
+    v_new = g
     if HAS_MOM:
-        v_new = tl.where(first != 0, d, mom * v + one_minus_damp * d)
-        u = v_new
+        g64 = g.to(tl.float64)
+        # momentum_buffer = first ? g : momentum * v + (1 - dampening) * g   (a double)
+        buf = tl.where(first != 0, g64, tl.fma(mom, v.to(tl.float64), one_minus_damp * g64))
+        v_new = buf.to(CT)
+        u = v_new  # g = momentum_buffer
         if NESTEROV:
-            u = d + mom * v_new
-    return p - lr * u, v_new
+            u = tl.fma(mom, buf, g64).to(CT)  # g = g + momentum * momentum_buffer
+    return tl.fma(-lr, u.to(tl.float64), p64).to(CT), v_new  # p -= lr * g
 
 
 @_device_function
 def _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
              HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, CT: tl.constexpr):
-    """The step's scalars in the compute type (the host passes float64, as the C++ kernels take
-    double, so float64 params see the exact values)."""
-    lr = tl.full([], lr, CT)
+    """The step's scalars: lr, weight decay, momentum and 1 - dampening in float64, as torch's
+    fused CUDA kernel takes them (a float32 lr tensor is widened, as its lr_ptr); gmul in the
+    compute type (exact: +-1, or +-1 / a power-of-2 GradScaler scale)."""
+    lr = tl.full([], lr, tl.float64)
     if HAS_LR_PTR:
-        lr = tl.load(lr_ptr).to(CT)
+        lr = tl.load(lr_ptr).to(tl.float64)
     gmul = tl.full([], gmul, CT)
     if HAS_SCALE:
         gmul = gmul / tl.load(scale_ptr).to(CT)
-    return lr, tl.full([], wd, CT), tl.full([], mom, CT), tl.full([], one_minus_damp, CT), gmul
+    return (lr, tl.full([], wd, tl.float64), tl.full([], mom, tl.float64),
+            tl.full([], one_minus_damp, tl.float64), gmul)
 
 
 @triton.jit
