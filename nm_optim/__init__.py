@@ -11,7 +11,8 @@ what this build and machine can run.
 from nm_optim._version import __version__
 from nm_optim.names import AXES, STAT_NAMES
 from nm_optim.ops import available_backends, build_info, sgd_step_reference
-from nm_optim.recorder import Record, Recorder, RecordError, load_record
+from nm_optim.record import Record, RecordError, load_record
+from nm_optim.recorder import Recorder
 from nm_optim.sgd import SGD
 from nm_optim.symmetry import Rescale, Scale, Symmetry, Translation, find_symmetries, verify_symmetries  # noqa: E402
 from nm_optim import models  # noqa: E402

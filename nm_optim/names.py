@@ -31,7 +31,7 @@ ROLES = {"translation": ("A",), "scale": ("A",), "rescale": ("A1", "A2")}
 # The implementations of the one op (nm_optim/ops): "auto" picks the fastest available per device.
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# The record file (nm_optim/recorder.py): a .npz whose "meta" JSON names this format.
+# The record file (nm_optim/record/): a .npz whose "meta" JSON names this format.
 RECORD_FORMAT = "nm_optim.record"
 RECORD_FORMAT_VERSION = 1
 

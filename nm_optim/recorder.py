@@ -1,5 +1,5 @@
 """The recorder: every `record_every`-th step's statistics and the hyper-parameters that step used,
-kept without stalling training, saved to one self-describing file.
+kept without stalling training, in memory or streamed to disk, and read back whole or live.
 
 On the device, each recorded step is one device-to-device copy of the stats tensor into a chunk
 buffer of `chunk` steps; a full chunk goes to pinned host memory with one asynchronous copy, and
@@ -7,155 +7,65 @@ is collected (the only wait, on an event long since passed) when the next chunk 
 the record is read. Device memory is one chunk, whatever the run length. Host-known values (step,
 momentum, first steps...) are kept on the host; lr and found_inf, which may live on the device,
 are copied there without a sync.
-"""
 
+Where the collected chunks go:
+
+- in memory (the default): the whole history stays in host memory; ``Recorder.save(path)``
+  writes it as one ``.npz`` file (see :class:`Record`). Fine for small runs.
+- streamed (``recorder.stream_to(folder)``): every collected chunk is appended to a *record
+  stream*, a folder read back by :func:`load_record` with memory maps; the host keeps only the
+  last `keep_records` records (for cheap live reads), whatever the run length. A checkpoint
+  (:meth:`Recorder.state_dict`) holds the stream's position, not its contents.
+
+A record stream (docs/architecture.md, "The record")::
+
+    meta.json       the record's meta (as the .npz's, with "stream": the layout below), atomic
+    stats-K.bin     device K's statistics: raw, C order, [records, rows_K, 9] of the stream dtype
+                    (float64, or float32), appended chunk by chunk; a track is rows
+                    [row, row + num_groups) of its device's file
+    index.jsonl     one JSON line per chunk, appended after the chunk's statistics: records,
+                    steps, skipped (indices), first ([index, track] pairs), hyper (rows per name)
+
+A chunk exists once its index line is complete: a crash (even mid-write) loses at most the chunk
+being written, never an earlier one; bytes past the last complete line are ignored when reading
+and cut when the stream is reopened to continue. Appends are fsync'ed by default (data, then
+index), so the same holds for a power loss. By default a writer thread appends the chunks
+(RecordStream), so training does not wait for the disk unless two chunks are already queued; a
+process that exits or dies of an exception still writes what was queued, a killed one loses
+what was queued (at most two chunks) and the chunk being filled.
+
+float32 streams halve the disk and page-cache footprint but round every stored sum to 24 bits:
+a relative error of up to 2**-24 ~ 6e-8 per stored sum (exactly: the float32 nearest the float64
+sum). The exact laws (nm_optim.theory) compare sums of consecutive records, so they then hold to
+~1e-7 of the terms' magnitudes: below the float32 arithmetic of the update itself for float32
+params (~1e-6, the tolerance of the one-step identities), but it dominates for float64 params
+(~1e-15). A quantity that cancels (a rescale's |θ_A1|² - |θ_A2|², a translation's Σθ near 0)
+loses 6e-8 of the magnitudes that cancel, not of the result. Keep float64 to study rounding-level
+effects.
+"""
 from __future__ import annotations
 
-import json
 import numbers
 import os
+import secrets
 import time
-import zipfile
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from nm_optim._io import atomic_write
 from nm_optim._version import __version__
 from nm_optim.names import HYPER_NAMES, STAT_NAMES
 from nm_optim.names import RECORD_FORMAT as FORMAT
 from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
 from nm_optim.tracks import TrackTable, describe_value
-
-
-@dataclass
-class Record:
-    """A recorded run: for each track, stats[steps, groups, 9]; for each recorded step the
-    hyper-parameters of every param group, which tracks took their first momentum step, and
-    whether GradScaler skipped it."""
-
-    tracks: list[dict[str, Any]]
-    steps: np.ndarray  # [S] int64, the optimizer step index (0-based)
-    stats: list[np.ndarray]  # per track [S, groups, 9] float64
-    hyper: dict[str, np.ndarray]  # name -> [S, n_param_groups] float64 (nesterov as 0/1)
-    first: np.ndarray  # [S, n_tracks] bool: the track's param created its momentum buffer
-    skipped: np.ndarray  # [S] bool: found_inf was set, nothing was stepped
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def stat_names(self) -> tuple[str, ...]:
-        return STAT_NAMES
-
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        """track name -> float64 array [steps, groups, 9] (columns: nm_optim.STAT_NAMES)."""
-        return {t["name"]: s for t, s in zip(self.tracks, self.stats)}
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write one .npz file atomically: a temporary file in the same folder, fsync, rename.
-        A crash leaves the old file (or none), never half of a new one."""
-        path = Path(path)
-        meta = dict(self.meta)
-        meta.update(format=FORMAT, format_version=FORMAT_VERSION, stat_names=list(STAT_NAMES),
-                    tracks=self.tracks, hyper_names=list(self.hyper))
-        arrays: dict[str, np.ndarray] = {
-            "meta": np.array(json.dumps(meta)),
-            "steps": self.steps,
-            "first": self.first,
-            "skipped": self.skipped,
-        }
-        for name, values in self.hyper.items():
-            arrays[f"hyper_{name}"] = values
-        for i, s in enumerate(self.stats):
-            arrays[f"stats_{i}"] = s
-        atomic_write(path, lambda f: np.savez(f, **arrays))
-        return path
-
-
-class RecordError(ValueError):
-    """A file that is not a readable nm_optim record; the message names the file and what is
-    wrong with it, in one line."""
-
-
-# Errors numpy, zipfile and json raise on damaged or foreign files.
-_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
-
-
-def load_record(path: str | os.PathLike) -> Record:
-    """Read a file written by `Recorder.save` / `Record.save`. A missing, damaged or foreign
-    file, or one whose arrays disagree, raises RecordError naming the file and the problem."""
-    path = Path(path)
-
-    def fail(what: str) -> NoReturn:
-        raise RecordError(f"{path}: {what}")
-
-    if not path.is_file():
-        fail("no such file")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except _READ_ERRORS:
-        fail("not an nm_optim record (not a .npz file, or a damaged one)")
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        fail("a single array (.npy), not an nm_optim record (.npz)")
-    with z:
-        def read(key: str) -> np.ndarray:
-            if key not in z.files:
-                fail(f"damaged or incomplete record: no {key!r} entry" if "meta" in z.files
-                     else "not an nm_optim record (no 'meta' entry)")
-            try:
-                return z[key]
-            except _READ_ERRORS as e:
-                fail(f"damaged record: entry {key!r} cannot be read ({type(e).__name__})")
-
-        try:
-            meta = json.loads(str(read("meta")))
-        except json.JSONDecodeError:
-            fail("damaged record: its 'meta' entry is not valid JSON")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            fail(f"not an nm_optim record (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            fail(f"record format version {meta['format_version']} is newer than this nm_optim reads "
-                 f"({FORMAT_VERSION}); upgrade nm_optim")
-        for key in ("tracks", "hyper_names"):
-            if not isinstance(meta.get(key), list):
-                fail(f"damaged record: its meta has no {key!r} list")
-        tracks = meta.pop("tracks")
-        record = Record(
-            tracks=tracks,
-            steps=read("steps"),
-            stats=[read(f"stats_{i}") for i in range(len(tracks))],
-            hyper={name: read(f"hyper_{name}") for name in meta.pop("hyper_names")},
-            first=read("first"),
-            skipped=read("skipped"),
-            meta=meta,
-        )
-    _check_consistent(record, fail)
-    return record
-
-
-def _check_consistent(record: Record, fail: Callable[[str], NoReturn]) -> None:
-    """Every array has one row per recorded step, and each track's stats its groups."""
-    n = record.steps.shape[0] if record.steps.ndim == 1 else fail(f"'steps' has shape {record.steps.shape}")
-    for i, (t, s) in enumerate(zip(record.tracks, record.stats)):
-        groups = t.get("num_groups") if isinstance(t, dict) else None
-        if s.shape != (n, groups, len(STAT_NAMES)):
-            fail(f"arrays disagree: 'stats_{i}' has shape {list(s.shape)}, expected [{n}, {groups}, "
-                 f"{len(STAT_NAMES)}] ({n} steps recorded)")
-    expected = {"first": (n, len(record.tracks)), "skipped": (n,)}
-    for key, shape in expected.items():
-        if getattr(record, key).shape != shape:
-            fail(f"arrays disagree: {key!r} has shape {list(getattr(record, key).shape)}, expected {list(shape)}")
-    for name, values in record.hyper.items():
-        if values.ndim != 2 or values.shape[0] != n:
-            fail(f"arrays disagree: 'hyper_{name}' has shape {list(values.shape)}, expected [{n}, param groups]")
+from nm_optim.record.format import (_META_KEYS, STREAM_DTYPES, Record, _Chunk, _chunk_from_meta,
+                                    _concat, _ragged, _stats_file)
+from nm_optim.record.stream import RecordStream, _StreamReader
 
 
 class Recorder:
@@ -163,7 +73,11 @@ class Recorder:
 
     It reads the optimizer through what it is given: the track table (whose stats tensors the
     kernels write), the current param groups (for the hyper-parameters of each step) and a
-    function giving extra JSON-able metadata for the record (the symmetries' descriptions)."""
+    function giving extra JSON-able metadata for the record (the symmetries' descriptions).
+
+    Reading: :meth:`snapshot` (everything; O(history)), :meth:`latest` / :meth:`since` (the last
+    records; O(records returned), whatever the history), :attr:`steps_done`, ``len(recorder)``.
+    Storing: in host memory, or streamed to disk with :meth:`stream_to` (bounded host memory)."""
 
     def __init__(self, tracks: TrackTable, param_groups: Callable[[], list[dict[str, Any]]], record_every: int = 1,
                  chunk: int = 256, meta: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -174,6 +88,9 @@ class Recorder:
         self._meta = meta or dict
         self.record_every = record_every
         self.chunk = chunk
+        # Streaming: the newest records kept on the host for live reads (latest / since), besides
+        # the chunk being filled; older ones are read from the stream.
+        self.keep_records = 64
         self.enabled = True
         self._step = 0
         self._slot = 0
@@ -183,14 +100,21 @@ class Recorder:
         self._scalar_buf: dict[torch.device, Tensor] = {}
         self._chunk_meta = self._new_meta()
         self._in_flight: list[tuple[dict, dict, Any, dict]] = []
-        # Host side: the record so far.
-        self._host_stats: dict[torch.device, list[np.ndarray]] = {}
-        self._host_meta = self._new_meta()
+        # Host side: collected chunks (all of them in memory; the newest keep_records when streaming).
+        self._chunks: list[_Chunk] = []
+        self._collected = 0  # records collected: in self._chunks, and before them in the stream
+        self._stream: RecordStream | None = None
+        self._reads: Counter[str] = Counter()  # work done by latest / since (tests count it)
 
     # -- called by SGD.step --------------------------------------------------------------------
+    # Host bookkeeping (counters, lists, chunk flushes) that changes every step: under
+    # torch.compile it runs eagerly, so the compiled step neither guards on it nor recompiles.
+    @torch.compiler.disable
     def after_step(self, first_params: set[int], found_inf: Tensor | None) -> None:
         step = self._step
         self._step += 1
+        if self._in_flight:
+            self._collect_ready()
         if not self.enabled or step % self.record_every:
             return
         table = self._tracks
@@ -230,53 +154,115 @@ class Recorder:
         return (x.device, column)
 
     # -- reading ---------------------------------------------------------------------------
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps this recorder has seen (recorded or not; skipped ones included)."""
+        return self._step
+
+    def __len__(self) -> int:
+        """Records so far (one per record_every steps while enabled)."""
+        return self._collected + sum(len(m["steps"]) for *_, m in self._in_flight) + self._slot
+
     def snapshot(self) -> Record:
-        """Everything recorded so far (waits for the copies in flight)."""
-        if self._slot:
-            self._flush()
-        self._collect(keep=0)
+        """Everything recorded so far (waits for the copies in flight). O(history): in memory,
+        a copy of it all; streamed, the stream read back with memory maps (the partial chunk is
+        written first). For watching a run, use :meth:`latest` or :meth:`since`."""
+        self._sync()
         # No check of the params' current shapes: SGD.step refuses a tracked param whose shape
         # changed before recording it, so everything here was recorded with the tracks' shapes
         # (and the history stays saveable after such a change).
-        table = self._tracks
-        meta = self._host_meta
-        n = len(meta["steps"])
-        whole = {d: np.concatenate(c) for d, c in self._host_stats.items() if c}
-        stats = []
-        for t in table.tracks:
-            full = whole.get(t.device)
-            stats.append(
-                np.zeros((n, t.num_groups, len(STAT_NAMES))) if full is None
-                else np.ascontiguousarray(full[:, t.row : t.row + t.num_groups])
-            )
-        groups = self._group_index()
-        tracks = [dict(t.describe(), param_group=groups.get(id(t.param), -1)) for t in table.tracks]
-        return Record(
-            tracks=tracks,
-            steps=np.asarray(meta["steps"], dtype=np.int64),
-            stats=stats,
-            hyper={k: _ragged(meta[k], n) for k in HYPER_NAMES},
-            first=np.asarray(meta["first"], dtype=bool).reshape(n, len(tracks)),
-            skipped=np.asarray(meta["skipped"], dtype=np.float64).astype(bool).reshape(n),
-            meta=dict(
-                nm_optim=__version__,
-                torch=torch.__version__,
-                record_every=self.record_every,
-                saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **self._meta(),
-            ),
-        )
+        if self._stream is not None:
+            whole = _StreamReader(self._stream.path).chunk()
+        else:
+            whole = _concat(self._chunks, self._rows(), len(self._tracks))
+        return self._record(whole)
+
+    def latest(self, k: int = 1) -> Record:
+        """The last `k` records (fewer if fewer were recorded), without reading the rest: the
+        cost is O(k), whatever the history. Synchronises with the device (the partial chunk is
+        read where it is, not flushed)."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"latest(k) needs an int k >= 0, got {describe_value(k)}")
+        need = [int(k)]
+
+        def take(steps: np.ndarray) -> tuple[int, bool]:
+            lo = max(len(steps) - need[0], 0)
+            need[0] -= len(steps) - lo
+            return lo, need[0] == 0
+
+        return self._record(self._tail(take))
+
+    def since(self, step: int) -> Record:
+        """The records of optimizer steps >= `step` (0-based, as in Record.steps), without
+        reading older ones: O(records returned), whatever the history. ``since(last + 1)``
+        after reading up to step `last` gives exactly the new records."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"since(step) needs an int step, got {describe_value(step)}")
+
+        def take(steps: np.ndarray) -> tuple[int, bool]:
+            lo = int(np.searchsorted(steps, step, side="left"))
+            return lo, lo > 0
+
+        return self._record(self._tail(take))
 
     def to_numpy(self) -> dict[str, np.ndarray]:
-        """track name -> float64 array [steps, groups, 9]."""
+        """track name -> array [steps, groups, 9]."""
         return self.snapshot().to_numpy()
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save everything recorded so far to one .npz file, atomically (see Record.save)."""
         return self.snapshot().save(path)
 
-    def __len__(self) -> int:
-        return len(self._host_meta["steps"]) + sum(len(m["steps"]) for *_, m in self._in_flight) + self._slot
+    # -- streaming ---------------------------------------------------------------------------
+    def stream_to(self, path: str | os.PathLike, *, dtype: str = "float64", overwrite: bool = False,
+                  fsync: bool = True, background: bool = True) -> Path:
+        """From now on append every collected chunk to the record stream folder `path` (created;
+        an existing stream there is replaced only with `overwrite`), and keep only the last
+        `keep_records` records in host memory (besides the chunk being filled). What was
+        recorded so far is written first.
+
+        dtype: "float64" (exact) or "float32" (half the bytes; each stored sum rounded to a
+        relative 2**-24 ~ 6e-8: see the module docstring for what that costs the laws).
+        fsync: make every chunk durable before its index line (a power loss loses at most the
+        last chunk); without it only a process crash is covered.
+        background: write chunks in a writer thread (RecordStream), so training does not wait
+        for the disk (one more chunk of host memory); False: in the training thread.
+
+        Read it back with ``nm_optim.load_record(path)`` (memory-mapped). Returns the path."""
+        if self._stream is not None:
+            raise RuntimeError(f"this recorder already streams to {self._stream.path}")
+        name = str(dtype).removeprefix("torch.")
+        if name not in STREAM_DTYPES:
+            raise ValueError(f"dtype must be one of {STREAM_DTYPES}, got {describe_value(dtype)}")
+        self._sync()
+        stream = RecordStream.create(path, self._stream_meta(name), overwrite=overwrite, fsync=fsync,
+                                     background=background)
+        for c in self._chunks:
+            stream.append(c)
+        self._stream = stream
+        self._trim()
+        return stream.path
+
+    @property
+    def stream(self) -> RecordStream | None:
+        """The record stream this recorder appends to (None: in memory)."""
+        return self._stream
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the recorder holds for records: all of them in memory, at most
+        keep_records records when streaming, plus up to two chunks queued for the writer thread
+        (and, on a GPU, a chunk whose copy is in flight), whatever the run length. The chunk being filled is :attr:`device_bytes` (host memory too
+        on the CPU)."""
+        flight = sum(t.numel() * t.element_size() for s, sc, _, _ in self._in_flight for t in (*s.values(), *sc.values()))
+        queued = self._stream.queued_bytes if self._stream is not None else 0
+        return sum(c.nbytes for c in self._chunks) + flight + queued
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory the recorder holds: one chunk per device, whatever the run length."""
+        bufs = [*self._stats_buf.values(), *self._scalar_buf.values()]
+        return sum(b.numel() * b.element_size() for b in bufs)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -284,26 +270,46 @@ class Recorder:
         recorder that loads it (on an optimizer with the same tracks) continues so that its
         record equals that of a run never interrupted.
 
-        Waits for the copies in flight (as :meth:`snapshot` does). Tensors and plain Python
-        values only, so ``torch.load(..., weights_only=True)`` reads it back."""
-        if self._slot:
-            self._flush()
-        self._collect(keep=0)
-        return {
+        In memory: the records themselves. Streaming: the stream's path and length ("stream"),
+        after writing and fsync'ing everything recorded, and no records: loading it cuts the
+        stream back to that length. Waits for the copies in flight (as :meth:`snapshot` does).
+        Tensors and plain Python values only, so ``torch.load(..., weights_only=True)`` reads
+        it back."""
+        self._sync()
+        state: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "record_every": self.record_every,
             "enabled": self.enabled,
             "step": self._step,
             "tracks": [t.name for t in self._tracks.tracks],
-            "stats": {
-                str(d): torch.from_numpy(np.concatenate(c)) for d, c in self._host_stats.items() if c
-            },
-            "meta": {k: list(v) for k, v in self._host_meta.items()},
         }
+        if self._stream is not None:
+            self._stream.sync()
+            state["stream"] = {"path": str(self._stream.path.resolve()), "records": self._stream.records,
+                               "dtype": self._stream.dtype.name, "id": self._stream.id}
+            chunks: list[_Chunk] = []
+        else:
+            chunks = self._chunks
+        whole = _concat(chunks, self._rows(), len(self._tracks))
+        devices = self._tracks.devices()
+        state["stats"] = {str(d): torch.from_numpy(np.ascontiguousarray(s)) for d, s in zip(devices, whole.stats)
+                          if len(whole)}
+        state["meta"] = {
+            "steps": whole.steps.tolist(),
+            "first": whole.first.tolist(),
+            "skipped": whole.skipped.astype(np.float64).tolist(),
+            **{k: [list(r) for r in whole.hyper[k]] for k in HYPER_NAMES},
+        }
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved, replacing anything recorded here so far."""
+    def load_state_dict(self, state: dict[str, Any], stream: str | os.PathLike | None = None) -> None:
+        """Restore what :meth:`state_dict` saved, replacing anything recorded here so far.
+
+        A state that refers to a stream continues that stream (at `stream` if given: the run's
+        folder may have moved), cut back to the state's length: records written after the
+        checkpoint are dropped, so the record equals an uninterrupted run's. A state with the
+        records themselves, loaded into a streaming recorder, restarts its stream with them."""
         if state.get("format") != FORMAT:
             raise ValueError(f"not an nm_optim recorder state (format {state.get('format')!r})")
         tracks = [t.name for t in self._tracks.tracks]
@@ -321,32 +327,72 @@ class Recorder:
         for device, stats in saved.items():
             if stats.dim() != 3 or device not in rows or stats.shape[1] < rows[device]:
                 raise ValueError(f"recorder state: stats for {device} of shape {list(stats.shape)} do not fit these tracks")
-        self._collect(keep=0)
+        meta = {k: list(state["meta"][k]) for k in _META_KEYS}
+        n = len(meta["steps"])
+        if any(len(v) != n for v in meta.values()) or any(s.shape[0] != n for s in saved.values()):
+            raise ValueError("recorder state: its lists and stats hold different numbers of records")
+        if n and set(saved) != set(rows):
+            raise ValueError(f"recorder state: stats for {sorted(saved)}, these tracks live on {sorted(rows)}")
+        tail = None
+        if n:
+            host = [saved[str(d)].detach().cpu().numpy().astype(np.float64, copy=True) for d in self._tracks.devices()]
+            tail = _chunk_from_meta(meta, 0, n, host, {}, len(tracks))
+        link = state.get("stream")
+        opened = None
+        if link is not None:
+            where = Path(stream) if stream is not None else Path(link["path"])
+            opened = self._stream if self._stream is not None and self._stream.path.resolve() == where.resolve() \
+                else RecordStream.open(where, background=True)
+            if opened.track_names != tracks:
+                raise ValueError(f"record stream {where} has tracks {opened.track_names}, this optimizer tracks {tracks}")
+            if link.get("id") and opened.id != link["id"]:
+                raise ValueError(f"record stream {where} is not the one of this state (another run replaced it: "
+                                 f"id {opened.id}, the state's {link['id']})")
+            records = int(link["records"])
+            if opened.records < records:
+                raise ValueError(f"record stream {where} holds {opened.records} records, fewer than the {records} "
+                                 "of the checkpoint (was it cut, or written by another run?)")
+        # Everything checked: now change state.
         self.record_every = int(state["record_every"])
         self.enabled = bool(state["enabled"])
         self._step = int(state["step"])
         self._slot = 0
         self._chunk_meta = self._new_meta()
-        self._host_stats = {
-            torch.device(d): [s.detach().cpu().numpy().astype(np.float64, copy=True)] for d, s in saved.items()
-        }
-        self._host_meta = {k: list(state["meta"][k]) for k in self._new_meta()}
-
-    @property
-    def device_bytes(self) -> int:
-        """Device memory the recorder holds: one chunk per device, whatever the run length."""
-        bufs = [*self._stats_buf.values(), *self._scalar_buf.values()]
-        return sum(b.numel() * b.element_size() for b in bufs)
+        self._in_flight = []
+        self._chunks = []
+        if opened is not None:
+            opened.truncate(int(link["records"]))
+            self._stream = opened
+        elif self._stream is not None:
+            self._stream.truncate(0)
+        self._collected = self._stream.records if self._stream is not None else 0
+        if tail is not None:
+            self._add(tail)
 
     # -- internals -------------------------------------------------------------------------
     @staticmethod
     def _new_meta() -> dict[str, list]:
-        return {k: [] for k in ("steps", "first", "skipped", *HYPER_NAMES)}
+        return {k: [] for k in _META_KEYS}
+
+    def _rows(self) -> list[int]:
+        """Rows of each device's stats tensor, in the track table's device order."""
+        return [self._tracks.stats(d).shape[0] for d in self._tracks.devices()]
+
+    def _sync(self) -> None:
+        """Flush the partial chunk and collect every chunk in flight (streaming: and write it)."""
+        if self._slot:
+            self._flush()
+        self._collect(keep=0)
+        if self._stream is not None:
+            self._stream.drain()
 
     def _flush(self) -> None:
         """Start the device-to-host copies of the filled part of the chunk (no wait)."""
         k = self._slot
-        stats = {d: _to_host_async(b[:k]) for d, b in self._stats_buf.items()}
+        # Streaming on the CPU, the chunk is written from the buffer itself, before the next step
+        # can overwrite it (_collect_ready below): no copy of it.
+        direct = self._stream is not None and not self._stream.background
+        stats = {d: b[:k] if direct and d.type == "cpu" else _to_host_async(b[:k]) for d, b in self._stats_buf.items()}
         scalars = {d: _to_host_async(b[:k]) for d, b in self._scalar_buf.items()}
         event = None
         cuda = [d for d in (*stats, *scalars) if d.type == "cuda"]
@@ -356,20 +402,153 @@ class Recorder:
         self._in_flight.append((stats, scalars, event, self._chunk_meta))
         self._chunk_meta = self._new_meta()
         self._slot = 0
+        self._collect_ready()
         self._collect(keep=1)
 
+    def _collect_ready(self) -> None:
+        """Collect the chunks whose copies have finished (on the CPU: all, at once), so a
+        stream is at most the chunk being filled behind the run (plus one whose copy is still
+        in flight on a GPU)."""
+        while self._in_flight and (self._in_flight[0][2] is None or self._in_flight[0][2].query()):
+            self._collect(keep=len(self._in_flight) - 1)
+
     def _collect(self, keep: int) -> None:
-        """Move finished chunks into the host record, leaving `keep` chunks in flight (the wait
-        is on copies issued a whole chunk of steps earlier)."""
+        """Move finished chunks into the host record (or the stream), leaving `keep` chunks in
+        flight (the wait is on copies issued a whole chunk of steps earlier)."""
         while len(self._in_flight) > keep:
             stats, scalars, event, meta = self._in_flight.pop(0)
             if event is not None:
                 event.synchronize()
-            for device, t in stats.items():
-                self._host_stats.setdefault(device, []).append(t.numpy().copy())
+            host = [_host_numpy(stats[d]) for d in self._tracks.devices()]
             host_scalars = {d: t.numpy() for d, t in scalars.items()}
-            for name, values in meta.items():
-                self._host_meta[name].extend(_resolve(v, row, host_scalars) for row, v in enumerate(values))
+            self._add(_chunk_from_meta(meta, 0, len(meta["steps"]), host, host_scalars, len(self._tracks)))
+
+    def _add(self, chunk: _Chunk) -> None:
+        self._collected += len(chunk)
+        if self._stream is None:
+            self._chunks.append(chunk)
+            return
+        self._stream.append(chunk)
+        keep = min(len(chunk), self.keep_records)
+        if keep < len(chunk):
+            self._chunks = []  # the kept records stay consecutive
+        if keep:
+            # a copy: the chunk may be a view of the device buffer, and its older rows are freed
+            self._chunks.append(chunk.rows(len(chunk) - keep).copy())
+        self._trim()
+
+    def _trim(self) -> None:
+        """Streaming: drop the oldest kept chunks beyond keep_records records."""
+        if self._stream is None:
+            return
+        total = sum(len(c) for c in self._chunks)
+        while self._chunks and total - len(self._chunks[0]) >= self.keep_records:
+            total -= len(self._chunks.pop(0))
+        if self.keep_records == 0:
+            self._chunks = []
+
+    def _segments(self) -> Iterator[tuple[np.ndarray, Callable[[int], _Chunk]]]:
+        """The records, newest first, as (steps, read rows lo: of them) per segment: the partial
+        chunk on the device, the chunks in flight, the collected ones, then (streaming) the
+        stream's older records on disk."""
+        n_tracks = len(self._tracks)
+        m = self._chunk_meta
+        k = self._slot
+
+        def device_rows(lo: int) -> _Chunk:
+            # a copy: on the CPU the buffer itself is the device chunk, overwritten by later steps
+            stats = [self._stats_buf[d][lo:k].to("cpu", copy=True).numpy() for d in self._tracks.devices()]
+            scalars = {d: b[lo:k].to("cpu").numpy() for d, b in self._scalar_buf.items()}
+            return _chunk_from_meta(m, lo, k, stats, scalars, n_tracks)
+
+        yield np.asarray(m["steps"], dtype=np.int64), device_rows
+        for stats, scalars, event, meta in reversed(self._in_flight):
+            def flight_rows(lo: int, stats=stats, scalars=scalars, event=event, meta=meta) -> _Chunk:
+                if event is not None:
+                    event.synchronize()
+                host = [_host_numpy(stats[d][lo:]) for d in self._tracks.devices()]
+                hs = {d: t[lo:].numpy() for d, t in scalars.items()}
+                return _chunk_from_meta(meta, lo, len(meta["steps"]), host, hs, n_tracks)
+
+            yield np.asarray(meta["steps"], dtype=np.int64), flight_rows
+        for c in reversed(self._chunks):
+            yield c.steps, c.rows
+        on_disk = self._collected - sum(len(c) for c in self._chunks)
+        if self._stream is not None and on_disk > 0:
+            self._stream.drain()
+            reader = _StreamReader(self._stream.path)
+            old = reader.chunk(0, on_disk)
+            yield old.steps, old.rows
+
+    def _tail(self, take: Callable[[np.ndarray], tuple[int, bool]]) -> _Chunk:
+        """The newest records: for each segment, newest first, take(steps) says from which row
+        on to read it and whether older segments are needed no more."""
+        parts = []
+        for steps, read in self._segments():
+            if not len(steps):
+                continue
+            lo, done = take(steps)
+            self._reads["segments"] += 1
+            if lo < len(steps):
+                parts.append(read(lo))
+                self._reads["rows"] += len(steps) - lo
+            if done:
+                break
+        parts.reverse()
+        return _concat(parts, self._rows(), len(self._tracks))
+
+    def _record(self, c: _Chunk) -> Record:
+        """A Record of the chunk `c`, with this optimizer's tracks and meta."""
+        table = self._tracks
+        order = {d: i for i, d in enumerate(table.devices())}
+        stats = [c.stats[order[t.device]][:, t.row : t.row + t.num_groups] for t in table.tracks]
+        # the caller's own arrays (the history is never handed out to be written), except memory
+        # maps of a stream, read-only views that load nothing until read
+        stats = [s if isinstance(s, np.memmap) else np.array(s) for s in stats]
+        groups = self._group_index()
+        tracks = [dict(t.describe(), param_group=groups.get(id(t.param), -1)) for t in table.tracks]
+        n = len(c)
+        return Record(
+            tracks=tracks,
+            steps=np.array(c.steps),
+            stats=stats,
+            hyper={k: _ragged(c.hyper[k], n, len(self._param_groups())) for k in HYPER_NAMES},
+            first=np.array(c.first).reshape(n, len(tracks)),
+            skipped=np.array(c.skipped).reshape(n),
+            meta=dict(
+                nm_optim=__version__,
+                torch=torch.__version__,
+                record_every=self.record_every,
+                saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **self._meta(),
+            ),
+        )
+
+    def _stream_meta(self, dtype: str) -> dict[str, Any]:
+        """meta.json of a new stream: the record's meta and the stream's layout."""
+        table = self._tracks
+        devices = table.devices()
+        order = {d: i for i, d in enumerate(devices)}
+        groups = self._group_index()
+        return dict(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            stat_names=list(STAT_NAMES),
+            tracks=[dict(t.describe(), param_group=groups.get(id(t.param), -1)) for t in table.tracks],
+            hyper_names=list(HYPER_NAMES),
+            nm_optim=__version__,
+            torch=torch.__version__,
+            record_every=self.record_every,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **self._meta(),
+            stream={
+                "id": secrets.token_hex(8),  # a checkpoint names its stream: a replaced one is refused
+                "dtype": dtype,
+                "devices": [{"device": str(d), "rows": r, "file": _stats_file(k)}
+                            for k, (d, r) in enumerate(zip(devices, self._rows()))],
+                "track_rows": [[order[t.device], t.row] for t in table.tracks],
+            },
+        )
 
     def _group_index(self) -> dict[int, int]:
         return {id(p): gi for gi, g in enumerate(self._param_groups()) for p in g["params"]}
@@ -385,15 +564,6 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _resolve(x: Any, row: int, host_scalars: dict[torch.device, np.ndarray]) -> Any:
-    """A recorded value, with (device, column) places read from the chunk's host copy."""
-    if isinstance(x, list):
-        return [_resolve(v, row, host_scalars) for v in x]
-    if isinstance(x, tuple):
-        return float(host_scalars[x[0]][row, x[1]])
-    return x
-
-
 def _to_host_async(t: Tensor) -> Tensor:
     if t.device.type == "cuda":
         dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -402,10 +572,7 @@ def _to_host_async(t: Tensor) -> Tensor:
     return t.clone()
 
 
-def _ragged(rows: list[list[float]], n: int) -> np.ndarray:
-    """[steps, groups] float64; steps recorded before add_param_group get NaN for new groups."""
-    width = max((len(r) for r in rows), default=0)
-    out = np.full((n, width), np.nan)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
+def _host_numpy(t: Tensor) -> np.ndarray:
+    """A host tensor as numpy, copied out of pinned memory (scarce: never kept for the history)."""
+    a = t.numpy()
+    return a.copy() if t.is_pinned() else a

@@ -5,7 +5,6 @@ record included), and a scheduler with a tensor lr causes no recompiles after th
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch._dynamo.utils import counters
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nm_optim
-from nm_optim.recorder import RecordError
+from nm_optim.record import RecordError
 
 
 @pytest.fixture

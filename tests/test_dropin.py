@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 import nm_optim
 import nm_optim.sgd
 from nm_optim import _io
-from nm_optim.recorder import load_record
+from nm_optim.record import load_record
 
 
 def _duplicate_run(make_opt, w0, c0, grads):

@@ -7,7 +7,11 @@ holds everything a resumed run needs to continue bit-identically.
     step                 optimizer steps done; with config.seed it fixes the data position
                          (loop.epoch_order), so no data-loader state is kept
     model, optimizer     their state_dicts
-    recorder             the recorder's state_dict: the record so far
+    recorder             the recorder's state_dict: where the record stands. `train` streams the
+                         record to OUT/record/ (STREAM_NAME), so this is the stream's length, not
+                         the history: a checkpoint stays small and is not rewritten with the whole
+                         record; resuming cuts the stream back to that length. (A recorder kept
+                         in memory puts its records here instead; both load.)
     rng                  the torch RNG states (dropout): "torch", and "cuda" on a GPU
     losses               the loss log, [[steps done, mean loss], ...]
     pending_losses       the per-step losses since the last log entry (0-d tensors)
@@ -27,10 +31,12 @@ from torch import Tensor, nn
 from nm_optim._io import atomic_write
 from nm_optim._version import __version__
 from nm_optim.app.config import TrainConfig, UserError, apply_resume_overrides
+from nm_optim.record import RecordError
 
 CHECKPOINT_FORMAT = "nm_optim.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+STREAM_NAME = "record"  # the record stream folder next to the checkpoint (nm_optim.recorder)
 # What save_checkpoint writes; a checkpoint without one of these cannot resume a run exactly.
 PARTS = ("config", "step", "model", "optimizer", "recorder", "rng", "losses", "pending_losses")
 
@@ -110,7 +116,10 @@ def restore_checkpoint(
     for group in optimizer.param_groups:  # the backend is how, not what: it may change on resume
         group["backend"] = backend
     try:
-        optimizer.recorder.load_state_dict(state["recorder"])
+        # the stream next to the checkpoint, wherever the run folder was when it was written
+        optimizer.recorder.load_state_dict(state["recorder"], stream=path.parent / STREAM_NAME)
+    except RecordError as e:
+        raise UserError(f"the record stream of checkpoint {path} cannot be continued: {e}") from e
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"the recorder state in checkpoint {path} is damaged or does not fit this model: "
                         f"{type(e).__name__}: {e}") from e

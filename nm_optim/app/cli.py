@@ -1,6 +1,6 @@
 """The `nm-optim` command line: `demo`, `train` and `plot`.
 
-    nm-optim demo [--out DIR] [--steps N] [--backend B] [--device D]
+    nm-optim demo [--out DIR] [--steps N] [--backend B] [--device D] [--full [--full-steps N]]
     nm-optim train --model vgg16_bn --data imagefolder:~/tiny-imagenet-200 --lr 0.1 --epochs 10 --out runs/vgg
     nm-optim train --out runs/vgg --resume            # continue from runs/vgg/checkpoint.pt
     nm-optim plot runs/vgg/record.npz --out figures/
@@ -21,10 +21,10 @@ from pathlib import Path
 from nm_optim._version import __version__
 from nm_optim.app.checkpoint import resume_config
 from nm_optim.app.config import TrainConfig, UserError, check_writable
-from nm_optim.app.demo import DEMO_STEPS, run_demo
+from nm_optim.app.demo import DEMO_STEPS, FULL_STEPS, run_demo
 from nm_optim.app.loop import train
 from nm_optim.app.report import SUMMARY_NAME, format_table, plot_record
-from nm_optim.recorder import RecordError
+from nm_optim.record import RecordError
 
 PROG = "nm-optim"
 DEFAULT_CHECKPOINT_EVERY = 1000
@@ -32,7 +32,9 @@ DEFAULT_CHECKPOINT_EVERY = 1000
 _TRAIN_OPTIONS = ("model", "data", "lr", "momentum", "dampening", "weight_decay", "nesterov", "batch_size",
                   "steps", "epochs", "image_size", "backend", "device", "seed", "record_every", "checkpoint_every")
 # The optional dependencies, by import name: a missing one is a one-line error, not a traceback.
-_OPTIONAL = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "PIL": "Pillow", "tqdm": "tqdm"}
+_OPTIONAL = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "PIL": "Pillow", "tqdm": "tqdm",
+             "tensorboard": "tensorboard"}
+_EXTRA = {"tensorboard": "tensorboard"}  # the extra that installs it, where not 'demo'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, steps=args.steps, backend=args.backend, device=args.device, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, full=args.full, full_steps=args.full_steps)
     if not args.quiet:
         experiments = summary["experiments"]
         print(format_table(experiments))
@@ -69,7 +71,8 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(**given)
         if config.steps is None and config.epochs is None:
             config.epochs = 1
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress,
+                   record_dtype=args.record_dtype, tensorboard=args.tensorboard, tensorboard_every=args.tensorboard_every)
     if not args.quiet:
         import json
 
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "theory-vs-experiment figures (translation, scale, rescale, momentum oscillation).")
     demo.add_argument("--out", default="nm_optim_demo", help="output folder (default: nm_optim_demo)")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"steps per training run (default: {DEMO_STEPS})")
+    demo.add_argument("--full", action="store_true",
+                      help="also VGG-16-BN on the digits at 32x32: per-layer norms over training, the paper's "
+                           "first figure (minutes on a CPU)")
+    demo.add_argument("--full-steps", type=int, default=FULL_STEPS, help=f"steps of the --full run (default: {FULL_STEPS})")
     common(demo, suppress=False)
     quiet(demo)
     demo.set_defaults(func=_demo)
@@ -139,8 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--record-every", type=int, default=S, help=f"record every N-th step (default: {defaults.record_every})")
     tr.add_argument("--checkpoint-every", type=int, default=S,
                     help=f"checkpoint every N steps, and at the end; 0: never (default: {DEFAULT_CHECKPOINT_EVERY})")
-    tr.add_argument("--out", required=True, help="output folder: record.npz, checkpoint.pt, summary.json, figures")
+    tr.add_argument("--out", required=True,
+                    help="output folder: record/ (streamed), record.npz, checkpoint.pt, summary.json, figures")
     tr.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    tr.add_argument("--record-dtype", choices=("float64", "float32"), default="float64",
+                    help="how OUT/record/ stores the sums; float32 halves it, each sum rounded to ~6e-8 relative "
+                         "(default: float64; a resumed run keeps its record's)")
+    tr.add_argument("--tensorboard", metavar="DIR", default=None,
+                    help="write TensorBoard scalars to DIR: norms of params, gradients and momentum, each "
+                         "symmetry's conserved quantity, hyper-parameters, loss (pip install 'nm_optim[tensorboard]')")
+    tr.add_argument("--tensorboard-every", type=int, default=10, metavar="N",
+                    help="steps between TensorBoard entries (default: 10)")
     common(tr, suppress=True)
     quiet(tr)
     tr.set_defaults(func=_train)
@@ -179,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if root not in _OPTIONAL:
             raise
         print(f"{PROG}: error: this needs {_OPTIONAL[root]}, which is not installed: "
-              f"pip install 'nm_optim[demo]'", file=sys.stderr)
+              f"pip install 'nm_optim[{_EXTRA.get(root, 'demo')}]'", file=sys.stderr)
         return 1
 
 

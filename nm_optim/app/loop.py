@@ -5,19 +5,22 @@ steps, seed) and an output folder. :func:`train` builds the model from the zoo
 (`nm_optim.models`), finds its symmetries (`nm_optim.symmetry.find_symmetries`), trains it with
 `nm_optim.SGD` tracking them, and writes
 
-    DIR/record.npz       the recorded statistics (Record.save, atomic), at the end of the run
+    DIR/record/          the record, streamed while training (a record stream: append-only
+                         chunks, nm_optim.load_record reads it memory-mapped); host memory stays
+                         bounded whatever the run length, and a crash loses at most the last chunk
+    DIR/record.npz       the same record as one file (Record.save, atomic), at the end of the run
     DIR/checkpoint.pt    the latest checkpoint (app.checkpoint, atomic), when checkpoint_every > 0;
-                         it holds the record so far (the recorder's state_dict), so it is not also
-                         written as record.npz: the record grows by 72 bytes per group and step
+                         it holds the stream's length, not the record: a resume cuts DIR/record/
+                         back to it, so the record equals an uninterrupted run's
     DIR/summary.json     what ran and how well each symmetry's theory matched (app.report, atomic)
     DIR/<kind>.png       the theory-vs-measurement figure of every symmetry kind found
 
 Determinism: the weights are initialised from `seed`; epoch e visits the training set in the
 order of ``randperm(N)`` drawn from a generator seeded with (seed, e), so the data position is
-just the global step; a checkpoint holds the model, the optimizer state, the recorder state, the
-torch RNG states (dropout) and that step. Resuming from it continues bit-identically — the
-parameters and the record — on the same device, backend and thread count (on CUDA, cuDNN is
-put in deterministic mode for that).
+just the global step; a checkpoint holds the model, the optimizer state, the recorder state (the
+record stream's length), the torch RNG states (dropout) and that step. Resuming from it continues
+bit-identically — the parameters and the record — on the same device, backend and thread count
+(on CUDA, cuDNN is put in deterministic mode for that).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import nm_optim
 from nm_optim import models
 from nm_optim.app.checkpoint import (
     CHECKPOINT_NAME,
+    STREAM_NAME,
     load_checkpoint,
     restore_checkpoint,
     save_checkpoint,
@@ -120,6 +124,9 @@ def train(
     on_step: Callable[[int], None] | None = None,
     track: Any = None,
     write_outputs: bool = True,
+    record_dtype: str = "float64",
+    tensorboard: str | os.PathLike | None = None,
+    tensorboard_every: int = 10,
 ) -> TrainResult:
     """Train `config` and write its outputs to `out` (see the module docstring).
 
@@ -131,7 +138,13 @@ def train(
         raises from it to simulate a crash).
     track: more statistics to record besides the symmetries' (nm_optim.SGD's `track`).
     write_outputs: write record, summary and figures at the end (checkpoints are written
-        whenever checkpoint_every > 0).
+        whenever checkpoint_every > 0; the record stream whenever `out` is given).
+    record_dtype: "float64" or "float32": how the record stream stores the sums (float32: half
+        the disk, each sum rounded to ~6e-8 relative; see nm_optim.recorder). A resumed run
+        keeps its stream's dtype.
+    tensorboard: a TensorBoard log folder: every `tensorboard_every` steps the parameter,
+        gradient and momentum norms, each symmetry's conserved quantity and the
+        hyper-parameters, and the loss (nm_optim.integrations.tensorboard; needs tensorboard).
     """
     started = time.perf_counter()
     out_dir = check_writable(out) if out is not None else None
@@ -189,6 +202,17 @@ def train(
     else:
         torch.manual_seed(config.seed)  # whatever building the model and its symmetries drew
     resumed_from = step if ckpt_state is not None else None
+    if out_dir is not None and opt.recorder.stream is None:
+        # a new run (or one resumed from a checkpoint that holds its record): a new stream
+        try:
+            opt.recorder.stream_to(out_dir / STREAM_NAME, dtype=record_dtype, overwrite=True)
+        except FileExistsError as e:
+            raise UserError(f"cannot write the record: {e}") from e
+    board = None
+    if tensorboard is not None:
+        from nm_optim.integrations.tensorboard import TensorBoardLogger
+
+        board = TensorBoardLogger(opt, tensorboard, every=tensorboard_every, purge_step=resumed_from)
 
     bar = _progress(total, step, desc or f"{config.model} on {config.data}", progress)
     order, order_epoch = None, -1
@@ -212,6 +236,8 @@ def train(
                 value = torch.stack(pending).mean().item()
                 pending.clear()
                 losses.append((step, value))
+                if board is not None:
+                    board.add_scalar("train/loss", value, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                     bar.update(step - bar.n)
@@ -229,6 +255,8 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
 
     # the mean loss of the last steps: those not yet in the log, else the last log entry
     final_loss = torch.stack(pending).mean().item() if pending else (losses[-1][1] if losses else None)
@@ -239,8 +267,10 @@ def train(
         device=str(device), backend=backend, losses=losses, final_loss=final_loss, test_accuracy=accuracy,
         seconds=time.perf_counter() - started, resumed_from=resumed_from, out=out_dir,
     )
+    if opt.recorder.stream is not None:
+        opt.recorder.stream.update_meta(training=record.meta["training"])
     if write_outputs and out_dir is not None:
-        record.save(out_dir / RECORD_NAME)
+        record.save(out_dir / RECORD_NAME)  # from the stream's memory maps: bounded memory
         write_run_outputs(result, out_dir)
     return result
 

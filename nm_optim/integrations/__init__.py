@@ -1,0 +1,17 @@
+"""Watching nm_optim.SGD train, live, in the tools people already use.
+
+    common        the scalars of one recorded step (no optional dependency): per-parameter norms
+                  of θ, g and the momentum buffer v, each symmetry's conserved quantity, the
+                  hyper-parameters; `ScalarSource` reads them every N steps at O(1) cost per read
+                  (Recorder.latest), whatever the length of the run
+    tensorboard   TensorBoardLogger: writes them with torch.utils.tensorboard (needs tensorboard:
+                  pip install 'nm_optim[tensorboard]'); `nm-optim train --tensorboard DIR`
+    lightning     NMOptimCallback for Lightning's Trainer: to the trainer's loggers
+    huggingface   NMOptimTrainerCallback for transformers' Trainer: through Trainer.log
+
+The framework modules import their framework when imported; this package imports none of them.
+"""
+
+from nm_optim.integrations.common import ScalarSource, step_scalars
+
+__all__ = ["ScalarSource", "step_scalars"]

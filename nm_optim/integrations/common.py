@@ -1,0 +1,136 @@
+"""The scalars the integrations log: what one recorded step says, computed from its sums.
+
+For a recorded step (a row of a Record; the values are those before the step, as recorded):
+
+    norm/theta/<param>      |θ| = sqrt(Σp²) of the whole parameter tensor
+    norm/grad/<param>       |g| = sqrt(Σg²) (the gradient after AMP unscaling, before weight decay)
+    norm/buffer/<param>     |v| = sqrt(Σv²), the momentum buffer (0 before its first step)
+    conserved/<kind>/<sym>  the symmetry's measured quantity summed over its groups
+                            (docs/architecture.md, "The theory"): translation Σθ, scale |θ_A|²,
+                            rescale |θ_A1|² - |θ_A2|²; each group's obeys the exact law, and so
+                            does their sum (the laws are linear in the sums)
+    hyper/<name>            lr, momentum, dampening, weight_decay, nesterov of the param group
+                            (hyper/<name>/group<i> when there are several groups)
+
+A parameter's norms come from its "all" track, else from the sum of the groups of its "rows" or
+"cols" track (each partitions the tensor). Only tracked parameters appear: a run tracking only its
+symmetries shows the parameters in them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nm_optim.names import HYPER_NAMES, STAT_INDEX
+from nm_optim.symmetry import Symmetry
+
+_PREFER = ("all", "rows", "cols")
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The nm_optim.SGD under a framework's wrappers (Lightning's LightningOptimizer, accelerate's
+    AcceleratedOptimizer), or None."""
+    seen = 0
+    while optimizer is not None and not hasattr(optimizer, "recorder") and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        seen += 1
+    return optimizer if optimizer is not None and hasattr(optimizer, "recorder") else None
+
+
+def step_scalars(record: Any, index: int = -1, symmetries: list[Symmetry] | None = None) -> dict[str, float]:
+    """The scalars of record row `index` (see the module docstring), tag -> float.
+
+    symmetries: those to report (default: the record's own, meta["symmetries"])."""
+    out: dict[str, float] = {}
+    tracks = record.tracks
+    by_param: dict[str, tuple[int, int]] = {}  # param -> (preference, track index)
+    for i, t in enumerate(tracks):
+        param, _, axis = t["name"].rpartition(":")
+        rank = _PREFER.index(axis) if axis in _PREFER else len(_PREFER)
+        if param not in by_param or rank < by_param[param][0]:
+            by_param[param] = (rank, i)
+    for param, (_, i) in by_param.items():
+        row = np.asarray(record.stats[i][index], dtype=np.float64)  # [groups, 9]
+        for tag, col in (("theta", "pp"), ("grad", "gg"), ("buffer", "vv")):
+            out[f"norm/{tag}/{param}"] = float(np.sqrt(max(row[:, STAT_INDEX[col]].sum(), 0.0)))
+    if symmetries is None:
+        symmetries = [Symmetry.from_description(d) for d in record.meta.get("symmetries") or []]
+    for sym in symmetries:
+        out[f"conserved/{sym.kind}/{sym.name}"] = float(measured_total(sym, record, index))
+    for name in HYPER_NAMES:
+        values = np.asarray(record.hyper[name])[index] if name in record.hyper else np.zeros(0)
+        if len(values) == 1:
+            out[f"hyper/{name}"] = float(values[0])
+        else:
+            for g, v in enumerate(values):
+                out[f"hyper/{name}/group{g}"] = float(v)
+    return out
+
+
+def measured_total(sym: Symmetry, record: Any, index: int = -1) -> float:
+    """The symmetry's measured quantity at record row `index`, summed over its groups:
+    translation Σp, scale Σp², rescale Σp²(A1) - Σp²(A2)."""
+    row = _one_row(record, index)
+    stats = sym.group_stats(row)
+    if sym.kind == "translation":
+        return float(stats["A"][0, :, STAT_INDEX["p"]].sum())
+    if sym.kind == "scale":
+        return float(stats["A"][0, :, STAT_INDEX["pp"]].sum())
+    return float(stats["A1"][0, :, STAT_INDEX["pp"]].sum() - stats["A2"][0, :, STAT_INDEX["pp"]].sum())
+
+
+class _Row:
+    """One row of a record, with the attributes Symmetry.group_stats reads."""
+
+    def __init__(self, record: Any, index: int) -> None:
+        sl = slice(index, index + 1) if index != -1 else slice(-1, None)
+        self.tracks = record.tracks
+        self.meta = record.meta
+        self.steps = np.asarray(record.steps)[sl]
+        self.stats = [s[sl] for s in record.stats]
+        self.hyper = {k: np.asarray(v)[sl] for k, v in record.hyper.items()}
+        self.first = np.asarray(record.first)[sl]
+
+
+def _one_row(record: Any, index: int) -> Any:
+    return record if len(record.steps) == 1 else _Row(record, index)
+
+
+class ScalarSource:
+    """Reads the scalars of an nm_optim.SGD every `every` optimizer steps, from the latest record
+    (Recorder.latest(1): O(1) whatever the history). `read()` after each step returns
+    (step, scalars) once a record at or past the next multiple of `every` exists, else None; the
+    step is the record's optimizer step (0-based, the values before that step)."""
+
+    def __init__(self, optimizer: Any, every: int = 10) -> None:
+        opt = _unwrap(optimizer)
+        if opt is None:
+            raise TypeError(f"expected an nm_optim.SGD (with tracks or symmetries), got {type(optimizer).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        self.optimizer = opt
+        self.every = every
+        self.next_step = 0
+        self._symmetries: list[Symmetry] | None = None
+
+    def start_at(self, step: int) -> None:
+        """Log next at the first multiple of `every` at or after `step` (a resumed run)."""
+        self.next_step = -(-int(step) // self.every) * self.every
+
+    def read(self) -> tuple[int, dict[str, float]] | None:
+        recorder = self.optimizer.recorder
+        # cheap test first: no device sync until a record at next_step can exist
+        if recorder.steps_done <= self.next_step or not len(recorder):
+            return None
+        record = recorder.latest(1)
+        step = int(record.steps[-1])
+        if step < self.next_step:
+            return None
+        self.next_step = (step // self.every + 1) * self.every
+        if bool(record.skipped[-1]):
+            return None  # GradScaler skipped it: its sums are NaN
+        if self._symmetries is None:
+            self._symmetries = [Symmetry.from_description(d) for d in record.meta.get("symmetries") or []]
+        return step, step_scalars(record, -1, self._symmetries)

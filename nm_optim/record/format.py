@@ -1,0 +1,208 @@
+"""The record's data and its file format: Record (what was recorded), the .npz file, the checks
+that a file is a readable record (RecordError), and the chunks the recorder collects and streams.
+docs/architecture.md, "The record"."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+
+from nm_optim._io import atomic_write
+from nm_optim.names import HYPER_NAMES, STAT_NAMES
+from nm_optim.names import RECORD_FORMAT as FORMAT
+from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
+
+STREAM_META = "meta.json"
+STREAM_INDEX = "index.jsonl"
+STREAM_DTYPES = ("float64", "float32")
+_META_KEYS = ("steps", "first", "skipped", *HYPER_NAMES)
+
+
+def _stats_file(k: int) -> str:
+    return f"stats-{k}.bin"
+
+
+@dataclass
+class Record:
+    """A recorded run: for each track, stats[steps, groups, 9]; for each recorded step the
+    hyper-parameters of every param group, which tracks took their first momentum step, and
+    whether GradScaler skipped it.
+
+    A record read from a stream holds its stats as read-only memory maps of the stream's files
+    (float64, or float32 for a float32 stream): reading a track reads only that track's bytes."""
+
+    tracks: list[dict[str, Any]]
+    steps: np.ndarray  # [S] int64, the optimizer step index (0-based)
+    stats: list[np.ndarray]  # per track [S, groups, 9] float64 (float32 from a float32 stream)
+    hyper: dict[str, np.ndarray]  # name -> [S, n_param_groups] float64 (nesterov as 0/1)
+    first: np.ndarray  # [S, n_tracks] bool: the track's param created its momentum buffer
+    skipped: np.ndarray  # [S] bool: found_inf was set, nothing was stepped
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        return STAT_NAMES
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """track name -> array [steps, groups, 9] (columns: nm_optim.STAT_NAMES)."""
+        return {t["name"]: s for t, s in zip(self.tracks, self.stats)}
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one .npz file atomically: a temporary file in the same folder, fsync, rename.
+        A crash leaves the old file (or none), never half of a new one. Memory-mapped stats (a
+        record read from a stream) are copied through a bounded buffer, not loaded whole."""
+        path = Path(path)
+        meta = dict(self.meta)
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, stat_names=list(STAT_NAMES),
+                    tracks=self.tracks, hyper_names=list(self.hyper))
+        arrays: dict[str, np.ndarray] = {
+            "meta": np.array(json.dumps(meta)),
+            "steps": self.steps,
+            "first": self.first,
+            "skipped": self.skipped,
+        }
+        for name, values in self.hyper.items():
+            arrays[f"hyper_{name}"] = values
+        for i, s in enumerate(self.stats):
+            arrays[f"stats_{i}"] = s
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return path
+
+
+class RecordError(ValueError):
+    """A file that is not a readable nm_optim record; the message names the file and what is
+    wrong with it, in one line."""
+
+
+# Errors numpy, zipfile and json raise on damaged or foreign files.
+_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _check_meta(meta: Any, fail: Callable[[str], NoReturn]) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fail(f"not an nm_optim record (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        fail(f"record format version {meta['format_version']} is newer than this nm_optim reads "
+             f"({FORMAT_VERSION}); upgrade nm_optim")
+    for key in ("tracks", "hyper_names"):
+        if not isinstance(meta.get(key), list):
+            fail(f"damaged record: its meta has no {key!r} list")
+
+
+def _check_consistent(record: Record, fail: Callable[[str], NoReturn]) -> None:
+    """Every array has one row per recorded step, and each track's stats its groups."""
+    n = record.steps.shape[0] if record.steps.ndim == 1 else fail(f"'steps' has shape {record.steps.shape}")
+    for i, (t, s) in enumerate(zip(record.tracks, record.stats)):
+        groups = t.get("num_groups") if isinstance(t, dict) else None
+        if s.shape != (n, groups, len(STAT_NAMES)):
+            fail(f"arrays disagree: 'stats_{i}' has shape {list(s.shape)}, expected [{n}, {groups}, "
+                 f"{len(STAT_NAMES)}] ({n} steps recorded)")
+    expected = {"first": (n, len(record.tracks)), "skipped": (n,)}
+    for key, shape in expected.items():
+        if getattr(record, key).shape != shape:
+            fail(f"arrays disagree: {key!r} has shape {list(getattr(record, key).shape)}, expected {list(shape)}")
+    for name, values in record.hyper.items():
+        if values.ndim != 2 or values.shape[0] != n:
+            fail(f"arrays disagree: 'hyper_{name}' has shape {list(values.shape)}, expected [{n}, param groups]")
+
+
+# -- chunks: the unit the recorder collects, streams and reads back ------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """Consecutive records on the host: stats per device [k, rows, 9] and the per-step values."""
+
+    steps: np.ndarray  # [k] int64
+    stats: list[np.ndarray]  # per device (the track table's order), [k, rows, 9]
+    first: np.ndarray  # [k, tracks] bool
+    skipped: np.ndarray  # [k] bool
+    hyper: dict[str, list[list[float]]]  # name -> k rows, one value per param group (ragged)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.steps, self.first, self.skipped, *self.stats))
+
+    def copy(self) -> _Chunk:
+        return _Chunk(self.steps.copy(), [np.array(s) for s in self.stats], self.first.copy(), self.skipped.copy(),
+                      {k: list(v) for k, v in self.hyper.items()})
+
+    def rows(self, lo: int) -> _Chunk:
+        if lo == 0:
+            return self
+        return _Chunk(self.steps[lo:], [s[lo:] for s in self.stats], self.first[lo:], self.skipped[lo:],
+                      {k: v[lo:] for k, v in self.hyper.items()})
+
+    def index_entry(self) -> dict[str, Any]:
+        """The chunk's line of a stream's index.jsonl (everything but the stats)."""
+        return {
+            "records": len(self),
+            "steps": self.steps.tolist(),
+            "skipped": np.flatnonzero(self.skipped).tolist(),
+            "first": np.argwhere(self.first).tolist(),
+            "hyper": {k: [list(map(float, row)) for row in v] for k, v in self.hyper.items()},
+        }
+
+
+def _chunk_from_meta(meta: dict[str, list], lo: int, hi: int, stats: list[np.ndarray],
+                     host_scalars: dict[torch.device, np.ndarray], n_tracks: int) -> _Chunk:
+    """Rows [lo, hi) of a chunk's host-side lists, with (device, column) places read from
+    `host_scalars` (whose row 0 is row `lo`)."""
+    k = hi - lo
+    skipped = [_resolve(v, r, host_scalars) for r, v in enumerate(meta["skipped"][lo:hi])]
+    return _Chunk(
+        steps=np.asarray(meta["steps"][lo:hi], dtype=np.int64).reshape(k),
+        stats=stats,
+        first=np.asarray(meta["first"][lo:hi], dtype=bool).reshape(k, n_tracks),
+        skipped=np.asarray(skipped, dtype=np.float64).astype(bool).reshape(k),
+        hyper={name: [_resolve(v, r, host_scalars) for r, v in enumerate(meta[name][lo:hi])] for name in HYPER_NAMES},
+    )
+
+
+def _concat(chunks: Sequence[_Chunk], rows: Sequence[int], n_tracks: int) -> _Chunk:
+    """One chunk of `chunks` in order (rows: each device's row count, for an empty result)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        return _Chunk(np.zeros(0, np.int64), [np.zeros((0, r, len(STAT_NAMES))) for r in rows],
+                      np.zeros((0, n_tracks), bool), np.zeros(0, bool), {k: [] for k in HYPER_NAMES})
+    return _Chunk(
+        np.concatenate([c.steps for c in chunks]),
+        [np.concatenate([c.stats[d] for c in chunks]) for d in range(len(chunks[0].stats))],
+        np.concatenate([c.first for c in chunks]),
+        np.concatenate([c.skipped for c in chunks]),
+        {k: [row for c in chunks for row in c.hyper[k]] for k in HYPER_NAMES},
+    )
+
+
+def _resolve(x: Any, row: int, host_scalars: dict[torch.device, np.ndarray]) -> Any:
+    """A recorded value, with (device, column) places read from the chunk's host copy."""
+    if isinstance(x, list):
+        return [_resolve(v, row, host_scalars) for v in x]
+    if isinstance(x, tuple):
+        return float(host_scalars[x[0]][row, x[1]])
+    return x
+
+
+def _ragged(rows: list[list[float]], n: int, empty_width: int = 0) -> np.ndarray:
+    """[steps, groups] float64; steps recorded before add_param_group get NaN for new groups."""
+    width = max((len(r) for r in rows), default=empty_width)
+    out = np.full((n, width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out

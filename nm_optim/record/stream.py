@@ -1,0 +1,394 @@
+"""Record streams: a folder the recorder appends chunks to (meta.json, one raw stats file per
+device, index.jsonl), memory-mapped on reading; and load_record, which reads a stream or a .npz.
+docs/architecture.md, "The record"."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from nm_optim._io import atomic_write
+from nm_optim.names import HYPER_NAMES, STAT_NAMES
+from nm_optim.record.format import (_READ_ERRORS, STREAM_DTYPES, STREAM_INDEX, STREAM_META, Record, RecordError,
+                                    _Chunk, _check_consistent, _check_meta, _ragged, _stats_file)
+
+
+# -- record streams -------------------------------------------------------------------------------------------
+
+
+def _index_lines(data: bytes) -> tuple[list[bytes], int]:
+    """The complete lines of an index file and the byte length they span (a torn last line, from a
+    crash mid-append, is not part of the stream)."""
+    end = data.rfind(b"\n") + 1
+    return (data[:end].splitlines() if end else []), end
+
+
+class _StreamReader:
+    """A record stream folder, read: its meta, its committed chunks and memory maps of its stats."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        meta_path = path / STREAM_META
+        if not meta_path.is_file():
+            self.fail(f"not an nm_optim record (a folder without {STREAM_META})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            self.fail(f"damaged record: {STREAM_META} is not valid JSON")
+        _check_meta(meta, self.fail)
+        layout = meta.get("stream")
+        try:
+            self.dtype = np.dtype(layout["dtype"])
+            self.rows = [int(d["rows"]) for d in layout["devices"]]
+            self.track_rows = [(int(k), int(r)) for k, r in layout["track_rows"]]
+            if self.dtype.name not in STREAM_DTYPES or len(self.track_rows) != len(meta["tracks"]):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            self.fail(f"damaged record: {STREAM_META} has no valid 'stream' layout")
+        self.meta = meta
+        index = path / STREAM_INDEX
+        try:
+            data = index.read_bytes() if index.exists() else b""
+        except OSError as e:
+            self.fail(f"{STREAM_INDEX} cannot be read ({e.strerror or e})")
+        lines, self.index_bytes = _index_lines(data)
+        self.entries: list[dict[str, Any]] = []
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or len(entry["steps"]) != int(entry["records"]):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                self.fail(f"damaged record: line {i + 1} of {STREAM_INDEX} is not a chunk entry")
+            self.entries.append(entry)
+        self.records = sum(int(e["records"]) for e in self.entries)
+
+    def fail(self, what: str) -> NoReturn:
+        raise RecordError(f"{self.path}: {what}")
+
+    def row_bytes(self, k: int) -> int:
+        return self.rows[k] * len(STAT_NAMES) * self.dtype.itemsize
+
+    def stats(self, n: int | None = None) -> list[np.ndarray]:
+        """Per device, a read-only memory map [n, rows, 9] of the first n records."""
+        n = self.records if n is None else n
+        out = []
+        for k, rows in enumerate(self.rows):
+            f = self.path / _stats_file(k)
+            size = f.stat().st_size if f.is_file() else 0
+            if size < n * self.row_bytes(k):
+                self.fail(f"damaged record: {_stats_file(k)} holds {size // max(self.row_bytes(k), 1)} records, "
+                          f"{STREAM_INDEX} lists {n}")
+            if n == 0 or rows == 0:
+                out.append(np.zeros((n, rows, len(STAT_NAMES)), self.dtype))
+            else:
+                out.append(np.memmap(f, dtype=self.dtype, mode="r", shape=(n, rows, len(STAT_NAMES))))
+        return out
+
+    def chunk(self, lo: int = 0, hi: int | None = None) -> _Chunk:
+        """Records [lo, hi) as a chunk whose stats are memory-mapped."""
+        hi = self.records if hi is None else hi
+        n_tracks = len(self.track_rows)
+        steps, skipped, first = [], [], []
+        hyper: dict[str, list] = {k: [] for k in HYPER_NAMES}
+        start = 0
+        try:
+            for e in self.entries:
+                k = int(e["records"])
+                if start + k > lo and start < hi:
+                    a, b = max(lo - start, 0), min(hi - start, k)
+                    steps += e["steps"][a:b]
+                    skipped += [start + i for i in e["skipped"] if a <= i < b]
+                    first += [(start + i, t) for i, t in e["first"] if a <= i < b]
+                    for name in HYPER_NAMES:
+                        rows = e["hyper"][name]
+                        if len(rows) != k:
+                            raise ValueError
+                        hyper[name] += rows[a:b]
+                start += k
+            n = hi - lo
+            skip = np.zeros(n, bool)
+            skip[np.asarray(skipped, dtype=np.int64) - lo] = True
+            fst = np.zeros((n, n_tracks), bool)
+            if first:
+                idx = np.asarray(first, dtype=np.int64)
+                fst[idx[:, 0] - lo, idx[:, 1]] = True
+        except (ValueError, KeyError, TypeError, IndexError):
+            self.fail(f"damaged record: an entry of {STREAM_INDEX} is inconsistent")
+        stats = [s[lo:hi] for s in self.stats(hi)]
+        return _Chunk(np.asarray(steps, dtype=np.int64).reshape(hi - lo), stats, fst, skip, hyper)
+
+    def record(self) -> Record:
+        meta = dict(self.meta)
+        meta.pop("stream")
+        tracks = meta.pop("tracks")
+        names = meta.pop("hyper_names")
+        c = self.chunk()
+        stats = []
+        for t, (k, row) in zip(tracks, self.track_rows):
+            groups = t.get("num_groups") if isinstance(t, dict) else None
+            if not isinstance(groups, int) or k >= len(c.stats) or row + groups > self.rows[k]:
+                self.fail(f"damaged record: track {t.get('name') if isinstance(t, dict) else t!r} does not fit "
+                          f"the stream's layout")
+            stats.append(c.stats[k][:, row : row + groups])
+        record = Record(tracks=tracks, steps=c.steps, stats=stats,
+                        hyper={k: _ragged(c.hyper.get(k, []), len(c)) for k in names},
+                        first=c.first, skipped=c.skipped, meta=meta)
+        _check_consistent(record, self.fail)
+        return record
+
+
+# The streams of this process with a writer thread, by folder: a stream reopened (a resume in the
+# same process) or replaced waits for the writes still queued there first.
+_ACTIVE: weakref.WeakValueDictionary[str, RecordStream] = weakref.WeakValueDictionary()
+
+
+def _settle(path: Path) -> None:
+    """Wait for this process's queued writes to the stream in `path`, if any."""
+    active = _ACTIVE.get(str(Path(path).resolve()))
+    if active is not None:
+        active.drain(raise_error=False)
+
+
+class RecordStream:
+    """An open record stream, appended to chunk by chunk (see the module docstring).
+
+    background: chunks are written by a writer thread (at most one queued behind the one being
+    written; `append` waits when both are taken), so the disk time overlaps training;
+    :meth:`drain` waits for them, and every read of the stream from this process, `sync`,
+    `truncate` and the recorder's snapshot / state_dict drain first. A write error is raised by
+    the next call. The thread is not a daemon: a process that ends normally or by an exception
+    writes what was queued."""
+
+    def __init__(self, path: Path, reader: _StreamReader, fsync: bool, background: bool = False) -> None:
+        self.path = path
+        self.background = background
+        self._cond = threading.Condition()
+        self._pending: list[_Chunk] = []
+        self._busy = False
+        self._error: BaseException | None = None
+        self.dtype = reader.dtype
+        self.rows = reader.rows
+        self.track_names = [t["name"] for t in reader.meta["tracks"]]
+        self.id = str(reader.meta["stream"].get("id", ""))
+        self.records = reader.records
+        self.fsync = fsync
+        self._row_bytes = [reader.row_bytes(k) for k in range(len(self.rows))]
+        # Cut what a crash left past the last complete chunk: a torn index line, stats of a chunk
+        # whose line was never written.
+        self._cut(reader.index_bytes)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, meta: dict[str, Any], *, overwrite: bool = False,
+               fsync: bool = True, background: bool = False) -> RecordStream:
+        """A new, empty stream in folder `path` with `meta` (which has the "stream" layout). An
+        existing stream there is replaced only with `overwrite`; any other non-empty folder is
+        refused."""
+        path = Path(path)
+        _settle(path)
+        if path.exists():
+            if not path.is_dir():
+                raise FileExistsError(f"{path} exists and is not a folder; a record stream is a folder")
+            content = {p.name for p in path.iterdir()}
+            ours = {STREAM_META, STREAM_INDEX} | {p for p in content if (p.startswith("stats-") and p.endswith(".bin"))
+                                                  or (p.startswith(".") and p.endswith(".tmp"))}
+            if content and not content <= ours:
+                raise FileExistsError(f"{path} holds files that are not a record stream: give an empty or new folder")
+            if content and not overwrite:
+                raise FileExistsError(f"{path} holds a record stream: give overwrite=True to replace it, or another folder")
+            for name in content:
+                (path / name).unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        for k in range(len(meta["stream"]["devices"])):
+            (path / _stats_file(k)).touch()
+        (path / STREAM_INDEX).touch()
+        atomic_write(path / STREAM_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        return cls(path, _StreamReader(path), fsync, background)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, fsync: bool = True, background: bool = False) -> RecordStream:
+        """An existing stream, to continue (bytes past its last complete chunk are cut)."""
+        _settle(Path(path))
+        return cls(Path(path), _StreamReader(Path(path)), fsync, background)
+
+    def _cut(self, index_bytes: int) -> None:
+        index = self.path / STREAM_INDEX
+        if index.exists() and index.stat().st_size != index_bytes:
+            os.truncate(index, index_bytes)
+        for k, rb in enumerate(self._row_bytes):
+            f = self.path / _stats_file(k)
+            if f.stat().st_size != self.records * rb:
+                os.truncate(f, self.records * rb)
+
+    def append(self, chunk: _Chunk) -> None:
+        """The chunk's stats, then (the commit) its index line; with a writer thread, queued
+        (the chunk must not change afterwards)."""
+        if not len(chunk):
+            return
+        if len(chunk.stats) != len(self.rows):
+            raise ValueError(f"record stream {self.path}: a chunk for {len(chunk.stats)} devices, the stream has "
+                             f"{len(self.rows)}")
+        for k, s in enumerate(chunk.stats):
+            if s.shape[1:] != (self.rows[k], len(STAT_NAMES)):
+                raise ValueError(f"record stream {self.path}: stats of shape {list(s.shape[1:])} for device {k}, "
+                                 f"the stream has [{self.rows[k]}, {len(STAT_NAMES)}]")
+        self._raise_error()
+        if not self.background:
+            self._write(chunk)
+        else:
+            with self._cond:
+                while len(self._pending) >= 2:
+                    self._cond.wait()
+                self._pending.append(chunk)
+                if not self._busy:
+                    self._busy = True
+                    _ACTIVE[str(self.path.resolve())] = self
+                    threading.Thread(target=self._worker, name=f"nm_optim record writer {self.path.name}").start()
+        self.records += len(chunk)
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    self._busy = False
+                    self._cond.notify_all()
+                    return
+                chunk = self._pending[0]
+            try:
+                if self._error is None:
+                    self._write(chunk)
+            except BaseException as e:  # noqa: BLE001  (raised in the training thread by the next call)
+                self._error = e
+            with self._cond:
+                self._pending.pop(0)
+                self._cond.notify_all()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Host memory of the chunks queued for the writer thread (the one being written too)."""
+        with self._cond:
+            return sum(c.nbytes for c in self._pending)
+
+    def drain(self, raise_error: bool = True) -> None:
+        """Wait until every queued chunk is written."""
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+        if raise_error:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise OSError(f"record stream {self.path}: writing a chunk failed: {e}") from e
+
+    def _write(self, chunk: _Chunk) -> None:
+        for k, s in enumerate(chunk.stats):
+            with open(self.path / _stats_file(k), "ab") as f:
+                f.write(memoryview(np.ascontiguousarray(s, dtype=self.dtype)).cast("B"))
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        line = json.dumps(chunk.index_entry(), separators=(",", ":")) + "\n"
+        with open(self.path / STREAM_INDEX, "ab") as f:
+            f.write(line.encode())
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def sync(self) -> None:
+        """Write what is queued and fsync it all (a checkpoint that refers to it follows)."""
+        self.drain()
+        for name in (*(_stats_file(k) for k in range(len(self.rows))), STREAM_INDEX):
+            fd = os.open(self.path / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def truncate(self, records: int) -> None:
+        """Cut the stream back to its first `records` records (a resume from a checkpoint taken
+        there): the index is rewritten atomically first, then the stats files are cut."""
+        self.drain()
+        if records > self.records:
+            raise ValueError(f"record stream {self.path} holds {self.records} records, fewer than the {records} "
+                             "the checkpoint refers to (was it written by another run, or cut?)")
+        if records == self.records:
+            return
+        reader = _StreamReader(self.path)
+        kept, start = [], 0
+        for e in reader.entries:
+            k = int(e["records"])
+            if start + k <= records:
+                kept.append(e)
+            elif start < records:
+                kept.append(reader.chunk(start, records).index_entry())
+            start += k
+        text = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in kept).encode()
+        atomic_write(self.path / STREAM_INDEX, lambda f: f.write(text))
+        self.records = records
+        self._cut(len(text))
+
+    def update_meta(self, **extra: Any) -> None:
+        """Add (or replace) top-level keys of meta.json, atomically (e.g. what the run was)."""
+        meta = json.loads((self.path / STREAM_META).read_text())
+        meta.update(extra)
+        atomic_write(self.path / STREAM_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+
+def load_record(path: str | os.PathLike) -> Record:
+    """Read a record: a .npz file written by `Recorder.save` / `Record.save`, or a record stream
+    folder written by `Recorder.stream_to` (its stats memory-mapped, nothing loaded until read).
+    A missing, damaged or foreign file, or one whose arrays disagree, raises RecordError naming
+    the file and the problem."""
+    path = Path(path)
+
+    def fail(what: str) -> NoReturn:
+        raise RecordError(f"{path}: {what}")
+
+    if path.is_dir():
+        _settle(path)  # chunks this process's writer thread still has queued there
+        return _StreamReader(path).record()
+    if not path.is_file():
+        fail("no such file")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except _READ_ERRORS:
+        fail("not an nm_optim record (not a .npz file, or a damaged one)")
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        fail("a single array (.npy), not an nm_optim record (.npz)")
+    with z:
+        def read(key: str) -> np.ndarray:
+            if key not in z.files:
+                fail(f"damaged or incomplete record: no {key!r} entry" if "meta" in z.files
+                     else "not an nm_optim record (no 'meta' entry)")
+            try:
+                return z[key]
+            except _READ_ERRORS as e:
+                fail(f"damaged record: entry {key!r} cannot be read ({type(e).__name__})")
+
+        try:
+            meta = json.loads(str(read("meta")))
+        except json.JSONDecodeError:
+            fail("damaged record: its 'meta' entry is not valid JSON")
+        _check_meta(meta, fail)
+        tracks = meta.pop("tracks")
+        record = Record(
+            tracks=tracks,
+            steps=read("steps"),
+            stats=[read(f"stats_{i}") for i in range(len(tracks))],
+            hyper={name: read(f"hyper_{name}") for name in meta.pop("hyper_names")},
+            first=read("first"),
+            skipped=read("skipped"),
+            meta=meta,
+        )
+    _check_consistent(record, fail)
+    return record
+

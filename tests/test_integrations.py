@@ -1,0 +1,181 @@
+"""nm_optim.integrations: the scalars of a recorded step (norms of θ, g, v per parameter, each
+symmetry's conserved quantity, hyper-parameters) match the record's sums; TensorBoard event
+files, read back with tensorboard's EventAccumulator, hold them every N steps; `nm-optim train
+--tensorboard DIR` writes them. The Lightning and Hugging Face callbacks need their frameworks
+(skipped where absent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nm_optim
+from nm_optim.integrations import ScalarSource, step_scalars
+from nm_optim.names import STAT_INDEX
+
+
+def model_and_opt(momentum=0.9, every_group=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    syms = nm_optim.find_symmetries(model, torch.randn(4, 6))
+    assert sorted(s.kind for s in syms) == ["rescale", "scale", "translation"]
+    opt = nm_optim.SGD(model.named_parameters(), lr=0.05, momentum=momentum, weight_decay=1e-3, symmetries=syms,
+                       track=[(model[3].weight, "all")])
+    return model, opt, syms
+
+
+def train(model, opt, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def expected(record, i, syms):
+    """The scalars of row i, from the record's sums by hand."""
+    stats = record.to_numpy()
+    out = {}
+    for param, track in (("0.weight", "0.weight:rows"), ("0.bias", "0.bias:rows"), ("3.weight", "3.weight:all"),
+                         ("3.bias", "3.bias:rows"), ("5.weight", "5.weight:cols"), ("5.bias", "5.bias:all")):
+        s = stats[track][i]
+        for tag, col in (("theta", "pp"), ("grad", "gg"), ("buffer", "vv")):
+            out[f"norm/{tag}/{param}"] = np.sqrt(s[:, STAT_INDEX[col]].sum())
+    p, pp = STAT_INDEX["p"], STAT_INDEX["pp"]
+    for sym in syms:
+        if sym.kind == "translation":
+            value = stats["5.weight:cols"][i, :, p].sum() + stats["5.bias:all"][i, :, p].sum()
+        elif sym.kind == "scale":
+            value = stats["0.weight:rows"][i, :, pp].sum() + stats["0.bias:rows"][i, :, pp].sum()
+        else:
+            value = (stats["3.weight:rows"][i, :, pp].sum() + stats["3.bias:rows"][i, :, pp].sum()
+                     - stats["5.weight:cols"][i, :, pp].sum())
+        out[f"conserved/{sym.kind}/{sym.name}"] = value
+    for name in nm_optim.names.HYPER_NAMES:
+        out[f"hyper/{name}"] = record.hyper[name][i, 0]
+    return out
+
+
+def test_step_scalars_are_the_records_sums():
+    model, opt, syms = model_and_opt()
+    train(model, opt, 6)
+    record = opt.recorder.snapshot()
+    for i in (0, 3, 5):
+        got, want = step_scalars(record, i), expected(record, i, syms)
+        assert set(got) == set(want)
+        for tag in want:
+            assert got[tag] == pytest.approx(want[tag], rel=1e-12, abs=1e-300), tag
+    assert step_scalars(record, 0)["norm/buffer/0.weight"] == 0.0, "no buffer before the first step"
+    # the params' norms are those of the tensors themselves (pre-step values of the last record)
+    model2, opt2, _ = model_and_opt()
+    train(model2, opt2, 5)
+    theta = {n: p.detach().double().norm().item() for n, p in model2.named_parameters() if not n.startswith("1.")}
+    for name, value in theta.items():
+        assert step_scalars(record, 5)[f"norm/theta/{name}"] == pytest.approx(value, rel=1e-6)
+
+
+def test_the_source_reads_every_n_steps_from_the_latest_record():
+    model, opt, _ = model_and_opt()
+    source = ScalarSource(opt, every=4)
+    logged = []
+    for _ in range(11):
+        train(model, opt, 1)
+        got = source.read()
+        if got is not None:
+            logged.append(got[0])
+    assert logged == [0, 4, 8]
+    with pytest.raises(TypeError, match="nm_optim.SGD"):
+        ScalarSource(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_tensorboard_event_files_hold_the_records_values(tmp_path):
+    pytest.importorskip("tensorboard")
+    from nm_optim.integrations.tensorboard import TensorBoardLogger, read_scalars
+
+    model, opt, syms = model_and_opt()
+    with TensorBoardLogger(opt, tmp_path / "tb", every=5) as board:
+        train(model, opt, 23)
+        board.add_scalar("train/custom", 1.5, 7)
+    assert opt._optimizer_step_post_hooks == {}, "close() detaches the hook"
+    record = opt.recorder.snapshot()
+    scalars = read_scalars(tmp_path / "tb")
+    assert scalars["train/custom"] == ([7], [1.5])
+    want_tags = set(expected(record, 0, syms))
+    assert want_tags <= set(scalars)
+    for tag in want_tags:
+        steps, values = scalars[tag]
+        assert steps == [0, 5, 10, 15, 20], tag
+        want = [expected(record, s, syms)[tag] for s in steps]
+        np.testing.assert_allclose(values, want, rtol=1e-6, atol=1e-30, err_msg=tag)  # events are float32
+
+
+def test_nm_optim_train_writes_tensorboard(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from nm_optim.app.cli import main
+    from nm_optim.integrations.tensorboard import read_scalars
+
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    assert main(["train", "--model", "mlp", "--data", "digits", "--steps", "20", "--batch-size", "32",
+                 "--tensorboard", str(tb), "--tensorboard-every", "5", "--out", str(out), "--no-progress", "-q"]) == 0
+    record = nm_optim.load_record(out / "record")
+    assert len(record) == 20 and (out / "record.npz").is_file()
+    scalars = read_scalars(tb)
+    assert scalars["train/loss"][0] == [10, 20]
+    conserved = [t for t in scalars if t.startswith("conserved/")]
+    assert conserved and any(t.startswith("norm/grad/") for t in scalars) and "hyper/lr" in scalars
+    for tag in conserved:
+        kind, name = tag.split("/")[1:]
+        sym = next(s for s in nm_optim.symmetry.symmetries_from_record(record) if s.name == name)
+        steps, values = scalars[tag]
+        assert steps == [0, 5, 10, 15]
+        g = sym.group_stats(record)
+        col = STAT_INDEX["p" if kind == "translation" else "pp"]
+        want = g["A"][steps, :, col].sum(1) if kind != "rescale" else (g["A1"] - g["A2"])[steps, :, col].sum(1)
+        np.testing.assert_allclose(values, want, rtol=1e-6)
+
+
+def test_lightning_callback():
+    pytest.importorskip("lightning")
+    from nm_optim.integrations.lightning import NMOptimCallback
+
+    model, opt, _ = model_and_opt()
+    train(model, opt, 3)
+    logged = []
+
+    class Logger:
+        def log_metrics(self, metrics, step):
+            logged.append((step, metrics))
+
+    class Trainer:
+        is_global_zero = True
+
+        def __init__(self):
+            self.optimizers, self.loggers = [opt], [Logger()]
+
+    cb = NMOptimCallback(every=2)
+    cb.on_train_batch_end(Trainer(), None, None, None, 0)
+    assert logged and logged[0][0] == 2 and "nm_optim/hyper/lr" in logged[0][1]
+
+
+def test_huggingface_callback():
+    pytest.importorskip("transformers")
+    from nm_optim.integrations.huggingface import NMOptimTrainerCallback
+
+    model, opt, _ = model_and_opt()
+    logged = []
+
+    class Trainer:
+        def log(self, logs):
+            logged.append(logs)
+
+    class State:
+        is_world_process_zero = True
+
+    cb = NMOptimTrainerCallback(every=2, trainer=Trainer())
+    for _ in range(5):
+        train(model, opt, 1)
+        cb.on_step_end(None, State(), None, optimizer=opt)
+    assert len(logged) == 3 and "nm_optim/hyper/lr" in logged[0]
