@@ -260,3 +260,22 @@ def test_small_argument_and_message_details():
         message = str(info.value)
         assert "tensor(" not in message and len(message) < 300, message
         assert "shape" in message, message
+
+
+def test_the_theory_names_record_every_without_a_wrong_ordinal():
+    """'every 2th step' read wrong; the message says one step in N and how to fix it."""
+    import numpy as np
+
+    from nm_optim import theory
+
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.zeros(3))
+    opt = nm_optim.SGD([w, b], lr=0.1, record_every=2,
+                       symmetries=[nm_optim.Translation(w, b, name="head", weight_name="w", bias_name="b")])
+    for _ in range(6):
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        opt.step()
+    with pytest.raises(ValueError) as e:
+        theory.compare(opt.recorder.snapshot())
+    assert "one step in 2" in str(e.value) and "2th" not in str(e.value) and "record_every=1" in str(e.value)
+    assert np.isfinite(opt.recorder.snapshot().stats[0]).all()

@@ -242,7 +242,7 @@ def check_consecutive(record: RecordLike) -> None:
     every = record.meta.get("record_every", 1)
     if every != 1:
         raise ValueError(
-            f"the theory needs every step recorded, but this record kept every {every}th step "
+            f"the theory needs every step recorded, but this record kept one step in {every} "
             f"(record_every={every}); record with record_every=1"
         )
     steps = np.asarray(record.steps)
