@@ -161,7 +161,12 @@ __global__ void __launch_bounds__(kThreads)
   using C = typename S::compute;
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
   const CudaScalars s = step_scalars(h, amp, lr_device);
-  __shared__ float col_sm[kWarps][kTC][kNumStats];
+  // Partial sums in the compute type: float64 params keep float64 statistics. The column
+  // partials cross shared memory in two rounds of half the warps (36.9 KB for double), added in
+  // warp order as in one round.
+  using A = C;
+  constexpr int kHalf = kWarps / 2;
+  __shared__ A col_sm[kHalf][kTC][kNumStats];
   __shared__ double total_sm[kWarps][kNumStats];
 
   const int64_t* tile = st.tiles + 8 * static_cast<int64_t>(blockIdx.x);
@@ -175,16 +180,16 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   double warp_total[kNumStats] = {};  // lane 0: the sum of this warp's row sums
 
-  float col_acc[kPerLane][kNumStats];
+  A col_acc[kPerLane][kNumStats];
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) {
 #pragma unroll
-    for (int q = 0; q < kNumStats; ++q) col_acc[e][q] = 0.0f;
+    for (int q = 0; q < kNumStats; ++q) col_acc[e][q] = A(0);
   }
   for (int rr = warp; rr < kTR; rr += kWarps) {
     const int64_t r = rb * kTR + rr;
     if (r >= d0) break;  // uniform across the warp
-    float row_acc[kNumStats] = {};
+    A row_acc[kNumStats] = {};
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) {
       const int64_t c = cb * kTC + lane + 32 * e;
@@ -193,9 +198,8 @@ __global__ void __launch_bounds__(kThreads)
       C pi = S::load(p[i]);
       const C gi = unscale(S::load(g[i]), s);
       C vi = (MOM && !first) ? S::load(v[i]) : C(0);
-      const float tq[kNumStats] = {float(pi),      float(gi),      float(vi),
-                                   float(pi * pi), float(gi * gi), float(vi * vi),
-                                   float(pi * gi), float(pi * vi), float(gi * vi)};
+      const A tq[kNumStats] = {A(pi),      A(gi),      A(vi),      A(pi * pi), A(gi * gi),
+                               A(vi * vi), A(pi * gi), A(pi * vi), A(gi * vi)};
 #pragma unroll
       for (int q = 0; q < kNumStats; ++q) {
         row_acc[q] += tq[q];
@@ -211,33 +215,39 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int q = 0; q < kNumStats; ++q) {
-      double x = row_acc[q];
+      double x = static_cast<double>(row_acc[q]);
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
       warp_total[q] += x;
       if (lane == 0 && row_base >= 0) st.scratch[(row_base + cb * d0 + r) * kNumStats + q] = x;
     }
   }
-  if (col_base >= 0) {
-#pragma unroll
-    for (int e = 0; e < kPerLane; ++e) {
-#pragma unroll
-      for (int q = 0; q < kNumStats; ++q) col_sm[warp][lane + 32 * e][q] = col_acc[e][q];
-    }
-  }
   if (slot >= 0 && lane == 0) {
 #pragma unroll
     for (int q = 0; q < kNumStats; ++q) total_sm[warp][q] = warp_total[q];
   }
-  __syncthreads();
+  double col_x[kNumStats] = {};  // thread threadIdx.x < kTC: its column's sum over the warps
+  for (int round = 0; round < 2; ++round) {
+    if (col_base >= 0 && warp / kHalf == round) {
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+#pragma unroll
+        for (int q = 0; q < kNumStats; ++q) col_sm[warp % kHalf][lane + 32 * e][q] = col_acc[e][q];
+      }
+    }
+    __syncthreads();  // reached by every thread: no early return above
+    if (col_base >= 0 && threadIdx.x < kTC) {
+#pragma unroll
+      for (int q = 0; q < kNumStats; ++q) {
+        for (int w = 0; w < kHalf; ++w) col_x[q] += static_cast<double>(col_sm[w][threadIdx.x][q]);
+      }
+    }
+    __syncthreads();
+  }
   if (col_base >= 0 && threadIdx.x < kTC) {
     const int64_t c = cb * kTC + threadIdx.x;
     if (c < rowlen) {
-      for (int q = 0; q < kNumStats; ++q) {
-        double x = 0.0;
-        for (int w = 0; w < kWarps; ++w) x += static_cast<double>(col_sm[w][threadIdx.x][q]);
-        st.scratch[(col_base + rb * rowlen + c) * kNumStats + q] = x;
-      }
+      for (int q = 0; q < kNumStats; ++q) st.scratch[(col_base + rb * rowlen + c) * kNumStats + q] = col_x[q];
     }
   }
   if (slot >= 0 && threadIdx.x < kNumStats) {  // the tile's total, warps added in order
