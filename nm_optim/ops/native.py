@@ -58,6 +58,13 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     with_stats = args.with_stats
     offsets = tuple(args.stats_offsets) if with_stats else ()
     geom = stats_geometry([p.shape for p in params], offsets) if with_stats else ()
+    if with_stats and device.type == "cpu":
+        # A tensor with only an "all" track is one row to the CPU kernel: its sum does not depend
+        # on the row structure, and a 1-D tensor would otherwise be reduced as numel rows of one
+        # element (1000 such 4096-element tensors: 12 ms per step instead of 3).
+        geom = tuple(x for i in range(len(params)) for x in (
+            (1, 1, geom[3 * i] * geom[3 * i + 1] * geom[3 * i + 2])
+            if offsets[3 * i] < 0 and offsets[3 * i + 1] < 0 and offsets[3 * i + 2] >= 0 else geom[3 * i : 3 * i + 3]))
     numels = numels if numels is not None else tuple(map(_numel, params))
     row_lengths = None
     if with_stats and device.type == "cpu" and any(o >= 0 for o in offsets[1::3]):
