@@ -150,26 +150,9 @@ def step_and_sums(opt: torch.optim.Optimizer, params) -> Callable[[], list[torch
     return step
 
 
-def bench_stats(device: str, rounds: int, warmup: int, compile_: bool) -> dict:
-    """VGG-16 with a rows and a cols track on every weight (what the theory needs)."""
-    params = make_params(vgg16_shapes(), device, torch.float32)
-    n = sum(p.numel() for p in params)
-    tracks = [(p, axis) for p in params if p.dim() >= 2 for axis in ("rows", "cols")]
-    fused = torch.optim.SGD(params, fused=True, **HYPER)
-    steps: dict[str, Callable[[], object]] = {
-        "torch fused (no stats)": fused.step,
-        "torch fused + sums (torch ops)": step_and_sums(torch.optim.SGD(params, fused=True, **HYPER), params),
-    }
-    if compile_:
-        eager = torch.optim.SGD(params, foreach=True, **HYPER)
-        steps["torch.compile(step + sums)"] = torch.compile(step_and_sums(eager, params))
-    for backend in nm_optim.available_backends(device):
-        if backend == "reference":
-            continue
-        with_tracks = nm_optim.SGD(params, backend=backend, track=tracks, **HYPER)
-        with_tracks.recorder.enabled = False  # the step's own cost; the recorder adds a copy
-        steps[f"nm_optim {backend} + tracks"] = with_tracks.step
-        steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(params, backend=backend, **HYPER).step
+def _time_steps(steps: dict[str, Callable[[], object]], device: str, rounds: int, warmup: int,
+                base_name: str, n: int) -> list[dict]:
+    """Median ms of each step, interleaved round by round, and its ratio to `base_name`'s."""
     timer_ = timer(device)
     for fn in steps.values():
         for _ in range(warmup):
@@ -178,15 +161,82 @@ def bench_stats(device: str, rounds: int, warmup: int, compile_: bool) -> dict:
     for _ in range(rounds):
         for name, fn in steps.items():
             times[name].append(timer_(fn))
-    base = statistics.median(times["torch fused (no stats)"])
-    rows = [
+    base = statistics.median(times[base_name])
+    return [
         dict(provider=name, ms=statistics.median(ts), gbps=n * BYTES_PER_PARAM / (statistics.median(ts) * 1e-3) / 1e9,
-             ratio_to_torch_fused=statistics.median(ts) / base, samples=len(ts))
+             ratio_to_torch_fused=statistics.median(ts) / base, samples=len(ts),
+             spread=(max(ts) - min(ts)) / statistics.median(ts))
         for name, ts in times.items()
     ]
-    return dict(shape_set="vgg16 + rows/cols tracks", n_tensors=len(params), n_params=n,
-                n_tracks=len(tracks), n_groups=sum(p.shape[0] + p.shape[1] for p in params if p.dim() >= 2),
-                dtype="torch.float32", rows=rows)
+
+
+def _quiet(opt):
+    opt.recorder.enabled = False  # the step's own cost; the recorder adds a copy
+    return opt
+
+
+def bench_stats(device: str, rounds: int, warmup: int, compile_: bool, torch_sums_: bool = True) -> list[dict]:
+    """VGG-16 with a rows and a cols track on every weight (what the theory needs), rows tracks
+    only, track="layers"; 1000 small tensors with track="layers"; the symmetries that
+    find_symmetries finds in VGG-16 and VGG-16-BN. Each set against torch's fused step without
+    statistics on the same params."""
+    params = make_params(vgg16_shapes(), device, torch.float32)
+    n = sum(p.numel() for p in params)
+    weights = [p for p in params if p.dim() >= 2]
+    tracks = [(p, axis) for p in weights for axis in ("rows", "cols")]
+    fused = torch.optim.SGD(params, fused=True, **HYPER)
+    steps: dict[str, Callable[[], object]] = {"torch fused (no stats)": fused.step}
+    if torch_sums_:
+        steps["torch fused + sums (torch ops)"] = step_and_sums(torch.optim.SGD(params, fused=True, **HYPER), params)
+    if compile_:
+        eager = torch.optim.SGD(params, foreach=True, **HYPER)
+        steps["torch.compile(step + sums)"] = torch.compile(step_and_sums(eager, params))
+    backends = [b for b in nm_optim.available_backends(device) if b != "reference"]
+    for backend in backends:
+        steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(params, backend=backend, **HYPER).step
+        steps[f"nm_optim {backend} + rows/cols tracks"] = _quiet(
+            nm_optim.SGD(params, backend=backend, track=tracks, **HYPER)).step
+        steps[f"nm_optim {backend} + rows tracks"] = _quiet(
+            nm_optim.SGD(params, backend=backend, track=[(p, "rows") for p in weights], **HYPER)).step
+        steps[f"nm_optim {backend} track=layers"] = _quiet(
+            nm_optim.SGD(params, backend=backend, track="layers", **HYPER)).step
+    results = [dict(shape_set="vgg16 + tracks", n_tensors=len(params), n_params=n, n_tracks=len(tracks),
+                    n_groups=sum(p.shape[0] + p.shape[1] for p in weights), dtype="torch.float32",
+                    rows=_time_steps(steps, device, rounds, warmup, "torch fused (no stats)", n))]
+    del steps, fused, params, weights, tracks
+
+    small = make_params(SHAPE_SETS["many"](), device, torch.float32)
+    steps = {"torch fused (no stats)": torch.optim.SGD(small, fused=True, **HYPER).step}
+    for backend in backends:
+        steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(small, backend=backend, **HYPER).step
+        steps[f"nm_optim {backend} track=layers"] = _quiet(
+            nm_optim.SGD(small, backend=backend, track="layers", **HYPER)).step
+    m = sum(p.numel() for p in small)
+    results.append(dict(shape_set="many (1000 x 4096) + track=layers", n_tensors=len(small), n_params=m,
+                        dtype="torch.float32", rows=_time_steps(steps, device, rounds, warmup, "torch fused (no stats)", m)))
+    del steps, small
+
+    from nm_optim.models import example_input, get_model
+
+    for name in ("vgg16", "vgg16_bn"):
+        torch.manual_seed(0)
+        model = get_model(name, num_classes=1000, image_size=32).to(device)
+        syms = nm_optim.find_symmetries(model, example_input(model))
+        mparams = [p for p in model.parameters()]
+        gen = torch.Generator().manual_seed(1)
+        for p in mparams:
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+        steps = {"torch fused (no stats)": torch.optim.SGD(mparams, fused=True, **HYPER).step}
+        for backend in backends:
+            steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(mparams, backend=backend, **HYPER).step
+            steps[f"nm_optim {backend} + symmetries"] = _quiet(
+                nm_optim.SGD(mparams, backend=backend, symmetries=syms, **HYPER)).step
+        m = sum(p.numel() for p in mparams)
+        results.append(dict(shape_set=f"{name} + find_symmetries ({len(syms)} symmetries)", n_tensors=len(mparams),
+                            n_params=m, dtype="torch.float32",
+                            rows=_time_steps(steps, device, rounds, warmup, "torch fused (no stats)", m)))
+        del steps, model, mparams
+    return results
 
 
 def print_table(result: dict) -> None:
@@ -194,9 +244,10 @@ def print_table(result: dict) -> None:
         f"\n{result['shape_set']}: {result['n_tensors']} tensors, {result['n_params']:,} params, "
         f"{result['dtype']}, momentum 0.9, weight decay 5e-4"
     )
-    print(f"{'provider':<22}{'ms/step':>10}{'GB/s':>9}{'vs torch fused':>16}")
+    print(f"{'provider':<36}{'ms/step':>10}{'GB/s':>9}{'vs torch fused':>16}{'spread':>8}")
     for r in result["rows"]:
-        print(f"{r['provider']:<22}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['ratio_to_torch_fused']:>15.3f}x")
+        spread = f"{r['spread']:>7.0%}" if "spread" in r else ""
+        print(f"{r['provider']:<36}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['ratio_to_torch_fused']:>15.3f}x {spread}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--stats", choices=["yes", "no", "only"], default="yes",
-                    help="also time VGG-16 with rows/cols tracks against torch + sums")
+                    help="also time the statistics: VGG-16 with rows/cols, rows, layers tracks; 1000 small "
+                         "tensors with track=layers; find_symmetries(vgg16 / vgg16_bn)")
+    ap.add_argument("--no-torch-sums", action="store_true",
+                    help="leave out torch fused + sums with torch ops (about 40x a step: slow)")
     ap.add_argument("--compile", action="store_true", help="include torch.compile(step + sums) (slow to compile)")
     args = ap.parse_args(argv)
 
@@ -221,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             print_table(res)
             results.append(res)
     if args.stats != "no":
-        res = bench_stats(args.device, args.rounds, args.warmup, args.compile)
-        print_table(res)
-        results.append(res)
+        for res in bench_stats(args.device, args.rounds, args.warmup, args.compile, not args.no_torch_sums):
+            print_table(res)
+            results.append(res)
     if args.json:
         meta = dict(
             device=args.device,
