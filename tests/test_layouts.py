@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import nm_optim
 from nm_optim.ops import op as op_module
@@ -109,3 +111,68 @@ def test_a_channels_last_model_records_what_the_contiguous_model_records():
     records = [opt.recorder.snapshot() for opt in opts]
     for t, s0, s1 in zip(records[0].tracks, records[0].stats, records[1].stats):
         assert abs(s0 - s1).max() <= 1e-6 * abs(s0).max(), t["name"]
+
+
+# -- a property test over layouts (issue 12): update bitwise torch's, statistics exact ---------------
+
+
+def _layout(draw_perm, base_shape, kind, dtype):
+    """A tensor of `base_shape` and `dtype` in the memory layout `kind`."""
+    t = torch.randn(base_shape, dtype=dtype)
+    if kind == "permuted":
+        return t.permute(draw_perm).contiguous().permute(_inverse(draw_perm))  # dense, other order
+    if kind == "sliced":  # not dense: the reference steps it
+        return torch.randn(*base_shape[:-1], 2 * base_shape[-1], dtype=dtype)[..., ::2]
+    return t
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+@st.composite
+def layout_cases(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim)))
+    kind = draw(st.sampled_from(["contiguous", "permuted", "sliced"]))
+    perm = tuple(draw(st.permutations(range(ndim))))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    axes = draw(st.lists(st.sampled_from(["rows", "cols", "all"]), min_size=1, max_size=3, unique=True))
+    hyper = draw(st.sampled_from([dict(), dict(momentum=0.9, weight_decay=1e-2),
+                                  dict(momentum=0.9, dampening=0.3), dict(momentum=0.8, nesterov=True)]))
+    return shape, kind, perm, dtype, axes, hyper
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=layout_cases())
+def test_every_layout_is_torch_bitwise_with_exact_statistics(backend, case):
+    """Random shapes, layouts (contiguous, a dense permutation, a strided slice), dtypes, axes and
+    hyper-parameters: params and buffers bitwise torch.optim.SGD's, statistics within 1e-6 of the
+    summed magnitudes of a float64 computation, for every track axis."""
+    if backend not in nm_optim.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} not available")
+    shape, kind, perm, dtype, axes, hyper = case
+    torch.manual_seed(0)
+    base = _layout(perm, shape, kind, dtype)
+    ours = torch.nn.Parameter(base)  # keeps base's strides (a dense permutation, or a strided slice)
+    theirs = torch.nn.Parameter(ours.detach().clone(memory_format=torch.preserve_format))
+    tracks = [(ours, a) for a in axes]
+    opt = nm_optim.SGD([ours], lr=0.1, backend=backend, track=tracks, **hyper)
+    ref = torch.optim.SGD([theirs], lr=0.1, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        pre_p = ours.detach().double().clone()
+        pre_v = opt.state[ours]["momentum_buffer"].double().clone() if ours in opt.state else torch.zeros(shape).double()
+        g = like(ours.detach(), gen).to(dtype)
+        ours.grad, theirs.grad = g, g.clone(memory_format=torch.preserve_format)
+        opt.step()
+        ref.step()
+        assert torch.equal(ours.detach().contiguous().view(-1), theirs.detach().contiguous().view(-1)), \
+            f"step {step}: the update is not torch's bits"
+        for (_, axis), got in zip(tracks, opt.last_stats()):
+            want, scale = expected_stats(pre_p, g.double(), pre_v, axis)
+            assert_stats_close(got, want, scale, f"{kind} {shape} step {step} {axis}")
