@@ -65,7 +65,10 @@ def test_step_scalars_are_the_records_sums():
     record = opt.recorder.snapshot()
     for i in (0, 3, 5):
         got, want = step_scalars(record, i), expected(record, i, syms)
-        assert set(got) == set(want)
+        law = {k for k in got if k.startswith(("exact/", "residual/", "breaking/"))}
+        assert law == ({f"{tag}/{s.kind}/{s.name}" for tag in ("exact", "residual", "breaking") for s in syms}
+                       if i > 0 else set()), "the one-step law needs the previous step"
+        assert set(got) - law == set(want)
         for tag in want:
             assert got[tag] == pytest.approx(want[tag], rel=1e-12, abs=1e-300), tag
     assert step_scalars(record, 0)["norm/buffer/0.weight"] == 0.0, "no buffer before the first step"
@@ -179,3 +182,31 @@ def test_huggingface_callback():
         train(model, opt, 1)
         cb.on_step_end(None, State(), None, optimizer=opt)
     assert len(logged) == 3 and "nm_optim/hyper/lr" in logged[0]
+
+
+def test_the_exact_law_over_the_last_step_is_logged_live():
+    """exact / residual / breaking per symmetry from the last two records only: the one-step
+    recursion predicts the measured quantity to rounding, and keeping the recorded breaking term
+    brings it closer still; without a previous step there is no prediction."""
+    from nm_optim import models
+
+    torch.manual_seed(0)
+    net = models.get_model("small_vgg_bn", in_channels=1, image_size=8)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    opt = nm_optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2,
+                       symmetries=nm_optim.find_symmetries(net, x[:2]))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    scalars = step_scalars(opt.recorder.latest(2), -1)
+    kinds = {k.split("/")[1] for k in scalars if k.startswith("exact/")}
+    assert kinds == {"translation", "scale", "rescale"}
+    for key, measured in scalars.items():
+        if not key.startswith("conserved/"):
+            continue
+        name = key.removeprefix("conserved/")
+        residual, breaking = scalars[f"residual/{name}"], scalars[f"breaking/{name}"]
+        assert abs(residual) <= 1e-5 * max(abs(measured), 1.0), name
+        assert abs(residual - breaking) <= abs(residual) + 1e-9 * max(abs(measured), 1.0), name
+    assert not any(k.startswith("exact/") for k in step_scalars(opt.recorder.latest(1), -1))

@@ -9,6 +9,12 @@ For a recorded step (a row of a Record; the values are those before the step, as
                             (docs/architecture.md, "The theory"): translation Σθ, scale |θ_A|²,
                             rescale |θ_A1|² - |θ_A2|²; each group's obeys the exact law, and so
                             does their sum (the laws are linear in the sums)
+    exact/<kind>/<sym>      the exact law's prediction of that quantity from the previous step's
+                            sums (the one-step recursion with the symmetry's vanishing term set to
+                            zero), when the previous step was recorded too
+    residual/<kind>/<sym>   measured - exact: rounding plus real symmetry breaking
+    breaking/<kind>/<sym>   what the recorded breaking term (Σg or Σp·g) adds to the prediction:
+                            the part of the residual the symmetry breaking explains
     hyper/<name>            lr, momentum, dampening, weight_decay, nesterov of the param group
                             (hyper/<name>/group<i> when there are several groups)
 
@@ -25,6 +31,7 @@ import numpy as np
 
 from nm_optim.names import HYPER_NAMES, STAT_INDEX
 from nm_optim.symmetry import Symmetry
+from nm_optim.theory import exact, schedule_of
 
 _PREFER = ("all", "rows", "cols")
 
@@ -58,7 +65,14 @@ def step_scalars(record: Any, index: int = -1, symmetries: list[Symmetry] | None
     if symmetries is None:
         symmetries = [Symmetry.from_description(d) for d in record.meta.get("symmetries") or []]
     for sym in symmetries:
-        out[f"conserved/{sym.kind}/{sym.name}"] = float(measured_total(sym, record, index))
+        measured = float(measured_total(sym, record, index))
+        out[f"conserved/{sym.kind}/{sym.name}"] = measured
+        law = one_step_law(sym, record, index)
+        if law is not None:
+            predicted, with_breaking = law
+            out[f"exact/{sym.kind}/{sym.name}"] = predicted
+            out[f"residual/{sym.kind}/{sym.name}"] = measured - predicted
+            out[f"breaking/{sym.kind}/{sym.name}"] = with_breaking - predicted
     for name in HYPER_NAMES:
         values = np.asarray(record.hyper[name])[index] if name in record.hyper else np.zeros(0)
         if len(values) == 1:
@@ -81,17 +95,41 @@ def measured_total(sym: Symmetry, record: Any, index: int = -1) -> float:
     return float(stats["A1"][0, :, STAT_INDEX["pp"]].sum() - stats["A2"][0, :, STAT_INDEX["pp"]].sum())
 
 
-class _Row:
-    """One row of a record, with the attributes Symmetry.group_stats reads."""
+def one_step_law(sym: Symmetry, record: Any, index: int = -1) -> tuple[float, float] | None:
+    """The exact law over one step, summed over the symmetry's groups: the measured quantity at
+    record row `index` predicted from row `index - 1` (theory.exact on those two rows), without and
+    with the recorded symmetry-breaking term. None when the previous row is not the previous
+    optimizer step, or either step was skipped (its sums are NaN). O(1): two rows."""
+    n = len(record.steps)
+    i = index % n if n else 0
+    if i == 0 or int(record.steps[i]) != int(record.steps[i - 1]) + 1:
+        return None
+    if bool(np.asarray(record.skipped)[i - 1]) or bool(np.asarray(record.skipped)[i]):
+        return None
+    pair = _Row(record, i - 1, i + 1)
+    stats = sym.group_stats(pair)
+    schedule = schedule_of(sym, pair)
+    predicted = exact(sym.kind, stats, schedule)[1]
+    with_breaking = exact(sym.kind, stats, schedule, vanishing=False)[1]
+    return float(np.nansum(predicted)), float(np.nansum(with_breaking))
 
-    def __init__(self, record: Any, index: int) -> None:
-        sl = slice(index, index + 1) if index != -1 else slice(-1, None)
+
+class _Row:
+    """Rows of a record (`index`, or [index, stop)), with the attributes Symmetry.group_stats,
+    Symmetry.hyper and Symmetry.first read."""
+
+    def __init__(self, record: Any, index: int, stop: int | None = None) -> None:
+        if stop is not None:
+            sl = slice(index, stop)
+        else:
+            sl = slice(index, index + 1) if index != -1 else slice(-1, None)
         self.tracks = record.tracks
         self.meta = record.meta
         self.steps = np.asarray(record.steps)[sl]
         self.stats = [s[sl] for s in record.stats]
         self.hyper = {k: np.asarray(v)[sl] for k, v in record.hyper.items()}
         self.first = np.asarray(record.first)[sl]
+        self.skipped = np.asarray(record.skipped)[sl]
 
 
 def _one_row(record: Any, index: int) -> Any:
@@ -124,7 +162,7 @@ class ScalarSource:
         # cheap test first: no device sync until a record at next_step can exist
         if recorder.steps_done <= self.next_step or not len(recorder):
             return None
-        record = recorder.latest(1)
+        record = recorder.latest(2)  # the previous step too: the exact law over the last step
         step = int(record.steps[-1])
         if step < self.next_step:
             return None
