@@ -210,3 +210,25 @@ def test_the_exact_law_over_the_last_step_is_logged_live():
         assert abs(residual) <= 1e-5 * max(abs(measured), 1.0), name
         assert abs(residual - breaking) <= abs(residual) + 1e-9 * max(abs(measured), 1.0), name
     assert not any(k.startswith("exact/") for k in step_scalars(opt.recorder.latest(1), -1))
+
+
+def test_the_law_holds_group_by_group_and_goes_to_tensorboard_histograms(tmp_path):
+    pytest.importorskip("tensorboard")
+    from nm_optim.integrations.common import group_values
+    from nm_optim.integrations.tensorboard import TensorBoardLogger
+
+    model, opt, syms = model_and_opt()
+    logger = TensorBoardLogger(opt, tmp_path / "tb", every=2)
+    train(model, opt, 5)
+    logger.close()
+    values = group_values(opt.recorder.latest(2), -1)
+    for sym in syms:
+        key = f"{sym.kind}/{sym.name}"
+        measured, residual = values[f"measured/{key}"], values[f"residual/{key}"]
+        assert measured.shape == residual.shape == (sym.num_groups,)
+        assert np.abs(residual).max() <= 1e-5 * max(np.abs(measured).max(), 1.0), key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert any(tag.startswith("groups/residual/") for tag in acc.Tags()["histograms"])

@@ -68,11 +68,11 @@ def step_scalars(record: Any, index: int = -1, symmetries: list[Symmetry] | None
         measured = float(measured_total(sym, record, index))
         out[f"conserved/{sym.kind}/{sym.name}"] = measured
         law = one_step_law(sym, record, index)
-        if law is not None:
-            predicted, with_breaking = law
+        if law is not None:  # the laws are linear in the sums: the groups' predictions add up
+            predicted = float(np.nansum(law["exact"]))
             out[f"exact/{sym.kind}/{sym.name}"] = predicted
             out[f"residual/{sym.kind}/{sym.name}"] = measured - predicted
-            out[f"breaking/{sym.kind}/{sym.name}"] = with_breaking - predicted
+            out[f"breaking/{sym.kind}/{sym.name}"] = float(np.nansum(law["breaking"]))
     for name in HYPER_NAMES:
         values = np.asarray(record.hyper[name])[index] if name in record.hyper else np.zeros(0)
         if len(values) == 1:
@@ -86,20 +86,15 @@ def step_scalars(record: Any, index: int = -1, symmetries: list[Symmetry] | None
 def measured_total(sym: Symmetry, record: Any, index: int = -1) -> float:
     """The symmetry's measured quantity at record row `index`, summed over its groups:
     translation Σp, scale Σp², rescale Σp²(A1) - Σp²(A2)."""
-    row = _one_row(record, index)
-    stats = sym.group_stats(row)
-    if sym.kind == "translation":
-        return float(stats["A"][0, :, STAT_INDEX["p"]].sum())
-    if sym.kind == "scale":
-        return float(stats["A"][0, :, STAT_INDEX["pp"]].sum())
-    return float(stats["A1"][0, :, STAT_INDEX["pp"]].sum() - stats["A2"][0, :, STAT_INDEX["pp"]].sum())
+    return float(measured_groups(sym, record, index).sum())
 
 
-def one_step_law(sym: Symmetry, record: Any, index: int = -1) -> tuple[float, float] | None:
-    """The exact law over one step, summed over the symmetry's groups: the measured quantity at
-    record row `index` predicted from row `index - 1` (theory.exact on those two rows), without and
-    with the recorded symmetry-breaking term. None when the previous row is not the previous
-    optimizer step, or either step was skipped (its sums are NaN). O(1): two rows."""
+def one_step_law(sym: Symmetry, record: Any, index: int = -1) -> dict[str, np.ndarray] | None:
+    """The exact law over one step, per group of the symmetry: "measured" (the quantity at record
+    row `index`), "exact" (its prediction from row `index - 1`: theory.exact on those two rows, the
+    symmetry's vanishing term set to zero), "residual" (measured - exact) and "breaking" (what the
+    recorded breaking term adds to the prediction). None when the previous row is not the
+    previous optimizer step, or either step was skipped (its sums are NaN). O(1): two rows."""
     n = len(record.steps)
     i = index % n if n else 0
     if i == 0 or int(record.steps[i]) != int(record.steps[i - 1]) + 1:
@@ -109,9 +104,37 @@ def one_step_law(sym: Symmetry, record: Any, index: int = -1) -> tuple[float, fl
     pair = _Row(record, i - 1, i + 1)
     stats = sym.group_stats(pair)
     schedule = schedule_of(sym, pair)
-    predicted = exact(sym.kind, stats, schedule)[1]
+    predicted = exact(sym.kind, stats, schedule)
     with_breaking = exact(sym.kind, stats, schedule, vanishing=False)[1]
-    return float(np.nansum(predicted)), float(np.nansum(with_breaking))
+    measured = measured_groups(sym, pair, 1)
+    return {"measured": measured, "exact": predicted[1], "residual": measured - predicted[1],
+            "breaking": with_breaking - predicted[1]}
+
+
+def measured_groups(sym: Symmetry, record: Any, index: int = -1) -> np.ndarray:
+    """The symmetry's measured quantity per group at record row `index`."""
+    stats = sym.group_stats(_one_row(record, index))
+    if sym.kind == "translation":
+        return stats["A"][0, :, STAT_INDEX["p"]]
+    if sym.kind == "scale":
+        return stats["A"][0, :, STAT_INDEX["pp"]]
+    return stats["A1"][0, :, STAT_INDEX["pp"]] - stats["A2"][0, :, STAT_INDEX["pp"]]
+
+
+def group_values(record: Any, index: int = -1, symmetries: list[Symmetry] | None = None) -> dict[str, np.ndarray]:
+    """Per symmetry and group, at record row `index`: "<what>/<kind>/<name>" -> [groups] for what in
+    measured, exact, residual, breaking (the last three when the previous step is recorded)."""
+    if symmetries is None:
+        symmetries = [Symmetry.from_description(d) for d in record.meta.get("symmetries") or []]
+    out: dict[str, np.ndarray] = {}
+    for sym in symmetries:
+        law = one_step_law(sym, record, index)
+        if law is None:
+            out[f"measured/{sym.kind}/{sym.name}"] = measured_groups(sym, record, index)
+            continue
+        for what, values in law.items():
+            out[f"{what}/{sym.kind}/{sym.name}"] = values
+    return out
 
 
 class _Row:
@@ -171,4 +194,9 @@ class ScalarSource:
             return None  # GradScaler skipped it: its sums are NaN
         if self._symmetries is None:
             self._symmetries = [Symmetry.from_description(d) for d in record.meta.get("symmetries") or []]
+        self.last_record = record  # for group_values(source.last_record, -1, source.symmetries)
         return step, step_scalars(record, -1, self._symmetries)
+
+    @property
+    def symmetries(self) -> list[Symmetry]:
+        return self._symmetries or []

@@ -18,7 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nm_optim.integrations.common import ScalarSource
+import numpy as np
+
+from nm_optim.integrations.common import ScalarSource, group_values
 
 
 def _summary_writer():
@@ -60,6 +62,11 @@ class TensorBoardLogger:
         step, scalars = got
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
+        # Across each symmetry's groups: how the law holds neuron by neuron, not only in the sum.
+        for tag, values in group_values(self.source.last_record, -1, self.source.symmetries).items():
+            finite = values[np.isfinite(values)]
+            if finite.size:
+                self.writer.add_histogram(f"groups/{tag}", finite, step)
         return True
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
