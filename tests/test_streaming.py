@@ -96,12 +96,18 @@ def test_streaming_keeps_host_memory_bounded(tmp_path):
     assert len(nm_optim.load_record(tmp_path / "rec")) >= 2000 - 16
 
 
-def test_a_crash_loses_at_most_the_chunk_being_written(tmp_path):
+def stream_ten_steps(folder):
+    """10 steps streamed to `folder` in chunks of 4: 8 records on disk, 2 not yet."""
     model, opt = make()
     opt.recorder.chunk = 4
-    path = opt.recorder.stream_to(tmp_path / "rec")
+    path = opt.recorder.stream_to(folder)
     for x, y in batches(10):
         step(model, opt, x, y)
+    return opt, path
+
+
+def test_a_crash_loses_at_most_the_chunk_being_written(tmp_path):
+    opt, path = stream_ten_steps(tmp_path / "rec")
     # 8 records in two chunks are on disk, 2 on the device. A crash mid-append leaves stats of a
     # chunk without its index line, or half a line:
     opt.recorder.stream.drain()
@@ -208,11 +214,7 @@ def test_stream_to_refuses_a_folder_in_use(tmp_path):
 
 @pytest.fixture
 def stream(tmp_path):
-    model, opt = make()
-    opt.recorder.chunk = 4
-    path = opt.recorder.stream_to(tmp_path / "rec")
-    for x, y in batches(10):
-        step(model, opt, x, y)
+    opt, path = stream_ten_steps(tmp_path / "rec")
     opt.recorder.snapshot()
     return path
 
