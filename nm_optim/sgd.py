@@ -329,7 +329,7 @@ class SGD(Optimizer):
             _check_param(group, i if index is None else index[i], params[i], grads[i])
 
         buckets = []
-        for device, members, first_round in self._plan(group, params, index):
+        for device, members, offsets in self._plan(group, params, index):
             if members is None:
                 bparams, bgrads = params, grads
             else:
@@ -349,23 +349,15 @@ class SGD(Optimizer):
                     else:
                         is_first.append(False)
                     bufs.append(buf)
-            offsets: list[int] = []
-            # A repeated occurrence is stepped untracked: the statistics are of the pre-step values.
-            if self._tracks and first_round:
-                lookup = self._tracks.offsets
-                found = [lookup(p) for p in bparams]
-                if any(o is not None for o in found):
-                    for o in found:
-                        offsets += o if o is not None else _UNTRACKED
             if self._nm_dtensors:  # the op steps the local shards; the state keeps the DTensors
                 bparams, bgrads, bufs = local_tensors(bparams, bgrads, bufs)
             buckets.append((device, (bparams, bgrads, bufs, is_first, offsets)))
         return buckets
 
     def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
-        """The kernel calls of a group: (device, positions in `params` or None for all, whether
-        this is the first occurrence of its params), one per (device, dtype), in order; cached per
-        param group and rebuilt when the set of params with a grad changes.
+        """The kernel calls of a group: (device, positions in `params` or None for all, statistics
+        offsets), one per (device, dtype), in order; cached per param group and rebuilt when the set
+        of params with a grad changes (the offsets are fixed with the tracks, at construction).
 
         A param listed several times (torch warns, and steps it once per occurrence, in order)
         goes into one call per occurrence: in one call the kernel's threads would step the same
@@ -385,11 +377,23 @@ class SGD(Optimizer):
             plan.setdefault((occurrence, p.device, p.dtype), []).append(i)
         # All first occurrences, then all second ones, ...; a stable sort keeps the group's order
         # within each (different params are independent, so only each param's own order matters).
-        result = [(device, None if len(v) == len(params) else v, occurrence == 0)
+        result = [(device, None if len(v) == len(params) else v, self._offsets([params[i] for i in v], occurrence))
                   for (occurrence, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
         # The plan holds the group and its params, so their ids cannot be reused while cached.
         plans[id(group)] = (group, key, result, list(params))
         return result
+
+
+    def _offsets(self, params: list[Tensor], occurrence: int) -> list[int]:
+        """The op's stats_offsets for one call: 3 per param (rows, cols, all; -1 untracked), or
+        empty when no param of the call is tracked. A repeated occurrence is stepped untracked:
+        the statistics are of the pre-step values."""
+        if not self._tracks or occurrence > 0:
+            return []
+        found = [self._tracks.offsets(p) for p in params]
+        if all(o is None for o in found):
+            return []
+        return [x for o in found for x in (o if o is not None else _UNTRACKED)]
 
 
 def _with_symmetries(

@@ -171,6 +171,9 @@ class TrackTable:
                         f"{group_ranks(shards[pid][1])}): the statistics of sharded params are combined by one "
                         "all-reduce, over one group")
         self._sharded_tracks = [t for (pid, _), t in self._slots.items() if pid in shards]
+        self._checked_params = [t.param for t in self._slots.values()]
+        self._checked_shapes = [t.shape for t in self._slots.values()]
+        self._checked_devices = [t.device for t in self._slots.values()]
         self.sharded = bool(self._sharded_tracks)
         self._stats: dict[torch.device, Tensor] = {}
 
@@ -230,10 +233,14 @@ class TrackTable:
         """RuntimeError if a tracked param's shape or device is no longer the one its track's
         rows were laid out for (e.g. ``p.data = smaller``). Called by every step, before it writes
         anything, so the statistics recorded so far all describe the shapes of the tracks."""
-        for t in self._slots.values():
-            p = t.param
-            if p.shape != t.shape or p.device != t.device:
-                self._changed(t)
+        # Two list comparisons per step (a loop comparing each track costs 1000 tracks 0.5 ms);
+        # comprehensions, not map(attrgetter): torch.compile traces them.
+        params = self._checked_params
+        if [p.shape for p in params] != self._checked_shapes or [p.device for p in params] != self._checked_devices:
+            for t in self._slots.values():
+                p = t.param
+                if p.shape != t.shape or p.device != t.device:
+                    self._changed(t)
 
     def _changed(self, t: Track) -> None:
         name = self._names[id(t.param)]
