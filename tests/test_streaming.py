@@ -309,3 +309,52 @@ def test_a_write_error_of_the_writer_thread_reaches_the_training_thread(tmp_path
         for x, y in batches(10):
             step(model, opt, x, y)
             opt.recorder.stream.drain()
+
+
+HOLD_A_STREAM = """
+import sys
+from nm_optim.record import RecordStream
+s = RecordStream.open(sys.argv[1])
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_stream_this_process_writes_is_refused_to_another_process(tmp_path):
+    """Two writers would interleave the chunks of two runs (every rank of a distributed run
+    streaming to one folder): the second process is refused, and told the cure."""
+    import subprocess
+    import sys
+
+    opt, path = stream_ten_steps(tmp_path / "rec")  # opt's recorder keeps streaming there
+    other = subprocess.run([sys.executable, "-c", "import sys; from nm_optim.record import RecordStream; "
+                            "RecordStream.open(sys.argv[1])", str(path)], capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0
+    assert "being written by another process" in other.stderr and "rank 0" in other.stderr
+    assert opt.recorder.stream.records == 8
+
+
+def test_a_stream_another_process_writes_is_refused_here_until_it_is_gone(tmp_path):
+    """The other way round, through the recorder too; reading is never refused; the kernel drops
+    the lock with its process, so a crashed writer leaves nothing stale."""
+    import gc
+    import subprocess
+    import sys
+
+    path = tmp_path / "rec"
+    stream_ten_steps(path)  # this process's stream is garbage: the folder is free again
+    gc.collect()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_STREAM, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(RuntimeError, match="another process.*rank 0"):
+            RecordStream.open(path)
+        _, opt = make()
+        with pytest.raises(RuntimeError, match="another process"):
+            opt.recorder.stream_to(path, overwrite=True)
+        assert nm_optim.load_record(path).steps.shape == (8,)  # reading is never refused
+    finally:
+        holder.kill()  # as a crash would
+        holder.wait(timeout=60)
+    RecordStream.open(path)  # the holder is gone, and its lock with it

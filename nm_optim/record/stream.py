@@ -13,6 +13,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, a second writing process goes undetected
+    fcntl = None  # type: ignore[assignment]
+
 from nm_optim._io import atomic_write
 from nm_optim.names import HYPER_NAMES, STAT_NAMES
 from nm_optim.record.format import (_READ_ERRORS, STREAM_DTYPES, STREAM_INDEX, STREAM_META, Record, RecordError,
@@ -149,6 +154,40 @@ class _StreamReader:
 _ACTIVE: weakref.WeakValueDictionary[str, RecordStream] = weakref.WeakValueDictionary()
 
 
+class _WriterLock:
+    """This process's claim on a stream folder: an exclusive flock on the folder itself, taken by
+    the first RecordStream of the process that writes there and held until the last one is
+    collected or the process ends (the kernel drops it even on SIGKILL: no stale lock). Two
+    processes appending to one stream (e.g. every rank of a distributed run) would interleave
+    their chunks into a stream that no longer describes either run."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RuntimeError(
+                f"record stream {path} is being written by another process. Under torch.distributed every "
+                "rank holds the same record: stream from rank 0 only (if dist.get_rank() == 0), or give each "
+                "rank its own folder") from None
+        weakref.finalize(self, os.close, fd)
+
+
+_LOCKS: weakref.WeakValueDictionary[str, _WriterLock] = weakref.WeakValueDictionary()
+
+
+def _claim(path: Path) -> _WriterLock | None:
+    """The folder's writer lock, shared by every RecordStream of this process on it."""
+    if fcntl is None:
+        return None
+    key = str(path.resolve())
+    lock = _LOCKS.get(key)
+    if lock is None:
+        lock = _LOCKS[key] = _WriterLock(path)
+    return lock
+
+
 def _settle(path: Path) -> None:
     """Wait for this process's queued writes to the stream in `path`, if any."""
     active = _ACTIVE.get(str(Path(path).resolve()))
@@ -168,6 +207,7 @@ class RecordStream:
 
     def __init__(self, path: Path, reader: _StreamReader, fsync: bool, background: bool = False) -> None:
         self.path = path
+        self._lock = _claim(path)  # before anything is cut or written
         self.background = background
         self._cond = threading.Condition()
         self._pending: list[_Chunk] = []
@@ -195,6 +235,7 @@ class RecordStream:
         if path.exists():
             if not path.is_dir():
                 raise FileExistsError(f"{path} exists and is not a folder; a record stream is a folder")
+            lock = _claim(path)  # noqa: F841  (held until the stream below holds it too)
             content = {p.name for p in path.iterdir()}
             ours = {STREAM_META, STREAM_INDEX} | {p for p in content if (p.startswith("stats-") and p.endswith(".bin"))
                                                   or (p.startswith(".") and p.endswith(".tmp"))}
