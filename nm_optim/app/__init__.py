@@ -6,6 +6,7 @@ its reports (theory-vs-measurement figures, summary.json).
     data         digits, CIFAR-10 and ImageFolder readers (DataError for a bad folder)
     checkpoint   the checkpoint format: save, load, restore, resume_config
     loop         train(), evaluate(), epoch_order()
+    distributed  `train --distributed ddp|fsdp` under torchrun: process group, batch shares, wrapping
     report       comparison with the theory, figures, summary.json entries, the printed table
     demo         the paper's figures on digits (`nm-optim demo`)
     cli          the argparse command line and main()

@@ -13,6 +13,10 @@ holds everything a resumed run needs to continue bit-identically.
                          record; resuming cuts the stream back to that length. (A recorder kept
                          in memory puts its records here instead; both load.)
     rng                  the torch RNG states (dropout): "torch", and "cuda" on a GPU
+    rng_ranks            (distributed runs only) every rank's "rng", in rank order: a resume on
+                         as many processes restores each its own; on another number, every
+                         process takes "rng" (rank 0's), so dropout masks then differ from an
+                         uninterrupted run's
     losses               the loss log, [[steps done, mean loss], ...]
     pending_losses       the per-step losses since the last log entry (0-d tensors)
 
@@ -51,22 +55,28 @@ def save_checkpoint(
     device: torch.device,
     losses: list[tuple[int, float]],
     pending_losses: list[Tensor],
+    model_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write the checkpoint of a run at `step` to `path`, atomically (a crash while writing
-    leaves the previous checkpoint)."""
+    leaves the previous checkpoint). A distributed run passes the whole-tensor `model_state` and
+    `optimizer_state` it gathered (app.distributed.gather_full) and every rank's RNG states."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "nm_optim": __version__,
         "config": config.to_dict(),
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model.state_dict() if model_state is None else model_state,
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "recorder": optimizer.recorder.state_dict(),
         "rng": _rng_state(device),
         "losses": [list(x) for x in losses],
         "pending_losses": [t.detach().cpu() for t in pending_losses],
     }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -97,11 +107,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def restore_checkpoint(
-    state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: Any, device: torch.device, backend: str
+    state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: Any, device: torch.device, backend: str,
+    recorder: bool = True, rank: int = 0, world_size: int = 1,
 ) -> tuple[int, list[tuple[int, float]], list[Tensor]]:
     """Load a checkpoint's `state` (read from `path`) into a freshly built model and optimizer,
     run with `backend` from now on and restore the RNG states. Returns (step, the loss log, the
-    pending losses on `device`). A checkpoint that does not fit raises UserError."""
+    pending losses on `device`). A checkpoint that does not fit raises UserError.
+
+    recorder: restore the recorder too, continuing the record stream next to `path` (False on
+        the ranks of a distributed run that record nothing: the stream is rank 0's).
+    rank, world_size: a distributed process takes its own RNG states when the checkpoint was
+        written by as many processes (see "rng_ranks" above)."""
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as e:
@@ -117,7 +133,8 @@ def restore_checkpoint(
         group["backend"] = backend
     try:
         # the stream next to the checkpoint, wherever the run folder was when it was written
-        optimizer.recorder.load_state_dict(state["recorder"], stream=path.parent / STREAM_NAME)
+        if recorder:
+            optimizer.recorder.load_state_dict(state["recorder"], stream=path.parent / STREAM_NAME)
     except RecordError as e:
         raise UserError(f"the record stream of checkpoint {path} cannot be continued: {e}") from e
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -125,7 +142,8 @@ def restore_checkpoint(
                         f"{type(e).__name__}: {e}") from e
     losses = [(int(s), float(v)) for s, v in state["losses"]]
     pending = [t.to(device) for t in state["pending_losses"]]
-    _set_rng_state(state["rng"], device)
+    ranks = state.get("rng_ranks")
+    _set_rng_state(ranks[rank] if isinstance(ranks, list) and len(ranks) == world_size else state["rng"], device)
     return int(state["step"]), losses, pending
 
 

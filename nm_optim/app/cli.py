@@ -4,6 +4,7 @@
     nm-optim train --model vgg16_bn --data imagefolder:~/tiny-imagenet-200 --lr 0.1 --epochs 10 --out runs/vgg
     nm-optim train --out runs/vgg --resume            # continue from runs/vgg/checkpoint.pt
     nm-optim plot runs/vgg/record.npz --out figures/
+    torchrun --nproc-per-node 4 -m nm_optim train ... --distributed ddp   # or fsdp (app.distributed)
 
 A user mistake (a missing or malformed data folder, an unknown model, an unwritable output
 folder, a bad option) ends with one line on stderr, ``nm-optim: error: ...``, and exit status 1
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nm_optim._version import __version__
+from nm_optim.app import distributed as dist_app
 from nm_optim.app.checkpoint import resume_config
 from nm_optim.app.config import TrainConfig, UserError, check_writable
 from nm_optim.app.demo import DEMO_STEPS, FULL_STEPS, run_demo
@@ -60,8 +62,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in _TRAIN_OPTIONS if hasattr(args, k)}
+    # torchrun's environment first: a launch that cannot work fails before reading any data
+    if args.distributed is None:
+        dist_app.check_not_launched_by_torchrun()
+        d = None
+    else:
+        d = dist_app.from_env(args.distributed)
     if args.resume:
-        check_writable(args.out)
+        if d is None or d.is_main:  # the other ranks write nothing into --out
+            check_writable(args.out)
         config = resume_config(args.out, given)
     else:
         missing = [f"--{k}" for k in ("model", "data") if k not in given]
@@ -71,9 +80,17 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(**given)
         if config.steps is None and config.epochs is None:
             config.epochs = 1
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress,
-                   record_dtype=args.record_dtype, tensorboard=args.tensorboard, tensorboard_every=args.tensorboard_every)
-    if not args.quiet:
+    run = {"resume": args.resume, "progress": not args.no_progress, "record_dtype": args.record_dtype,
+           "tensorboard": args.tensorboard, "tensorboard_every": args.tensorboard_every}
+    if d is None:
+        result = train(config, args.out, **run)
+    else:
+        # what can be checked alone is checked before the processes wait for each other
+        dist_app.check_batch_size(config.batch_size, d)
+        device = dist_app.process_device(config.device, d)
+        with dist_app.process_group(d, device):
+            result = train(config, args.out, distributed=d, **run)
+    if not args.quiet and (d is None or d.is_main):
         import json
 
         summary = json.loads((result.out / SUMMARY_NAME).read_text())
@@ -81,8 +98,9 @@ def _train(args: argparse.Namespace) -> int:
         acc = f", test accuracy {result.test_accuracy:.4f}" if result.test_accuracy is not None else ""
         loss = f"final loss {result.final_loss:.4f}" if result.final_loss is not None else "no steps"
         start = f" (resumed at step {result.resumed_from})" if result.resumed_from is not None else ""
-        print(f"\n{result.steps} steps{start} in {result.seconds:.1f} s on {result.device} (backend {result.backend}): "
-              f"{loss}{acc}; outputs in {result.out}")
+        procs = f" x {d.world_size} processes ({d.mode})" if d is not None else ""
+        print(f"\n{result.steps} steps{start} in {result.seconds:.1f} s on {result.device}{procs} (backend "
+              f"{result.backend}): {loss}{acc}; outputs in {result.out}")
     return 0
 
 
@@ -157,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "symmetry's conserved quantity, hyper-parameters, loss (pip install 'nm_optim[tensorboard]')")
     tr.add_argument("--tensorboard-every", type=int, default=10, metavar="N",
                     help="steps between TensorBoard entries (default: 10)")
+    tr.add_argument("--distributed", choices=dist_app.MODES, default=None,
+                    help="train on the processes torchrun launched (torchrun --nproc-per-node N -m nm_optim train "
+                         "... --distributed ddp): ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); gloo "
+                         "on CPU, NCCL on GPU. --batch-size is the global batch (a multiple of the process count); "
+                         "rank 0 writes --out; a checkpoint resumes on any number of processes")
     common(tr, suppress=True)
     quiet(tr)
     tr.set_defaults(func=_train)

@@ -110,6 +110,7 @@ class TrainResult:
     seconds: float
     resumed_from: int | None = None
     out: Path | None = None
+    distributed: dict[str, Any] | None = None  # {"mode", "world_size"} of a run on several processes
 
 
 # -- where a run runs and writes ---------------------------------------------------------------------------

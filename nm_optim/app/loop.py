@@ -21,6 +21,10 @@ just the global step; a checkpoint holds the model, the optimizer state, the rec
 record stream's length), the torch RNG states (dropout) and that step. Resuming from it continues
 bit-identically — the parameters and the record — on the same device, backend and thread count
 (on CUDA, cuDNN is put in deterministic mode for that).
+
+Several processes (`distributed`, launched by torchrun; app.distributed): the same global
+batches, split over the processes; DDP or FSDP2; only rank 0 records and writes; the checkpoint
+is the 1-process one (whole tensors), so a resume may use another number of processes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,9 +43,11 @@ from torch import Tensor, nn
 
 import nm_optim
 from nm_optim import models
+from nm_optim.app import distributed as dist_app
 from nm_optim.app.checkpoint import (
     CHECKPOINT_NAME,
     STREAM_NAME,
+    _rng_state,
     load_checkpoint,
     restore_checkpoint,
     save_checkpoint,
@@ -127,6 +134,7 @@ def train(
     record_dtype: str = "float64",
     tensorboard: str | os.PathLike | None = None,
     tensorboard_every: int = 10,
+    distributed: dist_app.Distributed | None = None,
 ) -> TrainResult:
     """Train `config` and write its outputs to `out` (see the module docstring).
 
@@ -145,9 +153,19 @@ def train(
     tensorboard: a TensorBoard log folder: every `tensorboard_every` steps the parameter,
         gradient and momentum norms, each symmetry's conserved quantity and the
         hyper-parameters, and the loss (nm_optim.integrations.tensorboard; needs tensorboard).
+    distributed: this process's place in a run on several processes, inside
+        app.distributed.process_group (see the module docstring there). Rank 0 writes `out`,
+        the others only read its checkpoint on resume.
     """
     started = time.perf_counter()
-    out_dir = check_writable(out) if out is not None else None
+    d = distributed
+    main = d is None or d.is_main
+    if d is not None:
+        dist_app.check_batch_size(config.batch_size, d)  # before anything is read or built
+    if out is None:
+        out_dir = None
+    else:
+        out_dir = check_writable(out) if main else Path(out)  # the other ranks write nothing there
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     ckpt_state = None
     if resume:
@@ -156,7 +174,7 @@ def train(
         ckpt_state = load_checkpoint(ckpt_path)
         check_resumable(ckpt_state["config"], config, ckpt_path)
 
-    device = resolve_device(config.device)
+    device = resolve_device(config.device) if d is None else dist_app.process_device(config.device, d)
     backend = resolve_backend(config.backend, device)
     if device.type == "cuda":
         # Bit-identical resume needs deterministic convolution algorithms.
@@ -173,12 +191,20 @@ def train(
     per_epoch = n // config.batch_size
     total = config.steps if config.steps is not None else (config.epochs or 1) * per_epoch
 
-    model = (model_fn or build_model)(config, train_set.shape, train_set.num_classes).to(device)
-    model.train()
+    # `net` is the model itself (its params are the optimizer's, its state dict the checkpoint's),
+    # `model` what the batches go through: `net`, or DDP around it.
+    net = (model_fn or build_model)(config, train_set.shape, train_set.num_classes).to(device)
+    net.train()
     example = train_set.batch(torch.arange(min(2, n)))[0].to(device)
-    symmetries = list((symmetries_fn or find_symmetries)(model, example))
+    symmetries = list((symmetries_fn or find_symmetries)(net, example))
+    model = net
+    if d is not None:
+        dist_app.warn_batch_norm(net, d)
+        names = {id(p): name for name, p in net.named_parameters()}
+        model = dist_app.wrap(net, d, device)
+        symmetries = dist_app.rebind_symmetries(symmetries, names, net)
     opt = nm_optim.SGD(
-        model.named_parameters(),
+        net.named_parameters(),
         lr=config.lr,
         momentum=config.momentum,
         dampening=config.dampening,
@@ -189,32 +215,37 @@ def train(
         symmetries=symmetries,
         record_every=config.record_every,
     )
+    if not main:
+        opt.recorder.enabled = False  # rank 0 records (the statistics are the same on every rank)
 
     step = 0
     losses: list[tuple[int, float]] = []
     pending: list[Tensor] = []
     if ckpt_state is not None:
+        if d is not None:
+            ckpt_state = dist_app.shard_like(ckpt_state, net, opt)
         step, losses, pending = restore_checkpoint(
-            ckpt_state, ckpt_path, model=model, optimizer=opt, device=device, backend=config.backend
+            ckpt_state, ckpt_path, model=net, optimizer=opt, device=device, backend=config.backend,
+            recorder=main, rank=d.rank if d else 0, world_size=d.world_size if d else 1,
         )
         if step > total:
             raise UserError(f"the checkpoint is at step {step}, past the {total} steps asked for (give more --steps)")
     else:
         torch.manual_seed(config.seed)  # whatever building the model and its symmetries drew
     resumed_from = step if ckpt_state is not None else None
-    if out_dir is not None and opt.recorder.stream is None:
+    if out_dir is not None and main and opt.recorder.stream is None:
         # a new run (or one resumed from a checkpoint that holds its record): a new stream
         try:
             opt.recorder.stream_to(out_dir / STREAM_NAME, dtype=record_dtype, overwrite=True)
         except FileExistsError as e:
             raise UserError(f"cannot write the record: {e}") from e
     board = None
-    if tensorboard is not None:
+    if tensorboard is not None and main:
         from nm_optim.integrations.tensorboard import TensorBoardLogger
 
         board = TensorBoardLogger(opt, tensorboard, every=tensorboard_every, purge_step=resumed_from)
 
-    bar = _progress(total, step, desc or f"{config.model} on {config.data}", progress)
+    bar = _progress(total, step, desc or f"{config.model} on {config.data}", progress and main)
     order, order_epoch = None, -1
     try:
         while step < total:
@@ -222,6 +253,8 @@ def train(
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(n, config.seed, epoch), epoch
             idx = order[pos * config.batch_size : (pos + 1) * config.batch_size]
+            if d is not None:
+                idx = dist_app.local_indices(idx, d)  # this rank's share of the global batch
             x, y = train_set.batch(idx)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
@@ -229,7 +262,8 @@ def train(
             loss.backward()
             opt.step()
             step += 1
-            pending.append(loss.detach())
+            # the global batch's loss on every rank: the log and checkpoints are the same everywhere
+            pending.append(loss.detach() if d is None else dist_app.mean_over_ranks(loss, d))
             # The log holds whole intervals only (step % LOG_EVERY == 0): a run stopped at any
             # step and resumed logs exactly what an uninterrupted run logs.
             if step % LOG_EVERY == 0:
@@ -248,8 +282,8 @@ def train(
             if bar is not None and step == total:
                 bar.update(step - bar.n)
             if ckpt_path is not None and config.checkpoint_every and (step % config.checkpoint_every == 0 or step == total):
-                save_checkpoint(ckpt_path, config=config, step=step, model=model, optimizer=opt, device=device,
-                                losses=losses, pending_losses=pending)
+                _checkpoint(ckpt_path, d, config=config, step=step, model=net, optimizer=opt, device=device,
+                            losses=losses, pending_losses=pending)
             if on_step is not None:
                 on_step(step)
     finally:
@@ -260,23 +294,42 @@ def train(
 
     # the mean loss of the last steps: those not yet in the log, else the last log entry
     final_loss = torch.stack(pending).mean().item() if pending else (losses[-1][1] if losses else None)
-    accuracy = evaluate(model, split.test, device, config.batch_size) if split.test is not None else None
-    record = _finish_record(opt, config, losses, accuracy, step)
+    # every rank evaluates (FSDP's forward is collective); DDP's module alone needs no peers
+    accuracy = evaluate(net, split.test, device, config.batch_size) if split.test is not None else None
+    record = _finish_record(opt, config, losses, accuracy, step, d)
     result = TrainResult(
         config=config, record=record, model=model, optimizer=opt, symmetries=symmetries, steps=step,
         device=str(device), backend=backend, losses=losses, final_loss=final_loss, test_accuracy=accuracy,
         seconds=time.perf_counter() - started, resumed_from=resumed_from, out=out_dir,
+        distributed=d.describe() if d is not None else None,
     )
     if opt.recorder.stream is not None:
         opt.recorder.stream.update_meta(training=record.meta["training"])
-    if write_outputs and out_dir is not None:
+    if write_outputs and out_dir is not None and main:
         record.save(out_dir / RECORD_NAME)  # from the stream's memory maps: bounded memory
         write_run_outputs(result, out_dir)
     return result
 
 
-def _finish_record(opt, config: TrainConfig, losses: list[tuple[int, float]], accuracy: float | None, step: int):
-    """The recorder's snapshot, with what the run was and how it went in meta["training"]."""
+def _checkpoint(path, d: dist_app.Distributed | None, *, model: nn.Module, optimizer, device: torch.device,
+                **kwargs) -> None:
+    """save_checkpoint, by rank 0 of a distributed run: every rank takes part in gathering the
+    whole tensors (FSDP's shards) and the RNG states, rank 0 writes them."""
+    if d is None:
+        save_checkpoint(path, model=model, optimizer=optimizer, device=device, **kwargs)
+        return
+    model_state = dist_app.gather_full(model.state_dict())
+    optimizer_state = dist_app.gather_full(optimizer.state_dict())
+    rng_ranks = dist_app.gather_rng(_rng_state(device))
+    if d.is_main:
+        save_checkpoint(path, model=model, optimizer=optimizer, device=device, model_state=model_state,
+                        optimizer_state=optimizer_state, rng_ranks=rng_ranks, **kwargs)
+
+
+def _finish_record(opt, config: TrainConfig, losses: list[tuple[int, float]], accuracy: float | None, step: int,
+                   d: dist_app.Distributed | None = None):
+    """The recorder's snapshot, with what the run was and how it went in meta["training"]
+    (and, for a run on several processes, "distributed": its mode and world size)."""
     record = opt.recorder.snapshot()
     record.meta["training"] = {
         "config": config.to_dict(),
@@ -284,6 +337,8 @@ def _finish_record(opt, config: TrainConfig, losses: list[tuple[int, float]], ac
         "loss": [list(x) for x in losses],
         "test_accuracy": accuracy,
     }
+    if d is not None:
+        record.meta["training"]["distributed"] = d.describe()
     return record
 
 

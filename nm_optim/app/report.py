@@ -165,6 +165,8 @@ def run_entry(
     })
     if with_device:
         entry.update(device=result.device, backend=result.backend)
+    if result.distributed is not None:  # {"mode", "world_size"}: how many processes shared the batches
+        entry["distributed"] = result.distributed
     return entry
 
 
