@@ -156,8 +156,11 @@ def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]
     # of them cost 2.5 ms through a Python loop. The rows a layout needs are cached per layout
     # (shapes, offsets); the loop below runs only to name the culprit.
     rows, device = stats.shape[0], stats.device
-    if (_rows_needed(tuple(map(_shape, params)), tuple(offsets)) <= rows
-            and all(map(eq, map(_get_device, params), repeat(stats.get_device())))):
+    try:
+        need = _rows_needed(tuple(map(_shape, params)), tuple(offsets))
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable: the loop
+        need = None
+    if need is not None and need <= rows and all(map(eq, map(_get_device, params), repeat(stats.get_device()))):
         return
     for i in range(len(params)):
         r, c, a = offsets[3 * i : 3 * i + 3]
