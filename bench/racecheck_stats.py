@@ -1,7 +1,8 @@
 """A few tracked steps through the statistics kernels only (CUDA: the 2-D tile kernel and the
 reduction, which share memory between threads; Triton: stats_kernel and reduce_kernel), for
-compute-sanitizer racecheck in bench/gpu_check.sh. Shapes span several 128 x 128 (CUDA) and
-64 x 128 (Triton) tiles, partial tiles, 1-D biases and a channels_last weight. Each
+compute-sanitizer racecheck in bench/gpu_check.sh. Shapes span several 128 x 128 tiles (CUDA
+and Triton; with and without column partials, vector and element-wise rows), partial tiles,
+1-D biases and a channels_last weight. Each
 configuration runs twice: the statistics must be bitwise identical (a race shows up as a
 difference more often than not), and finite.
 

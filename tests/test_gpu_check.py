@@ -144,3 +144,30 @@ def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     # the device tool returns at most 8 files with plain names, no more than 2 folders down
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
+
+
+def test_kernel_resources_reads_ptxas_and_computes_the_occupancy():
+    """tools/kernel_resources.py (the registers / spills / occupancy table of every GPU kernel):
+    its ptxas parser and sm_90 occupancy arithmetic, without compiling anything."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import kernel_resources as kr
+
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    8 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 128 registers, used 1 barriers, 19008 bytes smem, 400 bytes cmem[0]\n"
+           "ptxas info    : Compiling entry function 'bar' for 'sm_90a'\n"
+           "ptxas info    : Function properties for bar\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 0 barriers\n")
+    usage = kr.parse_ptxas(log)
+    foo, bar = usage["_Z3fooPf"], usage["bar"]
+    assert (foo.regs, foo.stack, foo.spill_st, foo.spill_ld, foo.smem) == (128, 8, 16, 12, 19008)
+    assert (bar.regs, bar.smem) == (40, 0)
+    foo.threads = bar.threads = 256
+    assert foo.occupancy(90) == (2, 16, "regs")   # 128 x 32 registers per warp: 16 warps
+    assert bar.occupancy(90) == (6, 48, "regs")   # 40 -> 1280 per warp: 51 warps, 6 blocks of 8
+    bar.regs, bar.smem = 32, 100 * 1024
+    assert bar.occupancy(90) == (2, 16, "smem")   # 228 KB / (100 KB + 1 KB reserved)
+    bar.smem = 0
+    assert bar.occupancy(90) == (8, 64, "warps")

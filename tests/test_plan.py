@@ -17,7 +17,7 @@ from nm_optim.ops.plan import StatsPlan
 SHAPES = [(1,), (7,), (300, 1), (5, 700), (129, 130), (33, 3, 3, 3), (3, 0), (2, 3, 0, 4), (260, 5), (40,)]
 # (tile_rows, tile_cols, flat_tile): CUDA's 2-D tiles for every tracked tensor; Triton's, with
 # flat tiles for untracked tensors and tensors whose rows are single elements.
-CONFIGS = {"cuda": (128, 128, None), "triton": (64, 128, 16384), "tiny": (4, 8, 16)}
+CONFIGS = {"cuda": (128, 128, None), "triton": (128, 128, 16384), "tiny": (4, 8, 16)}
 
 
 def axes_of(shape):
@@ -67,20 +67,24 @@ def simulate(plan: StatsPlan, shapes, terms, tile_rows, tile_cols, n_rows):
         if slot >= 0:
             scratch[slot] = x[r0:r1, c0:c1].sum((0, 1))
     counts = []
-    for base, count, inner, outer, row in plan.tasks[: 5 * plan.n_tasks].reshape(-1, 5).tolist():
+    for k, (base, count, inner, outer, row) in enumerate(plan.tasks[: 5 * plan.n_tasks].reshape(-1, 5).tolist()):
         counts.append(count)
         idx = [base + (j // inner) * outer + j % inner for j in range(count)]
-        out[row] = scratch[idx].sum(0) if idx else 0.0
+        # The first level (chunks of long groups) writes scratch slots, launched first.
+        (scratch if k < plan.n_pre_tasks else out)[row] = scratch[idx].sum(0) if idx else 0.0
     return out, covered, counts
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
-def test_tiles_cover_every_element_once_and_partials_add_up_to_every_group(config):
+@pytest.mark.parametrize("reduce_chunk", [256, 2], ids=["chunk256", "chunk2"])
+def test_tiles_cover_every_element_once_and_partials_add_up_to_every_group(config, reduce_chunk):
+    """reduce_chunk=2: every group of more than 4 partials is reduced in two levels."""
     tile_rows, tile_cols, flat_tile = CONFIGS[config]
     untracked = (len(SHAPES) - 1,)  # the last tensor has no track
     geom, offsets, expected_rows, n_rows = build(SHAPES, axes_of, untracked)
     numels = tuple(int(np.prod(s)) for s in SHAPES)
-    plan = StatsPlan(numels, geom, offsets, torch.device("cpu"), tile_rows, tile_cols, flat_tile)
+    plan = StatsPlan(numels, geom, offsets, torch.device("cpu"), tile_rows, tile_cols, flat_tile,
+                     reduce_chunk=reduce_chunk, align=4)
     gen = torch.Generator().manual_seed(0)
     terms = [torch.randn(*s, 9, generator=gen, dtype=torch.float64) for s in SHAPES]
     out, covered, counts = simulate(plan, SHAPES, terms, tile_rows, tile_cols, n_rows)
@@ -89,7 +93,8 @@ def test_tiles_cover_every_element_once_and_partials_add_up_to_every_group(confi
             assert c.sum() == 0, f"tensor {i} {SHAPES[i]}: the caller's flat kernel steps it"
         else:
             assert (c == 1).all(), f"tensor {i} {SHAPES[i]}: every element in exactly one tile"
-    assert counts == sorted(counts, reverse=True), "tasks sorted by size"
+    pre, final = counts[: plan.n_pre_tasks], counts[plan.n_pre_tasks :]
+    assert pre == sorted(pre, reverse=True) and final == sorted(final, reverse=True), "each level sorted by size"
     for (i, axis), (row, n) in expected_rows.items():
         d0, d1, rest = geometry(SHAPES[i])
         x = terms[i].reshape(d0, d1, rest, 9)
@@ -113,3 +118,43 @@ def test_scratch_stays_proportional_to_the_tensor(shape):
     d0, d1, rest = geometry(shape)
     plan = StatsPlan((d0 * d1 * rest,), (d0, d1, rest), (0, d0, -1), torch.device("meta"), 128, 128)
     assert plan.scratch.numel() * 8 <= 0.6 * d0 * d1 * rest * 4, "partials stay well below the tensor's size"
+
+
+def test_plain_tiles_come_first_and_runs_group_alike_tiles():
+    """Untracked flat tiles first (the plain step variant runs them), then the tracked ones;
+    2-D tiles with column partials first; within each kind aligned rows (bounds) first; the
+    groups cover the tables in order."""
+    shapes = [(7,), (40,), (64, 27), (16, 32), (20000,), (8, 12)]
+    geom, offsets, _, _ = build(shapes, lambda s: ["rows", "cols"] if s == (16, 32) else ["rows"], untracked=(0, 4))
+    numels = tuple(int(np.prod(s)) for s in shapes)
+    plan = StatsPlan(numels, geom, offsets, torch.device("cpu"), 4, 8, 16384, align=4)
+    flat = plan.flat[: 5 * plan.n_flat].reshape(-1, 5).tolist()
+    tracked = [slot >= 0 or row >= 0 for _, _, _, slot, row in flat]
+    assert tracked == sorted(tracked) and plan.n_flat_plain == tracked.count(False) == 3  # (7,) + 2 tiles of (20000,)
+    tiles = plan.tiles2d[: 8 * plan.n_tiles2d].reshape(-1, 8).tolist()
+    cols = [t[6] >= 0 for t in tiles]
+    assert cols == sorted(cols, reverse=True) and plan.n_tiles2d_cols == cols.count(True) == 4 * 4
+    for groups, n, key in ((plan.flat_groups, plan.n_flat, lambda t: (t[3] >= 0 or t[4] >= 0, (t[2] - t[1]) % 4 == 0)),
+                           (plan.tile_groups, plan.n_tiles2d, lambda t: (t[6] >= 0, t[4] % 4 == 0))):
+        rows = flat if groups is plan.flat_groups else tiles
+        at = 0
+        for first, count, *k in groups:
+            assert first == at and all(key(t) == tuple(k) for t in rows[first : first + count])
+            at += count
+        assert at == n and len({tuple(g[2:]) for g in groups}) == len(groups), "one run per kind"
+    assert (False, False) in [tuple(g[2:]) for g in plan.flat_groups]  # (7,): bounds not multiples of 4
+    assert (False, False) in [tuple(g[2:]) for g in plan.tile_groups]  # (64, 27): rows of 27
+
+
+def test_long_groups_are_reduced_in_two_levels():
+    """VGG-16's fc1 with an "all" track: 32 x 196 tiles; chunks of a multiple of `inner`
+    partials (a "cols" group of a conv weight walks rest = 9 consecutive partials per row block)."""
+    plan = StatsPlan((4096 * 25088,), (4096, 25088, 1), (-1, -1, 0), torch.device("cpu"), 128, 128)
+    tasks = plan.tasks.reshape(-1, 5).tolist()
+    assert plan.n_pre_tasks == 25 and plan.n_tasks == 26
+    assert sum(t[1] for t in tasks[:25]) == 32 * 196 and max(t[1] for t in tasks[:25]) <= 256
+    assert tasks[25][1] == 25 and tasks[25][2:4] == [1, 1]
+    plan = StatsPlan((600 * 64 * 9,), (600, 64, 9), (-1, 0, -1), torch.device("cpu"), 2, 8, reduce_chunk=16)
+    assert plan.n_pre_tasks > 0
+    for base, count, inner, outer, row in plan.tasks.reshape(-1, 5).tolist()[: plan.n_pre_tasks]:
+        assert inner == 9 and outer == 64 * 9 and count <= 18

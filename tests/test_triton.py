@@ -37,7 +37,7 @@ TRAJECTORY_SHAPES = [
     ((20000,), ("all",)),  # two flat tiles
     ((13, 17), ("rows", "cols", "all")),
     ((3, 5, 7, 11), ("rows", "cols")),  # 4-D: a "cols" group spans rows and the trailing dims
-    ((130, 300), ("rows", "cols", "all")),  # 3 row blocks x 3 column blocks, both partial
+    ((130, 300), ("rows", "cols", "all")),  # 2 row blocks x 3 column blocks, both partial
     ((300, 1), ("cols", "all")),  # rows of one element
     ((1, 300), ("rows", "cols")),
     ((40, 9), ()),
@@ -178,6 +178,60 @@ def test_training_a_model_matches_torch_sgd():
         assert_rel_close(p, q, 1e-5, "param after 4 steps")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_long_groups_are_reduced_in_two_levels(monkeypatch, backend):
+    """Groups of more than 2 * REDUCE_CHUNK partials go through the first-level reduction (chunks
+    into scratch) and then the second: with REDUCE_CHUNK = 2 every "rows" group of a 5-column-block
+    tensor, its "all" group (15 tiles) and the "cols" groups of a conv weight (3 row blocks x 9
+    partials, chunks of a multiple of 9) take both levels. Against float64. The plan is shared:
+    on a GPU machine the CUDA kernels run the same two levels."""
+    from nm_optim.ops import plan as P
+
+    if backend not in nm_optim.available_backends(DEVICE):
+        pytest.skip(f"backend {backend!r} not available for {DEVICE} here")
+    monkeypatch.setattr(P, "REDUCE_CHUNK", 2)
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in [(300, 600), (300, 4, 3, 3), (20000,)]]
+    tracks = [(params[0], "rows"), (params[0], "cols"), (params[0], "all"), (params[1], "cols"),
+              (params[1], "rows"), (params[2], "all")]
+    opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend, track=tracks)
+    run_and_check(params, opt, tracks, steps=2)
+    plans = [t for t in P._tables.get(id(params[0]), {}).values() if isinstance(t, P.StatsPlan)]
+    assert plans and all(plan.n_pre_tasks > 0 for plan in plans)
+
+
+def test_untracked_tiles_of_a_tracked_bucket_run_the_plain_variant(monkeypatch):
+    """A bucket with tracked and untracked tensors: the untracked tensors' flat tiles run the step
+    kernel without statistics, the tracked 1-D tensor's with; 2-D tiles with column partials
+    run the COLS variant, the others the one without; and the results match the reference."""
+    from nm_optim.ops.triton import kernels as K
+
+    launches = []
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, grid[0], {k: v for k, v in kwargs.items() if k in ("WITH_STATS", "COLS", "ALIGNED")}))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(K, "step_kernel", Spy(K.step_kernel, "step"))
+    monkeypatch.setattr(K, "stats_kernel", Spy(K.stats_kernel, "stats"))
+    torch.manual_seed(0)
+    shapes = [(20000,), (33,), (40, 64), (17, 12), (5, 27)]  # untracked, 1-D rows, cols+rows, rows, rows (unaligned)
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in shapes]
+    tracks = [(params[1], "rows"), (params[2], "cols"), (params[2], "rows"), (params[3], "rows"), (params[4], "rows")]
+    opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, backend="triton", track=tracks)
+    run_and_check(params, opt, tracks, steps=1)
+    step = [(n, f["WITH_STATS"]) for name, n, f in launches if name == "step"]
+    assert step == [(2, False), (1, True)], launches  # the 2 tiles of (20000,), then (33,)
+    stats = [(n, f["COLS"], f["ALIGNED"]) for name, n, f in launches if name == "stats"]
+    assert stats == [(1, True, True), (1, False, True), (1, False, False)], launches
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -258,14 +312,16 @@ def _compile_for_gpus(tmp_path, *args: str) -> str:
 
 def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     """Ahead-of-time compilation for an H100 (Triton ships ptxas; no GPU needed): float32 and
-    bfloat16 with every switch on, and the reduction. No register spills (STACK:0)."""
+    bfloat16 with every switch on (the plain and the statistics step, the statistics kernel with
+    and without column partials, all with 16-byte vector accesses), and the reduction. No
+    register spills (STACK:0); tools/kernel_resources.py prints the occupancy."""
     pytest.importorskip("triton.backends.nvidia")
     out = _compile_for_gpus(tmp_path, "--quick")
     compiled = [line for line in out.splitlines() if line.startswith("ok")]
-    assert len(compiled) == 5 and all("STACK:0" in line for line in compiled), out
+    assert len(compiled) == 9 and all("STACK:0" in line for line in compiled), out
 
 
-@pytest.mark.slow  # about 3 minutes: 4 dtypes x 2 switch sets x 2 kernels + reductions, sm_90 and sm_80
+@pytest.mark.slow  # about 3 minutes: 4 dtypes x 2 switch sets x 8 variants + reductions, sm_90 and sm_80
 def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     _compile_for_gpus(tmp_path)

@@ -5,7 +5,8 @@ defined outside the interpreter, so TRITON_INTERPRET must be unset).
 
     python tools/compile_triton_kernels.py [--arch 90 --arch 80] [--quick]
 
-Prints each variant's registers and spills (ptxas), the first thing to read before a GPU run.
+Prints each variant's registers and spills (ptxas), the first thing to read before a GPU run;
+tools/kernel_resources.py adds spill bytes, shared memory and occupancy, and the CUDA kernels.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ ARG_TYPES = {
     "mom": "fp64", "one_minus_damp": "fp64", "gmul": "fp64", "scale_ptr": "*fp32", "inf_ptr": "*fp32",
     "scratch": "*fp64", "out": "*fp64", "tasks": "*i64", "n_tasks": "i32",
 }
-DTYPES = [(tl.float32, tl.int32, tl.float32), (tl.float16, tl.int16, tl.float32),
-          (tl.bfloat16, tl.int16, tl.float32), (tl.float64, tl.int64, tl.float64)]
+DTYPES = [(tl.float32, tl.int32, tl.float32, 4), (tl.float16, tl.int16, tl.float32, 8),
+          (tl.bfloat16, tl.int16, tl.float32, 8), (tl.float64, tl.int64, tl.float64, 2)]
 # Structural variants: everything on (momentum, weight decay, tensor lr, AMP), and the plainest.
 FLAG_SETS = [
     dict(HAS_LR_PTR=True, HAS_SCALE=True, HAS_INF=True, HAS_WD=True, HAS_MOM=True, NESTEROV=True),
@@ -43,13 +44,28 @@ FLAG_SETS = [
 
 
 def variants(quick: bool):
-    for dt, bits, ct in DTYPES[::2] if quick else DTYPES:  # quick: float32 and bfloat16
+    """(kernel name, kernel, constexprs) of every variant the launches use (launch.py): the step
+    kernel without and with statistics, the statistics kernel with and without column partials,
+    each with 16-byte vector accesses (ALIGNED) and without, for each dtype and switch set; the
+    reduction. quick: float32 and bfloat16, every switch on, ALIGNED."""
+    for dt, bits, ct, vec in DTYPES[::2] if quick else DTYPES:
         for flags in FLAG_SETS[:1] if quick else FLAG_SETS:
-            consts = dict(BITS=bits, DT=dt, CT=ct, **flags)
-            yield "step", T.step_kernel, dict(consts, BLOCK=T.FLAT_BLOCK, WITH_STATS=flags["HAS_MOM"])
-            yield "stats", T.stats_kernel, dict(consts, TILE_R=T.TILE_ROWS, SUB_R=T.SUB_ROWS, BLOCK_C=T.BLOCK_COLS)
+            consts = dict(BITS=bits, DT=dt, CT=ct, VEC=vec, **flags)
+            for aligned in (True,) if quick else (True, False):
+                for with_stats in (False, True):
+                    yield "step", T.step_kernel, dict(consts, BLOCK=T.FLAT_BLOCK, WITH_STATS=with_stats,
+                                                      ALIGNED=aligned)
+                for cols in (True, False):
+                    sub = T.sub_rows(cols, aligned, dt == tl.float64)
+                    yield "stats", T.stats_kernel, dict(consts, TILE_R=T.TILE_ROWS, SUB_R=sub, BLOCK_C=T.BLOCK_COLS,
+                                                        COLS=cols, ALIGNED=aligned)
     for has_inf in (True,) if quick else (True, False):
         yield "reduce", T.reduce_kernel, dict(TASKS=T.REDUCE_TASKS, CHUNK=T.REDUCE_CHUNK, HAS_INF=has_inf)
+
+
+def num_warps(name: str, consts: dict) -> int:
+    """The launch's num_warps for this variant (launch.py passes the same)."""
+    return T.NUM_WARPS[name]
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -78,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn, consts in variants(args.quick):
             sig = {a: ("constexpr" if a in consts else ARG_TYPES[a]) for a in fn.arg_names}
             src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-            options = {"num_warps": T.NUM_WARPS[name]}
+            options = {"num_warps": num_warps(name, consts)}
             what = f"sm_{arch} {name} {consts.get('DT', '')} " + " ".join(
                 k for k, v in consts.items() if v is True)
             t0 = time.perf_counter()

@@ -141,147 +141,278 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- statistics ---------------------------------------------------------------------------
 // One 256-thread block per 2-D tile of a tracked tensor (the StatsPlan of nm_optim/ops/plan.py,
-// see sgd_step.h): rows [rb * kTR, +kTR), row elements [cb * kTC, +kTC). Warp w takes rows w,
-// w + 8, ...; lane l takes row elements l + 32 e (e < 4), so every load is one coalesced 128-byte
-// line. Per row, the warp's 128 values are reduced with a fixed xor-butterfly in float64 and
-// lane 0 writes the row partial (and adds it to its warp's tile total); per row element, each
-// thread keeps float sums over its (at most kTR / 8 = 16) rows, and the 8 warps' sums are added
-// in warp order through shared memory into the column partial (float64). Only the partials a
-// track needs are written (base or slot >= 0).
+// see sgd_step.h): rows [rb * kTR, +kTR), row elements [cb * kTC, +kTC). The design mirrors the
+// Triton kernel (nm_optim/ops/triton/kernels.py, stats_kernel), which the CPU tests run:
+//
+// - Each lane owns V consecutive elements of a row (TileLanes below): kLanes = kTC / V lanes
+//   cover the tile's 128 row elements, a warp covers kRowsPerWarp rows at a time, the block
+//   kRowsPerStep. A lane loads its V values of p, g, v into registers with 16-byte vector loads
+//   (when the addresses and the row length allow; else element by element), steps them, stores
+//   them, then adds their 9 terms: into its row sums (compute type) and, in the COLS variant,
+//   into its V column accumulators (registers, over all the rows it visits).
+// - A row's sums are added across its kLanes lanes with an xor butterfly (log2(kLanes) shuffles
+//   per statistic, in the compute type); the row's first lane writes the row partial (float64)
+//   and adds it to its float64 tile total.
+// - Once per tile: column accumulators of the two rows of a warp are added (one shuffle), then
+//   the 8 warps' are added in warp order through shared memory (in rounds, 18 KB), in float64,
+//   into the column partials; the warps' tile totals are added in warp order into the slot.
+// - COLS is a template switch: tiles with column partials come first in the plan and run the
+//   variant with column accumulators; the others run the one without (fewer registers, more
+//   blocks per SM, V = 8 elements per lane). Only the partials a track needs are written.
+// Partial sums in the compute type: float64 params keep float64 statistics.
 constexpr int kTR = kStatsTileRows;
 constexpr int kTC = kStatsTileCols;
 constexpr int kWarps = kThreads / 32;
-constexpr int kPerLane = kTC / 32;
 
-template <typename T, bool HAS_WD, bool MOM, bool NESTEROV>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, bool COLS> struct TileLanes {
+  static constexpr int V = (sizeof(T) == 8 || COLS) ? 4 : 8;  // elements per lane
+  static constexpr int kChunk = (16 / sizeof(T)) < V ? (16 / sizeof(T)) : V;  // elements per vector access
+  static constexpr int kLanes = kTC / V;                       // lanes per row: 32 or 16
+  static constexpr int kRowsPerWarp = 32 / kLanes;
+  static constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
+  static_assert(kLanes <= 32 && 32 % kLanes == 0 && V % kChunk == 0, "a row within a warp");
+};
+
+// The `valid` (0..V) first of a lane's V elements at src + i0, in the compute type (zeros beyond):
+// kChunk-element vector loads when `vec` (16-byte aligned bases, rows of a multiple of kChunk
+// elements) and the lane's elements are all valid.
+template <typename T, int V, int kChunk>
+__device__ __forceinline__ void load_lane(const T* __restrict__ src, int64_t i0, int valid, bool vec,
+                                          typename CudaStorage<T>::compute (&x)[V]) {
+  using S = CudaStorage<T>;
+  using P = Pack<T, kChunk>;
+  if (vec && valid == V) {
+#pragma unroll
+    for (int k = 0; k < V / kChunk; ++k) {
+      const P pk = reinterpret_cast<const P*>(src + i0)[k];
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) x[k * kChunk + e] = S::load(pk.x[e]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] = e < valid ? S::load(src[i0 + e]) : typename S::compute(0);
+  }
+}
+
+template <typename T, int V, int kChunk>
+__device__ __forceinline__ void store_lane(T* __restrict__ dst, int64_t i0, int valid, bool vec,
+                                           const typename CudaStorage<T>::compute (&x)[V]) {
+  using S = CudaStorage<T>;
+  using P = Pack<T, kChunk>;
+  if (vec && valid == V) {
+#pragma unroll
+    for (int k = 0; k < V / kChunk; ++k) {
+      P pk;
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) pk.x[e] = S::store(x[k * kChunk + e]);
+      reinterpret_cast<P*>(dst + i0)[k] = pk;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      if (e < valid) dst[i0 + e] = S::store(x[e]);
+    }
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+}
+
+// Blocks per SM the register allocation must allow (ptxas: at most 65536 / (256 * this) registers
+// per thread), checked without spills by tools/kernel_resources.py.
+template <typename T, bool COLS> constexpr int kTileMinBlocks = (COLS && sizeof(T) == 8) ? 1 : 2;
+
+template <typename T, bool HAS_WD, bool MOM, bool NESTEROV, bool COLS>
+__global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
     sgd_stats_tile_kernel(BucketView b, SGDHyper h, AmpView amp, const float* lr_device,
-                          CudaStatsView st) {
+                          CudaStatsView st, const int64_t* __restrict__ tiles) {
   using S = CudaStorage<T>;
   using C = typename S::compute;
+  using A = C;
+  using L = TileLanes<T, COLS>;
+  constexpr int V = L::V;
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
   const CudaScalars s = step_scalars(h, amp, lr_device);
-  // Partial sums in the compute type: float64 params keep float64 statistics. The column
-  // partials cross shared memory in two rounds of half the warps (36.9 KB for double), added in
-  // warp order as in one round.
-  using A = C;
-  constexpr int kHalf = kWarps / 2;
-  __shared__ A col_sm[kHalf][kTC][kNumStats];
   __shared__ double total_sm[kWarps][kNumStats];
 
-  const int64_t* tile = st.tiles + 8 * static_cast<int64_t>(blockIdx.x);
+  const int64_t* tile = tiles + 8 * static_cast<int64_t>(blockIdx.x);
   const int64_t t = tile[0], rb = tile[1], cb = tile[2], d0 = tile[3], rowlen = tile[4];
   const int64_t row_base = tile[5], col_base = tile[6], slot = tile[7];
   const int64_t n = b.n_tensors;
-  T* p = reinterpret_cast<T*>(b.table[t]);
-  const T* g = reinterpret_cast<const T*>(b.table[n + t]);
-  T* v = MOM ? reinterpret_cast<T*>(b.table[2 * n + t]) : nullptr;
+  T* __restrict__ p = reinterpret_cast<T*>(b.table[t]);
+  const T* __restrict__ g = reinterpret_cast<const T*>(b.table[n + t]);
+  T* __restrict__ v = MOM ? reinterpret_cast<T*>(b.table[2 * n + t]) : nullptr;
   const bool first = MOM && b.table[3 * n + t] != 0;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  double warp_total[kNumStats] = {};  // lane 0: the sum of this warp's row sums
+  const bool vec = aligned16(p) && aligned16(g) && (!MOM || aligned16(v)) && rowlen % L::kChunk == 0;
 
-  A col_acc[kPerLane][kNumStats];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane / L::kLanes, q = lane % L::kLanes;  // row within the warp, lane within the row
+  const int64_t c0 = cb * kTC + q * V;                     // the lane's first row element
+  const int valid_c = static_cast<int>(rowlen - c0 < 0 ? 0 : (rowlen - c0 < V ? rowlen - c0 : V));
+  const int64_t r_begin = rb * kTR;
+  const int64_t n_rows = d0 - r_begin < kTR ? d0 - r_begin : kTR;
+
+  double tot[kNumStats] = {};  // !COLS: the first lane of each row, the sum of its row sums
+  A col_acc[COLS ? V : 1][kNumStats];
 #pragma unroll
-  for (int e = 0; e < kPerLane; ++e) {
+  for (int e = 0; e < (COLS ? V : 1); ++e) {
 #pragma unroll
-    for (int q = 0; q < kNumStats; ++q) col_acc[e][q] = A(0);
+    for (int k = 0; k < kNumStats; ++k) col_acc[e][k] = A(0);
   }
-  for (int rr = warp; rr < kTR; rr += kWarps) {
-    const int64_t r = rb * kTR + rr;
-    if (r >= d0) break;  // uniform across the warp
-    A row_acc[kNumStats] = {};
+  // Warp-uniform loop (the butterfly needs every lane): rows past the tile load nothing.
+#pragma unroll 1
+  for (int64_t base = warp * L::kRowsPerWarp; base < n_rows; base += L::kRowsPerStep) {
+    const int64_t rr = base + sub;
+    const bool row_ok = rr < n_rows;
+    const int valid = row_ok ? valid_c : 0;
+    const int64_t i0 = (r_begin + rr) * rowlen + c0;
+    C pv[V], gv[V], vv[V];
+    load_lane<T, V, L::kChunk>(p, i0, valid, vec, pv);
+    load_lane<T, V, L::kChunk>(g, i0, valid, vec, gv);
+    if (MOM && !first) {
+      load_lane<T, V, L::kChunk>(v, i0, valid, vec, vv);
+    } else {
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) {
-      const int64_t c = cb * kTC + lane + 32 * e;
-      if (c >= rowlen) continue;
-      const int64_t i = r * rowlen + c;
-      C pi = S::load(p[i]);
-      const C gi = unscale(S::load(g[i]), s);
-      C vi = (MOM && !first) ? S::load(v[i]) : C(0);
+      for (int e = 0; e < V; ++e) vv[e] = C(0);
+    }
+    A rs[kNumStats] = {};
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      C pi = pv[e], vi = vv[e];
+      const C gi = unscale(gv[e], s);
       const A tq[kNumStats] = {A(pi),      A(gi),      A(vi),      A(pi * pi), A(gi * gi),
                                A(vi * vi), A(pi * gi), A(pi * vi), A(gi * vi)};
 #pragma unroll
-      for (int q = 0; q < kNumStats; ++q) {
-        row_acc[q] += tq[q];
-        col_acc[e][q] += tq[q];
+      for (int k = 0; k < kNumStats; ++k) {
+        rs[k] += tq[k];
+        if (COLS) col_acc[COLS ? e : 0][k] += tq[k];
       }
       if (first) {
         sgd_update_cuda<C, HAS_WD, MOM, true, NESTEROV>(pi, gi, vi, s.f);
       } else {
         sgd_update_cuda<C, HAS_WD, MOM, false, NESTEROV>(pi, gi, vi, s.f);
       }
-      p[i] = S::store(pi);
-      if (MOM) v[i] = S::store(vi);
+      pv[e] = pi;
+      vv[e] = vi;
     }
+    store_lane<T, V, L::kChunk>(p, i0, valid, vec, pv);
+    if (MOM) store_lane<T, V, L::kChunk>(v, i0, valid, vec, vv);
+    // The row's sums over its kLanes lanes (xor offsets below kLanes stay within the row).
 #pragma unroll
-    for (int q = 0; q < kNumStats; ++q) {
-      double x = static_cast<double>(row_acc[q]);
+    for (int k = 0; k < kNumStats; ++k) {
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
-      warp_total[q] += x;
-      if (lane == 0 && row_base >= 0) st.scratch[(row_base + cb * d0 + r) * kNumStats + q] = x;
+      for (int off = L::kLanes / 2; off > 0; off /= 2) rs[k] += __shfl_xor_sync(0xffffffffu, rs[k], off);
     }
-  }
-  if (slot >= 0 && lane == 0) {
+    if (q == 0 && row_ok) {
+      const int64_t r = r_begin + rr;
 #pragma unroll
-    for (int q = 0; q < kNumStats; ++q) total_sm[warp][q] = warp_total[q];
-  }
-  double col_x[kNumStats] = {};  // thread threadIdx.x < kTC: its column's sum over the warps
-  for (int round = 0; round < 2; ++round) {
-    if (col_base >= 0 && warp / kHalf == round) {
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
-#pragma unroll
-        for (int q = 0; q < kNumStats; ++q) col_sm[warp % kHalf][lane + 32 * e][q] = col_acc[e][q];
+      for (int k = 0; k < kNumStats; ++k) {
+        const double x = static_cast<double>(rs[k]);
+        if (!COLS) tot[k] += x;  // COLS: the total comes from the column sums
+        if (row_base >= 0) st.scratch[(row_base + cb * d0 + r) * kNumStats + k] = x;
       }
     }
-    __syncthreads();  // reached by every thread: no early return above
-    if (col_base >= 0 && threadIdx.x < kTC) {
+  }
+
+  if constexpr (COLS) {  // every tile of this variant has column partials (the plan's order)
+    // The warp's rows first (lanes q and q + kLanes hold the same columns), then the warps in
+    // order through shared memory, kRound warps at a time (18 KB).
 #pragma unroll
-      for (int q = 0; q < kNumStats; ++q) {
-        for (int w = 0; w < kHalf; ++w) col_x[q] += static_cast<double>(col_sm[w][threadIdx.x][q]);
+    for (int e = 0; e < V; ++e) {
+#pragma unroll
+      for (int k = 0; k < kNumStats; ++k) {
+#pragma unroll
+        for (int off = 16; off >= L::kLanes; off /= 2) col_acc[e][k] += __shfl_xor_sync(0xffffffffu, col_acc[e][k], off);
       }
+    }
+    constexpr int kRound = sizeof(A) == 8 ? 2 : 4;
+    __shared__ A col_sm[kRound][kTC][kNumStats];
+    double col_x[kNumStats] = {};  // thread threadIdx.x < kTC: its column's sum over the warps
+    for (int w0 = 0; w0 < kWarps; w0 += kRound) {
+      if (warp >= w0 && warp < w0 + kRound && sub == 0) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+#pragma unroll
+          for (int k = 0; k < kNumStats; ++k) col_sm[warp - w0][q * V + e][k] = col_acc[e][k];
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x < kTC) {
+#pragma unroll
+        for (int w = 0; w < kRound; ++w) {
+#pragma unroll
+          for (int k = 0; k < kNumStats; ++k) col_x[k] += static_cast<double>(col_sm[w][threadIdx.x][k]);
+        }
+      }
+      __syncthreads();
+    }
+    const int64_t c = cb * kTC + threadIdx.x;
+    if (threadIdx.x < kTC && c < rowlen) {
+#pragma unroll
+      for (int k = 0; k < kNumStats; ++k) st.scratch[(col_base + rb * rowlen + c) * kNumStats + k] = col_x[k];
+    }
+#pragma unroll
+    for (int k = 0; k < kNumStats; ++k) tot[k] = col_x[k];  // columns past the row: zeros
+  }
+  if (slot >= 0) {  // uniform: the tile's total, lanes of a warp, then the warps, in order
+#pragma unroll
+    for (int k = 0; k < kNumStats; ++k) {
+#pragma unroll
+      for (int off = 16; off >= (COLS ? 1 : L::kLanes); off /= 2) tot[k] += __shfl_xor_sync(0xffffffffu, tot[k], off);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < kNumStats; ++k) total_sm[warp][k] = tot[k];
     }
     __syncthreads();
-  }
-  if (col_base >= 0 && threadIdx.x < kTC) {
-    const int64_t c = cb * kTC + threadIdx.x;
-    if (c < rowlen) {
-      for (int q = 0; q < kNumStats; ++q) st.scratch[(col_base + rb * rowlen + c) * kNumStats + q] = col_x[q];
+    if (threadIdx.x < kNumStats) {
+      double x = 0.0;
+      for (int w = 0; w < kWarps; ++w) x += total_sm[w][threadIdx.x];
+      st.scratch[slot * kNumStats + threadIdx.x] = x;
     }
-  }
-  if (slot >= 0 && threadIdx.x < kNumStats) {  // the tile's total, warps added in order
-    double x = 0.0;
-    for (int w = 0; w < kWarps; ++w) x += total_sm[w][threadIdx.x];
-    st.scratch[slot * kNumStats + threadIdx.x] = x;
   }
 }
 
-// One block per reduction task (one output group): adds its partials in a fixed order (strided
-// per thread, then a shared-memory tree) and writes the group's 9 sums.
-constexpr int kReduceThreads = 128;
+// One warp per reduction task (one output group, or one chunk of a long group's partials):
+// lane l adds partials l, l + 32, ... in float64, a fixed xor butterfly adds the lanes, and lane
+// 0 writes the 9 sums to dst[row]. The plan's two levels are two launches: chunks of long groups
+// into scratch slots (dst = scratch), then every group (dst = the stats). Fixed order: bitwise
+// reproducible, no atomics.
+constexpr int kReduceThreads = 256;
+constexpr int kReduceWarps = kReduceThreads / 32;
 
 __global__ void __launch_bounds__(kReduceThreads)
-    sgd_stats_reduce_kernel(CudaStatsView st, const float* found_inf) {
+    sgd_stats_reduce_kernel(const int64_t* __restrict__ tasks, int64_t n_tasks, const double* src,
+                            double* dst, const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // the step was skipped: out stays NaN
-  __shared__ double red[kNumStats][kReduceThreads];
-  const int64_t* task = st.tasks + 5 * static_cast<int64_t>(blockIdx.x);
+  const int lane = threadIdx.x % 32;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kReduceWarps + threadIdx.x / 32;
+  if (k >= n_tasks) return;  // warp-uniform; no block-wide barrier below
+  const int64_t* task = tasks + 5 * k;
   const int64_t base = task[0], count = task[1], inner = task[2], outer = task[3], out_row = task[4];
   double acc[kNumStats] = {};
-  for (int64_t j = threadIdx.x; j < count; j += kReduceThreads) {
-    const double* part = st.scratch + (base + (j / inner) * outer + j % inner) * kNumStats;
+  for (int64_t j = lane; j < count; j += 32) {
+    const double* part = src + (base + (j / inner) * outer + j % inner) * kNumStats;
+#pragma unroll
     for (int q = 0; q < kNumStats; ++q) acc[q] += part[q];
   }
-  for (int q = 0; q < kNumStats; ++q) red[q][threadIdx.x] = acc[q];
-  __syncthreads();
-  for (int width = kReduceThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) {
-      for (int q = 0; q < kNumStats; ++q) red[q][threadIdx.x] += red[q][threadIdx.x + width];
-    }
-    __syncthreads();
+#pragma unroll
+  for (int q = 0; q < kNumStats; ++q) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], off);
   }
-  if (threadIdx.x < kNumStats) st.out[out_row * kNumStats + threadIdx.x] = red[threadIdx.x][0];
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < kNumStats; ++q) dst[out_row * kNumStats + q] = acc[q];
+  }
 }
+
+// The Python side (nm_optim/ops/native.py) packs two counts into each of CudaStatsView's counts
+// (the binding passes them through unchanged): n_tiles = all tiles | tiles with column partials
+// (the first ones) << 32; n_tasks = all tasks | first-level tasks (the first ones) << 32.
+constexpr int kCountBits = 32;
+constexpr int64_t kCountMask = (int64_t{1} << kCountBits) - 1;
 
 template <typename T, bool HAS_WD, bool MOM, bool NESTEROV>
 void launch(const BucketView& b, const SGDHyper& h, const AmpView& amp, const float* lr_device,
@@ -291,13 +422,26 @@ void launch(const BucketView& b, const SGDHyper& h, const AmpView& amp, const fl
         <<<static_cast<unsigned int>(b.n_tiles), kThreads, 0, stream>>>(b, h, amp, lr_device);
   }
   if (st.out == nullptr) return;
-  if (st.n_tiles > 0) {
-    sgd_stats_tile_kernel<T, HAS_WD, MOM, NESTEROV>
-        <<<static_cast<unsigned int>(st.n_tiles), kThreads, 0, stream>>>(b, h, amp, lr_device, st);
+  const int64_t n_tiles = st.n_tiles & kCountMask, n_cols = st.n_tiles >> kCountBits;
+  const int64_t n_tasks = st.n_tasks & kCountMask, n_pre = st.n_tasks >> kCountBits;
+  if (n_cols > 0) {
+    sgd_stats_tile_kernel<T, HAS_WD, MOM, NESTEROV, true>
+        <<<static_cast<unsigned int>(n_cols), kThreads, 0, stream>>>(b, h, amp, lr_device, st, st.tiles);
   }
-  if (st.n_tasks > 0) {
-    sgd_stats_reduce_kernel<<<static_cast<unsigned int>(st.n_tasks), kReduceThreads, 0, stream>>>(
-        st, amp.found_inf);
+  if (n_tiles > n_cols) {
+    sgd_stats_tile_kernel<T, HAS_WD, MOM, NESTEROV, false>
+        <<<static_cast<unsigned int>(n_tiles - n_cols), kThreads, 0, stream>>>(b, h, amp, lr_device, st,
+                                                                               st.tiles + 8 * n_cols);
+  }
+  if (n_pre > 0) {
+    sgd_stats_reduce_kernel<<<static_cast<unsigned int>((n_pre + kReduceWarps - 1) / kReduceWarps),
+                              kReduceThreads, 0, stream>>>(st.tasks, n_pre, st.scratch, st.scratch,
+                                                           amp.found_inf);
+  }
+  if (n_tasks > n_pre) {
+    sgd_stats_reduce_kernel<<<static_cast<unsigned int>((n_tasks - n_pre + kReduceWarps - 1) / kReduceWarps),
+                              kReduceThreads, 0, stream>>>(st.tasks + 5 * n_pre, n_tasks - n_pre, st.scratch,
+                                                           st.out, amp.found_inf);
   }
 }
 
@@ -321,7 +465,8 @@ const char* sgd_step_cuda(DType dtype, const BucketView& bucket, const SGDHyper&
                           const AmpView& amp, const float* lr_device, const CudaStatsView& stats,
                           std::uintptr_t stream_handle) {
   if (bucket.n_tiles <= 0 && stats.out == nullptr) return "";
-  if (bucket.n_tiles > 0x7fffffffLL || stats.n_tiles > 0x7fffffffLL || stats.n_tasks > 0x7fffffffLL) {
+  if (bucket.n_tiles > 0x7fffffffLL || (stats.n_tiles & kCountMask) > 0x7fffffffLL ||
+      (stats.n_tasks & kCountMask) > 0x7fffffffLL) {
     return "nm_optim: too many tiles for one launch";
   }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from nm_optim.ops import plan as P
 from nm_optim.ops.args import Bucket, StepArgs
 from nm_optim.ops.extension import extension
 from nm_optim.ops.layout import DTYPE_CODES
@@ -21,6 +22,9 @@ from nm_optim.ops.plan import stats_geometry, stats_plan, tile_table
 # more than the work there, and 10-20x more when the machine is oversubscribed (spinning
 # workers: 3.7-17 ms vs 0.8 ms per step measured on the digits nets under load).
 SERIAL_BELOW = 1 << 16
+# CUDA statistics: a second count rides in the high bits of n_stats_tiles / n_stats_tasks
+# (kCountBits in csrc/cuda/sgd_step_cuda.cu).
+CUDA_COUNT_BITS = 32
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
@@ -125,13 +129,17 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     else:
         stats_args = {}
         if with_stats:
-            plan = stats_plan(owner, all_numels, geom, offsets, device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS)
+            plan = stats_plan(owner, all_numels, geom, offsets, device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS,
+                              reduce_chunk=P.REDUCE_CHUNK)
+            # Two counts in each (csrc/cuda/sgd_step_cuda.cu, launch): the tiles with column
+            # partials (first in the plan) and the first-level reduction tasks (first too) in
+            # the high 32 bits; the binding passes them through.
             stats_args = dict(
                 stats_tiles=plan.tiles2d.data_ptr(),
-                n_stats_tiles=plan.n_tiles2d,
+                n_stats_tiles=plan.n_tiles2d | plan.n_tiles2d_cols << CUDA_COUNT_BITS,
                 stats_scratch=plan.scratch.data_ptr(),
                 stats_tasks=plan.tasks.data_ptr(),
-                n_stats_tasks=plan.n_tasks,
+                n_stats_tasks=plan.n_tasks | plan.n_pre_tasks << CUDA_COUNT_BITS,
                 stats_out=args.stats.data_ptr(),
             )
         lr_ptr = 0

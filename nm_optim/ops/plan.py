@@ -26,6 +26,10 @@ TILE_SIZE = {"cpu": 32768, "cuda": 16384}
 # A CPU tensor with a "cols" track is cut into tiles of whole rows, about this many elements
 # each: the CPU kernel walks such a tile in column strips (csrc/cpu/sgd_step_cpu.cpp).
 ROW_TILE_SIZE = 1 << 19
+# GPU reductions: a group with more than 2 * REDUCE_CHUNK partials (e.g. the "all" group of
+# VGG-16's fc1 [4096, 25088]: 6,272 128 x 128 tiles) is reduced in two levels, chunks of about
+# REDUCE_CHUNK partials in parallel, then the chunks' sums (StatsPlan).
+REDUCE_CHUNK = 256
 
 # Layouts kept per bucket: a bucket whose set of params with a grad alternates between a few
 # layouts (a param skipped now and then) keeps each one's tables.
@@ -148,21 +152,34 @@ class StatsPlan:
       elements and writes the 9 partial sums a track needs, in float64, to ``scratch`` (bases
       and slots in units of 9 float64; -1: not needed): the partial of (row r, column block cb)
       at row_base + cb * d0 + r, of (row block rb, column c) at col_base + rb * rowlen + c, the
-      tile's total at its slot.
+      tile's total at its slot. The first ``n_tiles2d_cols`` tiles are those with column
+      partials (col_base >= 0), the others follow: the kernels launch a variant with column
+      accumulators only for the first (the register-hungry one), one without for the rest.
     - Flat tiles (``flat``, 5 int64 each: tensor, begin, end, tile slot, first per-element
       output row), only when `flat_tile` is given (Triton): untracked tensors, and tracked
       tensors whose rows are single elements (1-D biases), whose "rows" groups are the elements
-      themselves.
-    - Reduction tasks (``tasks``, 5 int64 each: base, count, inner, outer stride, output row),
-      one per output group: partial j of a task is at base + (j // inner) * outer + j % inner;
-      the kernel adds them in float64 in this order, so results are bitwise reproducible (no
-      atomics). Sorted by count, so that tasks reduced together take alike time.
+      themselves. The first ``n_flat_plain`` tiles write no statistics (untracked tensors): the
+      plain step variant runs them; the statistics variant runs only the tracked ones.
+    - `align` (elements; Triton: 16 bytes): within each kind, tiles whose rows (flat tiles: bounds)
+      are multiples of it come first, so that they run a variant with 16-byte vector accesses
+      (``flat_groups`` and ``tile_groups`` list the runs: first, count, statistics / column
+      partials, aligned).
+    - Reduction tasks (``tasks``, 5 int64 each: base, count, inner, outer stride, destination
+      row), one per output group: partial j of a task is at base + (j // inner) * outer +
+      j % inner; the kernel adds them in float64 in this order, so results are bitwise
+      reproducible (no atomics). Two levels: a group with more than 2 * `reduce_chunk` partials
+      is cut into chunks of about `reduce_chunk` partials (a multiple of `inner`, so a chunk is
+      again a strided walk), each reduced by a first-level task into a scratch slot; the group's
+      task then adds its chunks' slots. The first ``n_pre_tasks`` tasks are the first level
+      (destination: a row of ``scratch``), launched first; the rest write rows of the stats
+      tensor. Each level is sorted by count, so that tasks reduced together take alike time.
     """
 
     def __init__(self, numels: Sequence[int], geom: Sequence[int], offsets: Sequence[int],
-                 device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None) -> None:
-        flat: list[int] = []
-        tiles2d: list[int] = []
+                 device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None,
+                 reduce_chunk: int = REDUCE_CHUNK, align: int = 1) -> None:
+        flat: list[tuple[int, int, int, int, int]] = []
+        tiles2d: list[tuple[int, ...]] = []
         tasks: list[tuple[int, int, int, int, int]] = []
         scratch = 0
 
@@ -186,8 +203,8 @@ class StatsPlan:
                 n_tiles = -(-numel // flat_tile)
                 first_slot = alloc(n_tiles) if tracked and (cols_at >= 0 or all_at >= 0) else -1
                 for k in range(n_tiles):
-                    flat += (i, k * flat_tile, min(numel, (k + 1) * flat_tile),
-                             first_slot + k if first_slot >= 0 else -1, rows_at if tracked else -1)
+                    flat.append((i, k * flat_tile, min(numel, (k + 1) * flat_tile),
+                                 first_slot + k if first_slot >= 0 else -1, rows_at if tracked else -1))
                 for at_row in (cols_at, all_at):
                     if at_row >= 0:
                         tasks.append((first_slot, n_tiles, 1, 1, at_row))
@@ -201,7 +218,7 @@ class StatsPlan:
             for rb in range(n_rb):
                 for cb in range(n_cb):
                     slot = first_slot + rb * n_cb + cb if first_slot >= 0 else -1
-                    tiles2d += (i, rb, cb, d0, rowlen, row_base, col_base, slot)
+                    tiles2d.append((i, rb, cb, d0, rowlen, row_base, col_base, slot))
             if rows_at >= 0:  # row r: its n_cb partials, stride d0
                 tasks += [(row_base + r, n_cb, 1, d0, rows_at + r) for r in range(d0)]
             if cols_at >= 0:  # column j: rest consecutive partials in each of n_rb row blocks
@@ -209,22 +226,60 @@ class StatsPlan:
             if all_at >= 0:
                 tasks.append((first_slot, n_rb * n_cb, 1, 1, all_at))
 
-        tasks.sort(key=lambda task: -task[1])
-        self.flat = _int64(flat, device)
-        self.n_flat = len(flat) // 5
-        self.tiles2d = _int64(tiles2d, device)
-        self.n_tiles2d = len(tiles2d) // 8
-        self.tasks = _int64([x for task in tasks for x in task], device)
-        self.n_tasks = len(tasks)
+        # Two-level reduction of long tasks: chunks of a multiple of `inner` partials, so chunk k
+        # starts at partial k * size, i.e. at base + (k * size // inner) * outer.
+        pre: list[tuple[int, int, int, int, int]] = []
+        final: list[tuple[int, int, int, int, int]] = []
+        for base, count, inner, outer, row in tasks:
+            if count <= 2 * reduce_chunk:
+                final.append((base, count, inner, outer, row))
+                continue
+            size = inner * -(-reduce_chunk // inner)
+            n_chunks = -(-count // size)
+            first = alloc(n_chunks)
+            for k in range(n_chunks):
+                pre.append((base + (k * size // inner) * outer, min(size, count - k * size), inner, outer, first + k))
+            final.append((first, n_chunks, 1, 1, row))
+        pre.sort(key=lambda task: -task[1])
+        final.sort(key=lambda task: -task[1])
+        # Plain flat tiles first, 2-D tiles with column partials first; within each kind the
+        # tiles whose rows (flat: bounds) are multiples of `align` elements first (stable: tile
+        # order kept otherwise). Each run of alike tiles is one launch (`flat_groups`,
+        # `tile_groups`: first tile, count, statistics / column partials, aligned).
+        flat.sort(key=lambda tile: (tile[3] >= 0 or tile[4] >= 0, (tile[2] - tile[1]) % align != 0))
+        tiles2d.sort(key=lambda tile: (tile[6] < 0, tile[4] % align != 0))
+        self.flat_groups = _groups([(tile[3] >= 0 or tile[4] >= 0, (tile[2] - tile[1]) % align == 0) for tile in flat])
+        self.tile_groups = _groups([(tile[6] >= 0, tile[4] % align == 0) for tile in tiles2d])
+        self.flat = _int64([x for tile in flat for x in tile], device)
+        self.n_flat = len(flat)
+        self.n_flat_plain = sum(1 for tile in flat if tile[3] < 0 and tile[4] < 0)
+        self.tiles2d = _int64([x for tile in tiles2d for x in tile], device)
+        self.n_tiles2d = len(tiles2d)
+        self.n_tiles2d_cols = sum(1 for tile in tiles2d if tile[6] >= 0)
+        self.tasks = _int64([x for task in pre + final for x in task], device)
+        self.n_pre_tasks = len(pre)
+        self.n_tasks = len(pre) + len(final)
         self.scratch = torch.zeros(9 * max(scratch, 1), dtype=torch.float64, device=device)
         self.pointers = PointerTable()
 
 
+def _groups(keys: list[tuple[bool, bool]]) -> list[tuple[int, int, bool, bool]]:
+    """Runs of equal keys: (first, count, *key)."""
+    out: list[tuple[int, int, bool, bool]] = []
+    for i, key in enumerate(keys):
+        if out and (out[-1][2], out[-1][3]) == key:
+            out[-1] = (out[-1][0], out[-1][1] + 1, *key)
+        else:
+            out.append((i, 1, *key))
+    return out
+
+
 def stats_plan(owner: object, numels: tuple[int, ...], geom: tuple[int, ...], offsets: tuple[int, ...],
-               device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None) -> StatsPlan:
+               device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None,
+               reduce_chunk: int = REDUCE_CHUNK, align: int = 1) -> StatsPlan:
     """The StatsPlan of `owner`'s bucket for this layout (see `cached`)."""
-    return cached(owner, ("stats", device, numels, geom, offsets, tile_rows, tile_cols, flat_tile),
-                  lambda: StatsPlan(numels, geom, offsets, device, tile_rows, tile_cols, flat_tile))
+    return cached(owner, ("stats", device, numels, geom, offsets, tile_rows, tile_cols, flat_tile, reduce_chunk, align),
+                  lambda: StatsPlan(numels, geom, offsets, device, tile_rows, tile_cols, flat_tile, reduce_chunk, align))
 
 
 def stats_geometry(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> tuple[int, ...]:

@@ -1,25 +1,31 @@
 """The Triton kernels: the fused step and every track's statistics, in one pass over memory.
 
-Three launches per bucket, whatever the number of tensors (the plan of nm_optim/ops/plan.py,
-shared with csrc/cuda; the launches are in launch.py):
+Launches per bucket, whatever the number of tensors (the plan of nm_optim/ops/plan.py, shared
+with csrc/cuda; the launches are in launch.py):
 
-1. `step_kernel`, one program per flat tile of an untracked tensor, or of a tensor whose rows are
-   single elements (1-D biases, BatchNorm weights): step, and for tracked tiles write the tile's
-   9 partial sums (and, for a "rows" track of such a tensor, each element's own 9 values).
+1. `step_kernel`, one program per flat tile: WITH_STATS=False for the plan's plain tiles
+   (untracked tensors), WITH_STATS=True for the tracked ones (tensors whose rows are single
+   elements, 1-D biases and BatchNorm weights): step, and write the tile's 9 partial sums (and,
+   for a "rows" track of such a tensor, each element's own 9 values).
 2. `stats_kernel`, one program per 2-D tile (TILE_ROWS rows x BLOCK_COLS row elements) of a
-   tensor with a "rows" or "cols" track, viewed as [d0, d1 * rest]: step, then write per-row
-   partials (reduced over the tile's columns), per-column partials (over its rows) and the
-   tile's total into a float64 scratch buffer.
-3. `reduce_kernel`, one program per output group: sums its partials in a fixed order in float64
-   and writes the group's row of `stats`. No atomics: bitwise identical from run to run.
+   tensor with a "rows", "cols" or "all" track, viewed as [d0, d1 * rest]: step, then write
+   per-row partials (reduced over the tile's columns, within a warp), per-column partials
+   (accumulated element-wise in registers, reduced over rows once per tile) and the tile's
+   total into a float64 scratch buffer. COLS=True only for tiles with column partials.
+3. `reduce_kernel`, one program per REDUCE_TASKS output groups: sums their partials in a fixed
+   order in float64 and writes the groups' rows of `stats`; long groups in two levels (chunks
+   into scratch, then the chunks). No atomics: bitwise identical from run to run.
 
 Tensors are reached through a table of raw addresses (param, grad, buffer, is_first per tensor),
-cast to pointers inside the kernels, so nothing recompiles when the tensors change. Loads and
-stores go through integer bit patterns (a bitcast to the float type), which the Triton
-interpreter handles for every dtype: with ``TRITON_INTERPRET=1`` the same kernels run on CPU
-tensors, which is how CI tests them. Hyper-parameters are runtime arguments; only structural
-switches (momentum or not, nesterov, weight decay or not, lr from a tensor) are compile-time.
-Offsets are 64-bit throughout.
+cast to pointers inside the kernels, so nothing recompiles when the tensors change. ALIGNED
+variants (every address of the launch 16-byte aligned, checked by the launch; the tiles' rows or
+bounds multiples of 16 bytes, grouped by the plan) tell the compiler so, and loads and stores
+become 16-byte vector accesses; the others are the same code without the hint. Loads and stores go
+through integer bit patterns (a bitcast to the float type), which the Triton interpreter handles
+for every dtype: with ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how
+CI tests them. Hyper-parameters are runtime arguments; only structural switches (momentum or
+not, nesterov, weight decay or not, lr from a tensor) are compile-time. Offsets are 64-bit
+throughout.
 """
 
 from __future__ import annotations
@@ -31,20 +37,35 @@ import triton.language as tl
 from nm_optim.ops.registry import triton_interpreting
 
 # Flat tiles of the step kernel, and the 2-D tiles of the statistics kernel (rows x columns of
-# the [d0, d1 * rest] view; processed SUB_ROWS rows at a time). Partials written per element:
-# 9 float64 per BLOCK_COLS (row partials) and per TILE_ROWS (column partials), about 0.8 bytes
-# per fp32 element next to the 20 bytes of the step itself.
+# the [d0, d1 * rest] view; processed SUB_ROWS rows at a time, each warp holding whole rows of a
+# sub-block, so that a row's sum stays within a warp). Partials written per element: 9 float64
+# per BLOCK_COLS (row partials) and per TILE_ROWS (column partials), about 1.1 bytes per element
+# with both (read again by the reduction) next to the 20 bytes of an fp32 step with momentum.
 FLAT_TILE = 16384
 FLAT_BLOCK = 1024
-TILE_ROWS = 64
-SUB_ROWS = 8
+TILE_ROWS = 128
 BLOCK_COLS = 128
+# Rows per sub-block, by variant (COLS, ALIGNED): chosen from ptxas's register counts (tools/
+# kernel_resources.py) for 2 blocks of 8 warps per SM without spills (16 rows without column
+# partials: 128 registers and an 8-byte spill). The element-wise (unaligned) layout spreads a row
+# over 4 warps and needs fewer rows.
+SUB_ROWS = {(True, True): 8, (False, True): 8, (True, False): 2, (False, False): 4}
+
+
+def sub_rows(cols: bool, aligned: bool, float64: bool) -> int:
+    """SUB_R of a statistics variant: SUB_ROWS, halved for float64 (twice the registers)."""
+    return SUB_ROWS[cols, aligned] // (2 if float64 else 1)
+
+
+# The reduction: tasks per program, partials per task and iteration (the plan's REDUCE_CHUNK, the
+# size of a first-level chunk, is another thing).
 REDUCE_TASKS = 16
 REDUCE_CHUNK = 4
-# Warps per program. Chosen without a GPU from ptxas's register counts (tools/
-# compile_triton_kernels.py prints them): at 4 warps the step and statistics kernels needed 255
-# registers per thread and the statistics kernel spilled.
+# Warps per program. Chosen without a GPU from ptxas's register counts (tools/kernel_resources.py
+# prints them with the occupancy they allow).
 NUM_WARPS = {"step": 8, "stats": 8, "reduce": 4}
+# Elements per 16 bytes: the vector width of the aligned paths.
+VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8, torch.float64: 2}
 
 BITS = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float64: tl.int64}
 FLOAT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
@@ -62,27 +83,39 @@ def _device_function(fn):
 
 if triton_interpreting():
 
-    def _sum(x, axis):
+    def _sum(x, axis, keep_dims=False):
         # tl.sum is itself a device function (see above); its builtin core is reduce + add.
-        return tl.reduce(x, axis, tl.standard._sum_combine)
+        return tl.reduce(x, axis, tl.standard._sum_combine, keep_dims=keep_dims)
 
 else:
 
     @triton.jit
-    def _sum(x, axis: tl.constexpr):
-        return tl.sum(x, axis=axis)
+    def _sum(x, axis: tl.constexpr, keep_dims: tl.constexpr = False):
+        return tl.sum(x, axis=axis, keep_dims=keep_dims)
 
 
 
 @_device_function
-def _load(base, offs, mask, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr):
+def _pointer(base, BITS: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address `base` as a pointer; ALIGNED: a 16-byte aligned one (the caller checked it at
+    run time), which lets the compiler vectorise the accesses through it. The hint goes on this
+    cast, made on the aligned path only (a hint on `base` itself would mark the op that loaded
+    it, asserting the alignment on the unaligned path too)."""
     ptr = base.to(tl.pointer_type(BITS))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@_device_function
+def _load(base, offs, mask, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = _pointer(base, BITS, ALIGNED)
     return tl.load(ptr + offs, mask=mask, other=0).to(DT, bitcast=True).to(CT)
 
 
 @_device_function
-def _store(base, offs, x, mask, BITS: tl.constexpr, DT: tl.constexpr):
-    ptr = base.to(tl.pointer_type(BITS))
+def _store(base, offs, x, mask, BITS: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = _pointer(base, BITS, ALIGNED)
     if DT == tl.bfloat16:
         # Round to nearest even by hand, as torch does: the interpreter's float32 -> bfloat16
         # cast truncates, and the kernel must give the same bits on the CPU and on the GPU.
@@ -136,35 +169,41 @@ def _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
             tl.full([], one_minus_damp, tl.float64), gmul)
 
 
-@triton.jit
-def step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
-    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
-    gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
-    scratch, out,
-    BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
-    HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, WITH_STATS: tl.constexpr,
-):
-    # tiles[5 * pid:]: tensor, begin, end, tile slot in scratch (-1: none), first output row of
-    # per-element statistics (-1: none).
-    pid = tl.program_id(0).to(tl.int64)
-    if HAS_INF:
-        if tl.load(inf_ptr) != 0:
-            return
-    t = tl.load(tiles + 5 * pid)
-    begin = tl.load(tiles + 5 * pid + 1)
-    end = tl.load(tiles + 5 * pid + 2)
-    p_base = tl.load(ptrs + t)
-    g_base = tl.load(ptrs + n_tensors + t)
-    v_base = tl.load(ptrs + 2 * n_tensors + t)
-    first = tl.load(ptrs + 3 * n_tensors + t)
-    lr, wd, mom, one_minus_damp, gmul = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
-                                                 HAS_LR_PTR, HAS_SCALE, CT)
+@_device_function
+def _store9(base, mask, a, b, c, d, e, f, g, h, i):
+    """Nine float64 values per position: base[9 k + j] for the j-th statistic (mask None: a
+    single position, e.g. a tile's totals)."""
+    tl.store(base + 0, a.to(tl.float64), mask=mask)
+    tl.store(base + 1, b.to(tl.float64), mask=mask)
+    tl.store(base + 2, c.to(tl.float64), mask=mask)
+    tl.store(base + 3, d.to(tl.float64), mask=mask)
+    tl.store(base + 4, e.to(tl.float64), mask=mask)
+    tl.store(base + 5, f.to(tl.float64), mask=mask)
+    tl.store(base + 6, g.to(tl.float64), mask=mask)
+    tl.store(base + 7, h.to(tl.float64), mask=mask)
+    tl.store(base + 8, i.to(tl.float64), mask=mask)
+
+
+@_device_function
+def _aligned(x, n: tl.constexpr):
+    """x rounded down to a multiple of n, so that Triton's alignment analysis knows it is one:
+    where x is already a multiple (checked at run time, see the callers) it is x itself.
+    (tl.multiple_of would mark the op that produced x, asserting it on the unaligned path too.)"""
+    return (x // n) * n
+
+
+@_device_function
+def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratch, out,
+               lr, wd, mom, one_minus_damp, gmul,
+               BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+               HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, WITH_STATS: tl.constexpr,
+               ALIGNED: tl.constexpr):
+    """Steps elements [begin, end) of one tensor, BLOCK at a time; WITH_STATS: also the tile's 9
+    sums (accumulated element-wise in registers, reduced once at the end) into its slot, and,
+    for a "rows" track of a tensor whose rows are single elements, each element's own 9 values."""
     lane = tl.arange(0, BLOCK)
     v_end = tl.where(first == 0, end, begin)
     if WITH_STATS:
-        slot = tl.load(tiles + 5 * pid + 3)
-        elem_row = tl.load(tiles + 5 * pid + 4)
         a_p = tl.zeros([BLOCK], CT)
         a_g = tl.zeros([BLOCK], CT)
         a_v = tl.zeros([BLOCK], CT)
@@ -177,27 +216,18 @@ def step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars,
     for start in range(begin, end, BLOCK):
         offs = start + lane
         mask = offs < end
-        p = _load(p_base, offs, mask, BITS, DT, CT)
-        g = _load(g_base, offs, mask, BITS, DT, CT) * gmul
+        p = _load(p_base, offs, mask, BITS, DT, CT, ALIGNED)
+        g = _load(g_base, offs, mask, BITS, DT, CT, ALIGNED) * gmul
         v = tl.zeros([BLOCK], CT)
         if HAS_MOM:  # a buffer created by this step is not read (it may hold anything)
-            v = _load(v_base, offs, offs < v_end, BITS, DT, CT)
+            v = _load(v_base, offs, offs < v_end, BITS, DT, CT, ALIGNED)
         p_new, v_new = _update(p, g, v, first, lr, wd, mom, one_minus_damp, HAS_WD, HAS_MOM, NESTEROV)
-        _store(p_base, offs, p_new, mask, BITS, DT)
+        _store(p_base, offs, p_new, mask, BITS, DT, ALIGNED)
         if HAS_MOM:
-            _store(v_base, offs, v_new, mask, BITS, DT)
+            _store(v_base, offs, v_new, mask, BITS, DT, ALIGNED)
         if WITH_STATS:
             if elem_row >= 0:  # a "rows" track whose rows are single elements
-                o = out + 9 * (elem_row + offs)
-                tl.store(o + 0, p.to(tl.float64), mask=mask)
-                tl.store(o + 1, g.to(tl.float64), mask=mask)
-                tl.store(o + 2, v.to(tl.float64), mask=mask)
-                tl.store(o + 3, (p * p).to(tl.float64), mask=mask)
-                tl.store(o + 4, (g * g).to(tl.float64), mask=mask)
-                tl.store(o + 5, (v * v).to(tl.float64), mask=mask)
-                tl.store(o + 6, (p * g).to(tl.float64), mask=mask)
-                tl.store(o + 7, (p * v).to(tl.float64), mask=mask)
-                tl.store(o + 8, (g * v).to(tl.float64), mask=mask)
+                _store9(out + 9 * (elem_row + offs), mask, p, g, v, p * p, g * g, v * v, p * g, p * v, g * v)
             a_p += p
             a_g += g
             a_v += v
@@ -214,19 +244,153 @@ def step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars,
                     _sum(a_gv, 0))
 
 
+@triton.jit
+def step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
+    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
+    gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
+    scratch, out,
+    BLOCK: tl.constexpr, VEC: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+    HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, WITH_STATS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    # tiles[5 * pid:]: tensor, begin, end, tile slot in scratch (-1: none), first output row of
+    # per-element statistics (-1: none). WITH_STATS=False runs the plan's plain tiles (untracked
+    # tensors), WITH_STATS=True the tracked ones (the launch offsets `tiles` to them).
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_INF:
+        if tl.load(inf_ptr) != 0:
+            return
+    t = tl.load(tiles + 5 * pid)
+    begin = tl.load(tiles + 5 * pid + 1)
+    end = tl.load(tiles + 5 * pid + 2)
+    slot = tl.load(tiles + 5 * pid + 3)
+    elem_row = tl.load(tiles + 5 * pid + 4)
+    p_base = tl.load(ptrs + t)
+    g_base = tl.load(ptrs + n_tensors + t)
+    v_base = tl.load(ptrs + 2 * n_tensors + t)
+    first = tl.load(ptrs + 3 * n_tensors + t)
+    lr, wd, mom, one_minus_damp, gmul = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
+                                                 HAS_LR_PTR, HAS_SCALE, CT)
+    # ALIGNED (the launch checked the addresses, the plan the tile bounds): VEC elements = 16
+    # bytes, vector loads and stores.
+    if ALIGNED:
+        begin = _aligned(begin, VEC)
+        end = _aligned(end, VEC)
+    _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratch, out,
+               lr, wd, mom, one_minus_damp, gmul,
+               BLOCK, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, WITH_STATS, ALIGNED)
+
+
 @_device_function
-def _store9(base, mask, a, b, c, d, e, f, g, h, i):
-    """Nine float64 values per position: base[9 k + j] for the j-th statistic (mask None: a
-    single position, e.g. a tile's totals)."""
-    tl.store(base + 0, a.to(tl.float64), mask=mask)
-    tl.store(base + 1, b.to(tl.float64), mask=mask)
-    tl.store(base + 2, c.to(tl.float64), mask=mask)
-    tl.store(base + 3, d.to(tl.float64), mask=mask)
-    tl.store(base + 4, e.to(tl.float64), mask=mask)
-    tl.store(base + 5, f.to(tl.float64), mask=mask)
-    tl.store(base + 6, g.to(tl.float64), mask=mask)
-    tl.store(base + 7, h.to(tl.float64), mask=mask)
-    tl.store(base + 8, i.to(tl.float64), mask=mask)
+def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col_base, slot, scratch,
+                lr, wd, mom, one_minus_damp, gmul,
+                TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+                HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, COLS: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """One 2-D tile: rows [rb * TILE_R, +TILE_R) x row elements [cb * BLOCK_C, +BLOCK_C), SUB_R
+    rows at a time. Per sub-block: load, step, store; each row's 9 sums (one reduction along the
+    row: within a warp, each warp holding whole rows) go to the row partials and, in float64, to
+    the tile's running total. COLS: the column terms are accumulated element-wise in 2-D
+    [SUB_R, BLOCK_C] registers and reduced across rows once, at the end of the tile."""
+    # Everything stays 2-D ([SUB_R, 1] per row, [1, BLOCK_C] per column) in the layout of the
+    # tile, so that sums, partial stores and totals never move between layouts (through shared
+    # memory) inside the loop.
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    col_ok = cols < rowlen
+    v_rows = tl.where(first == 0, d0, 0)
+    want_rows = (row_base >= 0) | (slot >= 0)
+    t_p = tl.zeros([SUB_R, 1], tl.float64)
+    t_g = tl.zeros([SUB_R, 1], tl.float64)
+    t_v = tl.zeros([SUB_R, 1], tl.float64)
+    t_pp = tl.zeros([SUB_R, 1], tl.float64)
+    t_gg = tl.zeros([SUB_R, 1], tl.float64)
+    t_vv = tl.zeros([SUB_R, 1], tl.float64)
+    t_pg = tl.zeros([SUB_R, 1], tl.float64)
+    t_pv = tl.zeros([SUB_R, 1], tl.float64)
+    t_gv = tl.zeros([SUB_R, 1], tl.float64)
+    if COLS:
+        c_p = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_g = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_v = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_pp = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_gg = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_vv = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_pg = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_pv = tl.zeros([SUB_R, BLOCK_C], CT)
+        c_gv = tl.zeros([SUB_R, BLOCK_C], CT)
+    r_first = rb * TILE_R
+    n_rows = tl.minimum(d0 - r_first, TILE_R)  # the last row block may be partial: no empty sub-blocks
+    for r0 in range(0, n_rows, SUB_R):
+        rows = r_first + r0 + tl.arange(0, SUB_R)[:, None]
+        row_ok = rows < d0
+        mask = row_ok & col_ok
+        offs = rows * rowlen + cols
+        p = _load(p_base, offs, mask, BITS, DT, CT, ALIGNED)
+        g = _load(g_base, offs, mask, BITS, DT, CT, ALIGNED) * gmul
+        v = tl.zeros([SUB_R, BLOCK_C], CT)
+        if HAS_MOM:  # a buffer created by this step is not read (it may hold anything)
+            v = _load(v_base, offs, (rows < v_rows) & col_ok, BITS, DT, CT, ALIGNED)
+        p_new, v_new = _update(p, g, v, first, lr, wd, mom, one_minus_damp, HAS_WD, HAS_MOM, NESTEROV)
+        _store(p_base, offs, p_new, mask, BITS, DT, ALIGNED)
+        if HAS_MOM:
+            _store(v_base, offs, v_new, mask, BITS, DT, ALIGNED)
+        pp = p * p
+        gg = g * g
+        vv = v * v
+        pg = p * g
+        pv = p * v
+        gv = g * v
+        if COLS:
+            c_p += p
+            c_g += g
+            c_v += v
+            c_pp += pp
+            c_gg += gg
+            c_vv += vv
+            c_pg += pg
+            c_pv += pv
+            c_gv += gv
+        if want_rows:
+            s_p = _sum(p, 1, True)
+            s_g = _sum(g, 1, True)
+            s_v = _sum(v, 1, True)
+            s_pp = _sum(pp, 1, True)
+            s_gg = _sum(gg, 1, True)
+            s_vv = _sum(vv, 1, True)
+            s_pg = _sum(pg, 1, True)
+            s_pv = _sum(pv, 1, True)
+            s_gv = _sum(gv, 1, True)
+            if row_base >= 0:
+                # One [SUB_R, 16] store of each row's 9 consecutive float64 (one re-layout for
+                # the store instead of nine).
+                stat = tl.arange(0, 16)[None, :]
+                x = tl.where(stat == 0, s_p.to(tl.float64), tl.where(stat == 1, s_g.to(tl.float64), tl.where(
+                    stat == 2, s_v.to(tl.float64), tl.where(stat == 3, s_pp.to(tl.float64), tl.where(
+                        stat == 4, s_gg.to(tl.float64), tl.where(stat == 5, s_vv.to(tl.float64), tl.where(
+                            stat == 6, s_pg.to(tl.float64), tl.where(stat == 7, s_pv.to(tl.float64),
+                                                                     s_gv.to(tl.float64)))))))))
+                tl.store(scratch + 9 * (row_base + cb * d0 + rows) + stat, x, mask=row_ok & (stat < 9))
+            t_p += s_p.to(tl.float64)
+            t_g += s_g.to(tl.float64)
+            t_v += s_v.to(tl.float64)
+            t_pp += s_pp.to(tl.float64)
+            t_gg += s_gg.to(tl.float64)
+            t_vv += s_vv.to(tl.float64)
+            t_pg += s_pg.to(tl.float64)
+            t_pv += s_pv.to(tl.float64)
+            t_gv += s_gv.to(tl.float64)
+    if COLS:
+        if col_base >= 0:
+            _store9(scratch + 9 * (col_base + rb * rowlen + cols), col_ok,
+                    _sum(c_p, 0, True), _sum(c_g, 0, True), _sum(c_v, 0, True), _sum(c_pp, 0, True),
+                    _sum(c_gg, 0, True), _sum(c_vv, 0, True), _sum(c_pg, 0, True), _sum(c_pv, 0, True),
+                    _sum(c_gv, 0, True))
+    if slot >= 0:
+        _store9(scratch + 9 * slot, None, _sum(_sum(t_p, 0), 0), _sum(_sum(t_g, 0), 0), _sum(_sum(t_v, 0), 0),
+                _sum(_sum(t_pp, 0), 0), _sum(_sum(t_gg, 0), 0), _sum(_sum(t_vv, 0), 0),
+                _sum(_sum(t_pg, 0), 0), _sum(_sum(t_pv, 0), 0), _sum(_sum(t_gv, 0), 0))
 
 
 @triton.jit
@@ -234,15 +398,17 @@ def stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars
     ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
     gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
     scratch,
-    TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, COLS: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # tiles[8 * pid:]: tensor, row block, column block, d0, row length, row-partials base,
     # column-partials base, tile slot (bases and slot in units of 9 float64; -1: not needed).
     # Row partial of (row r, column block cb): row_base + cb * d0 + r; column partial of
-    # (row block rb, column c): col_base + rb * rowlen + c.
+    # (row block rb, column c): col_base + rb * rowlen + c. COLS=True runs the plan's tiles with
+    # column partials, COLS=False the others (the launch offsets `tiles` to them).
     pid = tl.program_id(0).to(tl.int64)
     if HAS_INF:
         if tl.load(inf_ptr) != 0:
@@ -262,69 +428,23 @@ def stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars
     first = tl.load(ptrs + 3 * n_tensors + t)
     lr, wd, mom, one_minus_damp, gmul = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
                                                  HAS_LR_PTR, HAS_SCALE, CT)
-
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < rowlen
-    v_rows = tl.where(first == 0, d0, 0)
-    c_p = tl.zeros([BLOCK_C], CT)
-    c_g = tl.zeros([BLOCK_C], CT)
-    c_v = tl.zeros([BLOCK_C], CT)
-    c_pp = tl.zeros([BLOCK_C], CT)
-    c_gg = tl.zeros([BLOCK_C], CT)
-    c_vv = tl.zeros([BLOCK_C], CT)
-    c_pg = tl.zeros([BLOCK_C], CT)
-    c_pv = tl.zeros([BLOCK_C], CT)
-    c_gv = tl.zeros([BLOCK_C], CT)
-    for r0 in range(0, TILE_R, SUB_R):
-        rows = rb * TILE_R + r0 + tl.arange(0, SUB_R)
-        row_ok = rows < d0
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * rowlen + cols[None, :]
-        p = _load(p_base, offs, mask, BITS, DT, CT)
-        g = _load(g_base, offs, mask, BITS, DT, CT) * gmul
-        v = tl.zeros([SUB_R, BLOCK_C], CT)
-        if HAS_MOM:  # a buffer created by this step is not read (it may hold anything)
-            v = _load(v_base, offs, (rows < v_rows)[:, None] & col_ok[None, :], BITS, DT, CT)
-        p_new, v_new = _update(p, g, v, first, lr, wd, mom, one_minus_damp, HAS_WD, HAS_MOM, NESTEROV)
-        _store(p_base, offs, p_new, mask, BITS, DT)
-        if HAS_MOM:
-            _store(v_base, offs, v_new, mask, BITS, DT)
-        pp = p * p
-        gg = g * g
-        vv = v * v
-        pg = p * g
-        pv = p * v
-        gv = g * v
-        if row_base >= 0:
-            _store9(scratch + 9 * (row_base + cb * d0 + rows), row_ok,
-                    _sum(p, 1), _sum(g, 1), _sum(v, 1),
-                    _sum(pp, 1), _sum(gg, 1), _sum(vv, 1),
-                    _sum(pg, 1), _sum(pv, 1), _sum(gv, 1))
-        c_p += _sum(p, 0)
-        c_g += _sum(g, 0)
-        c_v += _sum(v, 0)
-        c_pp += _sum(pp, 0)
-        c_gg += _sum(gg, 0)
-        c_vv += _sum(vv, 0)
-        c_pg += _sum(pg, 0)
-        c_pv += _sum(pv, 0)
-        c_gv += _sum(gv, 0)
-    if col_base >= 0:
-        _store9(scratch + 9 * (col_base + rb * rowlen + cols), col_ok,
-                c_p, c_g, c_v, c_pp, c_gg, c_vv, c_pg, c_pv, c_gv)
-    if slot >= 0:
-        _store9(scratch + 9 * slot, None, _sum(c_p, 0), _sum(c_g, 0), _sum(c_v, 0),
-                _sum(c_pp, 0), _sum(c_gg, 0), _sum(c_vv, 0), _sum(c_pg, 0), _sum(c_pv, 0),
-                _sum(c_gv, 0))
+    # ALIGNED (the launch checked the addresses, the plan the row lengths): rows start on 16
+    # bytes, VEC elements, so loads and stores are 16-byte vector accesses.
+    if ALIGNED:
+        rowlen = _aligned(rowlen, VEC)
+    _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col_base, slot, scratch,
+                lr, wd, mom, one_minus_damp, gmul,
+                TILE_R, SUB_R, BLOCK_C, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, COLS, ALIGNED)
 
 
 @triton.jit
 def reduce_kernel(tasks, n_tasks, scratch, out, inf_ptr,
-                   TASKS: tl.constexpr, CHUNK: tl.constexpr, HAS_INF: tl.constexpr):
+                  TASKS: tl.constexpr, CHUNK: tl.constexpr, HAS_INF: tl.constexpr):
     # TASKS tasks per program (the host sorts them by size, so a program's tasks are alike);
-    # tasks[5 * k:]: base, count, inner, outer stride, output row. Partial j of a task is the
-    # 9 float64 at scratch[9 * (base + (j // inner) * outer + j % inner)]; they are summed in
-    # float64 in the same order every run.
+    # tasks[5 * k:]: base, count, inner, outer stride, destination row. Partial j of a task is
+    # the 9 float64 at scratch[9 * (base + (j // inner) * outer + j % inner)]; they are summed
+    # in float64 in the same order every run, into out[9 * row:]. The plan's two levels are two
+    # launches: first-level tasks with out = scratch (chunks of long tasks), then the rest.
     pid = tl.program_id(0).to(tl.int64)
     task = pid * TASKS + tl.arange(0, TASKS).to(tl.int64)
     live = task < n_tasks

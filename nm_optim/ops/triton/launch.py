@@ -1,6 +1,7 @@
 """The "triton" backend: the launches of nm_optim/ops/triton/kernels.py for one bucket, from the
-shared GPU plan (nm_optim/ops/plan.py). Three launches at most, whatever the number of tensors:
-flat tiles, 2-D statistics tiles, reductions."""
+shared GPU plan (nm_optim/ops/plan.py). Ten launches at most, whatever the number of tensors:
+plain and tracked flat tiles, 2-D statistics tiles with and without column partials (each in an
+aligned and an unaligned run), two levels of reductions."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nm_optim.ops import plan as P
 from nm_optim.ops.args import Bucket, StepArgs
 from nm_optim.ops.native import address_table, amp_scalar
 from nm_optim.ops.plan import stats_geometry, stats_plan
@@ -30,8 +32,13 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     offsets = tuple(args.stats_offsets) if with_stats else ()
     geom = stats_geometry([p.shape for p in params], offsets) if with_stats else ()
     owner = owner if owner is not None else params[0]
-    plan = stats_plan(owner, numels, geom, offsets, device, K.TILE_ROWS, K.BLOCK_COLS, flat_tile=K.FLAT_TILE)
-    table = plan.pointers.upload(address_table(params, grads, momentum_buffers, is_first, has_momentum), device)
+    plan = stats_plan(owner, numels, geom, offsets, device, K.TILE_ROWS, K.BLOCK_COLS, flat_tile=K.FLAT_TILE,
+                      reduce_chunk=P.REDUCE_CHUNK, align=K.VEC[dtype])
+    ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
+    table = plan.pointers.upload(ptrs, device)
+    # The vector (ALIGNED) variants need every param, grad and buffer on 16 bytes (torch's
+    # allocations are; a view at an odd offset is not): else every tile runs the plain variant.
+    addresses_aligned = not any(a & 15 for a in ptrs[: 3 * len(params)])
 
     dummy = plan.scratch  # any device tensor, for pointer arguments a variant does not read
     lr_ptr = dummy
@@ -52,21 +59,32 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
         NESTEROV=bool(args.nesterov),
     )
     out = args.stats if with_stats else dummy
+    inf = args.found_inf is not None
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if plan.n_flat:
-            K.step_kernel[(plan.n_flat,)](
-                table, n, plan.flat, *scalars, plan.scratch, out,
-                BLOCK=K.FLAT_BLOCK, WITH_STATS=with_stats, num_warps=K.NUM_WARPS["step"], **flags,
+        # Flat tiles: the plain ones (untracked tensors) without statistics, then the tracked
+        # ones; each kind in runs of tiles with aligned bounds and the others (plan.flat_groups).
+        for first, count, tracked, aligned in plan.flat_groups:
+            K.step_kernel[(count,)](
+                table, n, plan.flat[5 * first :], *scalars, plan.scratch, out,
+                BLOCK=K.FLAT_BLOCK, VEC=K.VEC[dtype], WITH_STATS=tracked and with_stats,
+                ALIGNED=aligned and addresses_aligned, num_warps=K.NUM_WARPS["step"], **flags,
             )
-        if plan.n_tiles2d:
-            K.stats_kernel[(plan.n_tiles2d,)](
-                table, n, plan.tiles2d, *scalars, plan.scratch,
-                TILE_R=K.TILE_ROWS, SUB_R=K.SUB_ROWS, BLOCK_C=K.BLOCK_COLS, num_warps=K.NUM_WARPS["stats"], **flags,
+        # 2-D tiles: those with column partials (COLS), then the others (plan.tile_groups).
+        for first, count, cols, aligned in plan.tile_groups:
+            aligned = aligned and addresses_aligned
+            K.stats_kernel[(count,)](
+                table, n, plan.tiles2d[8 * first :], *scalars, plan.scratch,
+                TILE_R=K.TILE_ROWS, SUB_R=K.sub_rows(cols, aligned, dtype == torch.float64),
+                BLOCK_C=K.BLOCK_COLS, VEC=K.VEC[dtype], COLS=cols, ALIGNED=aligned, num_warps=K.NUM_WARPS["stats"], **flags,
             )
-        if with_stats and plan.n_tasks:
-            K.reduce_kernel[(triton.cdiv(plan.n_tasks, K.REDUCE_TASKS),)](
-                plan.tasks, plan.n_tasks, plan.scratch, args.stats, inf_ptr,
-                TASKS=K.REDUCE_TASKS, CHUNK=K.REDUCE_CHUNK, HAS_INF=args.found_inf is not None,
-                num_warps=K.NUM_WARPS["reduce"],
-            )
+        if with_stats:
+            # Two levels: chunks of long groups into scratch, then every group into the stats.
+            for first, count, dst in ((0, plan.n_pre_tasks, plan.scratch),
+                                      (plan.n_pre_tasks, plan.n_tasks - plan.n_pre_tasks, args.stats)):
+                if count:
+                    K.reduce_kernel[(triton.cdiv(count, K.REDUCE_TASKS),)](
+                        plan.tasks[5 * first :], count, plan.scratch, dst, inf_ptr,
+                        TASKS=K.REDUCE_TASKS, CHUNK=K.REDUCE_CHUNK, HAS_INF=inf,
+                        num_warps=K.NUM_WARPS["reduce"],
+                    )
     torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))
