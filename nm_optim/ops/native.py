@@ -6,8 +6,11 @@ table, the AMP scalars, the learning rate.
 
 from __future__ import annotations
 
+import functools
+import math
 from array import array
 from collections.abc import Sequence
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -28,6 +31,7 @@ CUDA_COUNT_BITS = 32
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
+_shape = attrgetter("shape")
 
 
 def address_table(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -41,6 +45,35 @@ def address_table(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_bu
     else:
         ptrs += [0] * (2 * len(params))
     return ptrs
+
+
+@functools.lru_cache(maxsize=64)
+def _stats_layout(shapes: tuple[torch.Size, ...], offsets: tuple[int, ...], cpu: bool
+                  ) -> tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...]]:
+    """What a tracked bucket's layout gives the kernels, computed once per (shapes, offsets): a
+    per-step Python loop over 1000 tensors costs milliseconds.
+
+    geom: (d0, d1, rest) per tensor (zeros: untracked). On the CPU a tensor with only an "all"
+    track is one row: its sum does not depend on the row structure, and a 1-D tensor would
+    otherwise be reduced as numel rows of one element (1000 such 4096-element tensors: 12 ms
+    per step instead of 3).
+    row_lengths (CPU, when some tensor has a "cols" track): the row length of each tensor with
+    one (0 otherwise): those are cut into tiles of whole rows.
+    flat_numels (CUDA): the element counts of the flat step's tiles: zero for tracked tensors,
+    which the statistics kernel steps."""
+    n = len(shapes)
+    geom = stats_geometry(shapes, offsets)
+    tracked = [max(offsets[3 * i : 3 * i + 3]) >= 0 for i in range(n)]
+    flat_numels = tuple(0 if tracked[i] else math.prod(shapes[i]) for i in range(n))
+    if not cpu:
+        return geom, None, flat_numels
+    geom = tuple(x for i in range(n) for x in (
+        (1, 1, geom[3 * i] * geom[3 * i + 1] * geom[3 * i + 2])
+        if offsets[3 * i] < 0 and offsets[3 * i + 1] < 0 and offsets[3 * i + 2] >= 0 else geom[3 * i : 3 * i + 3]))
+    row_lengths = None
+    if any(o >= 0 for o in offsets[1::3]):
+        row_lengths = tuple(geom[3 * i + 1] * geom[3 * i + 2] if offsets[3 * i + 1] >= 0 else 0 for i in range(n))
+    return geom, row_lengths, flat_numels
 
 
 def amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
@@ -61,23 +94,14 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     owner = owner if owner is not None else params[0]
     with_stats = args.with_stats
     offsets = tuple(args.stats_offsets) if with_stats else ()
-    geom = stats_geometry([p.shape for p in params], offsets) if with_stats else ()
-    if with_stats and device.type == "cpu":
-        # A tensor with only an "all" track is one row to the CPU kernel: its sum does not depend
-        # on the row structure, and a 1-D tensor would otherwise be reduced as numel rows of one
-        # element (1000 such 4096-element tensors: 12 ms per step instead of 3).
-        geom = tuple(x for i in range(len(params)) for x in (
-            (1, 1, geom[3 * i] * geom[3 * i + 1] * geom[3 * i + 2])
-            if offsets[3 * i] < 0 and offsets[3 * i + 1] < 0 and offsets[3 * i + 2] >= 0 else geom[3 * i : 3 * i + 3]))
     numels = numels if numels is not None else tuple(map(_numel, params))
-    row_lengths = None
-    if with_stats and device.type == "cpu" and any(o >= 0 for o in offsets[1::3]):
-        row_lengths = tuple(geom[3 * i + 1] * geom[3 * i + 2] if offsets[3 * i + 1] >= 0 else 0
-                            for i in range(len(params)))
     all_numels = numels
-    if with_stats and device.type == "cuda":
-        # Tracked tensors are stepped by the statistics kernel: none of their flat tiles here.
-        numels = tuple(0 if max(offsets[3 * i : 3 * i + 3]) >= 0 else m for i, m in enumerate(numels))
+    geom: tuple[int, ...] = ()
+    row_lengths = None
+    if with_stats:
+        geom, row_lengths, flat_numels = _stats_layout(tuple(map(_shape, params)), offsets, device.type == "cpu")
+        if device.type == "cuda":
+            numels = flat_numels
     table = tile_table(owner, numels, device, row_lengths)
     if table.n_tiles == 0 and not with_stats:
         return
