@@ -124,7 +124,8 @@ py::dict build_info() {
                   (fused ? ", fused multiply-add" : ", unfused multiply-add");
 #elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   d["cpu_simd"] = std::string(fused ? "fused variant (AVX2, FMA, F16C), chosen at run time"
-                                    : "baseline variant (no FMA), chosen at run time");
+                                    : "baseline variant (no FMA), chosen at run time") +
+                  (sgd_cpu_avx512_cols() ? "; AVX-512 kernel for cols tracks" : "");
 #else
   d["cpu_simd"] = std::string("compiler default") +
                   (fused ? ", fused multiply-add" : ", unfused multiply-add");

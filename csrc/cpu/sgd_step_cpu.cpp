@@ -229,24 +229,33 @@ struct TensorStats {
 // column partials (9 x kStrip floats) stay in L1/L2 (the whole colf of a 25088-wide Linear is
 // 900 KB: walking row by row it lived in L3 and the step took 4x longer). The partials are folded
 // into the float64 column sums every kColFoldRows rows, so none holds more than that many terms.
+// The AVX-512 path (Cols512 below) walks whole rows (kStripWide) instead: it takes two rows at a
+// time, and whole rows streamed in memory order measured faster there than strips (the strip walk
+// restarts the prefetchers at every strip of every row).
 constexpr int64_t kStrip = 2048;
+constexpr int64_t kStripWide = 32768;
 constexpr int kColFoldRows = 8;
 
-// Elements per column strip of a tensor (whole columns), and the distance between the 9 rows of
-// its colf. The padding keeps the 9 rows from sharing their address bits 0..11: with a stride
-// that is a multiple of 4 KiB every colf store aliased the next colf load ("4K aliasing") and
-// the cols path ran at 1 instruction per cycle.
-inline int64_t strip_of(int64_t rest) {
+// Elements per column strip of a tensor (whole columns); colf holds one strip (at most a row:
+// rowlen = d1 * rest elements), and its 9 rows are colf_stride apart. The padding keeps the 9 rows
+// from sharing their address bits 0..11: with a stride that is a multiple of 4 KiB every colf
+// store aliased the next colf load ("4K aliasing") and the cols path ran at 1 instruction per
+// cycle.
+// `wide`: the AVX-512 path's strips (Cols512), else the AVX2 path's.
+inline int64_t strip_of(int64_t rest, bool wide) {
   rest = std::max<int64_t>(rest, 1);  // rest == 0: an empty tensor (no tiles), any strip will do
-  return (kStrip + rest - 1) / rest * rest;
+  const int64_t strip = wide ? kStripWide : kStrip;
+  return (strip + rest - 1) / rest * rest;
 }
-inline int64_t colf_stride(int64_t rest) { return strip_of(rest) + 24; }
+inline int64_t colf_stride(int64_t d1, int64_t rest, bool wide) {
+  return std::min(strip_of(rest, wide), std::max<int64_t>(d1 * rest, 1)) + 24;
+}
 
 // Adds the strip's column partials (columns [j0, j1), first column j0) to the float64 sums.
 template <typename C>
 void fold_cols(const TensorStats& ts, int64_t j0, int64_t j1) {
   C* colf = static_cast<C*>(ts.colf);
-  const int64_t stride = colf_stride(ts.rest);
+  const int64_t stride = colf_stride(ts.d1, ts.rest, false);
   const int64_t n = (j1 - j0) * ts.rest;
   for (int k = 0; k < kNumStats; ++k) {
     C* __restrict src = colf + k * stride;
@@ -297,7 +306,7 @@ struct StatsTile {
     // cols: the tile is whole rows [r0, r1).
     C* colf = static_cast<C*>(ts.colf);
     const int64_t r0 = begin / rowlen, r1 = end / rowlen;
-    const int64_t strip = strip_of(ts.rest), stride = colf_stride(ts.rest);
+    const int64_t strip = strip_of(ts.rest, false), stride = colf_stride(ts.d1, ts.rest, false);
     for (int64_t c0 = 0; c0 < rowlen; c0 += strip) {
       const int64_t c1 = std::min(rowlen, c0 + strip);
       int rows_in = 0;
@@ -314,6 +323,311 @@ struct StatsTile {
     }
   }
 };
+
+// ---- The cols path on AVX-512 (issue 13) -------------------------------------------------------
+//
+// With a cols track every element adds its 9 terms to its column's partials (colf): in the
+// AVX2 kernel above that is 9 loads and 9 stores per 8 elements and row, more stores than the
+// step's own, and a fold into float64 every kColFoldRows rows. This variant takes two rows at a
+// time in 64-byte vectors (16 floats / 8 doubles) and whole rows in memory order (kStripWide):
+// the two rows' terms of a column are added to its partial in one read-modify-write (one store
+// per two rows), and the 9 statistics are done in two passes over a chunk of kFlushBlocks
+// vectors (p, g, pp, gg, pg; then v, vv, pv, gv and the update, which reads the chunk again from
+// L1), so that each pass's row sums (2 rows x 5 or 4) and inputs fit in the 32 vector registers
+// (all 9 in one pass spilled them). Products go to their sums as fmas for some statistics
+// (kFmaStats). The partials fold into float64 every kColFold512Rows rows (a float partial holds
+// at most 16 terms, the bound kFlushBlocks sets for the row lanes).
+//
+// Measured bound (Zen 4, one thread, data in L1): ~1.8 cycles per element for the step with rows
+// and cols statistics, vs ~1.3 with rows only and ~0.3 without statistics; that is FP work (about
+// 49 512-bit operations per 32 elements) more than memory.
+//
+// The update is the same per-element op sequence (sgd_update_cpu with FUSED = true: one fma per
+// multiply-add, as torch's AVX2 and AVX512 kernels), so only the vector width differs: the bits
+// are those of the fused AVX2 variant. Compiled for float and double storage only (fp16 / bf16
+// keep the AVX2 path), and only in the two-variant build; picked at run time where the CPU has
+// AVX-512 F/VL/DQ/BW and the fused variant runs.
+#if NM_TWO_VARIANTS
+#define NM_AVX512_TARGET \
+  __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")))
+
+bool use_avx512_cols() {
+  static const bool ok = [] {
+    if (!use_fused_variant()) return false;
+    const char* env = std::getenv("NM_OPTIM_NO_AVX512");  // escape hatch, and for A/B timing
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  }();
+  return ok;
+}
+
+constexpr int kColFold512Rows = 16;
+constexpr int kColRows = 2;  // rows per block: 2 x 9 row sums in registers
+// The product statistics (bit K: Stat K) that go to their row sum and column partial as two fmas
+// (x * y + acc); the others as one multiply and two adds. The mix balances the FMA and the add
+// pipes: all fmas or none measured 5-25% slower on Zen 4.
+constexpr unsigned kFmaStats = (1u << kPP) | (1u << kPG) | (1u << kPV);
+
+template <typename C>
+struct Vec64 {
+  typedef C type __attribute__((vector_size(64)));
+  typedef C unaligned __attribute__((vector_size(64), aligned(alignof(C)), may_alias));
+  static constexpr int N = 64 / sizeof(C);
+};
+
+// Row sums of one row in a thread's stack: float64 vectors (lane l of vector h holds the lanes
+// h * 8 + l of the compute-type lanes), reduced in a fixed order at the end of the segment.
+template <typename C>
+struct RowLanes {
+  static constexpr int N = Vec64<C>::N;
+  static constexpr int H = N / 8;  // float64 vectors per compute vector: 2 (float), 1 (double)
+  typedef double D __attribute__((vector_size(64)));
+  D d[kNumStats][H];
+};
+
+template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
+struct Cols512 {
+  using V = typename Vec64<C>::type;
+  using U = typename Vec64<C>::unaligned;
+  using D = typename RowLanes<C>::D;
+  static constexpr int N = Vec64<C>::N;
+  static constexpr int H = RowLanes<C>::H;
+
+  static inline __attribute__((always_inline)) V ld(const C* x) { return *reinterpret_cast<const U*>(x); }
+  static inline __attribute__((always_inline)) void st(C* x, V y) { *reinterpret_cast<U*>(x) = y; }
+
+  // lane (compute type) -> the float64 row lanes, then zeroed.
+  static inline __attribute__((always_inline)) void flush(V (&lane)[kNumStats], RowLanes<C>& out) {
+    for (int k = 0; k < kNumStats; ++k) {
+      if constexpr (H == 2) {
+        typedef float F8 __attribute__((vector_size(32)));
+        const F8 lo = __builtin_shufflevector(lane[k], lane[k], 0, 1, 2, 3, 4, 5, 6, 7);
+        const F8 hi = __builtin_shufflevector(lane[k], lane[k], 8, 9, 10, 11, 12, 13, 14, 15);
+        out.d[k][0] += __builtin_convertvector(lo, D);
+        out.d[k][1] += __builtin_convertvector(hi, D);
+      } else {
+        out.d[k][0] += lane[k];
+      }
+      lane[k] = V{};
+    }
+  }
+
+  static inline __attribute__((always_inline)) void finish(const RowLanes<C>& rl, double* acc) {
+    for (int k = 0; k < kNumStats; ++k) {
+      double sum = 0.0;  // fixed order
+      for (int h = 0; h < H; ++h)
+        for (int l = 0; l < 8; ++l) sum += rl.d[k][h][l];
+      acc[k] += sum;
+    }
+  }
+
+  // One element (the segment's scalar tail): its terms to acc (float64) and colf.
+  static inline __attribute__((always_inline)) void one(C* p, const C* g, C* v, const StepScalars<C>& s,
+                                                        double* acc, C* colf, int64_t stride) {
+    C pi = *p;
+    const C gi = *g * s.gmul;
+    C vi = (MOM && !FIRST) ? *v : C(0);
+    const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
+    for (int k = 0; k < kNumStats; ++k) {
+      acc[k] += static_cast<double>(t[k]);
+      colf[k * stride] += t[k];
+    }
+    sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+    *p = pi;
+    if (MOM) *v = vi;
+  }
+
+  // Statistic K of ROWS rows: each row's term to its row sum acc[q][j], all rows' to the column
+  // partials at colf (one load and one store).
+  template <int K, int ROWS, int KK>
+  static inline __attribute__((always_inline)) void add_term(const V (&pr)[ROWS], const V (&gr)[ROWS],
+                                                             const V (&vr)[ROWS], V (&acc)[ROWS][KK], int j,
+                                                             C* colf) {
+    V col = ld(colf);
+#pragma GCC unroll 4
+    for (int q = 0; q < ROWS; ++q) {
+      if constexpr (K == kP || K == kG || K == kV) {
+        const V x = K == kP ? pr[q] : K == kG ? gr[q] : vr[q];
+        acc[q][j] += x;
+        col += x;
+      } else {
+        const V x = (K == kPP || K == kPG || K == kPV) ? pr[q] : (K == kGG || K == kGV) ? gr[q] : vr[q];
+        const V y = K == kPP ? pr[q] : (K == kGG || K == kPG) ? gr[q] : vr[q];
+        if constexpr (((kFmaStats >> K) & 1) != 0) {
+          acc[q][j] = vfma(x, y, acc[q][j]);
+          col = vfma(x, y, col);
+        } else {
+          const V t = x * y;
+          acc[q][j] += t;
+          col += t;
+        }
+      }
+    }
+    st(colf, col);
+  }
+
+  static inline __attribute__((always_inline)) V vfma(V a, V b, V c) {
+    V r;
+    for (int l = 0; l < N; ++l) r[l] = fused_madd(a[l], b[l], c[l]);
+    return r;
+  }
+
+  // One pass over `nv` vectors of ROWS rows (row q at p + q * rowlen) for the statistics Ks...:
+  // row sums in lane[q][j] (j: position of K in Ks), column terms (all rows' added first) to
+  // colf. UPDATE: also steps the elements (the last pass: the others read the pre-step values).
+  // A pass holds |Ks| x ROWS sums and the rows' inputs in registers; two passes per chunk instead
+  // of one keep all of them in the 32 vector registers (one pass for all 9 statistics spilled
+  // them: stores, the bottleneck here).
+  template <int ROWS, bool UPDATE, int... Ks>
+  static inline __attribute__((always_inline)) void pass(C* __restrict p, const C* __restrict g, C* __restrict v,
+                                                         int64_t rowlen, int64_t nv, const StepScalars<C>& s,
+                                                         V (&lane)[ROWS][kNumStats], C* __restrict colf,
+                                                         int64_t stride) {
+    constexpr int kK = sizeof...(Ks);
+    constexpr int ks[kK] = {Ks...};
+    constexpr bool kNeedV = UPDATE || ((Ks == kV || Ks == kVV || Ks == kPV || Ks == kGV) || ...);
+    V acc[ROWS][kK] = {};
+    for (int64_t i = 0; i < nv * N; i += N) {
+      V pr[ROWS], gr[ROWS], vr[ROWS];
+#pragma GCC unroll 4
+      for (int q = 0; q < ROWS; ++q) {
+        pr[q] = ld(p + q * rowlen + i);
+        gr[q] = ld(g + q * rowlen + i) * s.gmul;
+        vr[q] = V{};
+        if (MOM && !FIRST && kNeedV) vr[q] = ld(v + q * rowlen + i);
+      }
+      // Each term goes to its row's sum and its column's partial, a product x * y as one fma
+      // into each (x * y + acc): two vector operations per term and row, the fewest.
+      int j = 0;
+      ((add_term<Ks>(pr, gr, vr, acc, j, colf + Ks * stride + i), ++j), ...);
+      if constexpr (UPDATE) {
+#pragma GCC unroll 4
+        for (int q = 0; q < ROWS; ++q) {
+          sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pr[q], gr[q], vr[q], s);
+          st(p + q * rowlen + i, pr[q]);
+          if (MOM) st(v + q * rowlen + i, vr[q]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < ROWS; ++q)
+#pragma GCC unroll 9
+      for (int jj = 0; jj < kK; ++jj) lane[q][ks[jj]] = acc[q][jj];
+  }
+
+  // Elements [0, n) of ROWS rows (row q at p + q * rowlen): acc[q * 9 + k] gets row q's sums,
+  // colf[k * stride + i] the column terms of all rows. Chunks of kFlushBlocks vectors: each
+  // chunk's sums go to float64 lanes (a float partial holds at most kFlushBlocks terms).
+  template <int ROWS>
+  static inline __attribute__((always_inline)) void seg(C* __restrict p, const C* __restrict g, C* __restrict v,
+                                                        int64_t rowlen, int64_t n, const StepScalars<C>& s,
+                                                        double* acc, C* __restrict colf, int64_t stride) {
+    RowLanes<C> rl[ROWS] = {};
+    int64_t i = 0;
+    for (; i + N <= n;) {
+      const int64_t nv = std::min<int64_t>(kFlushBlocks, (n - i) / N);
+      V lane[ROWS][kNumStats];
+      C* vi = MOM ? v + i : nullptr;
+      pass<ROWS, false, kP, kG, kPP, kGG, kPG>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+      pass<ROWS, true, kV, kVV, kPV, kGV>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+#pragma GCC unroll 4
+      for (int q = 0; q < ROWS; ++q) flush(lane[q], rl[q]);
+      i += nv * N;
+    }
+    for (int q = 0; q < ROWS; ++q) finish(rl[q], acc + q * kNumStats);
+    for (; i < n; ++i) {
+      for (int q = 0; q < ROWS; ++q)
+        one(p + q * rowlen + i, g + q * rowlen + i, MOM ? v + q * rowlen + i : nullptr, s,
+            acc + q * kNumStats, colf + i, stride);
+    }
+  }
+
+  // colf (columns [j0, j1) of the strip) -> the float64 column sums, zeroed.
+  static inline __attribute__((always_inline)) void fold(const TensorStats& ts, C* colf, int64_t stride,
+                                                         int64_t j0, int64_t j1) {
+    const int64_t n = (j1 - j0) * ts.rest;
+    for (int k = 0; k < kNumStats; ++k) {
+      C* __restrict src = colf + k * stride;
+      double* __restrict dst = ts.cols + k * ts.d1 + j0;
+      if (ts.rest == 1) {
+        for (int64_t j = 0; j < n; ++j) dst[j] += static_cast<double>(src[j]);
+      } else {
+        for (int64_t j = 0; j < j1 - j0; ++j) {
+          double sum = 0.0;
+          for (int64_t e = 0; e < ts.rest; ++e) sum += static_cast<double>(src[j * ts.rest + e]);
+          dst[j] += sum;
+        }
+      }
+      std::fill(src, src + n, C(0));
+    }
+  }
+
+  // A cols-tracked tile: whole rows [begin / rowlen, end / rowlen), strip by strip, two rows at a
+  // time.
+  static inline __attribute__((always_inline)) void run(C* p, const C* g, C* v, int64_t begin, int64_t end, const TensorStats& ts,
+                  const StepScalars<C>& s) {
+    C* colf = static_cast<C*>(ts.colf);
+    const int64_t rowlen = ts.d1 * ts.rest;
+    const int64_t r0 = begin / rowlen, r1 = end / rowlen;
+    const int64_t strip = strip_of(ts.rest, true), stride = colf_stride(ts.d1, ts.rest, true);
+    double row_acc[kNumStats * kColRows];
+    for (int64_t c0 = 0; c0 < rowlen; c0 += strip) {
+      const int64_t c1 = std::min(rowlen, c0 + strip);
+      int rows_in = 0;
+      for (int64_t r = r0; r < r1;) {
+        const int rows = r + kColRows <= r1 && rows_in + kColRows <= kColFold512Rows ? kColRows : 1;
+        const int64_t at = r * rowlen + c0;
+        std::fill_n(row_acc, kNumStats * kColRows, 0.0);
+        if (rows == kColRows) {
+          seg<kColRows>(p + at, g + at, MOM ? v + at : nullptr, rowlen, c1 - c0, s, row_acc, colf, stride);
+        } else {
+          seg<1>(p + at, g + at, MOM ? v + at : nullptr, rowlen, c1 - c0, s, row_acc, colf, stride);
+        }
+        for (int q = 0; q < rows; ++q) {
+          const double* seg_sums = row_acc + q * kNumStats;
+          if (ts.rows != nullptr) {
+            for (int k = 0; k < kNumStats; ++k) ts.rows[k * ts.d0 + r + q] += seg_sums[k];
+          }
+          if (ts.all != nullptr) {
+            for (int k = 0; k < kNumStats; ++k) ts.all[k] += seg_sums[k];
+          }
+        }
+        r += rows;
+        rows_in += rows;
+        if (rows_in == kColFold512Rows || r == r1) {
+          fold(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
+          rows_in = 0;
+        }
+      }
+    }
+  }
+};
+
+template <typename C, bool HAS_WD>
+inline __attribute__((always_inline)) void cols512_wd(const StepFlags& f, bool first, C* p, const C* g,
+                                                      C* v, int64_t begin, int64_t end,
+                                                      const TensorStats& ts, const StepScalars<C>& s) {
+  if (!f.momentum) return Cols512<C, HAS_WD, false, false, false>::run(p, g, v, begin, end, ts, s);
+  if (first) {
+    if (f.nesterov) return Cols512<C, HAS_WD, true, true, true>::run(p, g, v, begin, end, ts, s);
+    return Cols512<C, HAS_WD, true, true, false>::run(p, g, v, begin, end, ts, s);
+  }
+  if (f.nesterov) return Cols512<C, HAS_WD, true, false, true>::run(p, g, v, begin, end, ts, s);
+  return Cols512<C, HAS_WD, true, false, false>::run(p, g, v, begin, end, ts, s);
+}
+
+#define NM_DEFINE_COLS512(T, NAME)                                                                 \
+  NM_AVX512_TARGET void cols512_tile(T* p, const T* g, T* v, int64_t begin, int64_t end,         \
+                                       bool first, const StepFlags& f, const TensorStats& ts,      \
+                                       const ScalarsOf<T>& s) {                                    \
+    if (f.has_wd) return cols512_wd<T, true>(f, first, p, g, v, begin, end, ts, s);                \
+    return cols512_wd<T, false>(f, first, p, g, v, begin, end, ts, s);                             \
+  }
+NM_DEFINE_COLS512(float, f32)
+NM_DEFINE_COLS512(double, f64)
+#undef NM_DEFINE_COLS512
+#endif  // NM_TWO_VARIANTS
 
 // Picks the template instance for the runtime flags.
 template <typename T, template <typename, bool, bool, bool, bool, bool> class Op, bool FUSED, bool HAS_WD,
@@ -396,7 +710,8 @@ struct Partials {
   std::vector<double> sums;    // [threads * slab]
   std::vector<char> colf_mem;  // [threads * scratch]
 
-  void layout(const BucketView& b, const StatsView& st, int threads, size_t compute_size) {
+  // wide: the tensors' cols tiles run Cols512 (its colf is one row, not one strip).
+  void layout(const BucketView& b, const StatsView& st, int threads, size_t compute_size, bool wide) {
     const int64_t n = b.n_tensors;
     local.assign(3 * n, -1);
     colf.assign(n, -1);
@@ -409,7 +724,7 @@ struct Partials {
       }
       if (st.offsets[3 * i + 1] >= 0) {
         colf[i] = scratch;
-        const int64_t bytes = kNumStats * colf_stride(st.geom[3 * i + 2]) * compute_size;
+        const int64_t bytes = kNumStats * colf_stride(st.geom[3 * i + 1], st.geom[3 * i + 2], wide) * compute_size;
         scratch += (bytes + 63) / 64 * 64;
       }
     }
@@ -460,7 +775,11 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
   thread_local Partials tls_partials;
   Partials& partials = tls_partials;
   const bool with_stats = st.out != nullptr;
-  if (with_stats) partials.layout(b, st, threads, sizeof(C));
+  bool wide = false;  // the cols tiles run Cols512
+#if NM_TWO_VARIANTS
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) wide = use_avx512_cols();
+#endif
+  if (with_stats) partials.layout(b, st, threads, sizeof(C), wide);
 
   auto step_tile = [&](int64_t k, int tid) {
     const int64_t t = b.tiles[3 * k];
@@ -471,7 +790,13 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
     T* v = f.momentum ? reinterpret_cast<T*>(buf[t]) : nullptr;
     const bool first = is_first[t] != 0;
     if (with_stats && (st.offsets[3 * t] >= 0 || st.offsets[3 * t + 1] >= 0 || st.offsets[3 * t + 2] >= 0)) {
-      stats_tile(p, g, v, begin, end, first, f, partials.view(st, t, tid), s);
+      const TensorStats ts = partials.view(st, t, tid);
+#if NM_TWO_VARIANTS
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        if (ts.colf != nullptr && wide) return cols512_tile(p, g, v, begin, end, first, f, ts, s);
+      }
+#endif
+      stats_tile(p, g, v, begin, end, first, f, ts, s);
     } else {
       plain_tile(p + begin, g + begin, v != nullptr ? v + begin : nullptr, end - begin, first, f, s);
     }
@@ -520,6 +845,14 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
 }  // namespace
 
 bool sgd_cpu_fused_variant() { return use_fused_variant(); }
+
+bool sgd_cpu_avx512_cols() {
+#if NM_TWO_VARIANTS
+  return use_avx512_cols();
+#else
+  return false;
+#endif
+}
 
 void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper, const AmpView& amp,
                   const StatsView& stats, int num_threads) {
