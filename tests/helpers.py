@@ -193,3 +193,16 @@ def op_args(device, backend, momentum, first, n=3, dtype=torch.float32, lr_tenso
     is_first = [first] * len(shapes) if momentum else []
     lr_t = torch.tensor(0.05, device=device) if lr_tensor else None
     return (params, grads, bufs, is_first, 0.1, lr_t, 0.01, momentum, 0.0, False, False, None, None, backend)
+
+
+def run_in_child(code: str, **env: str) -> None:
+    """Run `code` in a fresh interpreter with tests/ importable and `env` added to the environment
+    (for settings read once per process, such as ATEN_CPU_CAPABILITY); it must print "ok"."""
+    import os
+    import subprocess
+    import sys
+
+    prelude = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+    r = subprocess.run([sys.executable, "-c", prelude + code], env=dict(os.environ, **env), capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

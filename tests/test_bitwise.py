@@ -15,13 +15,10 @@ csrc/sgd_math.h explains which torch operations each backend mirrors.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from helpers import run_in_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -315,7 +312,6 @@ def test_baseline_variant_follows_torch_default_capability():
     the CPU kernel then runs its baseline variant, which does the same. Run in a child process,
     since both read the variable once."""
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
         "import torch, test_bitwise as t\n"
         "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
         "import nm_optim; assert nm_optim.build_info()['cpu_simd'].startswith('baseline')\n"
@@ -327,11 +323,9 @@ def test_baseline_variant_follows_torch_default_capability():
         "        t.run_side_by_side(shapes, dt, g, lr_kind, 3, 'cpu', none_prob=0.1, sched='exp')\n"
         "    t.tracked_vs_plain([(37, 5), (130, 9), (2049,)], dt, g[0], 2, 'cpu', 1, 2)\n"
         "t.check_low_precision([(1001,), (33,)], torch.float16, g[0], 'float', 2, 'cpu', 3)\n"
-        "print('ok')\n" % os.path.dirname(__file__)
+        "print('ok')\n"
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_in_child(code, ATEN_CPU_CAPABILITY="default")
 
 
 # -- Triton: torch's fused CUDA expression ------------------------------------------------------

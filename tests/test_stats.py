@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SHAPES, axes_for, device_backends, run_and_check, run_in_child
 
 import nm_optim
-from helpers import device_backends
-from helpers import SHAPES, axes_for, run_and_check
+
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize(
@@ -110,12 +110,7 @@ def test_the_avx2_cols_kernel_where_avx512_is_off():
     which); CPUs without it run the AVX2 kernel, kept covered here by switching the AVX-512 one off
     (NM_OPTIM_NO_AVX512=1, read once: a child process). Statistics within 1e-6 of float64 and the
     update bitwise the one without tracks, float32 and float64."""
-    import os
-    import subprocess
-    import sys
-
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
         "import torch, nm_optim, helpers, test_bitwise as tb\n"
         "assert 'AVX-512' not in nm_optim.build_info()['cpu_simd']\n"
         "for dt in (torch.float32, torch.float64):\n"
@@ -126,8 +121,6 @@ def test_the_avx2_cols_kernel_where_avx512_is_off():
         "    helpers.run_and_check(params, opt, tracks, 3)\n"
         "    tb.tracked_vs_plain([(37, 5), (130, 9), (5, 3, 3, 3), (2049,)], dt, dict(lr=0.1, momentum=0.9), 2,\n"
         "                        'cpu', 1, 2)\n"
-        "print('ok')\n" % os.path.dirname(__file__)
+        "print('ok')\n"
     )
-    env = dict(os.environ, NM_OPTIM_NO_AVX512="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_in_child(code, NM_OPTIM_NO_AVX512="1")

@@ -252,10 +252,10 @@ inline int64_t colf_stride(int64_t d1, int64_t rest, bool wide) {
 }
 
 // Adds the strip's column partials (columns [j0, j1), first column j0) to the float64 sums.
+// `colf` holds the strip's partials, its 9 rows `stride` apart (colf_stride); both cols kernels
+// fold through here (it runs once per kColFoldRows / kColFold512Rows rows, off the hot loop).
 template <typename C>
-void fold_cols(const TensorStats& ts, int64_t j0, int64_t j1) {
-  C* colf = static_cast<C*>(ts.colf);
-  const int64_t stride = colf_stride(ts.d1, ts.rest, false);
+void fold_cols(const TensorStats& ts, C* colf, int64_t stride, int64_t j0, int64_t j1) {
   const int64_t n = (j1 - j0) * ts.rest;
   for (int k = 0; k < kNumStats; ++k) {
     C* __restrict src = colf + k * stride;
@@ -316,7 +316,7 @@ struct StatsTile {
         PerCol::run(p + at, g + at, v != nullptr ? v + at : nullptr, c1 - c0, s, seg, colf, stride);
         add_row(r, seg);
         if (++rows_in == kColFoldRows || r + 1 == r1) {
-          fold_cols<C>(ts, c0 / ts.rest, c1 / ts.rest);
+          fold_cols<C>(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
           rows_in = 0;
         }
       }
@@ -543,26 +543,6 @@ struct Cols512 {
     }
   }
 
-  // colf (columns [j0, j1) of the strip) -> the float64 column sums, zeroed.
-  static inline __attribute__((always_inline)) void fold(const TensorStats& ts, C* colf, int64_t stride,
-                                                         int64_t j0, int64_t j1) {
-    const int64_t n = (j1 - j0) * ts.rest;
-    for (int k = 0; k < kNumStats; ++k) {
-      C* __restrict src = colf + k * stride;
-      double* __restrict dst = ts.cols + k * ts.d1 + j0;
-      if (ts.rest == 1) {
-        for (int64_t j = 0; j < n; ++j) dst[j] += static_cast<double>(src[j]);
-      } else {
-        for (int64_t j = 0; j < j1 - j0; ++j) {
-          double sum = 0.0;
-          for (int64_t e = 0; e < ts.rest; ++e) sum += static_cast<double>(src[j * ts.rest + e]);
-          dst[j] += sum;
-        }
-      }
-      std::fill(src, src + n, C(0));
-    }
-  }
-
   // A cols-tracked tile: whole rows [begin / rowlen, end / rowlen), strip by strip, two rows at a
   // time.
   static inline __attribute__((always_inline)) void run(C* p, const C* g, C* v, int64_t begin, int64_t end, const TensorStats& ts,
@@ -596,7 +576,7 @@ struct Cols512 {
         r += rows;
         rows_in += rows;
         if (rows_in == kColFold512Rows || r == r1) {
-          fold(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
+          fold_cols<C>(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
           rows_in = 0;
         }
       }
