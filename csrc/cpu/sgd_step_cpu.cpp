@@ -254,8 +254,10 @@ inline int64_t colf_stride(int64_t d1, int64_t rest, bool wide) {
 // Adds the strip's column partials (columns [j0, j1), first column j0) to the float64 sums.
 // `colf` holds the strip's partials, its 9 rows `stride` apart (colf_stride); both cols kernels
 // fold through here (it runs once per kColFoldRows / kColFold512Rows rows, off the hot loop).
+// (always_inline: compiled with each kernel's instruction set.)
 template <typename C>
-void fold_cols(const TensorStats& ts, C* colf, int64_t stride, int64_t j0, int64_t j1) {
+inline __attribute__((always_inline)) void fold_cols(const TensorStats& ts, C* colf, int64_t stride, int64_t j0,
+                                                     int64_t j1) {
   const int64_t n = (j1 - j0) * ts.rest;
   for (int k = 0; k < kNumStats; ++k) {
     C* __restrict src = colf + k * stride;
@@ -335,8 +337,7 @@ struct StatsTile {
 // vectors (p, g, pp, gg, pg; then v, vv, pv, gv and the update, which reads the chunk again from
 // L1), so that each pass's row sums (2 rows x 5 or 4) and inputs fit in the 32 vector registers
 // (all 9 in one pass spilled them). Products go to their sums as fmas for some statistics
-// (kFmaStats). The partials fold into float64 every kColFold512Rows rows (a float partial holds
-// at most 16 terms, the bound kFlushBlocks sets for the row lanes).
+// (kFmaStats). The partials fold into float64 every kColFold512Rows rows (see there).
 //
 // Measured bound (Zen 4, one thread, data in L1): ~1.8 cycles per element for the step with rows
 // and cols statistics, vs ~1.3 with rows only and ~0.3 without statistics; that is FP work (about
@@ -362,7 +363,13 @@ bool use_avx512_cols() {
   return ok;
 }
 
-constexpr int kColFold512Rows = 16;
+// Rows between folds of the column partials into float64. A float partial is then a chain of at
+// most 15 row-pair sums, so each term is rounded at most 16 times before the fold (its product,
+// the pair's sum, 14 more additions; the first addition to a zeroed partial is exact): relative
+// error at most 16 u = 9.5e-7 of the summed magnitudes (u = 2^-24), as the row lanes'
+// kFlushBlocks = 16 terms. Folding every 30 rows instead of 16 halves the fold's traffic (9
+// float64 sums per column, 1.8 MB per thread for VGG-16's fc1, read and written per fold).
+constexpr int kColFold512Rows = 30;
 constexpr int kColRows = 2;  // rows per block: 2 x 9 row sums in registers
 // The product statistics (bit K: Stat K) that go to their row sum and column partial as two fmas
 // (x * y + acc); the others as one multiply and two adds. The mix balances the FMA and the add
@@ -422,49 +429,60 @@ struct Cols512 {
     }
   }
 
-  // One element (the segment's scalar tail): its terms to acc (float64) and colf.
-  static inline __attribute__((always_inline)) void one(C* p, const C* g, C* v, const StepScalars<C>& s,
-                                                        double* acc, C* colf, int64_t stride) {
-    C pi = *p;
-    const C gi = *g * s.gmul;
-    C vi = (MOM && !FIRST) ? *v : C(0);
-    const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
-    for (int k = 0; k < kNumStats; ++k) {
-      acc[k] += static_cast<double>(t[k]);
-      colf[k * stride] += t[k];
+  // One element of ROWS rows (the segment's scalar tail; row q at p + q * rowlen): each row's
+  // terms to its sums acc[q * 9 + k] (float64), the rows' sum of each term to colf (as the
+  // vectors: the rows summed first).
+  template <int ROWS>
+  static inline __attribute__((always_inline)) void one(C* p, const C* g, C* v, int64_t rowlen,
+                                                        const StepScalars<C>& s, double* acc, C* colf,
+                                                        int64_t stride) {
+    C blk[kNumStats];
+    for (int q = 0; q < ROWS; ++q) {
+      C pi = p[q * rowlen];
+      const C gi = g[q * rowlen] * s.gmul;
+      C vi = (MOM && !FIRST) ? v[q * rowlen] : C(0);
+      const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
+      for (int k = 0; k < kNumStats; ++k) {
+        acc[q * kNumStats + k] += static_cast<double>(t[k]);
+        blk[k] = q == 0 ? t[k] : blk[k] + t[k];
+      }
+      sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+      p[q * rowlen] = pi;
+      if (MOM) v[q * rowlen] = vi;
     }
-    sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
-    *p = pi;
-    if (MOM) *v = vi;
+    for (int k = 0; k < kNumStats; ++k) colf[k * stride] += blk[k];
   }
 
-  // Statistic K of ROWS rows: each row's term to its row sum acc[q][j], all rows' to the column
-  // partials at colf (one load and one store).
+  // Statistic K of ROWS rows: each row's term to its row sum acc[q][j]; the rows' terms of a
+  // column summed first (the block's sum), then added to its partial at colf (one load, one
+  // store). Summing the block first rounds each term at most 1 + ROWS times before the partial
+  // (see kColFold512Rows); the first row's product is a multiply (an fma into the partial would
+  // need the partial first).
   template <int K, int ROWS, int KK>
   static inline __attribute__((always_inline)) void add_term(const V (&pr)[ROWS], const V (&gr)[ROWS],
                                                              const V (&vr)[ROWS], V (&acc)[ROWS][KK], int j,
                                                              C* colf) {
-    V col = ld(colf);
+    V blk;
 #pragma GCC unroll 4
     for (int q = 0; q < ROWS; ++q) {
       if constexpr (K == kP || K == kG || K == kV) {
         const V x = K == kP ? pr[q] : K == kG ? gr[q] : vr[q];
         acc[q][j] += x;
-        col += x;
+        blk = q == 0 ? x : blk + x;
       } else {
         const V x = (K == kPP || K == kPG || K == kPV) ? pr[q] : (K == kGG || K == kGV) ? gr[q] : vr[q];
         const V y = K == kPP ? pr[q] : (K == kGG || K == kPG) ? gr[q] : vr[q];
         if constexpr (((kFmaStats >> K) & 1) != 0) {
           acc[q][j] = vfma(x, y, acc[q][j]);
-          col = vfma(x, y, col);
+          blk = q == 0 ? x * y : vfma(x, y, blk);
         } else {
           const V t = x * y;
           acc[q][j] += t;
-          col += t;
+          blk = q == 0 ? t : blk + t;
         }
       }
     }
-    st(colf, col);
+    st(colf, ld(colf) + blk);
   }
 
   static inline __attribute__((always_inline)) V vfma(V a, V b, V c) {
@@ -536,11 +554,7 @@ struct Cols512 {
       i += nv * N;
     }
     for (int q = 0; q < ROWS; ++q) finish(rl[q], acc + q * kNumStats);
-    for (; i < n; ++i) {
-      for (int q = 0; q < ROWS; ++q)
-        one(p + q * rowlen + i, g + q * rowlen + i, MOM ? v + q * rowlen + i : nullptr, s,
-            acc + q * kNumStats, colf + i, stride);
-    }
+    for (; i < n; ++i) one<ROWS>(p + i, g + i, MOM ? v + i : nullptr, rowlen, s, acc, colf + i, stride);
   }
 
   // A cols-tracked tile: whole rows [begin / rowlen, end / rowlen), strip by strip, two rows at a
