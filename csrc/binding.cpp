@@ -125,7 +125,7 @@ py::dict build_info() {
 #elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   d["cpu_simd"] = std::string(fused ? "fused variant (AVX2, FMA, F16C), chosen at run time"
                                     : "baseline variant (no FMA), chosen at run time") +
-                  (sgd_cpu_avx512_cols() ? "; AVX-512 kernel for cols tracks" : "");
+                  (sgd_cpu_avx512_stats() ? "; AVX-512 kernels for tracked tensors" : "");
 #else
   d["cpu_simd"] = std::string("compiler default") +
                   (fused ? ", fused multiply-add" : ", unfused multiply-add");

@@ -70,7 +70,7 @@ void sgd_step_cpu(DType dtype, const BucketView& bucket, const SGDHyper& hyper,
 bool sgd_cpu_fused_variant();
 // Whether float32 / float64 tensors with a "cols" track run the AVX-512 statistics kernel (the
 // CPU has AVX-512 F/VL/DQ/BW, the fused variant runs, and NM_OPTIM_NO_AVX512 is not set).
-bool sgd_cpu_avx512_cols();
+bool sgd_cpu_avx512_stats();
 
 // CUDA statistics: tracked tensors are stepped by their own kernel over 2-D tiles (kStatsTileRows
 // rows x kStatsTileCols row elements of the [d0, d1 * rest] view), which writes the partial sums

@@ -105,10 +105,10 @@ def test_track_errors_name_the_problem():
 
 
 @pytest.mark.skipif("cpu" not in nm_optim.available_backends("cpu"), reason="no compiled CPU kernel")
-def test_the_avx2_cols_kernel_where_avx512_is_off():
-    """Tensors with a "cols" track run an AVX-512 kernel where the CPU has one (build_info says
-    which); CPUs without it run the AVX2 kernel, kept covered here by switching the AVX-512 one off
-    (NM_OPTIM_NO_AVX512=1, read once: a child process). Statistics within 1e-6 of float64 and the
+def test_the_avx2_statistics_kernels_where_avx512_is_off():
+    """Tracked float32 / float64 tensors run AVX-512 kernels where the CPU has them (build_info
+    says which); CPUs without them run the AVX2 kernels, kept covered here by switching the AVX-512
+    ones off (NM_OPTIM_NO_AVX512=1, read once: a child process). Statistics within 1e-6 of float64 and the
     update bitwise the one without tracks, float32 and float64."""
     code = (
         "import torch, nm_optim, helpers, test_bitwise as tb\n"

@@ -229,7 +229,7 @@ struct TensorStats {
 // column partials (9 x kStrip floats) stay in L1/L2 (the whole colf of a 25088-wide Linear is
 // 900 KB: walking row by row it lived in L3 and the step took 4x longer). The partials are folded
 // into the float64 column sums every kColFoldRows rows, so none holds more than that many terms.
-// The AVX-512 path (Cols512 below) walks whole rows (kStripWide) instead: it takes two rows at a
+// The AVX-512 path (Stats512 below) walks whole rows (kStripWide) instead: it takes two rows at a
 // time, and whole rows streamed in memory order measured faster there than strips (the strip walk
 // restarts the prefetchers at every strip of every row).
 constexpr int64_t kStrip = 2048;
@@ -241,7 +241,7 @@ constexpr int kColFoldRows = 8;
 // from sharing their address bits 0..11: with a stride that is a multiple of 4 KiB every colf
 // store aliased the next colf load ("4K aliasing") and the cols path ran at 1 instruction per
 // cycle.
-// `wide`: the AVX-512 path's strips (Cols512), else the AVX2 path's.
+// `wide`: the AVX-512 path's strips (Stats512), else the AVX2 path's.
 inline int64_t strip_of(int64_t rest, bool wide) {
   rest = std::max<int64_t>(rest, 1);  // rest == 0: an empty tensor (no tiles), any strip will do
   const int64_t strip = wide ? kStripWide : kStrip;
@@ -326,22 +326,25 @@ struct StatsTile {
   }
 };
 
-// ---- The cols path on AVX-512 (issue 13) -------------------------------------------------------
+// ---- The statistics on AVX-512 (issue 13) -----------------------------------------------------
 //
-// With a cols track every element adds its 9 terms to its column's partials (colf): in the
-// AVX2 kernel above that is 9 loads and 9 stores per 8 elements and row, more stores than the
-// step's own, and a fold into float64 every kColFoldRows rows. This variant takes two rows at a
-// time in 64-byte vectors (16 floats / 8 doubles) and whole rows in memory order (kStripWide):
-// the two rows' terms of a column are added to its partial in one read-modify-write (one store
-// per two rows), and the 9 statistics are done in two passes over a chunk of kFlushBlocks
-// vectors (p, g, pp, gg, pg; then v, vv, pv, gv and the update, which reads the chunk again from
-// L1), so that each pass's row sums (2 rows x 5 or 4) and inputs fit in the 32 vector registers
-// (all 9 in one pass spilled them). Products go to their sums as fmas for some statistics
-// (kFmaStats). The partials fold into float64 every kColFold512Rows rows (see there).
+// Tracked float / double tensors, in 64-byte vectors (16 floats / 8 doubles). Two paths:
 //
-// Measured bound (Zen 4, one thread, data in L1): ~1.8 cycles per element for the step with rows
-// and cols statistics, vs ~1.3 with rows only and ~0.3 without statistics; that is FP work (about
-// 49 512-bit operations per 32 elements) more than memory.
+// * Without a cols track (rows_tile): one pass per row segment, the 9 row sums in registers,
+//   products added as fmas: 11 FP instructions per 16 elements besides the update.
+//
+// * With a cols track (cols_tile) every element also adds its 9 terms to its column's partials
+//   (colf): in the AVX2 kernel above that is 9 loads and 9 stores per 8 elements and row, more
+//   stores than the step's own, and a fold into float64 every kColFoldRows rows. Here two rows
+//   at a time and whole rows in memory order (kStripWide): the two rows' terms of a column are
+//   summed, then added to its partial in one read-modify-write (one store per two rows), and the
+//   9 statistics are done in two passes over a chunk of kFlushBlocks vectors (p, g, pp, gg, pg;
+//   then v, vv, pv, gv and the update, which reads the chunk again from L1), so that each pass's
+//   row sums (2 rows x 5 or 4) and inputs fit in the 32 vector registers (all 9 in one pass
+//   spilled them). Products go to their sums as fmas for some statistics (kFmaStats). The
+//   partials fold into float64 every kColFold512Rows rows (see there).
+//
+// What bounds them: see "The CPU statistics: what bounds them" in docs/architecture.md.
 //
 // The update is the same per-element op sequence (sgd_update_cpu with FUSED = true: one fma per
 // multiply-add, as torch's AVX2 and AVX512 kernels), so only the vector width differs: the bits
@@ -352,7 +355,7 @@ struct StatsTile {
 #define NM_AVX512_TARGET \
   __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")))
 
-bool use_avx512_cols() {
+bool use_avx512_stats() {
   static const bool ok = [] {
     if (!use_fused_variant()) return false;
     const char* env = std::getenv("NM_OPTIM_NO_AVX512");  // escape hatch, and for A/B timing
@@ -394,7 +397,7 @@ struct RowLanes {
 };
 
 template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
-struct Cols512 {
+struct Stats512 {
   using V = typename Vec64<C>::type;
   using U = typename Vec64<C>::unaligned;
   using D = typename RowLanes<C>::D;
@@ -557,10 +560,80 @@ struct Cols512 {
     for (; i < n; ++i) one<ROWS>(p + i, g + i, MOM ? v + i : nullptr, rowlen, s, acc, colf + i, stride);
   }
 
+  // A tile of a tensor without a cols track (rows and / or all): row segment by row segment,
+  // each in one pass (the 9 row sums and the inputs fit in the registers), the products added
+  // as fmas. Sixteen floats per instruction instead of eight: the same FP throughput on Zen 4, but
+  // half the instructions, so the out-of-order window reaches twice as far ahead in memory.
+  static inline __attribute__((always_inline)) void rows_tile(C* p, const C* g, C* v, int64_t begin, int64_t end,
+                                                              const TensorStats& ts, const StepScalars<C>& s) {
+    const int64_t rowlen = ts.d1 * ts.rest;
+    for (int64_t idx = begin; idx < end;) {
+      const int64_t r = idx / rowlen;
+      const int64_t row_end = std::min(end, (r + 1) * rowlen);
+      double sums[kNumStats] = {};
+      row_seg(p + idx, g + idx, MOM ? v + idx : nullptr, row_end - idx, s, sums);
+      if (ts.rows != nullptr) {
+        for (int k = 0; k < kNumStats; ++k) ts.rows[k * ts.d0 + r] += sums[k];
+      }
+      if (ts.all != nullptr) {
+        for (int k = 0; k < kNumStats; ++k) ts.all[k] += sums[k];
+      }
+      idx = row_end;
+    }
+  }
+
+  // Elements [0, n) of one row: their 9 sums added to acc (float64; each lane's partial in the
+  // compute type holds at most kFlushBlocks terms).
+  static inline __attribute__((always_inline)) void row_seg(C* __restrict p, const C* __restrict g, C* __restrict v,
+                                                            int64_t n, const StepScalars<C>& s, double* acc) {
+    RowLanes<C> rl = {};
+    int64_t i = 0;
+    while (i + N <= n) {
+      const int64_t stop = i + std::min<int64_t>(kFlushBlocks, (n - i) / N) * N;
+      V lane[kNumStats] = {};
+      for (; i < stop; i += N) {
+        V pi = ld(p + i);
+        const V gi = ld(g + i) * s.gmul;
+        V vi = V{};
+        if (MOM && !FIRST) vi = ld(v + i);
+        lane[kP] += pi;
+        lane[kG] += gi;
+        lane[kV] += vi;
+        lane[kPP] = vfma(pi, pi, lane[kPP]);
+        lane[kGG] = vfma(gi, gi, lane[kGG]);
+        lane[kVV] = vfma(vi, vi, lane[kVV]);
+        lane[kPG] = vfma(pi, gi, lane[kPG]);
+        lane[kPV] = vfma(pi, vi, lane[kPV]);
+        lane[kGV] = vfma(gi, vi, lane[kGV]);
+        sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+        st(p + i, pi);
+        if (MOM) st(v + i, vi);
+      }
+      flush(lane, rl);
+    }
+    finish(rl, acc);
+    for (; i < n; ++i) {
+      C pi = p[i];
+      const C gi = g[i] * s.gmul;
+      C vi = (MOM && !FIRST) ? v[i] : C(0);
+      const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
+      for (int k = 0; k < kNumStats; ++k) acc[k] += static_cast<double>(t[k]);
+      sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+      p[i] = pi;
+      if (MOM) v[i] = vi;
+    }
+  }
+
+  static inline __attribute__((always_inline)) void run(C* p, const C* g, C* v, int64_t begin, int64_t end,
+                                                        const TensorStats& ts, const StepScalars<C>& s) {
+    if (ts.colf != nullptr) return cols_tile(p, g, v, begin, end, ts, s);
+    rows_tile(p, g, v, begin, end, ts, s);
+  }
+
   // A cols-tracked tile: whole rows [begin / rowlen, end / rowlen), strip by strip, two rows at a
   // time.
-  static inline __attribute__((always_inline)) void run(C* p, const C* g, C* v, int64_t begin, int64_t end, const TensorStats& ts,
-                  const StepScalars<C>& s) {
+  static inline __attribute__((always_inline)) void cols_tile(C* p, const C* g, C* v, int64_t begin, int64_t end,
+                                                              const TensorStats& ts, const StepScalars<C>& s) {
     C* colf = static_cast<C*>(ts.colf);
     const int64_t rowlen = ts.d1 * ts.rest;
     const int64_t r0 = begin / rowlen, r1 = end / rowlen;
@@ -599,28 +672,28 @@ struct Cols512 {
 };
 
 template <typename C, bool HAS_WD>
-inline __attribute__((always_inline)) void cols512_wd(const StepFlags& f, bool first, C* p, const C* g,
+inline __attribute__((always_inline)) void stats512_wd(const StepFlags& f, bool first, C* p, const C* g,
                                                       C* v, int64_t begin, int64_t end,
                                                       const TensorStats& ts, const StepScalars<C>& s) {
-  if (!f.momentum) return Cols512<C, HAS_WD, false, false, false>::run(p, g, v, begin, end, ts, s);
+  if (!f.momentum) return Stats512<C, HAS_WD, false, false, false>::run(p, g, v, begin, end, ts, s);
   if (first) {
-    if (f.nesterov) return Cols512<C, HAS_WD, true, true, true>::run(p, g, v, begin, end, ts, s);
-    return Cols512<C, HAS_WD, true, true, false>::run(p, g, v, begin, end, ts, s);
+    if (f.nesterov) return Stats512<C, HAS_WD, true, true, true>::run(p, g, v, begin, end, ts, s);
+    return Stats512<C, HAS_WD, true, true, false>::run(p, g, v, begin, end, ts, s);
   }
-  if (f.nesterov) return Cols512<C, HAS_WD, true, false, true>::run(p, g, v, begin, end, ts, s);
-  return Cols512<C, HAS_WD, true, false, false>::run(p, g, v, begin, end, ts, s);
+  if (f.nesterov) return Stats512<C, HAS_WD, true, false, true>::run(p, g, v, begin, end, ts, s);
+  return Stats512<C, HAS_WD, true, false, false>::run(p, g, v, begin, end, ts, s);
 }
 
-#define NM_DEFINE_COLS512(T, NAME)                                                                 \
-  NM_AVX512_TARGET void cols512_tile(T* p, const T* g, T* v, int64_t begin, int64_t end,         \
+#define NM_DEFINE_STATS512(T, NAME)                                                                 \
+  NM_AVX512_TARGET void stats512_tile(T* p, const T* g, T* v, int64_t begin, int64_t end,         \
                                        bool first, const StepFlags& f, const TensorStats& ts,      \
                                        const ScalarsOf<T>& s) {                                    \
-    if (f.has_wd) return cols512_wd<T, true>(f, first, p, g, v, begin, end, ts, s);                \
-    return cols512_wd<T, false>(f, first, p, g, v, begin, end, ts, s);                             \
+    if (f.has_wd) return stats512_wd<T, true>(f, first, p, g, v, begin, end, ts, s);                \
+    return stats512_wd<T, false>(f, first, p, g, v, begin, end, ts, s);                             \
   }
-NM_DEFINE_COLS512(float, f32)
-NM_DEFINE_COLS512(double, f64)
-#undef NM_DEFINE_COLS512
+NM_DEFINE_STATS512(float, f32)
+NM_DEFINE_STATS512(double, f64)
+#undef NM_DEFINE_STATS512
 #endif  // NM_TWO_VARIANTS
 
 // Picks the template instance for the runtime flags.
@@ -704,7 +777,7 @@ struct Partials {
   std::vector<double> sums;    // [threads * slab]
   std::vector<char> colf_mem;  // [threads * scratch]
 
-  // wide: the tensors' cols tiles run Cols512 (its colf is one row, not one strip).
+  // wide: the tensors' cols tiles run Stats512 (its colf is one row, not one strip).
   void layout(const BucketView& b, const StatsView& st, int threads, size_t compute_size, bool wide) {
     const int64_t n = b.n_tensors;
     local.assign(3 * n, -1);
@@ -769,9 +842,9 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
   thread_local Partials tls_partials;
   Partials& partials = tls_partials;
   const bool with_stats = st.out != nullptr;
-  bool wide = false;  // the cols tiles run Cols512
+  bool wide = false;  // the cols tiles run Stats512
 #if NM_TWO_VARIANTS
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) wide = use_avx512_cols();
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) wide = use_avx512_stats();
 #endif
   if (with_stats) partials.layout(b, st, threads, sizeof(C), wide);
 
@@ -787,7 +860,7 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
       const TensorStats ts = partials.view(st, t, tid);
 #if NM_TWO_VARIANTS
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-        if (ts.colf != nullptr && wide) return cols512_tile(p, g, v, begin, end, first, f, ts, s);
+        if (wide) return stats512_tile(p, g, v, begin, end, first, f, ts, s);
       }
 #endif
       stats_tile(p, g, v, begin, end, first, f, ts, s);
@@ -840,9 +913,9 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
 
 bool sgd_cpu_fused_variant() { return use_fused_variant(); }
 
-bool sgd_cpu_avx512_cols() {
+bool sgd_cpu_avx512_stats() {
 #if NM_TWO_VARIANTS
-  return use_avx512_cols();
+  return use_avx512_stats();
 #else
   return false;
 #endif
