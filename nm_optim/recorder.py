@@ -127,7 +127,9 @@ class Recorder:
             buf[slot].copy_(stats, non_blocking=True)
         m = self._chunk_meta
         m["steps"].append(step)
-        m["first"].append([id(t.param) in first_params for t in table.tracks])
+        # Most steps create no momentum buffer: they skip the loop over the 1000s of tracks.
+        m["first"].append([id(t.param) in first_params for t in table.tracks] if first_params
+                          else [False] * len(table.tracks))
         m["skipped"].append(self._scalar(found_inf, slot, 0) if found_inf is not None else 0.0)
         groups = self._param_groups()
         for hi, name in enumerate(HYPER_NAMES):

@@ -109,6 +109,39 @@ def test_the_fake_checks_what_the_kernels_assume():
             ops.sgd_step_([p], [torch.empty(3)], [v], [False], *hyper, stats, [0, -1, -1])
 
 
+@pytest.mark.skipif("cpu" not in nm_optim.available_backends("cpu"), reason="nm_optim._C not built")
+def test_a_cached_stats_layout_is_checked_again_every_call():
+    """A tracked bucket's checked layout is cached (ops/plan.py, StatsLayout) and found again by
+    list comparisons: the same tensor reshaped in place (same element count), other offsets or a
+    smaller stats tensor are checked again, and the statistics follow the new layout."""
+    hyper = (0.1, None, 1e-2, 0.9, 0.0, False, False, None, None)
+    torch.manual_seed(0)
+    p, g, v = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+
+    def step(offsets, rows):
+        want = torch.full((rows, 9), float("nan"), dtype=torch.float64)
+        ops.sgd_step_([p.clone()], [g], [v.clone()], [False], *hyper, "reference", want, offsets)
+        got = torch.full((rows, 9), float("nan"), dtype=torch.float64)
+        ops.sgd_step_([p], [g], [v], [False], *hyper, "cpu", got, offsets)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+    step([0, -1, -1], 4)  # rows: 4 groups
+    for t in (p, g, v):
+        t.resize_(6, 2)  # the same tensors, 12 elements still
+    with pytest.raises(RuntimeError, match=r"needs stats rows \[0, 6\)"):
+        step([0, -1, -1], 4)
+    step([0, -1, -1], 6)
+    with pytest.raises(RuntimeError, match=r"needs stats rows \[2, 8\)"):
+        step([2, -1, -1], 6)
+    step([2, 0, -1], 8)  # rows and cols
+    step([-1, -1, 0], 1)  # "all": one row of 12 elements, whatever the shape
+    for t in (p, g, v):
+        t.resize_(12)
+    step([-1, -1, 0], 1)
+    with pytest.raises(RuntimeError, match=r"needs stats rows \[1, 2\)"):
+        step([-1, -1, 1], 1)
+
+
 def test_step_args_follow_the_op_schema():
     """The arguments after the four tensor lists are StepArgs' fields, in order: a new
     hyper-parameter is one schema entry and one field, and every backend receives it."""

@@ -7,16 +7,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from nm_optim.ops.plan import StatsLayout
 
 
 class Bucket(NamedTuple):
     """Tensors of one device and dtype, stepped by one backend call. momentum_buffers and
     is_first are empty when momentum == 0. numels: the params' element counts, when the caller
     has them already (the kernels' tables are keyed by them). owner: the object whose lifetime
-    keys the bucket's cached tables (nm_optim/ops/plan.py; default: the first param)."""
+    keys the bucket's cached tables (nm_optim/ops/plan.py; default: the first param).
+    stats_layout: the statistics layout of these tensors and the step's stats_offsets, when the
+    caller has checked it already (the op does, nm_optim/ops/op.py); given only when some param
+    is tracked."""
 
     params: Sequence[Tensor]
     grads: Sequence[Tensor]
@@ -24,6 +30,7 @@ class Bucket(NamedTuple):
     is_first: Sequence[bool]
     numels: tuple[int, ...] | None = None
     owner: object = None
+    stats_layout: StatsLayout | None = None
 
     def subset(self, index: Sequence[int], has_momentum: bool) -> Bucket:
         """The tensors at `index`."""

@@ -6,11 +6,8 @@ table, the AMP scalars, the learning rate.
 
 from __future__ import annotations
 
-import functools
-import math
 from array import array
 from collections.abc import Sequence
-from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -19,7 +16,7 @@ from nm_optim.ops import plan as P
 from nm_optim.ops.args import Bucket, StepArgs
 from nm_optim.ops.extension import extension
 from nm_optim.ops.layout import DTYPE_CODES
-from nm_optim.ops.plan import stats_geometry, stats_plan, tile_table
+from nm_optim.ops.plan import stats_layout, stats_plan, tile_table
 
 # CPU buckets with fewer elements than this are stepped by one thread: an OpenMP region costs
 # more than the work there, and 10-20x more when the machine is oversubscribed (spinning
@@ -31,7 +28,6 @@ CUDA_COUNT_BITS = 32
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
-_shape = attrgetter("shape")
 
 
 def address_table(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -47,35 +43,6 @@ def address_table(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_bu
     return ptrs
 
 
-@functools.lru_cache(maxsize=64)
-def _stats_layout(shapes: tuple[torch.Size, ...], offsets: tuple[int, ...], cpu: bool
-                  ) -> tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...]]:
-    """What a tracked bucket's layout gives the kernels, computed once per (shapes, offsets): a
-    per-step Python loop over 1000 tensors costs milliseconds.
-
-    geom: (d0, d1, rest) per tensor (zeros: untracked). On the CPU a tensor with only an "all"
-    track is one row: its sum does not depend on the row structure, and a 1-D tensor would
-    otherwise be reduced as numel rows of one element (1000 such 4096-element tensors: 12 ms
-    per step instead of 3).
-    row_lengths (CPU, when some tensor has a "cols" track): the row length of each tensor with
-    one (0 otherwise): those are cut into tiles of whole rows.
-    flat_numels (CUDA): the element counts of the flat step's tiles: zero for tracked tensors,
-    which the statistics kernel steps."""
-    n = len(shapes)
-    geom = stats_geometry(shapes, offsets)
-    tracked = [max(offsets[3 * i : 3 * i + 3]) >= 0 for i in range(n)]
-    flat_numels = tuple(0 if tracked[i] else math.prod(shapes[i]) for i in range(n))
-    if not cpu:
-        return geom, None, flat_numels
-    geom = tuple(x for i in range(n) for x in (
-        (1, 1, geom[3 * i] * geom[3 * i + 1] * geom[3 * i + 2])
-        if offsets[3 * i] < 0 and offsets[3 * i + 1] < 0 and offsets[3 * i + 2] >= 0 else geom[3 * i : 3 * i + 3]))
-    row_lengths = None
-    if any(o >= 0 for o in offsets[1::3]):
-        row_lengths = tuple(geom[3 * i + 1] * geom[3 * i + 2] if offsets[3 * i + 1] >= 0 else 0 for i in range(n))
-    return geom, row_lengths, flat_numels
-
-
 def amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
     """GradScaler's scale / found_inf as a float32 scalar on the kernel's device."""
     if t.numel() != 1:
@@ -85,23 +52,23 @@ def amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
 
 def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     """One kernel call for dense tensors that share a device and dtype (see ops/op.py)."""
-    params, grads, momentum_buffers, is_first, numels, owner = bucket
+    params, grads, momentum_buffers, is_first, numels, owner, layout = bucket
     if not params:
         return
     C = extension()
     device = params[0].device
     has_momentum = args.has_momentum
     owner = owner if owner is not None else params[0]
-    with_stats = args.with_stats
-    offsets = tuple(args.stats_offsets) if with_stats else ()
     numels = numels if numels is not None else tuple(map(_numel, params))
     all_numels = numels
-    geom: tuple[int, ...] = ()
+    if layout is None and args.with_stats:
+        layout = stats_layout(owner, params, numels, args.stats_offsets, device)
+    with_stats = layout is not None
     row_lengths = None
     if with_stats:
-        geom, row_lengths, flat_numels = _stats_layout(tuple(map(_shape, params)), offsets, device.type == "cpu")
+        row_lengths = layout.row_lengths
         if device.type == "cuda":
-            numels = flat_numels
+            numels = layout.flat_numels
     table = tile_table(owner, numels, device, row_lengths)
     if table.n_tiles == 0 and not with_stats:
         return
@@ -138,9 +105,8 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     if device.type == "cpu":
         lr_value = float(args.lr_tensor) if args.lr_tensor is not None else float(args.lr)
         geom_ptr = offsets_ptr = out_ptr = 0
-        if with_stats:
-            geom_arr, offsets_arr = array("q", geom), array("q", offsets)
-            geom_ptr, offsets_ptr = geom_arr.buffer_info()[0], offsets_arr.buffer_info()[0]
+        if with_stats:  # the layout (held here) keeps its arrays alive through the call
+            geom_ptr, offsets_ptr = layout.geom_array.buffer_info()[0], layout.offsets_array.buffer_info()[0]
             out_ptr = args.stats.data_ptr()
         C.sgd_step_cpu(
             lr=lr_value,
@@ -153,8 +119,8 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     else:
         stats_args = {}
         if with_stats:
-            plan = stats_plan(owner, all_numels, geom, offsets, device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS,
-                              reduce_chunk=P.REDUCE_CHUNK)
+            plan = stats_plan(owner, all_numels, layout.geom, layout.offsets_key, device, C.STATS_TILE_ROWS,
+                              C.STATS_TILE_COLS, reduce_chunk=P.REDUCE_CHUNK)
             # Two counts in each (csrc/cuda/sgd_step_cuda.cu, launch): the tiles with column
             # partials (first in the plan) and the first-level reduction tasks (first too) in
             # the high 32 bits; the binding passes them through.

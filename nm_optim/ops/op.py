@@ -31,6 +31,7 @@ from nm_optim.ops.layout import (
     storage_view,
     uniform_dense,
 )
+from nm_optim.ops.plan import StatsLayout, stats_layout
 from nm_optim.ops.registry import backend_step, require_backend
 
 SCHEMA = (
@@ -45,8 +46,10 @@ _lib.define(SCHEMA)
 
 
 def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-                 is_first: Sequence[bool], args: StepArgs) -> None:
-    """The list lengths and the statistics rows, checked before any kernel reads a pointer."""
+                 is_first: Sequence[bool], args: StepArgs, numels: tuple[int, ...] | None = None
+                 ) -> StatsLayout | None:
+    """The list lengths and the statistics rows, checked before any kernel reads a pointer.
+    `numels` and the result: see _check_stats."""
     n = len(params)
     torch._check(len(grads) == n, lambda: f"sgd_step_: got {n} params but {len(grads)} grads")
     if args.has_momentum:
@@ -55,8 +58,9 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
             lambda: "sgd_step_: momentum != 0 needs one momentum buffer and one is_first flag per param, "
             f"got {n} params, {len(momentum_buffers)} buffers, {len(is_first)} flags",
         )
-    if args.stats is not None:
-        _check_stats(params, args.stats, args.stats_offsets)
+    if args.stats is None:
+        return None
+    return _check_stats(params, args.stats, args.stats_offsets, numels)
 
 
 # The implementation runs as eager code even inside torch.compile (the compiled graph calls the op
@@ -66,22 +70,26 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
 def _sgd_step_impl(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
                    is_first: Sequence[bool], *rest) -> None:
     args = StepArgs(*rest)
-    _check_lists(params, grads, momentum_buffers, is_first, args)
-    if not args.with_stats and args.stats_offsets:
-        args = args.subset(())
+    dtype = params[0].dtype if params else None
+    native = args.backend != "reference" and dtype in DTYPE_CODES
+    bufs = momentum_buffers if args.has_momentum else []
+    # Metadata only, nothing read through a pointer: when every tensor is dense on params[0]'s
+    # device (the common case), the checks below compare lists against the bucket's cached layout.
+    numels = uniform_dense(params, grads, bufs, dtype, params[0].get_device()) if native else None
+    layout = _check_lists(params, grads, momentum_buffers, is_first, args, numels)
+    if not (layout.tracked if layout is not None else args.with_stats):
+        layout = None
+        if args.stats_offsets:
+            args = args.subset(())
     if not params:
         return
-    dtype = params[0].dtype
-    backend = args.backend
-    if backend == "reference" or dtype not in DTYPE_CODES:
+    if not native:
         backend_step("reference")(Bucket(params, grads, momentum_buffers, is_first), args)
         return
     device = params[0].device
-    require_backend(backend, device)
-    step = backend_step(backend)
-    bufs = momentum_buffers if args.has_momentum else []
-    numels = uniform_dense(params, grads, bufs, dtype, params[0].get_device())
-    bucket = Bucket(params, grads, momentum_buffers, is_first, numels)
+    require_backend(args.backend, device)
+    step = backend_step(args.backend)
+    bucket = Bucket(params, grads, momentum_buffers, is_first, numels, stats_layout=layout)
     if numels is not None:
         step(bucket, args)
         return
@@ -137,9 +145,14 @@ def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
         args.stats[at : at + n] = tmp[tmp_at : tmp_at + g].view(g // n, n, len(STAT_NAMES)).sum(0)
 
 
-def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]) -> None:
+def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int],
+                 numels: tuple[int, ...] | None = None) -> StatsLayout | None:
     """Every tracked group must land inside `stats` (a float64 [rows, 9] tensor on the params'
-    device): the kernels write there through raw pointers."""
+    device): the kernels write there through raw pointers.
+
+    `numels`: the element counts from uniform_dense (every tensor dense on params[0]'s device),
+    when the real op found them; then the result is the bucket's StatsLayout (ops/plan.py),
+    checked here and handed to the kernels, else None."""
     torch._check(
         len(offsets) in (0, 3 * len(params)),
         lambda: f"sgd_step_: stats_offsets needs 3 entries per param, got {len(offsets)} for {len(params)}",
@@ -151,17 +164,23 @@ def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]
         f"{tuple(stats.shape)}",
     )
     if not offsets:
-        return
+        return None
     # The common case in a few C-level passes: every step checks every tracked tensor, and 1000
-    # of them cost 2.5 ms through a Python loop. The rows a layout needs are cached per layout
-    # (shapes, offsets); the loop below runs only to name the culprit.
+    # of them cost 2.5 ms through a Python loop. The rows a layout needs are cached per layout;
+    # the loop below runs only to name the culprit.
     rows, device = stats.shape[0], stats.device
-    try:
-        need = _rows_needed(tuple(map(_shape, params)), tuple(offsets))
-    except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable: the loop
-        need = None
-    if need is not None and need <= rows and all(map(eq, map(_get_device, params), repeat(stats.get_device()))):
-        return
+    if numels is not None:
+        # uniform_dense found every param on params[0]'s device: one comparison checks them all.
+        layout = stats_layout(params[0], params, numels, offsets, params[0].device)
+        if layout.rows_needed <= rows and stats.get_device() == params[0].get_device():
+            return layout
+    else:
+        try:
+            need = _rows_needed(tuple(map(_shape, params)), tuple(offsets))
+        except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable: the loop
+            need = None
+        if need is not None and need <= rows and all(map(eq, map(_get_device, params), repeat(stats.get_device()))):
+            return None
     for i in range(len(params)):
         r, c, a = offsets[3 * i : 3 * i + 3]
         if r < 0 and c < 0 and a < 0:

@@ -10,14 +10,16 @@ of tensors. docs/architecture.md, "The statistics plan", draws the GPU plan.
 
 from __future__ import annotations
 
+import math
 import weakref
+from array import array
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from nm_optim.ops.layout import geometry
+from nm_optim.ops.layout import geometry, group_counts
 
 # Elements per flat tile. CPU: 32K fp32 = 128 KiB per stream, large enough to amortise the loop
 # setup, small enough to balance 2..64 threads on VGG-sized layers. CUDA: one 256-thread block
@@ -34,18 +36,29 @@ REDUCE_CHUNK = 256
 # Layouts kept per bucket: a bucket whose set of params with a grad alternates between a few
 # layouts (a param skipped now and then) keeps each one's tables.
 LAYOUTS_PER_BUCKET = 4
-# id(owner) -> {layout key: table}; an entry goes when its owner (a bucket's first param) does,
-# through the callback of the weak reference kept next to it.
+# id(owner) -> {layout key: table}, and id(owner) -> its recent StatsLayouts, newest first; the
+# entries go when their owner (a bucket's first param) does, through the callback of the weak
+# reference kept next to them.
 _tables: dict[int, dict[tuple, object]] = {}
+_layouts: dict[int, list[StatsLayout]] = {}
 _owners: dict[int, weakref.ref] = {}
 
 
 def _forget(key: int) -> Callable[[weakref.ref], None]:
     def forget(_: weakref.ref) -> None:
         _tables.pop(key, None)
+        _layouts.pop(key, None)
         _owners.pop(key, None)
 
     return forget
+
+
+def _watch(owner: object) -> None:
+    """Forget `owner`'s cached tables and layouts when it goes."""
+    if id(owner) not in _owners:
+        _owners[id(owner)] = weakref.ref(owner, _forget(id(owner)))
+
+
 T = TypeVar("T")
 
 
@@ -56,8 +69,8 @@ def cached(owner: object, key: tuple, make: Callable[[], T]) -> T:
     bucket's device tables are its own (no sharing across streams)."""
     per_owner = _tables.get(id(owner))
     if per_owner is None:
+        _watch(owner)
         per_owner = _tables[id(owner)] = {}
-        _owners[id(owner)] = weakref.ref(owner, _forget(id(owner)))
     table = per_owner.get(key)
     if table is None:
         if len(per_owner) >= LAYOUTS_PER_BUCKET:
@@ -288,3 +301,79 @@ def stats_geometry(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> t
     for i, shape in enumerate(shapes):
         out += geometry(shape) if max(offsets[3 * i : 3 * i + 3]) >= 0 else (0, 0, 0)
     return tuple(out)
+
+
+class StatsLayout:
+    """What one tracked bucket layout gives the checks and the kernels, computed once per layout
+    (a per-step Python loop over 1000 tensors costs milliseconds) and found again on later steps
+    by list comparisons (`matches`), without hashing 1000 shapes and 3000 offsets every step.
+
+    A layout is the statistics offsets, the element counts and the shapes the statistics depend
+    on (`shaped`): those of the tensors with a "rows" or "cols" track and, off the CPU, of every
+    tracked tensor. On the CPU a tensor with only an "all" track is stepped as one row of numel
+    elements (its sum does not depend on the row structure, and a 1-D tensor would otherwise be
+    reduced as numel rows of one element: 1000 such 4096-element tensors cost 12 ms per step
+    instead of 3), so its element count is all that matters: track="layers" on the CPU compares
+    no shape at all.
+
+    - rows_needed: one past the last stats row the tracked groups write (0 when none).
+    - geom: (d0, d1, rest) per tensor (zeros: untracked); on the CPU (1, 1, numel) for a tensor
+      with only an "all" track.
+    - row_lengths (CPU, when some tensor has a "cols" track): the row length of each tensor with
+      one (0 otherwise): those are cut into tiles of whole rows.
+    - flat_numels (off the CPU): the element counts of the flat step's tiles: zero for tracked
+      tensors, which the statistics kernel steps.
+    - geom_array, offsets_array (CPU): int64 copies of geom and the offsets, which the kernel
+      reads by address (built once: 3000 ints cost 50-75 us per step to convert)."""
+
+    def __init__(self, shapes: Sequence[Sequence[int]], numels: tuple[int, ...], offsets: list[int], cpu: bool) -> None:
+        n = len(shapes)
+        at = [offsets[3 * i : 3 * i + 3] for i in range(n)]
+        tracked = [max(a) >= 0 for a in at]
+        only_all = [a[0] < 0 and a[1] < 0 and a[2] >= 0 for a in at]
+        self.cpu = cpu
+        self.numels = numels
+        self.offsets = list(offsets)  # a copy: the caller may reuse its list
+        self.offsets_key = tuple(offsets)
+        self.shaped = [i for i in range(n) if tracked[i] and not (cpu and only_all[i])]
+        self.shapes = [shapes[i] for i in self.shaped]
+        self.tracked = any(tracked)
+        self.rows_needed = max((off + k for i in range(n) for off, k in zip(at[i], group_counts(shapes[i]))
+                                if off >= 0), default=0)
+        geom = stats_geometry(shapes, offsets)
+        self.flat_numels = None if cpu else tuple(0 if tracked[i] else math.prod(shapes[i]) for i in range(n))
+        self.row_lengths = None
+        self.geom_array = self.offsets_array = None
+        if cpu:
+            geom = tuple(x for i in range(n) for x in (
+                (1, 1, geom[3 * i] * geom[3 * i + 1] * geom[3 * i + 2]) if only_all[i] else geom[3 * i : 3 * i + 3]))
+            if any(o >= 0 for o in offsets[1::3]):
+                self.row_lengths = tuple(geom[3 * i + 1] * geom[3 * i + 2] if offsets[3 * i + 1] >= 0 else 0
+                                         for i in range(n))
+            self.geom_array, self.offsets_array = array("q", geom), array("q", offsets)
+        self.geom = geom
+
+    def matches(self, params: Sequence[Tensor], numels: tuple[int, ...], offsets: list[int]) -> bool:
+        """Whether `params` (with these element counts) and `offsets` have this layout."""
+        return (numels == self.numels and offsets == self.offsets
+                and [params[i].shape for i in self.shaped] == self.shapes)
+
+
+def stats_layout(owner: object, params: Sequence[Tensor], numels: tuple[int, ...], offsets: Sequence[int],
+                 device: torch.device) -> StatsLayout:
+    """The StatsLayout of `owner`'s bucket (see `cached`) for these tensors on `device` and
+    statistics offsets: one of its last LAYOUTS_PER_BUCKET layouts when it matches, else a new
+    one."""
+    offsets = offsets if isinstance(offsets, list) else list(offsets)
+    cpu = device.type == "cpu"
+    recent = _layouts.get(id(owner))
+    if recent is None:
+        _watch(owner)
+        recent = _layouts[id(owner)] = []
+    for layout in recent:
+        if layout.cpu == cpu and layout.matches(params, numels, offsets):
+            return layout
+    layout = StatsLayout([p.shape for p in params], numels, offsets, cpu)
+    recent.insert(0, layout)
+    del recent[LAYOUTS_PER_BUCKET:]
+    return layout

@@ -21,7 +21,7 @@ from nm_optim.ops.triton import kernels as K
 def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     """One step of dense tensors sharing a device and dtype (see ops/op.py), with the statistics
     of the tracked ones written to `args.stats`."""
-    params, grads, momentum_buffers, is_first, numels, owner = bucket
+    params, grads, momentum_buffers, is_first, numels, owner, _ = bucket
     if not params:
         return
     device = params[0].device
