@@ -3,11 +3,20 @@ error that says how to build, instead of failing at import."""
 
 from __future__ import annotations
 
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 import nm_optim
 from nm_optim.ops import extension, registry
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_build_info_reports_the_build():
@@ -52,3 +61,18 @@ def test_without_the_extension_reference_still_works_and_native_says_how_to_buil
 def test_auto_picks_the_compiled_kernel_when_there_is_one():
     expected = "cpu" if "cpu" in nm_optim.available_backends("cpu") else "reference"
     assert registry.default_backend(torch.device("cpu")) == expected
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None,
+                    reason="bench/kernel_cycles.cpp reads the x86 time-stamp counter and is built with g++")
+def test_the_kernel_cycles_benchmark_builds_and_runs(tmp_path):
+    """bench/kernel_cycles.cpp (the cycles-per-element numbers of docs/architecture.md) includes the
+    kernel's source: built here (at -O1, quicker; the benchmark itself says -O3) so that it cannot
+    fall behind the kernel, and run on a tiny tensor."""
+    exe = tmp_path / "kernel_cycles"
+    subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fopenmp", "-Wno-psabi", f"-I{ROOT / 'csrc'}",
+                    "-o", str(exe), str(ROOT / "bench" / "kernel_cycles.cpp")], check=True, capture_output=True)
+    out = subprocess.run([str(exe), "8", "100", "1", "3"], check=True, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    assert re.fullmatch(r"plain [\d.]+  rows [\d.]+  rows\+cols [\d.]+  cycles per element and thread \(1 threads, .+\)\n",
+                        out), out
