@@ -208,7 +208,10 @@ def test_the_exact_law_over_the_last_step_is_logged_live():
         name = key.removeprefix("conserved/")
         residual, breaking = scalars[f"residual/{name}"], scalars[f"breaking/{name}"]
         assert abs(residual) <= 1e-5 * max(abs(measured), 1.0), name
-        assert abs(residual - breaking) <= abs(residual) + 1e-9 * max(abs(measured), 1.0), name
+        # "Closer still" up to the rounding of the statistics themselves (float32 partial sums,
+        # about 1e-7 of the summed magnitudes): where the breaking term is that small (a
+        # translation before the classifier's softmax), it is noise, not a correction.
+        assert abs(residual - breaking) <= abs(residual) + 1e-7 * max(abs(measured), 1.0), name
     assert not any(k.startswith("exact/") for k in step_scalars(opt.recorder.latest(1), -1))
 
 
