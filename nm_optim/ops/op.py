@@ -31,7 +31,7 @@ from nm_optim.ops.layout import (
     storage_view,
     uniform_dense,
 )
-from nm_optim.ops.plan import StatsLayout, stats_layout
+from nm_optim.ops.plan import StatsLayout, rows_needed, stats_layout
 from nm_optim.ops.registry import backend_step, require_backend
 
 SCHEMA = (
@@ -200,13 +200,8 @@ _get_device = Tensor.get_device
 
 @functools.lru_cache(maxsize=64)
 def _rows_needed(shapes: tuple[torch.Size, ...], offsets: tuple[int, ...]) -> int:
-    """One past the last stats row the tracked groups of this layout write (0 when none)."""
-    end = 0
-    for i, shape in enumerate(shapes):
-        for off, n in zip(offsets[3 * i : 3 * i + 3], group_counts(shape)):
-            if off >= 0:
-                end = max(end, off + n)
-    return end
+    """rows_needed (ops/plan.py), cached per layout for the paths without a StatsLayout."""
+    return rows_needed(shapes, offsets)
 
 
 def _sgd_step_fake(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],

@@ -303,6 +303,12 @@ def stats_geometry(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> t
     return tuple(out)
 
 
+def rows_needed(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> int:
+    """One past the last stats row the tracked groups of this layout write (0 when none)."""
+    return max((off + k for i, shape in enumerate(shapes)
+                for off, k in zip(offsets[3 * i : 3 * i + 3], group_counts(shape)) if off >= 0), default=0)
+
+
 class StatsLayout:
     """What one tracked bucket layout gives the checks and the kernels, computed once per layout
     (a per-step Python loop over 1000 tensors costs milliseconds) and found again on later steps
@@ -338,8 +344,7 @@ class StatsLayout:
         self.shaped = [i for i in range(n) if tracked[i] and not (cpu and only_all[i])]
         self.shapes = [shapes[i] for i in self.shaped]
         self.tracked = any(tracked)
-        self.rows_needed = max((off + k for i in range(n) for off, k in zip(at[i], group_counts(shapes[i]))
-                                if off >= 0), default=0)
+        self.rows_needed = rows_needed(shapes, offsets)
         geom = stats_geometry(shapes, offsets)
         self.flat_numels = None if cpu else tuple(0 if tracked[i] else math.prod(shapes[i]) for i in range(n))
         self.row_lengths = None
