@@ -253,6 +253,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    # gloo's threads outlive the process group here (the mesh holds it) and may abort the
+    # interpreter's finalisation: end as `nm-optim train --distributed` does (see there)
+    from nm_optim.app.distributed import end_process
+
+    end_process(0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import nm_optim
 from nm_optim.app.checkpoint import CHECKPOINT_NAME
 from nm_optim.app.cli import main
+from nm_optim.app import distributed as dist_app
 from nm_optim.app.distributed import ENV_VARS, Distributed, local_indices
 
 pytest.importorskip("sklearn")  # the digits
@@ -259,3 +260,44 @@ def test_a_torchrun_launch_without_distributed_is_refused(capsys, tmp_path, torc
     code, err = run_cli(capsys, "train", *RUN, "--steps", 1, "--out", tmp_path / "o")
     assert code == 1 and "WORLD_SIZE=2" in err and "--distributed ddp or fsdp" in err
     assert not (tmp_path / "o").exists()
+
+
+# -- ending ----------------------------------------------------------------------------------------------
+
+# A process that ends by end_process (as every torchrun worker of `nm-optim train --distributed`
+# does): a stream with a writer thread, chunks still queued, and buffered stdout.
+END_PROCESS = """
+import sys, torch, nm_optim
+from torch import nn
+from nm_optim.app.distributed import end_process
+lin = nn.Linear(4, 2)
+opt = nm_optim.SGD(lin.parameters(), lr=0.1, track="layers")
+opt.recorder.chunk = 2
+opt.recorder.stream_to(sys.argv[1], background=True)
+for _ in range(8):
+    lin(torch.randn(3, 4)).sum().backward()
+    opt.step()
+print("written", end="")
+sys.stderr.write("to stderr")
+end_process(3)
+"""
+
+
+def test_a_worker_ends_with_its_status_and_loses_nothing_it_wrote(tmp_path):
+    # end_process skips the interpreter's finalisation (gloo's threads may abort it, see there):
+    # what a normal exit would still have done, flush the streams and the record's queued chunks,
+    # must be done before
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout into a pipe: buffered
+    proc = subprocess.run([sys.executable, "-c", END_PROCESS, str(tmp_path / "rec")], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "written" and proc.stderr.endswith("to stderr")
+    assert len(nm_optim.load_record(tmp_path / "rec")) == 8
+
+
+def test_a_worker_that_joined_the_process_group_ends_through_end_process(capsys, monkeypatch):
+    ended = []
+    monkeypatch.setattr(dist_app, "joined", lambda: True)
+    monkeypatch.setattr(dist_app, "end_process", ended.append)
+    code = main(["plot", "/nonexistent/record.npz", "--out", "/nonexistent/figures"])
+    assert code == 1 and ended == [1]

@@ -195,7 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 user error, 2 bad options,
-    130 interrupted)."""
+    130 interrupted). A torchrun worker that joined the run's process group does not return:
+    it ends with that status through app.distributed.end_process (see there why)."""
+    code = _main(argv)
+    if dist_app.joined():
+        dist_app.end_process(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -19,6 +19,8 @@ torchrun (``torchrun --nproc-per-node N -m nm_optim train ... --distributed ddp`
     writing       rank 0 only: the record, checkpoints, summary, figures, TensorBoard. The other
                   ranks record nothing (their recorder is disabled; the statistics are still
                   computed, FSDP's need every rank's shard) and write nothing into --out.
+    ending        a worker that joined the process group ends with end_process: os._exit once
+                  its outputs are written, without the interpreter's finalisation (see there why).
     checkpoints   the 1-process format (app.checkpoint): whole tensors, gathered from the shards
                   under FSDP (see gather_full / shard_like). So a checkpoint resumes on any number
                   of processes, in either mode or in none; plus every rank's RNG state, so a
@@ -30,11 +32,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -131,8 +135,10 @@ def process_group(d: Distributed, device: torch.device) -> Iterator[Distributed]
     stops the other processes)."""
     import torch.distributed as dist
 
+    global _joined
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _joined = True
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=d.rank,
                             world_size=d.world_size, device_id=device if device.type == "cuda" else None)
     ok = False
@@ -143,6 +149,35 @@ def process_group(d: Distributed, device: torch.device) -> Iterator[Distributed]
         if ok:
             dist.barrier()
         dist.destroy_process_group()
+
+
+_joined = False  # whether this process joined a process group (process_group)
+
+
+def joined() -> bool:
+    """Whether this process joined a run's process group: it must then end with end_process."""
+    return _joined
+
+
+def end_process(code: int) -> NoReturn:
+    """End this worker process with exit status `code`, skipping the interpreter's finalisation.
+
+    Why: destroy_process_group does not stop gloo's worker threads while something still holds
+    the process group, and under FSDP2 something does (the DeviceMesh, kept by DTensor's
+    sharding caches). Such a thread drops its last reference to a finished collective a moment
+    after the main thread saw it finish; when that collective holds Python tensors, the thread
+    takes the GIL to release them, and during finalisation that aborts the process
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded:
+    pytorch/pytorch#190489. Seen here in ~1 of 30 two-process FSDP runs under load. Everything
+    this process writes is closed by now except what buffers hold, which is flushed first."""
+    from nm_optim.record.stream import drain_all
+
+    drain_all()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # -- data, model, symmetries ---------------------------------------------------------------------------

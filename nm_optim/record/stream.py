@@ -188,6 +188,13 @@ def _claim(path: Path) -> _WriterLock | None:
     return lock
 
 
+def drain_all() -> None:
+    """Wait for every queued write of this process's streams (before a process ends without
+    finalising the interpreter: app.distributed.end_process)."""
+    for active in list(_ACTIVE.values()):
+        active.drain(raise_error=False)
+
+
 def _settle(path: Path) -> None:
     """Wait for this process's queued writes to the stream in `path`, if any."""
     active = _ACTIVE.get(str(Path(path).resolve()))
