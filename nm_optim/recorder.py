@@ -28,7 +28,8 @@ A record stream (docs/architecture.md, "The record")::
 
 A chunk exists once its index line is complete: a crash (even mid-write) loses at most the chunk
 being written, never an earlier one; bytes past the last complete line are ignored when reading
-and cut when the stream is reopened to continue. Appends are fsync'ed by default (data, then
+and overwritten when the stream is reopened to continue (the stats files are never shortened:
+see RecordStream._cut). Appends are fsync'ed by default (data, then
 index), so the same holds for a power loss. By default a writer thread appends the chunks
 (RecordStream), so training does not wait for the disk unless two chunks are already queued; a
 process that exits or dies of an exception still writes what was queued, a killed one loses

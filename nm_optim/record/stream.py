@@ -227,8 +227,16 @@ class RecordStream:
         self.records = reader.records
         self.fsync = fsync
         self._row_bytes = [reader.row_bytes(k) for k in range(len(self.rows))]
-        # Cut what a crash left past the last complete chunk: a torn index line, stats of a chunk
-        # whose line was never written.
+        # Records whose stats are in the files: the next chunk's stats go right after them, over
+        # anything a crash or a cut left there (see _cut).
+        self._written = self.records
+        for k in range(len(self.rows)):
+            f = path / _stats_file(k)
+            size = f.stat().st_size if f.is_file() else 0
+            if size < self.records * self._row_bytes[k]:
+                reader.fail(f"damaged record: {_stats_file(k)} holds {size // max(self._row_bytes[k], 1)} records, "
+                            f"{STREAM_INDEX} lists {self.records}")
+        # Cut what a crash left past the last complete chunk: a torn index line.
         self._cut(reader.index_bytes)
 
     @classmethod
@@ -266,13 +274,13 @@ class RecordStream:
         return cls(Path(path), _StreamReader(Path(path)), fsync, background)
 
     def _cut(self, index_bytes: int) -> None:
+        """Cut the index file to `index_bytes`. The stats files are never shortened: a reader in
+        this or another process may have them memory-mapped (load_record), and a page of a
+        mapping past the end of its file kills the reader with SIGBUS. Their bytes past the
+        index's records are ignored by readers and overwritten by the next chunks."""
         index = self.path / STREAM_INDEX
         if index.exists() and index.stat().st_size != index_bytes:
             os.truncate(index, index_bytes)
-        for k, rb in enumerate(self._row_bytes):
-            f = self.path / _stats_file(k)
-            if f.stat().st_size != self.records * rb:
-                os.truncate(f, self.records * rb)
 
     def append(self, chunk: _Chunk) -> None:
         """The chunk's stats, then (the commit) its index line; with a writer thread, queued
@@ -338,17 +346,24 @@ class RecordStream:
 
     def _write(self, chunk: _Chunk) -> None:
         for k, s in enumerate(chunk.stats):
-            with open(self.path / _stats_file(k), "ab") as f:
-                f.write(memoryview(np.ascontiguousarray(s, dtype=self.dtype)).cast("B"))
+            data = memoryview(np.ascontiguousarray(s, dtype=self.dtype)).cast("B")
+            fd = os.open(self.path / _stats_file(k), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                at = self._written * self._row_bytes[k]
+                while len(data):  # at the records' end, not the file's (see _cut)
+                    n = os.pwrite(fd, data, at)
+                    data, at = data[n:], at + n
                 if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         line = json.dumps(chunk.index_entry(), separators=(",", ":")) + "\n"
         with open(self.path / STREAM_INDEX, "ab") as f:
             f.write(line.encode())
             if self.fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        self._written += len(chunk)
 
     def sync(self) -> None:
         """Write what is queued and fsync it all (a checkpoint that refers to it follows)."""
@@ -362,7 +377,9 @@ class RecordStream:
 
     def truncate(self, records: int) -> None:
         """Cut the stream back to its first `records` records (a resume from a checkpoint taken
-        there): the index is rewritten atomically first, then the stats files are cut."""
+        there): the index is rewritten atomically; the next chunks' stats overwrite the cut
+        records in place (the files are not shortened: see _cut). A record loaded before stays
+        readable, and shows the new run's values past the cut as they are written."""
         self.drain()
         if records > self.records:
             raise ValueError(f"record stream {self.path} holds {self.records} records, fewer than the {records} "
@@ -380,8 +397,7 @@ class RecordStream:
             start += k
         text = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in kept).encode()
         atomic_write(self.path / STREAM_INDEX, lambda f: f.write(text))
-        self.records = records
-        self._cut(len(text))
+        self.records = self._written = records
 
     def update_meta(self, **extra: Any) -> None:
         """Add (or replace) top-level keys of meta.json, atomically (e.g. what the run was)."""
