@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -81,7 +81,9 @@ class SGD(Optimizer):
     A param listed twice in one group is stepped twice, in order, as torch.optim.SGD does (both
     warn at construction): the second update sees the first's result. Each kernel call sees a
     tensor once (the occurrences go to successive calls); a tracked param's statistics are those
-    of its first occurrence, i.e. of the pre-step values.
+    of its first occurrence, i.e. of the pre-step values. Likewise params whose memory overlaps
+    (views of one buffer) are stepped one after the other, in order, like torch's loop, each
+    tracked with its own values; disjoint views of one buffer share a kernel call.
 
     Distributed (nm_optim.distributed):
 
@@ -361,7 +363,9 @@ class SGD(Optimizer):
 
         A param listed several times (torch warns, and steps it once per occurrence, in order)
         goes into one call per occurrence: in one call the kernel's threads would step the same
-        memory at once, a data race."""
+        memory at once, a data race. So does a param whose memory may overlap an earlier one's
+        (views of one storage: see _call_levels), so that it sees that one's result, as in
+        torch.optim.SGD's loop."""
         plans = self.__dict__.setdefault("_nm_plans", {})
         key = tuple(map(id, params))
         cached = plans.get(id(group))
@@ -369,31 +373,81 @@ class SGD(Optimizer):
             return cached[2]
         plan: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         seen: Counter[int] = Counter()
+        repeat = []
         for i, p in enumerate(params):
             if p.dtype not in _DTYPES:
                 _check_param(group, i if index is None else index[i], p, p)
-            occurrence = seen[id(p)]
+            repeat.append(seen[id(p)] > 0)
             seen[id(p)] += 1
-            plan.setdefault((occurrence, p.device, p.dtype), []).append(i)
-        # All first occurrences, then all second ones, ...; a stable sort keeps the group's order
-        # within each (different params are independent, so only each param's own order matters).
-        result = [(device, None if len(v) == len(params) else v, self._offsets([params[i] for i in v], occurrence))
-                  for (occurrence, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
+        for i, (p, level) in enumerate(zip(params, _call_levels(params))):
+            plan.setdefault((level, p.device, p.dtype), []).append(i)
+        # All calls of level 0, then of level 1, ...; a stable sort keeps the group's order within
+        # each (params of one level are independent, so only overlapping params' order matters).
+        result = [(device, None if len(v) == len(params) else v,
+                   self._offsets([params[i] for i in v], [repeat[i] for i in v]))
+                  for (_, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
         # The plan holds the group and its params, so their ids cannot be reused while cached.
         plans[id(group)] = (group, key, result, list(params))
         return result
 
 
-    def _offsets(self, params: list[Tensor], occurrence: int) -> list[int]:
+    def _offsets(self, params: list[Tensor], repeats: list[bool]) -> list[int]:
         """The op's stats_offsets for one call: 3 per param (rows, cols, all; -1 untracked), or
-        empty when no param of the call is tracked. A repeated occurrence is stepped untracked:
-        the statistics are of the pre-step values."""
-        if not self._tracks or occurrence > 0:
+        empty when no param of the call is tracked. A repeated occurrence (repeats[i]) is stepped
+        untracked: the statistics are of the pre-step values."""
+        if not self._tracks:
             return []
-        found = [self._tracks.offsets(p) for p in params]
+        found = [None if again else self._tracks.offsets(p) for p, again in zip(params, repeats)]
         if all(o is None for o in found):
             return []
         return [x for o in found for x in (o if o is not None else _UNTRACKED)]
+
+
+def _memory_span(p: Tensor) -> tuple[torch.device, int, int] | None:
+    """The device and the byte addresses [lo, hi) that hold `p`'s elements (all of them between
+    its first and last element, so views that interleave count as overlapping: the safe side);
+    None for a tensor without elements or without storage of its own (a DTensor, a fake
+    tensor)."""
+    if p.numel() == 0 or type(p) not in (Tensor, torch.nn.Parameter):
+        return None
+    try:
+        lo = p.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return p.device, lo, lo + p.element_size() * (1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride())))
+
+
+def _call_levels(params: list[Tensor]) -> list[int]:
+    """For each param, the kernel call it goes to within its (device, dtype): 0, or one past the
+    call of every earlier param whose memory may overlap it (a repeated param overlaps itself).
+    Params in one call share no memory, and overlapping ones are stepped in their order."""
+    levels = [0] * len(params)
+    by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+    for i, p in enumerate(params):
+        span = _memory_span(p)
+        if span is not None:
+            by_device.setdefault(span[0], []).append((span[1], span[2], i))
+    for spans in by_device.values():
+        for cluster in _overlapping(sorted(spans)):
+            members = sorted(cluster, key=lambda c: c[2])  # in the group's order
+            for k, (lo, hi, i) in enumerate(members):
+                levels[i] = max((levels[j] + 1 for lo_j, hi_j, j in members[:k] if lo_j < hi and lo < hi_j), default=0)
+    return levels
+
+
+def _overlapping(spans: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
+    """The clusters of two or more spans [lo, hi) (sorted by lo) linked by overlaps."""
+    cluster: list[tuple[int, int, int]] = []
+    end = 0
+    for span in spans:
+        if cluster and span[0] >= end:
+            if len(cluster) > 1:
+                yield cluster
+            cluster = []
+        end = max(end, span[1]) if cluster else span[1]
+        cluster.append(span)
+    if len(cluster) > 1:
+        yield cluster
 
 
 def _with_symmetries(

@@ -94,6 +94,66 @@ def test_a_param_listed_twice_is_stepped_twice_in_order_deterministically_like_t
     assert calls and all(n == distinct for n, distinct in calls), "a kernel call got the same memory twice"
 
 
+def _views_run(make_opt, base0, views, grads, steps=3):
+    """Params that are views of one flat buffer (`views`: slices of it), stepped `steps` times."""
+    base = base0.clone()
+    params = [torch.nn.Parameter(base[sl]) for sl in views]
+    opt = make_opt(params)
+    for s in range(steps):
+        for i, p in enumerate(params):
+            p.grad = grads[i][s].clone()
+        opt.step()
+    return base, opt
+
+
+def test_params_that_share_memory_are_stepped_in_order_like_torch(monkeypatch):
+    """Views of one buffer that overlap: torch.optim.SGD's loop steps them one after the other,
+    the later one reading the earlier one's result. In one kernel call the threads would step the
+    shared memory at once (a race, and not torch's result): overlapping params go to successive
+    calls, keep their own statistics, and disjoint views of one buffer still share a call."""
+    calls = []
+    real_step = nm_optim.sgd.sgd_step_
+
+    def spy(params, *args):
+        calls.append([(t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in params])
+        return real_step(params, *args)
+
+    monkeypatch.setattr(nm_optim.sgd, "sgd_step_", spy)
+    gen = torch.Generator().manual_seed(0)
+    n = 1 << 20  # far above the CPU kernel's serial threshold
+    base0 = torch.randn(3 * n, generator=gen)
+    views = [slice(0, 2 * n), slice(n, 3 * n), slice(2 * n + 10, 2 * n + 4010)]  # 0 and 1 overlap, 2 lies in 1
+    grads = [[torch.randn(sl.stop - sl.start, generator=gen) for _ in range(3)] for sl in views]
+    hyper = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}
+    want, _ = _views_run(lambda ps: torch.optim.SGD(ps, foreach=False, **hyper), base0, views, grads)
+    got, _ = _views_run(lambda ps: nm_optim.SGD(ps, backend="cpu", **hyper), base0, views, grads)
+    assert torch.equal(got, want)
+    for call in calls:
+        spans = sorted(call)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "a kernel call got overlapping memory"
+    assert [len(c) for c in calls[:3]] == [1, 1, 1]  # 0, then 1, then 2 (which lies in 1)
+
+    # tracked: each param's statistics are of its own values just before its own update
+    calls.clear()
+    got, opt = _views_run(lambda ps: nm_optim.SGD(ps, backend="cpu", track="layers", **hyper), base0, views, grads,
+                          steps=1)
+    stats = opt.last_stats()  # one "all" track per param
+    base = base0.clone()
+    for i, sl in enumerate(views):
+        p0, g = base[sl].double(), grads[i][0].double()
+        assert_rel_close(stats[i][0, [0, 1, 3, 6]], torch.stack([p0.sum(), g.sum(), (p0 * p0).sum(), (p0 * g).sum()]),
+                         1e-6, f"stats of view {i}", floor=1.0)
+        base[sl] -= 0.1 * (grads[i][0] + 1e-2 * base[sl])  # torch's first step: the buffer is d
+    assert torch.allclose(got, base, rtol=1e-6, atol=1e-6)
+
+    # disjoint views of one buffer (a flat parameter buffer): one call
+    calls.clear()
+    disjoint = [slice(0, n), slice(n, 2 * n), slice(2 * n, 3 * n)]
+    _views_run(lambda ps: nm_optim.SGD(ps, backend="cpu", **hyper), base0, disjoint,
+               [[torch.randn(n, generator=gen)] for _ in disjoint], steps=1)
+    assert [len(c) for c in calls] == [3]
+
+
 def test_torch_constructor_arguments_and_state_dicts_are_interchangeable(tmp_path):
     """foreach / fused / differentiable=False are accepted (they choose nothing here) and kept in
     the param groups as torch keeps them; the state dict has exactly torch.optim.SGD's keys, so
