@@ -196,7 +196,7 @@ def test_long_groups_are_reduced_in_two_levels(monkeypatch, backend):
               (params[1], "rows"), (params[2], "all")]
     opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend, track=tracks)
     run_and_check(params, opt, tracks, steps=2)
-    plans = [t for t in P._tables.get(id(params[0]), {}).values() if isinstance(t, P.StatsPlan)]
+    plans = [plan for layout in P._layouts.get(id(params[0]), []) for plan in layout.plans.values()]
     assert plans and all(plan.n_pre_tasks > 0 for plan in plans)
 
 
@@ -325,3 +325,33 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
 def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     _compile_for_gpus(tmp_path)
+
+
+def test_a_tracked_buckets_plan_is_built_once_per_layout(monkeypatch):
+    """The StatsPlan hangs on the bucket's statistics layout (found again each step by list
+    comparisons): steps with the same tracked tensors neither rebuild it nor recompute the
+    geometry (a Python loop over the tensors); a new layout builds a new one."""
+    from nm_optim.ops import plan as P
+
+    built = []
+    real = P.StatsPlan
+
+    def spy(numels, *args, **kwargs):
+        built.append(numels)
+        return real(numels, *args, **kwargs)
+
+    monkeypatch.setattr(P, "StatsPlan", spy)
+    geometries = []
+    real_geometry = P.stats_geometry
+    monkeypatch.setattr(P, "stats_geometry", lambda *a: geometries.append(1) or real_geometry(*a))
+    params = [nn.Parameter(torch.randn(6, 5, device=DEVICE)) for _ in range(3)]
+    opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, backend="triton", track="layers")
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert built == [(30, 30, 30)]
+    assert len(geometries) <= 2  # per layout (the CPU kernel's too, where the op checks one), not per step
+    params[1].grad = None  # another bucket layout: two tensors
+    opt.step()
+    assert built == [(30, 30, 30), (30, 30)]

@@ -16,7 +16,7 @@ from nm_optim.ops import plan as P
 from nm_optim.ops.args import Bucket, StepArgs
 from nm_optim.ops.extension import extension
 from nm_optim.ops.layout import DTYPE_CODES
-from nm_optim.ops.plan import stats_layout, stats_plan, tile_table
+from nm_optim.ops.plan import stats_layout, tile_table
 
 # CPU buckets with fewer elements than this are stepped by one thread: an OpenMP region costs
 # more than the work there, and 10-20x more when the machine is oversubscribed (spinning
@@ -119,8 +119,7 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     else:
         stats_args = {}
         if with_stats:
-            plan = stats_plan(owner, all_numels, layout.geom, layout.offsets_key, device, C.STATS_TILE_ROWS,
-                              C.STATS_TILE_COLS, reduce_chunk=P.REDUCE_CHUNK)
+            plan = layout.plan(device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS, reduce_chunk=P.REDUCE_CHUNK)
             # Two counts in each (csrc/cuda/sgd_step_cuda.cu, launch): the tiles with column
             # partials (first in the plan) and the first-level reduction tasks (first too) in
             # the high 32 bits; the binding passes them through.

@@ -330,7 +330,12 @@ class StatsLayout:
     - flat_numels (off the CPU): the element counts of the flat step's tiles: zero for tracked
       tensors, which the statistics kernel steps.
     - geom_array, offsets_array (CPU): int64 copies of geom and the offsets, which the kernel
-      reads by address (built once: 3000 ints cost 50-75 us per step to convert)."""
+      reads by address (built once: 3000 ints cost 50-75 us per step to convert).
+    - plan() (off the CPU kernel: CUDA, Triton): the layout's StatsPlan, built once per device
+      and tiling, so a step neither rebuilds the geometry nor hashes a key of 7 ints per tensor.
+
+    `cpu`: the layout of the CPU kernel (above); False for the GPU kernels, also when Triton's
+    interpreter runs them on CPU tensors."""
 
     def __init__(self, shapes: Sequence[Sequence[int]], numels: tuple[int, ...], offsets: list[int], cpu: bool) -> None:
         n = len(shapes)
@@ -357,6 +362,19 @@ class StatsLayout:
                                          for i in range(n))
             self.geom_array, self.offsets_array = array("q", geom), array("q", offsets)
         self.geom = geom
+        self.plans: dict[tuple, StatsPlan] = {}
+
+    def plan(self, device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None,
+             reduce_chunk: int = REDUCE_CHUNK, align: int = 1) -> StatsPlan:
+        """The GPU kernels' StatsPlan of this layout on `device` with this tiling (built once)."""
+        key = (device, tile_rows, tile_cols, flat_tile, reduce_chunk, align)
+        plan = self.plans.get(key)
+        if plan is None:
+            if self.cpu:
+                raise ValueError("a StatsPlan is for the GPU kernels: get the layout with cpu=False")
+            plan = self.plans[key] = StatsPlan(self.numels, self.geom, self.offsets_key, device, tile_rows, tile_cols,
+                                                flat_tile, reduce_chunk, align)
+        return plan
 
     def matches(self, params: Sequence[Tensor], numels: tuple[int, ...], offsets: list[int]) -> bool:
         """Whether `params` (with these element counts) and `offsets` have this layout."""
@@ -365,12 +383,12 @@ class StatsLayout:
 
 
 def stats_layout(owner: object, params: Sequence[Tensor], numels: tuple[int, ...], offsets: Sequence[int],
-                 device: torch.device) -> StatsLayout:
+                 device: torch.device, cpu: bool | None = None) -> StatsLayout:
     """The StatsLayout of `owner`'s bucket (see `cached`) for these tensors on `device` and
     statistics offsets: one of its last LAYOUTS_PER_BUCKET layouts when it matches, else a new
-    one."""
+    one. cpu: whether for the CPU kernel (default: whether `device` is the CPU)."""
     offsets = offsets if isinstance(offsets, list) else list(offsets)
-    cpu = device.type == "cpu"
+    cpu = device.type == "cpu" if cpu is None else cpu
     recent = _layouts.get(id(owner))
     if recent is None:
         _watch(owner)

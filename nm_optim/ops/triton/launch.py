@@ -14,14 +14,14 @@ import triton.language as tl
 from nm_optim.ops import plan as P
 from nm_optim.ops.args import Bucket, StepArgs
 from nm_optim.ops.native import address_table, amp_scalar
-from nm_optim.ops.plan import stats_geometry, stats_plan
+from nm_optim.ops.plan import stats_layout, stats_plan
 from nm_optim.ops.triton import kernels as K
 
 
 def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     """One step of dense tensors sharing a device and dtype (see ops/op.py), with the statistics
     of the tracked ones written to `args.stats`."""
-    params, grads, momentum_buffers, is_first, numels, owner, _ = bucket
+    params, grads, momentum_buffers, is_first, numels, owner, layout = bucket
     if not params:
         return
     device = params[0].device
@@ -29,11 +29,15 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     has_momentum = args.has_momentum
     with_stats = args.with_stats
     numels = numels if numels is not None else tuple(p.numel() for p in params)
-    offsets = tuple(args.stats_offsets) if with_stats else ()
-    geom = stats_geometry([p.shape for p in params], offsets) if with_stats else ()
     owner = owner if owner is not None else params[0]
-    plan = stats_plan(owner, numels, geom, offsets, device, K.TILE_ROWS, K.BLOCK_COLS, flat_tile=K.FLAT_TILE,
-                      reduce_chunk=P.REDUCE_CHUNK, align=K.VEC[dtype])
+    tiling = dict(flat_tile=K.FLAT_TILE, reduce_chunk=P.REDUCE_CHUNK, align=K.VEC[dtype])
+    if with_stats:
+        # the bucket's layout, unless it is the CPU kernel's (Triton's interpreter on CPU tensors)
+        if layout is None or layout.cpu:
+            layout = stats_layout(owner, params, numels, args.stats_offsets, device, cpu=False)
+        plan = layout.plan(device, K.TILE_ROWS, K.BLOCK_COLS, **tiling)
+    else:
+        plan = stats_plan(owner, numels, (), (), device, K.TILE_ROWS, K.BLOCK_COLS, **tiling)
     ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
     table = plan.pointers.upload(ptrs, device)
     # The vector (ALIGNED) variants need every param, grad and buffer on 16 bytes (torch's
