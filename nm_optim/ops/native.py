@@ -60,7 +60,6 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     has_momentum = args.has_momentum
     owner = owner if owner is not None else params[0]
     numels = numels if numels is not None else tuple(map(_numel, params))
-    all_numels = numels
     if layout is None and args.with_stats:
         layout = stats_layout(owner, params, numels, args.stats_offsets, device)
     with_stats = layout is not None

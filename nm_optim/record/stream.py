@@ -346,17 +346,13 @@ class RecordStream:
 
     def _write(self, chunk: _Chunk) -> None:
         for k, s in enumerate(chunk.stats):
-            data = memoryview(np.ascontiguousarray(s, dtype=self.dtype)).cast("B")
-            fd = os.open(self.path / _stats_file(k), os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                at = self._written * self._row_bytes[k]
-                while len(data):  # at the records' end, not the file's (see _cut)
-                    n = os.pwrite(fd, data, at)
-                    data, at = data[n:], at + n
+            fd = os.open(self.path / _stats_file(k), os.O_RDWR | os.O_CREAT, 0o666)
+            with os.fdopen(fd, "r+b") as f:
+                f.seek(self._written * self._row_bytes[k])  # the records' end, not the file's (see _cut)
+                f.write(memoryview(np.ascontiguousarray(s, dtype=self.dtype)).cast("B"))
                 if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+                    f.flush()
+                    os.fsync(f.fileno())
         line = json.dumps(chunk.index_entry(), separators=(",", ":")) + "\n"
         with open(self.path / STREAM_INDEX, "ab") as f:
             f.write(line.encode())
