@@ -141,6 +141,7 @@ def bench_digest(path: str) -> dict:
     return dict(device=doc["meta"].get("device"), backends=doc["meta"].get("backends"),
                 sections=doc["sections"], copy_bandwidth_gbps=doc.get("copy_bandwidth_gbps"),
                 bitwise_vs_torch_fused=bitwise.get("summary"),
+                bitwise_reference=bitwise.get("reference", "torch fused"),
                 bitwise_cases_differing=[r for r in bitwise.get("rows", [])
                                          if r.get("error") or r.get("diff_params") or r.get("diff_buffers")][:60],
                 times=times)
@@ -173,7 +174,8 @@ def final_line(doc: dict) -> str:
             parts.append(word + ("" if status == "ok" else f" ({status})"))
         elif name == "bench" and status != "skipped":
             words = _bitwise_words(m.get("bitwise_vs_torch_fused"))
-            parts.append(f"bench {status}" + (f" (bitwise vs torch fused: {words})" if words else ""))
+            ref = m.get("bitwise_reference", "torch fused")
+            parts.append(f"bench {status}" + (f" (bitwise vs {ref}: {words})" if words else ""))
         elif name == "preflight" and m.get("missing"):
             parts.append(f"preflight {status} (missing: {', '.join(m['missing'])})")
         else:

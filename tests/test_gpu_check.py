@@ -141,6 +141,9 @@ def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     assert [s["status"] for s in bench["sections"]] == ["ok"] * len(bench["sections"])
     assert {"copy_bandwidth", "bitwise", "tiny"} <= {s["name"] for s in bench["sections"]}
     assert set(bench["bitwise_vs_torch_fused"]) >= {"cpu fp32", "cpu bf16"}
+    # on the CPU the reference is torch's for-loop step, which the CPU backend equals for fp32
+    assert bench["bitwise_reference"] == "torch for-loop" and bench["bitwise_vs_torch_fused"]["cpu fp32"] == "yes"
+    assert "bitwise vs torch for-loop: cpu: fp32 yes" in last
     # the device tool returns at most 8 files with plain names, no more than 2 folders down
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
