@@ -373,14 +373,17 @@ class SGD(Optimizer):
             return cached[2]
         plan: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         seen: Counter[int] = Counter()
-        repeat = []
+        occurrence = []
         for i, p in enumerate(params):
             if p.dtype not in _DTYPES:
                 _check_param(group, i if index is None else index[i], p, p)
-            repeat.append(seen[id(p)] > 0)
+            occurrence.append(seen[id(p)])
             seen[id(p)] += 1
+        repeat = [k > 0 for k in occurrence]
+        # The k-th occurrence of a param goes to call k or later even where its memory span is
+        # unknown (a DTensor: _memory_span), so that no call sees one tensor twice.
         for i, (p, level) in enumerate(zip(params, _call_levels(params))):
-            plan.setdefault((level, p.device, p.dtype), []).append(i)
+            plan.setdefault((max(level, occurrence[i]), p.device, p.dtype), []).append(i)
         # All calls of level 0, then of level 1, ...; a stable sort keeps the group's order within
         # each (params of one level are independent, so only overlapping params' order matters).
         result = [(device, None if len(v) == len(params) else v,

@@ -80,16 +80,22 @@ class _StreamReader:
     def row_bytes(self, k: int) -> int:
         return self.rows[k] * len(STAT_NAMES) * self.dtype.itemsize
 
-    def stats(self, n: int | None = None) -> list[np.ndarray]:
-        """Per device, a read-only memory map [n, rows, 9] of the first n records."""
-        n = self.records if n is None else n
-        out = []
-        for k, rows in enumerate(self.rows):
+    def check_sizes(self, n: int) -> None:
+        """RecordError unless every stats file holds at least `n` records."""
+        for k in range(len(self.rows)):
             f = self.path / _stats_file(k)
             size = f.stat().st_size if f.is_file() else 0
             if size < n * self.row_bytes(k):
                 self.fail(f"damaged record: {_stats_file(k)} holds {size // max(self.row_bytes(k), 1)} records, "
                           f"{STREAM_INDEX} lists {n}")
+
+    def stats(self, n: int | None = None) -> list[np.ndarray]:
+        """Per device, a read-only memory map [n, rows, 9] of the first n records."""
+        n = self.records if n is None else n
+        self.check_sizes(n)
+        out = []
+        for k, rows in enumerate(self.rows):
+            f = self.path / _stats_file(k)
             if n == 0 or rows == 0:
                 out.append(np.zeros((n, rows, len(STAT_NAMES)), self.dtype))
             else:
@@ -230,12 +236,7 @@ class RecordStream:
         # Records whose stats are in the files: the next chunk's stats go right after them, over
         # anything a crash or a cut left there (see _cut).
         self._written = self.records
-        for k in range(len(self.rows)):
-            f = path / _stats_file(k)
-            size = f.stat().st_size if f.is_file() else 0
-            if size < self.records * self._row_bytes[k]:
-                reader.fail(f"damaged record: {_stats_file(k)} holds {size // max(self._row_bytes[k], 1)} records, "
-                            f"{STREAM_INDEX} lists {self.records}")
+        reader.check_sizes(self.records)
         # Cut what a crash left past the last complete chunk: a torn index line.
         self._cut(reader.index_bytes)
 
