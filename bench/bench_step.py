@@ -3,7 +3,8 @@
 Side by side in one process, interleaved round by round (this machine is noisy: a ratio measured
 in one run means more than two absolute times measured apart). Reports the median ms per step,
 GB/s counted as 20 bytes per param (read p, g, v; write p, v: the floor for SGD with momentum),
-and the ratio to torch.optim.SGD(fused=True).
+and the ratio to torch.optim.SGD(fused=True): of the medians ("vs torch fused"), and the median of
+the rounds' own ratios ("paired": every provider steps once per round, one after another).
 
     python bench/bench_step.py                       # both shape sets, CPU
     python bench/bench_step.py --shapes many --json out.json
@@ -114,6 +115,7 @@ def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: 
                 ms=ms,
                 gbps=n * BYTES_PER_PARAM / (ms * 1e-3) / 1e9,
                 ratio_to_torch_fused=ms / fused,
+                paired_ratio=paired_ratio(ts, times["torch fused"]),
                 samples=len(ts),
             )
         )
@@ -164,10 +166,18 @@ def _time_steps(steps: dict[str, Callable[[], object]], device: str, rounds: int
     base = statistics.median(times[base_name])
     return [
         dict(provider=name, ms=statistics.median(ts), gbps=n * BYTES_PER_PARAM / (statistics.median(ts) * 1e-3) / 1e9,
-             ratio_to_torch_fused=statistics.median(ts) / base, samples=len(ts),
-             spread=(max(ts) - min(ts)) / statistics.median(ts))
+             ratio_to_torch_fused=statistics.median(ts) / base, paired_ratio=paired_ratio(ts, times[base_name]),
+             samples=len(ts), spread=(max(ts) - min(ts)) / statistics.median(ts))
         for name, ts in times.items()
     ]
+
+
+def paired_ratio(ts: list[float], base: list[float]) -> float:
+    """The median over rounds of this round's time over the base's time in the same round. The
+    two ran back to back, so a slow phase of a shared machine (other tenants' memory traffic
+    moves this machine's step times by 30-40% from round to round) slows both; the ratio of the
+    two medians mixes different phases."""
+    return statistics.median(t / b for t, b in zip(ts, base, strict=True))
 
 
 def _quiet(opt):
@@ -244,10 +254,11 @@ def print_table(result: dict) -> None:
         f"\n{result['shape_set']}: {result['n_tensors']} tensors, {result['n_params']:,} params, "
         f"{result['dtype']}, momentum 0.9, weight decay 5e-4"
     )
-    print(f"{'provider':<36}{'ms/step':>10}{'GB/s':>9}{'vs torch fused':>16}{'spread':>8}")
+    print(f"{'provider':<36}{'ms/step':>10}{'GB/s':>9}{'vs torch fused':>16}{'paired':>9}{'spread':>8}")
     for r in result["rows"]:
         spread = f"{r['spread']:>7.0%}" if "spread" in r else ""
-        print(f"{r['provider']:<36}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['ratio_to_torch_fused']:>15.3f}x {spread}")
+        print(f"{r['provider']:<36}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['ratio_to_torch_fused']:>15.3f}x"
+              f"{r['paired_ratio']:>8.3f}x {spread}")
 
 
 def main(argv: list[str] | None = None) -> int:

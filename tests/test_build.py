@@ -8,6 +8,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,29 @@ def test_the_kernel_cycles_benchmark_builds_and_runs(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     assert re.fullmatch(r"plain [\d.]+  rows [\d.]+  rows\+cols [\d.]+  cycles per element and thread \(1 threads, .+\)\n",
                         out), out
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None
+                    or shutil.which("objdump") is None,
+                    reason="bench/loop_counts.py disassembles the x86-64 two-variant build (g++, objdump)")
+def test_the_statistics_loops_move_the_bytes_the_design_says():
+    """bench/loop_counts.py counts the kernel's compiled hot loops (docs/architecture.md, "The CPU
+    statistics: what bounds them"). Per element of fp32 with momentum: the plain step and the row
+    statistics store only p and v (8 bytes; the 9 row sums stay in registers, the row loop loads
+    p, g, v once: 12 bytes); rows + cols add one read-modify-write of the 9 column partials per
+    two rows (9 x 4 / 2 = 18 bytes stored), and nothing spills."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import loop_counts
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    loops = loop_counts.count()
+    plain, rows, cols = (loops[name] for name in loop_counts.LOOPS)
+    assert plain["store_bytes"] == 8
+    assert (rows["load_bytes"], rows["store_bytes"]) == (12, 8)
+    assert cols["store_bytes"] == 8 + 18
+    # p and g are read by both passes, v by the second; the partials once per two rows
+    assert cols["load_bytes"] == (8 + 8 + 4) + 18
+    # per 16-element vector: the 9 terms (6 products as fmas, 3 adds) and the update's 5
+    # (gradient scale, weight decay, buf * momentum, + (1 - dampening) * d, the step)
+    assert (rows["fma"] * 16, rows["add"] * 16) == (6 + 5, 3)

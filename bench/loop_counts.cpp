@@ -1,0 +1,37 @@
+// The CPU kernel's hot loops, one function each, for bench/loop_counts.py to disassemble and
+// count (instructions per element: what the issue-13 bound is made of). Each wrapper runs one
+// loop exactly as the extension compiles it (the kernel's source is included; float32, momentum
+// 0.9 after the first step, weight decay): the plain step (AVX2 + FMA variant), a row segment
+// with the 9 statistics (Stats512::row_seg: "rows" and "all" tracks), and the two passes of two
+// rows with column partials (Stats512::pass: "rows" + "cols").
+#include "cpu/sgd_step_cpu.cpp"
+
+using namespace nm_optim;
+
+#if NM_TWO_VARIANTS
+using S512 = Stats512<float, /*HAS_WD=*/true, /*MOM=*/true, /*FIRST=*/false, /*NESTEROV=*/false>;
+using V = S512::V;
+
+NM_FUSED_TARGET __attribute__((noinline)) void loop_plain(float* p, const float* g, float* v, int64_t n,
+                                                          const StepScalars<float>& s) {
+  PlainRange<float, true, true, true, false, false>::run(p, g, v, n, s);
+}
+NM_AVX512_TARGET __attribute__((noinline)) void loop_rows(float* p, const float* g, float* v, int64_t n,
+                                                          const StepScalars<float>& s, double* acc) {
+  S512::row_seg(p, g, v, n, s, acc);
+}
+NM_AVX512_TARGET __attribute__((noinline)) void loop_cols_pass1(float* p, const float* g, float* v, int64_t rowlen,
+                                                                int64_t nv, const StepScalars<float>& s,
+                                                                V (&lane)[kColRows][kNumStats], float* colf,
+                                                                int64_t stride) {
+  S512::pass<kColRows, false, kP, kG, kPP, kGG, kPG>(p, g, v, rowlen, nv, s, lane, colf, stride);
+}
+NM_AVX512_TARGET __attribute__((noinline)) void loop_cols_pass2(float* p, const float* g, float* v, int64_t rowlen,
+                                                                int64_t nv, const StepScalars<float>& s,
+                                                                V (&lane)[kColRows][kNumStats], float* colf,
+                                                                int64_t stride) {
+  S512::pass<kColRows, true, kV, kVV, kPV, kGV>(p, g, v, rowlen, nv, s, lane, colf, stride);
+}
+#else
+#error "bench/loop_counts.cpp counts the x86-64 two-variant build's loops (GCC, without NM_OPTIM_NATIVE)"
+#endif
