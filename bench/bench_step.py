@@ -102,9 +102,8 @@ def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: 
         for _ in range(warmup):
             opt.step()
     times: dict[str, list[float]] = {name: [] for name in opts}
-    for _ in range(rounds):  # interleaved: every provider once per round
-        for name, opt in opts.items():
-            times[name].append(timer_(opt.step))
+    for name in rotated(list(opts), rounds):  # interleaved: every provider once per round
+        times[name].append(timer_(opts[name].step))
     fused = statistics.median(times["torch fused"])
     rows = []
     for name, ts in times.items():
@@ -120,6 +119,13 @@ def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: 
             )
         )
     return dict(shape_set=shape_set, n_tensors=len(params), n_params=n, dtype=str(dtype), rows=rows)
+
+
+def rotated(names: list[str], rounds: int) -> list[str]:
+    """Every name once per round, the order rotated by one each round: a step that runs right
+    after another one pays for what that one left behind (freed memory, evicted caches, the
+    other tenants' phase), and no provider should pay for the same neighbour in every round."""
+    return [names[(r + i) % len(names)] for r in range(rounds) for i in range(len(names))]
 
 
 def torch_sums(params, bufs_of) -> list[torch.Tensor]:
@@ -160,9 +166,8 @@ def _time_steps(steps: dict[str, Callable[[], object]], device: str, rounds: int
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            times[name].append(timer_(fn))
+    for name in rotated(list(steps), rounds):
+        times[name].append(timer_(steps[name]))
     base = statistics.median(times[base_name])
     return [
         dict(provider=name, ms=statistics.median(ts), gbps=n * BYTES_PER_PARAM / (statistics.median(ts) * 1e-3) / 1e9,
@@ -195,12 +200,22 @@ def bench_stats(device: str, rounds: int, warmup: int, compile_: bool, torch_sum
     weights = [p for p in params if p.dim() >= 2]
     tracks = [(p, axis) for p in weights for axis in ("rows", "cols")]
     fused = torch.optim.SGD(params, fused=True, **HYPER)
-    steps: dict[str, Callable[[], object]] = {"torch fused (no stats)": fused.step}
-    if torch_sums_:
-        steps["torch fused + sums (torch ops)"] = step_and_sums(torch.optim.SGD(params, fused=True, **HYPER), params)
-    if compile_:
-        eager = torch.optim.SGD(params, foreach=True, **HYPER)
-        steps["torch.compile(step + sums)"] = torch.compile(step_and_sums(eager, params))
+    results = []
+    if torch_sums_ or compile_:
+        # In a block of their own: they allocate and free gigabytes of temporaries each step, and
+        # whatever ran next paid for it.
+        steps: dict[str, Callable[[], object]] = {"torch fused (no stats)": fused.step}
+        if torch_sums_:
+            steps["torch fused + sums (torch ops)"] = step_and_sums(torch.optim.SGD(params, fused=True, **HYPER),
+                                                                    params)
+        if compile_:
+            eager = torch.optim.SGD(params, foreach=True, **HYPER)
+            steps["torch.compile(step + sums)"] = torch.compile(step_and_sums(eager, params))
+        results.append(dict(shape_set="vgg16 + rows/cols sums with torch ops", n_tensors=len(params), n_params=n,
+                            dtype="torch.float32",
+                            rows=_time_steps(steps, device, rounds, warmup, "torch fused (no stats)", n)))
+        del steps
+    steps = {"torch fused (no stats)": fused.step}
     backends = [b for b in nm_optim.available_backends(device) if b != "reference"]
     for backend in backends:
         steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(params, backend=backend, **HYPER).step
@@ -210,9 +225,9 @@ def bench_stats(device: str, rounds: int, warmup: int, compile_: bool, torch_sum
             nm_optim.SGD(params, backend=backend, track=[(p, "rows") for p in weights], **HYPER)).step
         steps[f"nm_optim {backend} track=layers"] = _quiet(
             nm_optim.SGD(params, backend=backend, track="layers", **HYPER)).step
-    results = [dict(shape_set="vgg16 + tracks", n_tensors=len(params), n_params=n, n_tracks=len(tracks),
-                    n_groups=sum(p.shape[0] + p.shape[1] for p in weights), dtype="torch.float32",
-                    rows=_time_steps(steps, device, rounds, warmup, "torch fused (no stats)", n))]
+    results.append(dict(shape_set="vgg16 + tracks", n_tensors=len(params), n_params=n, n_tracks=len(tracks),
+                        n_groups=sum(p.shape[0] + p.shape[1] for p in weights), dtype="torch.float32",
+                        rows=_time_steps(steps, device, rounds, warmup, "torch fused (no stats)", n)))
     del steps, fused, params, weights, tracks
 
     small = make_params(SHAPE_SETS["many"](), device, torch.float32)

@@ -23,12 +23,12 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXXFLAGS = ["-std=c++17", "-O3", "-ffp-contract=off", "-fopenmp", "-Wno-psabi"]  # as CMakeLists.txt
 
-# name -> (functions whose hot loops make one iteration, elements per iteration or None: two
-# stores (p and v) per vector of elements)
+# name -> (functions whose hot loops make one iteration, rows per iteration: one vector of
+# elements of each)
 LOOPS = {
-    "plain step (AVX2)": (["loop_plain"], None),
-    '"rows" / "all" (AVX-512 row segment)': (["loop_rows"], None),
-    '"rows" + "cols" (two rows, two passes)': (["loop_cols_pass1", "loop_cols_pass2"], 2 * 16),
+    "plain step (AVX2)": (["loop_plain"], 1),
+    '"rows" / "all" (AVX-512 row segment)': (["loop_rows"], 1),
+    '"rows" + "cols" (two rows, two passes)': (["loop_cols_pass1", "loop_cols_pass2"], 2),
 }
 ZEN4 = dict(fma=1.0, add=1.0, load_bytes=64.0, store_bytes=32.0)  # per cycle, 512-bit units
 
@@ -98,12 +98,15 @@ def count() -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         funcs = disassemble(tmp)
     out = {}
-    for name, (fns, elements) in LOOPS.items():
+    for name, (fns, rows) in LOOPS.items():
         total: dict[str, float] = {}
+        widest = 0
         for fn in fns:
-            for k, val in classify(hot_loop(funcs[fn])).items():
+            body = hot_loop(funcs[fn])
+            widest = max(widest, *(64 if "zmm" in x[2] else 32 if "ymm" in x[2] else 16 for x in body))
+            for k, val in classify(body).items():
                 total[k] = total.get(k, 0) + val
-        n = elements if elements is not None else total["stores"] / 2 * 16
+        n = rows * widest // 4  # float32 elements
         per: dict = {k: val / n for k, val in total.items()}
         per["elements_per_iteration"] = n
         per["bound"] = dict(fma=per["fma"] / ZEN4["fma"], add=per["add"] / ZEN4["add"],

@@ -328,10 +328,11 @@ struct StatsTile {
 
 // ---- The statistics on AVX-512 (issue 13) -----------------------------------------------------
 //
-// Tracked float / double tensors, in 64-byte vectors (16 floats / 8 doubles). Two paths:
+// Tracked float / double tensors, in 32-byte vectors (8 floats / 4 doubles; kStatsVectorBytes)
+// with AVX-512 VL's 32 registers. Two paths:
 //
 // * Without a cols track (rows_tile): one pass per row segment, the 9 row sums in registers,
-//   products added as fmas: 11 FP instructions per 16 elements besides the update.
+//   products added as fmas: 6 fmas and 3 adds per vector besides the update.
 //
 // * With a cols track (cols_tile) every element also adds its 9 terms to its column's partials
 //   (colf): in the AVX2 kernel above that is 9 loads and 9 stores per 8 elements and row, more
@@ -379,30 +380,38 @@ constexpr int kColRows = 2;  // rows per block: 2 x 9 row sums in registers
 // pipes: all fmas or none measured 5-25% slower on Zen 4.
 constexpr unsigned kFmaStats = (1u << kPP) | (1u << kPG) | (1u << kPV);
 
+// The vector width of these kernels: 32 bytes (8 floats / 4 doubles), in the 32 registers of
+// AVX-512 VL. 64-byte vectors ran slower (bench/kernel_cycles.cpp, float32, paired with the plain
+// step in the same repetition): rows + cols on VGG-16's fc1 from memory 1.56-2.08x the plain
+// step on two threads against 1.24-1.33x, 1.98x against 1.63x on one; with the data in cache
+// 1.46-2.0 against 1.38 cycles per element, rows 0.77-0.91 against 0.71. (Zen 4 executes a
+// 64-byte operation as two 32-byte halves and stores 32 bytes per cycle: the wider vectors halve
+// the instructions, not the work, and a plain step in 64-byte vectors measured 4% slower than in
+// 32-byte ones from memory.)
+constexpr int kStatsVectorBytes = 32;
+
 template <typename C>
-struct Vec64 {
-  typedef C type __attribute__((vector_size(64)));
-  typedef C unaligned __attribute__((vector_size(64), aligned(alignof(C)), may_alias));
-  static constexpr int N = 64 / sizeof(C);
+struct VecS {
+  typedef C type __attribute__((vector_size(kStatsVectorBytes)));
+  typedef C unaligned __attribute__((vector_size(kStatsVectorBytes), aligned(alignof(C)), may_alias));
+  static constexpr int N = kStatsVectorBytes / sizeof(C);
 };
 
-// Row sums of one row in a thread's stack: float64 vectors (lane l of vector h holds the lanes
-// h * 8 + l of the compute-type lanes), reduced in a fixed order at the end of the segment.
+// Row sums of one row in a thread's stack: a float64 vector per statistic (lane l holds the
+// compute-type lane l), reduced in a fixed order at the end of the segment.
 template <typename C>
 struct RowLanes {
-  static constexpr int N = Vec64<C>::N;
-  static constexpr int H = N / 8;  // float64 vectors per compute vector: 2 (float), 1 (double)
-  typedef double D __attribute__((vector_size(64)));
-  D d[kNumStats][H];
+  static constexpr int N = VecS<C>::N;
+  typedef double D __attribute__((vector_size(N * sizeof(double))));
+  D d[kNumStats];
 };
 
 template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
 struct Stats512 {
-  using V = typename Vec64<C>::type;
-  using U = typename Vec64<C>::unaligned;
+  using V = typename VecS<C>::type;
+  using U = typename VecS<C>::unaligned;
   using D = typename RowLanes<C>::D;
-  static constexpr int N = Vec64<C>::N;
-  static constexpr int H = RowLanes<C>::H;
+  static constexpr int N = VecS<C>::N;
 
   static constexpr int64_t kChunk = kFlushBlocks * N;  // elements per chunk of a row (seg)
 
@@ -412,15 +421,7 @@ struct Stats512 {
   // lane (compute type) -> the float64 row lanes, then zeroed.
   static inline __attribute__((always_inline)) void flush(V (&lane)[kNumStats], RowLanes<C>& out) {
     for (int k = 0; k < kNumStats; ++k) {
-      if constexpr (H == 2) {
-        typedef float F8 __attribute__((vector_size(32)));
-        const F8 lo = __builtin_shufflevector(lane[k], lane[k], 0, 1, 2, 3, 4, 5, 6, 7);
-        const F8 hi = __builtin_shufflevector(lane[k], lane[k], 8, 9, 10, 11, 12, 13, 14, 15);
-        out.d[k][0] += __builtin_convertvector(lo, D);
-        out.d[k][1] += __builtin_convertvector(hi, D);
-      } else {
-        out.d[k][0] += lane[k];
-      }
+      out.d[k] += __builtin_convertvector(lane[k], D);
       lane[k] = V{};
     }
   }
@@ -428,8 +429,7 @@ struct Stats512 {
   static inline __attribute__((always_inline)) void finish(const RowLanes<C>& rl, double* acc) {
     for (int k = 0; k < kNumStats; ++k) {
       double sum = 0.0;  // fixed order
-      for (int h = 0; h < H; ++h)
-        for (int l = 0; l < 8; ++l) sum += rl.d[k][h][l];
+      for (int l = 0; l < N; ++l) sum += rl.d[k][l];
       acc[k] += sum;
     }
   }
