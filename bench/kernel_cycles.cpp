@@ -8,6 +8,7 @@
 //   OMP_NUM_THREADS=1 /tmp/kernel_cycles 128 1024      # data in L1 / L2
 //   OMP_NUM_THREADS=1 /tmp/kernel_cycles 1024 25088    # data in memory
 //   OMP_NUM_THREADS=2 /tmp/kernel_cycles 4096 25088    # VGG-16's fc1 on two threads
+//   OMP_NUM_THREADS=2 /tmp/kernel_cycles 4096 25088 20 20 49   # fc1 as [4096, 512, 49]: cols of 49
 //
 // Cycles are time-stamp-counter ticks (the nominal clock), per element and thread, the best of
 // `reps` steps. The kernel's own tiles are called (it includes the kernel's source: they are
@@ -23,12 +24,18 @@ using namespace nm_optim;
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s rows cols [reps=20] [tile_rows=20]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s rows cols [reps=20] [tile_rows=20] [rest=1]\n", argv[0]);
     return 2;
   }
   const int64_t R = std::atoll(argv[1]), L = std::atoll(argv[2]);
   const int reps = argc > 3 ? std::atoi(argv[3]) : 20;
   const int64_t tile_rows = argc > 4 ? std::atoll(argv[4]) : 20;
+  // Columns of `rest` consecutive elements each (a conv's kernel window; Flatten's positions).
+  const int64_t rest = argc > 5 ? std::atoll(argv[5]) : 1;
+  if (rest < 1 || L % rest != 0) {
+    std::fprintf(stderr, "rest must divide cols\n");
+    return 2;
+  }
   const int64_t n = R * L;
   auto alloc = [](int64_t m) { return static_cast<float*>(std::aligned_alloc(64, (m * 4 + 63) / 64 * 64)); };
   float *p = alloc(n), *g = alloc(n), *v = alloc(n);
@@ -51,14 +58,14 @@ int main(int argc, char** argv) {
 #endif
   // Per-thread scratch, as the kernel's Partials: float64 sums and the column partials.
   std::vector<std::vector<double>> rows(threads, std::vector<double>(kNumStats * R));
-  std::vector<std::vector<double>> cols(threads, std::vector<double>(kNumStats * L));
-  std::vector<std::vector<float>> colf(threads, std::vector<float>(kNumStats * colf_stride(L, 1, wide) + 16));
+  std::vector<std::vector<double>> cols(threads, std::vector<double>(kNumStats * (L / rest)));
+  std::vector<std::vector<float>> colf(threads, std::vector<float>(kNumStats * colf_stride(L / rest, rest, wide) + 16));
   const StepFlags flags{true, true, false};
   const StepScalars<float> s{-0.01f, 5e-4f, 0.9f, 1.0f, 1.0f};
   const int64_t n_tiles = (R + tile_rows - 1) / tile_rows;
 
   auto tracked = [&](int64_t k, int tid, bool with_cols) {
-    const TensorStats ts{R, L, 1, rows[tid].data(), with_cols ? cols[tid].data() : nullptr, nullptr,
+    const TensorStats ts{R, L / rest, rest, rows[tid].data(), with_cols ? cols[tid].data() : nullptr, nullptr,
                          with_cols ? colf[tid].data() : nullptr};
     const int64_t begin = k * tile_rows * L, end = std::min(R, (k + 1) * tile_rows) * L;
 #if NM_TWO_VARIANTS

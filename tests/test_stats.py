@@ -25,6 +25,22 @@ def test_stats_match_float64_from_pre_step_tensors(device, backend, hyper):
     run_and_check(params, opt, tracks, steps=3, maximize=hyper.get("maximize", False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cols_groups_of_every_width_on_the_cpu(dtype):
+    """A cols group of a [d0, d1, rest] tensor is `rest` consecutive elements of every row (a conv's
+    kernel window, the positions of a channel after Flatten): the CPU kernel sums them 4 at a time
+    and then the tail, so widths below, at and past multiples of 4 each meet another path; 49 is
+    VGG-16's fc1 as find_symmetries sees it. More rows than one fold (30) and an odd count."""
+    if "cpu" not in nm_optim.available_backends("cpu"):
+        pytest.skip("the compiled CPU kernel is not built")
+    torch.manual_seed(0)
+    params = [torch.randn((37, 3, rest), dtype=dtype, requires_grad=True) for rest in (2, 3, 4, 5, 8, 9)]
+    params.append(torch.randn((33, 4, 7, 7), dtype=dtype, requires_grad=True))
+    tracks = [(p, axis) for p in params for axis in ("rows", "cols")]
+    opt = nm_optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-2, backend="cpu", track=tracks)
+    run_and_check(params, opt, tracks, steps=2)
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_g_is_the_unscaled_gradient_under_amp(device, backend):
     params = [torch.randn(s, device=device, requires_grad=True) for s in [(40, 30), (17,)]]
