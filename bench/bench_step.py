@@ -14,6 +14,7 @@ the rounds' own ratios ("paired": every provider steps once per round, one after
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -46,6 +47,21 @@ SHAPE_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "vgg16": vgg16_shapes,
     "many": lambda: [(4096,)] * 1000,
 }
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Keep large CPU tensors on fresh pages, as in a fresh process. glibc raises its mmap
+    threshold when a large block is freed (up to 32 MiB): after the first blocks of this
+    benchmark freed theirs, later tensors under the threshold came from the heap at other offsets
+    modulo 4 KiB, and torch's fused step on VGG-16's parameters measured 90 ms instead of 52-59
+    (the same process, the same shapes). A fixed threshold (mallopt M_MMAP_THRESHOLD) stops the
+    adjustment. False where the C library has no mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, nbytes))
 
 
 def make_params(shapes, device, dtype) -> list[torch.Tensor]:
@@ -292,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="include torch.compile(step + sums) (slow to compile)")
     args = ap.parse_args(argv)
 
+    fix_mmap_threshold()
     dtype = getattr(torch, args.dtype)
     sets = list(SHAPE_SETS) if args.shapes == "all" else [args.shapes]
     results = []
