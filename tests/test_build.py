@@ -73,10 +73,11 @@ def test_the_kernel_cycles_benchmark_builds_and_runs(tmp_path):
     exe = tmp_path / "kernel_cycles"
     subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fopenmp", "-Wno-psabi", f"-I{ROOT / 'csrc'}",
                     "-o", str(exe), str(ROOT / "bench" / "kernel_cycles.cpp")], check=True, capture_output=True)
-    out = subprocess.run([str(exe), "8", "100", "1", "3"], check=True, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-    assert re.fullmatch(r"plain [\d.]+  rows [\d.]+  rows\+cols [\d.]+  cycles per element and thread \(1 threads, .+\)\n",
-                        out), out
+    for rest in ("1", "4"):  # columns of 4 elements: the fold of grouped columns
+        out = subprocess.run([str(exe), "8", "100", "1", "3", rest], check=True, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+        assert re.fullmatch(r"plain [\d.]+  rows [\d.]+  rows\+cols [\d.]+  cycles per element and thread "
+                            r"\(1 threads, .+\)\n", out), out
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None
