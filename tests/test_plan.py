@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nm_optim.ops.layout import geometry
-from nm_optim.ops.plan import StatsPlan
+from nm_optim.ops.plan import COL_FOLD_ROWS, ROW_TILE_SIZE, StatsPlan, TileTable
 
 SHAPES = [(1,), (7,), (300, 1), (5, 700), (129, 130), (33, 3, 3, 3), (3, 0), (2, 3, 0, 4), (260, 5), (40,)]
 # (tile_rows, tile_cols, flat_tile): CUDA's 2-D tiles for every tracked tensor; Triton's, with
@@ -158,3 +158,27 @@ def test_long_groups_are_reduced_in_two_levels():
     assert plan.n_pre_tasks > 0
     for base, count, inner, outer, row in plan.tasks.reshape(-1, 5).tolist()[: plan.n_pre_tasks]:
         assert inner == 9 and outer == 64 * 9 and count <= 18
+
+
+@pytest.mark.parametrize("shape", [(4096, 25088), (4096, 4096), (512, 4608), (10, 100000), (64, 27), (31, 1)])
+def test_cpu_cols_tiles_are_whole_rows_in_whole_fold_periods(shape):
+    """A CPU tensor with a "cols" track is cut into tiles of whole rows; where ROW_TILE_SIZE holds
+    half a fold period or more, a tile's rows are a multiple of the AVX-512 kernel's fold period
+    (it folds its partials at every tile's end), so VGG-16's fc1 folds every 30 rows, not every
+    20. The tiles still cover every element once; untracked tensors keep flat tiles."""
+    d0, rowlen = shape
+    table = TileTable((d0 * rowlen, 100_000), 32768, torch.device("cpu"), (rowlen, 0))
+    tiles = table.tiles.view(-1, 3)
+    mine = tiles[tiles[:, 0] == 0]
+    assert mine[0, 1] == 0 and (mine[1:, 1] == mine[:-1, 2]).all() and mine[-1, 2] == d0 * rowlen
+    rows = (mine[:, 2] - mine[:, 1]) // rowlen
+    assert ((mine[:, 2] - mine[:, 1]) % rowlen == 0).all()
+    per_tile = ROW_TILE_SIZE // rowlen
+    if per_tile * 2 >= COL_FOLD_ROWS:
+        assert (rows[:-1] % COL_FOLD_ROWS == 0).all() and int(rows[0]) % COL_FOLD_ROWS in (0, d0 % COL_FOLD_ROWS)
+    else:
+        assert int(rows.max()) == max(per_tile, 1)
+    if shape == (4096, 25088):
+        assert int(rows[0]) == 30
+    flat = tiles[tiles[:, 0] == 1]
+    assert (flat[:, 2] - flat[:, 1]).max() == 32768
