@@ -137,11 +137,12 @@ class TileTable:
         numel = torch.tensor(numels, dtype=torch.int64)
         step = torch.full_like(numel, tile_size)
         if row_lengths is not None:
-            rowlen = torch.tensor(row_lengths, dtype=torch.int64).clamp_min(1)
+            lengths = torch.tensor(row_lengths, dtype=torch.int64)
+            rowlen = lengths.clamp_min(1)
             rows = (ROW_TILE_SIZE // rowlen).clamp_min(1)
-            folds = torch.div(rows + COL_FOLD_ROWS // 2, COL_FOLD_ROWS, rounding_mode="floor")
+            folds = torch.div(rows + COL_FOLD_ROWS // 2, COL_FOLD_ROWS, rounding_mode="floor")  # nearest
             rows = torch.where(rows * 2 >= COL_FOLD_ROWS, folds * COL_FOLD_ROWS, rows)
-            step = torch.where(torch.tensor(row_lengths, dtype=torch.int64) > 0, rowlen * rows, step)
+            step = torch.where(lengths > 0, rowlen * rows, step)
         counts = (numel + step - 1) // step
         n_tiles = int(counts.sum())
         tensor_index = torch.repeat_interleave(torch.arange(len(numels)), counts)
