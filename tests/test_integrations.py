@@ -235,3 +235,26 @@ def test_the_law_holds_group_by_group_and_goes_to_tensorboard_histograms(tmp_pat
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0})
     acc.Reload()
     assert any(tag.startswith("groups/residual/") for tag in acc.Tags()["histograms"])
+
+
+def test_nm_optim_train_resume_keeps_every_logged_loss(tmp_path):
+    """`nm-optim train --resume --tensorboard DIR`: the board a stopped and resumed run leaves
+    holds what an uninterrupted run's holds: the loss at every 10 steps, including the one logged
+    at the resumed step by the first run, and nm_optim's scalars, each at its step once."""
+    pytest.importorskip("tensorboard")
+    from nm_optim.app.cli import main
+    from nm_optim.integrations.tensorboard import read_scalars
+
+    common = ["--tensorboard-every", "5", "--no-progress", "-q"]
+    first = ["train", "--model", "mlp", "--data", "digits", "--batch-size", "32", "--checkpoint-every", "15"]
+    assert main([*first, "--steps", "40", "--out", str(tmp_path / "whole"),
+                 "--tensorboard", str(tmp_path / "tb_whole"), *common]) == 0
+    assert main([*first, "--steps", "30", "--out", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb"),
+                 *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "40",
+                 "--tensorboard", str(tmp_path / "tb"), *common]) == 0
+    whole, resumed = read_scalars(tmp_path / "tb_whole"), read_scalars(tmp_path / "tb")
+    assert resumed["train/loss"][0] == [10, 20, 30, 40]
+    assert set(resumed) == set(whole)
+    for tag in whole:
+        assert resumed[tag] == whole[tag], tag

@@ -244,6 +244,12 @@ def train(
         from nm_optim.integrations.tensorboard import TensorBoardLogger
 
         board = TensorBoardLogger(opt, tensorboard, every=tensorboard_every, purge_step=resumed_from)
+        # The purge drops everything the stopped run wrote at and after the resumed step: its
+        # statistics there are redone, but the loss it logged at that step is of the steps before
+        # it, which are not. The checkpoint's loss log has it: write it again.
+        for logged_at, value in losses:
+            if resumed_from is not None and logged_at >= resumed_from:
+                board.add_scalar("train/loss", value, logged_at)
 
     bar = _progress(total, step, desc or f"{config.model} on {config.data}", progress and main)
     order, order_epoch = None, -1

@@ -40,7 +40,10 @@ class TensorBoardLogger:
     attach: register a step post-hook, so each ``optimizer.step()`` logs when due (False: call
         :meth:`update` yourself after the step).
     purge_step: a resumed run's first step: TensorBoard drops the events a crashed run wrote at
-        and after it (SummaryWriter's purge_step), and logging resumes at that step."""
+        and after it (SummaryWriter's purge_step), and logging resumes at that step. Values of
+        your own that the crashed run logged at that step from earlier steps (a loss averaged
+        over the steps before it) are dropped too: log them again (`nm-optim train` does, from
+        its checkpoint's loss log)."""
 
     def __init__(self, optimizer: Any, log_dir: str | os.PathLike | None = None, *, every: int = 10,
                  writer: Any = None, attach: bool = True, purge_step: int | None = None) -> None:
