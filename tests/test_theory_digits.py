@@ -67,7 +67,7 @@ def train(setting: str | None, steps: int = STEPS, dtype: torch.dtype = torch.fl
     x, y = digits()
     torch.manual_seed(0)
     model = models.small_vgg(batch_norm=bn, width=width, hidden=4 * width).to(dtype)
-    syms = symmetry.find_symmetries(model, x[:4].to(dtype))
+    syms = symmetry.find_symmetries(model, x[:4].to(dtype), loss=torch.nn.functional.cross_entropy)
     opt = nm_optim.SGD(model.named_parameters(), backend="cpu", symmetries=syms, **hyper)
     sched = torch.optim.lr_scheduler.StepLR(opt, *step_lr) if step_lr else None
     gen = torch.Generator().manual_seed(1)
