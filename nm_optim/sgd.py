@@ -55,10 +55,12 @@ class SGD(Optimizer):
             group of each track the step emits the 9 sums of ``nm_optim.STAT_NAMES`` of the
             pre-step p, g (grad after unscaling and the maximize sign, before weight decay) and
             v (the momentum buffer before the step); read them with :meth:`last_stats`.
-        foreach (bool, optional), fused (bool, optional): accepted for drop-in compatibility and
-            kept in the param groups (and state dicts) as torch.optim.SGD keeps them; they choose
-            nothing here: every step is one fused kernel per bucket, whatever their values
-            (``backend`` chooses the implementation). As in torch, both True is an error.
+        foreach (bool, optional): accepted for drop-in compatibility and kept in the param groups
+            (and state dicts) as torch.optim.SGD keeps it; it chooses nothing here: every step is
+            one fused kernel per bucket (``backend`` chooses the implementation).
+        fused (bool, optional): kept in the param groups as torch.optim.SGD keeps it, and, as
+            there, decides only who undoes torch.amp.GradScaler's scale (see below); the update
+            is the same kernel either way. As in torch, fused and foreach both True is an error.
         differentiable (bool): must be False (default); differentiating through the step is not
             supported (the kernels write in place through raw pointers).
         record_every (int): with tracks, ``opt.recorder`` keeps the statistics and
@@ -74,9 +76,18 @@ class SGD(Optimizer):
     The state dict has torch.optim.SGD's format and keys exactly (``momentum_buffer`` per param;
     no ``backend``, which is a choice of this process, not training state), so state moves between
     the two optimizers in both directions, also through torch.distributed.checkpoint; loading
-    keeps each param group's backend. Works with torch.amp.GradScaler: the scale is applied inside
-    the kernel, and a step with ``found_inf`` set writes nothing and creates no state, also on the
-    first step.
+    keeps each param group's backend.
+
+    torch.amp.GradScaler, as with torch.optim.SGD: by default the scaler unscales the grads itself
+    (``scaler.unscale_``, or inside ``scaler.step``) and skips ``step()`` when it found an inf or
+    a NaN, so params, buffers and grads are bitwise those of torch.optim.SGD's default path (and
+    gradient clipping after ``unscale_`` works, e.g. Lightning's ``gradient_clip_val`` with
+    ``precision="16-mixed"``). With ``fused=True`` the optimizer sets
+    ``_step_supports_amp_scaling``, as torch's fused SGD does: the scaler hands ``grad_scale``
+    and ``found_inf`` to ``step()``, the kernel divides the grads by the scale in the same pass
+    and writes the unscaled grads back to ``p.grad`` (bitwise torch's fused SGD, before the
+    maximize sign), and a step with ``found_inf`` set writes nothing (grads included) and
+    creates no state, also on the first step.
 
     A param listed twice in one group is stepped twice, in order, as torch.optim.SGD does (both
     warn at construction): the second update sees the first's result. Each kernel call sees a
@@ -102,8 +113,6 @@ class SGD(Optimizer):
       without tracks; ``track=`` / ``symmetries=`` raise NotImplementedError at construction,
       on every rank (each rank's optimizer holds only its partition of the params).
     """
-
-    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -151,6 +160,11 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
         if fused and foreach:  # torch.optim.SGD's check and message
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if fused:
+            # As torch.optim.SGD: only fused=True tells GradScaler (and Lightning) that step()
+            # unscales the grads itself; otherwise the scaler unscales them before the step, so
+            # gradient clipping after unscale_ works and the bits are torch's default path's.
+            self._step_supports_amp_scaling = True
         check_not_zero_partition(track is not None or bool(symmetries))
         spec, names, self.symmetries = _with_symmetries(track, symmetries, self.param_groups)
         self._tracks = TrackTable(spec, self.param_groups, names)
@@ -210,6 +224,11 @@ class SGD(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
             group.setdefault("backend", "auto")
+        # The constructor's fused (defaults) decides, so a deepcopy or pickle keeps the AMP
+        # contract (torch's own attribute is lost there) and loading a state dict, which runs this
+        # too, does not change it (as in torch).
+        if self.defaults.get("fused"):
+            self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "backend" in param_group:
