@@ -286,8 +286,8 @@ class SGD(Optimizer):
 
         calls = []
         new_buffers: list[tuple[Tensor, Tensor]] = []
-        for group in self.param_groups:
-            for device, bucket in self._buckets(group, new_buffers):
+        for gi, group in enumerate(self.param_groups):
+            for device, bucket in self._buckets(gi, group, new_buffers):
                 calls.append((group, device, *bucket))
 
         # A step that would create momentum buffers while GradScaler found an inf or nan: skip
@@ -305,6 +305,13 @@ class SGD(Optimizer):
         for group, device, params, grads, bufs, is_first, offsets in calls:
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
+            if lr_tensor is None and device.type == "cpu" and torch.compiler.is_compiling():
+                # A float passed to a custom op is a constant of the graph: Dynamo guards on it
+                # and recompiles for every value a scheduler sets (then, past its recompile limit,
+                # runs the step eagerly). As a tensor it is a graph input once Dynamo sees it
+                # change, as for torch.optim.SGD. Bitwise the same: the CPU backends read a CPU lr
+                # tensor as the float64 it holds. (CUDA reads a device lr as float32: not there.)
+                lr_tensor = torch.scalar_tensor(lr, dtype=torch.float64)
             wd = group["weight_decay"]
             sgd_step_(
                 params,
@@ -332,7 +339,7 @@ class SGD(Optimizer):
             self.recorder.after_step({id(p) for p, _ in new_buffers}, found_inf)
         return loss
 
-    def _buckets(self, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> list:
+    def _buckets(self, gi: int, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> list:
         """(device, bucket) for each kernel call, in order: params with a grad, split by (device,
         dtype), with their buffers, is_first flags and statistics offsets (empty when no param of
         the bucket is tracked). A param listed k times in the group is in k successive calls."""
@@ -345,12 +352,19 @@ class SGD(Optimizer):
             index = [i for i, g in enumerate(grads) if g is not None]
             params = [all_params[i] for i in index]
             grads = [grads[i] for i in index]
-        if any(g.is_sparse for g in grads):
-            i = next(i for i, g in enumerate(grads) if g.is_sparse)
+        sparse = [g.is_sparse for g in grads]
+        if any(sparse):
+            i = sparse.index(True)
             _check_param(group, i if index is None else index[i], params[i], grads[i])
 
         buckets = []
-        for device, members, offsets in self._plan(group, params, index):
+        if torch.compiler.is_compiling():
+            plan = _plan_at_trace_time(self, gi)
+            if plan is None:  # planning raised: raise it as eager code does
+                plan = _plan_eagerly(self, group, params, index)
+        else:
+            plan = self._plan(group, params, index)
+        for device, members, offsets in plan:
             if members is None:
                 bparams, bgrads = params, grads
             else:
@@ -390,6 +404,12 @@ class SGD(Optimizer):
         cached = plans.get(id(group))
         if cached is not None and cached[0] is group and cached[1] == key:
             return cached[2]
+        result = self._build_plan(group, params, index)
+        # The plan holds the group and its params, so their ids cannot be reused while cached.
+        plans[id(group)] = (group, key, result, list(params))
+        return result
+
+    def _build_plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
         plan: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         seen: Counter[int] = Counter()
         occurrence = []
@@ -408,8 +428,6 @@ class SGD(Optimizer):
         result = [(device, None if len(v) == len(params) else v,
                    self._offsets([params[i] for i in v], [repeat[i] for i in v]))
                   for (_, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
-        # The plan holds the group and its params, so their ids cannot be reused while cached.
-        plans[id(group)] = (group, key, result, list(params))
         return result
 
 
@@ -423,6 +441,38 @@ class SGD(Optimizer):
         if all(o is None for o in found):
             return []
         return [x for o in found for x in (o if o is not None else _UNTRACKED)]
+
+
+# Under torch.compile the plan is computed on the host, with the real tensors, while Dynamo traces
+# the step, and is a constant of the graph. Planning cannot be traced: it reads memory addresses
+# (data_ptr) that fake tensors do not have and that a graph could not inspect anyway. It may be
+# assumed constant because what it depends on is guarded by the traced step itself: which params
+# of the group have a grad (the step reads every p.grad: Dynamo guards None-ness and each grad's
+# metadata), each param's dtype and device (tensor guards on the op's inputs), the params
+# themselves (guarded as the optimizer's static inputs) and repeated params (Dynamo's aliasing
+# guards). A change recompiles and plans again, from scratch: the eager plan cache, keyed on the
+# params alone, is not consulted. Memory moved under a param without changing those (`p.data =`
+# a view of another param) is not seen, as by the eager plan cache.
+@torch.compiler.assume_constant_result
+def _plan_at_trace_time(opt: SGD, gi: int) -> list | None:
+    """SGD._plan's result for param group `gi` (the group as the traced step sees it), or None if
+    planning raised (a param of an unsupported dtype): then _plan_eagerly raises it."""
+    group = opt.param_groups[gi]
+    all_params = group["params"]
+    index = [i for i, p in enumerate(all_params) if p.grad is not None]
+    try:
+        if len(index) == len(all_params):
+            return opt._build_plan(group, all_params, None)
+        return opt._build_plan(group, [all_params[i] for i in index], index)
+    except Exception:
+        return None
+
+
+# An exception raised inside assume_constant_result reaches the user as an internal Dynamo error;
+# raised by eager code (a graph break, on this failing path only) it is the one eager code raises.
+@torch.compiler.disable
+def _plan_eagerly(opt: SGD, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
+    return opt._build_plan(group, params, index)
 
 
 def _memory_span(p: Tensor) -> tuple[torch.device, int, int] | None:

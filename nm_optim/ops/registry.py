@@ -166,11 +166,41 @@ def default_backend(device: torch.device) -> str:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs tensors on `device` for a param group's `backend` setting."""
+    """The backend that runs tensors on `device` for a param group's `backend` setting.
+
+    Under torch.compile the name is a constant of the graph, found on the host while Dynamo
+    traces the step (nm_optim.SGD calls this there), so the compiled step neither traces the
+    registry's lookups nor guards on them."""
+    if torch.compiler.is_compiling():
+        name = _backend_at_trace_time(backend, device)
+        if name is not None:
+            return name
+        _resolve_eagerly(backend, device)  # raises the error eager code raises
+    return _resolve(backend, device)
+
+
+def _resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return default_backend(device)
     require_backend(backend, device)
     return backend
+
+
+# The answer depends only on the two arguments (Dynamo guards them: the param group's setting and
+# the params' device are read by the traced step) and on what this process can run, which does
+# not change while it lives, so it may be assumed constant.
+@torch.compiler.assume_constant_result
+def _backend_at_trace_time(backend: str, device: torch.device) -> str | None:
+    try:
+        return _resolve(backend, device)
+    except Exception:  # raised again by _resolve_eagerly, with its own type and message
+        return None
+
+
+# Errors: an exception raised inside assume_constant_result reaches the user as an internal
+# Dynamo error; raised by eager code (a graph break, on this failing path only) it is the one
+# eager code raises.
+_resolve_eagerly = torch.compiler.disable(_resolve)
 
 
 def backend_step(name: str) -> Callable:
