@@ -49,6 +49,7 @@ from __future__ import annotations
 import numbers
 import os
 import secrets
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -112,6 +113,9 @@ class Recorder:
     # torch.compile it runs eagerly, so the compiled step neither guards on it nor recompiles.
     @torch.compiler.disable
     def after_step(self, first_params: set[int], found_inf: Tensor | None) -> None:
+        groups = self._param_groups()
+        if _creating_torch_state(groups):
+            return  # not a step of the run: neither recorded nor counted
         step = self._step
         self._step += 1
         if self._in_flight:
@@ -132,7 +136,6 @@ class Recorder:
         m["first"].append([id(t.param) in first_params for t in table.tracks] if first_params
                           else [False] * len(table.tracks))
         m["skipped"].append(self._scalar(found_inf, slot, 0) if found_inf is not None else 0.0)
-        groups = self._param_groups()
         for hi, name in enumerate(HYPER_NAMES):
             m[name].append([self._scalar(g[name], slot, 1 + hi * len(groups) + gi) for gi, g in enumerate(groups)])
         self._slot += 1
@@ -277,7 +280,15 @@ class Recorder:
         after writing and fsync'ing everything recorded, and no records: loading it cuts the
         stream back to that length. Waits for the copies in flight (as :meth:`snapshot` does).
         Tensors and plain Python values only, so ``torch.load(..., weights_only=True)`` reads
-        it back."""
+        it back.
+
+        Its keys are the same whatever was recorded, and whether or not the recorder streams:
+        "stream" always ({"path": None, ...} in memory) and "stats" a tuple of one tensor per
+        device ([records, rows, 9], in the order of "devices"; no records when streaming), which
+        torch.distributed.checkpoint keeps whole. So the recorder is a
+        torch.distributed.checkpoint.stateful.Stateful as it is: ``dcp.load`` loads in place
+        into the state_dict of a fresh recorder, whose tensors have no records yet, then hands
+        it to :meth:`load_state_dict`."""
         self._sync()
         state: dict[str, Any] = {
             "format": FORMAT,
@@ -293,11 +304,11 @@ class Recorder:
                                "dtype": self._stream.dtype.name, "id": self._stream.id}
             chunks: list[_Chunk] = []
         else:
+            state["stream"] = {"path": None, "records": 0, "dtype": None, "id": None}
             chunks = self._chunks
         whole = _concat(chunks, self._rows(), len(self._tracks))
-        devices = self._tracks.devices()
-        state["stats"] = {str(d): torch.from_numpy(np.ascontiguousarray(s)) for d, s in zip(devices, whole.stats)
-                          if len(whole)}
+        state["devices"] = [str(d) for d in self._tracks.devices()]
+        state["stats"] = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in whole.stats)
         state["meta"] = {
             "steps": whole.steps.tolist(),
             "first": whole.first.tolist(),
@@ -323,7 +334,12 @@ class Recorder:
         rows: dict[str, int] = {}
         for t in self._tracks.tracks:
             rows[str(t.device)] = max(rows.get(str(t.device), 0), t.row + t.num_groups)
-        saved = dict(state["stats"])
+        stats = state["stats"]
+        # a dict {device: stats} is what nm_optim wrote before "stats" became a tuple
+        saved = dict(stats) if isinstance(stats, dict) else dict(zip(state["devices"], stats, strict=True))
+        n = len(state["meta"]["steps"])
+        if not n:  # no records (a stream's position, or nothing recorded): no stats to fit
+            saved = {d: s for d, s in saved.items() if s.shape[0]}
         if set(saved) != set(rows) and len(saved) == len(rows) == 1:
             # A run checkpointed on one device and resumed on another (cpu -> cuda, say).
             saved = {next(iter(rows)): next(iter(saved.values()))}
@@ -341,6 +357,8 @@ class Recorder:
             host = [saved[str(d)].detach().cpu().numpy().astype(np.float64, copy=True) for d in self._tracks.devices()]
             tail = _chunk_from_meta(meta, 0, n, host, {}, len(tracks))
         link = state.get("stream")
+        if link is not None and link.get("path") is None:
+            link = None  # the records are in the state itself
         opened = None
         if link is not None:
             where = Path(stream) if stream is not None else Path(link["path"])
@@ -555,6 +573,30 @@ class Recorder:
 
     def _group_index(self) -> dict[int, int]:
         return {id(p): gi for gi, g in enumerate(self._param_groups()) for p in g["params"]}
+
+
+def _creating_torch_state(groups: list[dict[str, Any]]) -> bool:
+    """Whether this step() is torch.distributed.checkpoint creating a fresh optimizer's state:
+    get_state_dict / set_state_dict call its _init_optim_state (torch/distributed/checkpoint/
+    state_dict.py), which sets every group's lr to 0 (a float, or a CPU tensor), steps with zero
+    grads and restores the lrs. A step of the run with lr 0 (a warmup from 0) is a step: only
+    that function's frame on the call stack tells them apart, and the stack is looked at only
+    when every lr is 0."""
+    for g in groups:
+        lr = g["lr"]
+        if isinstance(lr, Tensor):
+            # torch puts a CPU tensor there: any other device is the run's own (and reading it would sync)
+            if lr.device.type != "cpu" or lr.numel() != 1 or lr.item() != 0:
+                return False
+        elif lr != 0:
+            return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_init_optim_state" and \
+                frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _positive_int(name: str, value: Any) -> int:

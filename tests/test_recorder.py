@@ -93,8 +93,10 @@ def test_a_long_run_keeps_device_memory_bounded():
 
 
 def test_skipped_steps_are_recorded():
+    # fused=True: as with torch.optim.SGD, GradScaler then hands the step found_inf and the step
+    # is recorded as skipped; without it GradScaler unscales first and calls no step() at all.
     model = mlp()
-    opt = nm_optim.SGD(model.parameters(), lr=0.1, momentum=0.9, track=all_tracks(model))
+    opt = nm_optim.SGD(model.parameters(), lr=0.1, momentum=0.9, track=all_tracks(model), fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
     for step in range(4):
@@ -185,3 +187,87 @@ def test_one_step_identities_predict_the_next_record(device, backend, nesterov):
             err = np.abs(pred - nxt[name]) / (scales[name] + 1e-30)
             worst = max(worst, float(err.max()))
     assert worst <= 1e-5, f"worst relative error of a one-step identity: {worst:.2e}"
+
+
+def _same_record(a, b):
+    assert np.array_equal(a.steps, b.steps)
+    for t, x, y in zip(a.tracks, a.stats, b.stats):
+        assert np.array_equal(x, y, equal_nan=True), t["name"]
+    for k in a.hyper:
+        assert np.array_equal(a.hyper[k], b.hyper[k], equal_nan=True), k
+    assert np.array_equal(a.first, b.first) and np.array_equal(a.skipped, b.skipped)
+
+
+def test_dcp_get_state_dict_records_no_step():
+    """torch.distributed.checkpoint's get_state_dict steps a fresh optimizer once, with zero
+    grads and every lr set to 0, to create its state (state_dict.py, _init_optim_state): not a
+    training step, so the recorder neither records nor counts it. A step of the run itself with
+    lr 0 (a warmup from 0) is a step, and is recorded."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = mlp()
+    opt = nm_optim.SGD(model.parameters(), lr=0.1, momentum=0.9, track="layers")
+    with torch.no_grad():
+        before = [p.clone() for p in model.parameters()]
+    get_state_dict(model, opt)
+    assert opt.state, "torch created the momentum buffers"
+    assert opt.recorder.steps_done == 0 and len(opt.recorder) == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    train(model, opt, 3)
+    assert list(opt.recorder.snapshot().steps) == [0, 1, 2]
+
+    model = mlp()
+    opt = nm_optim.SGD(model.parameters(), lr=0.0, momentum=0.9, track="layers")
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # the run's own zero-lr step, grads zero and all
+    assert opt.recorder.steps_done == 1 and list(opt.recorder.snapshot().steps) == [0]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_recorder_is_a_dcp_stateful(tmp_path, streamed):
+    """The recorder goes into a torch.distributed.checkpoint state dict as it is (a Stateful):
+    dcp.load into a fresh optimizer's recorder continues the record, which ends equal to an
+    uninterrupted run's."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    def make():
+        model = mlp()
+        opt = nm_optim.SGD(model.parameters(), lr=0.05, momentum=0.9, track="layers")
+        opt.recorder.chunk = 3
+        return model, opt
+
+    whole_model, whole = make()
+    train(whole_model, whole, 8)
+
+    model, opt = make()
+    if streamed:
+        opt.recorder.stream_to(tmp_path / "record", fsync=False)
+    train(model, opt, 5)
+    assert isinstance(opt.recorder, Stateful)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized": one process
+        model_state, optim_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "optim": optim_state, "recorder": opt.recorder},
+                 checkpoint_id=tmp_path / "ckpt")
+        train(model, opt, 2)  # past the checkpoint, then lost
+        model, opt = make()
+        model_state, optim_state = get_state_dict(model, opt)  # steps the fresh optimizer (lr 0)
+        state = {"model": model_state, "optim": optim_state, "recorder": opt.recorder}
+        dcp.load(state, checkpoint_id=tmp_path / "ckpt")
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert opt.recorder.steps_done == 5 and len(opt.recorder) == 5
+    assert (opt.recorder.stream is not None) == streamed
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(16, 4, generator=gen)
+    xs = [torch.randn(32, 16, generator=gen) for _ in range(8)]
+    for x in xs[5:]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), (x @ teacher).argmax(1)).backward()
+        opt.step()
+    _same_record(whole.recorder.snapshot(), opt.recorder.snapshot())
