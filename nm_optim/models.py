@@ -21,9 +21,12 @@ input size (a 32x32 input reaches it as 1x1 and is replicated to 7x7, as torchvi
 Linear(512, 4096).
 
 Every model gets ``input_shape`` (C, H, W) so `example_input` can build an input for it, and ends
-in logits (the loss, cross-entropy, is outside the model), which is what `find_symmetries` assumes
-by default for the translation symmetry. Build on the meta device to get the structure for free:
-``with torch.device("meta"): get_model("vgg16")``.
+in logits: the loss, cross-entropy, is outside the model. Each declares that loss as
+``model.nm_optim_loss = F.cross_entropy``, which `find_symmetries` reads when it is given no
+``loss=``: the translation symmetry of the last Linear holds under a softmax cross-entropy only
+(not under MSE, for one), so a model trained with another loss must say so, e.g.
+``find_symmetries(model, x, loss=F.mse_loss)``. Build on the meta device to get the structure for
+free: ``with torch.device("meta"): get_model("vgg16")``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODELS = ("mlp", "small_vgg", "small_vgg_bn", "vgg16", "vgg16_bn", "resnet18")
@@ -67,6 +71,13 @@ def example_input(model: nn.Module, batch_size: int = 2, *, device=None, dtype=N
     return torch.randn(batch_size, *shape, device=device, dtype=dtype)
 
 
+def _classifier(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """What every zoo model carries: its input shape (for example_input) and its training loss,
+    cross-entropy on the logits (for find_symmetries' translation symmetry)."""
+    model.input_shape = input_shape
+    model.nm_optim_loss = F.cross_entropy
+
+
 def _check_sizes(num_classes: int, in_channels: int, image_size: int, smallest: int) -> None:
     for what, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -88,7 +99,7 @@ def mlp(
         width = h
     layers.append(nn.Linear(width, num_classes))
     model = nn.Sequential(*layers)
-    model.input_shape = (in_channels, image_size, image_size)
+    _classifier(model, (in_channels, image_size, image_size))
     return model
 
 
@@ -121,7 +132,7 @@ class SmallVGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(2 * w * side * side, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
         )
-        self.input_shape = (in_channels, image_size, image_size)
+        _classifier(self, (in_channels, image_size, image_size))
         # He initialisation (PyTorch's default shrinks the signal through the ReLU stack, and
         # the net without BatchNorm then barely learns in the demo's few hundred steps).
         for m in self.modules():
@@ -203,7 +214,7 @@ def vgg16(
     _check_sizes(num_classes, in_channels, image_size, 32)
     model = VGG(_vgg_features(VGG16_CFG, in_channels, batch_norm), num_classes=num_classes, pool_size=pool_size,
                 dropout=dropout)
-    model.input_shape = (in_channels, image_size, image_size)
+    _classifier(model, (in_channels, image_size, image_size))
     return model
 
 
@@ -285,5 +296,5 @@ def resnet18(*, num_classes: int = 1000, in_channels: int = 3, image_size: int =
     """torchvision's ``resnet18`` (7x7 stride-2 stem and max-pool; any image_size >= 32)."""
     _check_sizes(num_classes, in_channels, image_size, 32)
     model = ResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels)
-    model.input_shape = (in_channels, image_size, image_size)
+    _classifier(model, (in_channels, image_size, image_size))
     return model

@@ -71,7 +71,13 @@ class SGD(Optimizer):
             `track` items, each distinct (param, axis) once, so two symmetries sharing a tensor
             cost one pass. Params of unnamed param groups are named by the members' names, and
             the record's ``meta["symmetries"]`` describes them, so ``sym.group_stats(record)``
-            and :func:`nm_optim.symmetry.symmetries_from_record` work on a loaded file.
+            and :func:`nm_optim.symmetry.symmetries_from_record` work on a loaded file. A member
+            whose tensor is not one of these params is matched by its name (its parameter name
+            in the model): find the symmetries on the plain model, shard it (FSDP2's
+            ``fully_shard`` replaces the Parameter objects, keeping the names), then pass
+            ``model.parameters()`` (matched through the model the symmetries were found on) or
+            ``model.named_parameters()``; the shapes must agree (a DTensor's is the whole
+            tensor's), and the tracks then report whole-tensor statistics.
 
     The state dict has torch.optim.SGD's format and keys exactly (``momentum_buffer`` per param;
     no ``backend``, which is a choice of this process, not training state), so state moves between
@@ -526,22 +532,68 @@ def _with_symmetries(
     track: Any, symmetries: Iterable[Symmetry] | None, param_groups: list[dict[str, Any]]
 ) -> tuple[Any, dict[int, str] | None, list[Symmetry]]:
     """The track spec with the symmetries' (param, axis) pairs appended where not already there,
-    the names the members give their params, and the symmetries as a list."""
+    the names the members give their params, and the symmetries as a list.
+
+    A member whose tensor is not a param of this optimizer is matched by its name, which is its
+    parameter name in the model (FSDP2's fully_shard replaces a model's Parameter objects and keeps
+    their names): to the param the groups name so (named parameters: torch keeps ``param_names``
+    in the groups), else to ``model.get_parameter(name)`` of the model find_symmetries found it on
+    (nm_optim.symmetry.found_on), when that is a param of this optimizer. The matched param must
+    have the member's shape (a DTensor's shape is the whole tensor's). Such a symmetry is replaced
+    by a copy on the matched params; the others are kept as they are."""
+    import copy
+    import dataclasses
+
+    from nm_optim.symmetry.detect import found_on
+
     syms = list(symmetries) if symmetries is not None else []
     if not syms:
         return track, None, []
     in_optimizer = {id(p) for group in param_groups for p in group["params"]}
+    by_name: dict[str, Tensor] = {}
+    for group in param_groups:
+        if group.get("param_names") is not None:
+            by_name.update(zip(group["param_names"], group["params"]))
+
+    def match(sym: Symmetry, m: Any) -> Tensor:
+        p = by_name.get(m.name)
+        model = found_on(sym)
+        if p is None and model is not None:
+            try:
+                p = model.get_parameter(m.name)
+            except AttributeError:
+                p = None
+        if p is None or id(p) not in in_optimizer:
+            raise ValueError(
+                f"{sym.kind} {sym.name!r}: member {m.name!r} is not a parameter of this optimizer, and no parameter "
+                f"of it is named {m.name!r}. Pass the parameters of the model the symmetries were found on "
+                "(nm_optim.SGD(model.parameters(), symmetries=syms), or model.named_parameters()); where the "
+                "model's parameters were replaced since (FSDP2's fully_shard does: find the symmetries before "
+                "it, build the optimizer after it), members are matched by name through that model or through "
+                "named parameters (the only way for symmetries built by hand)"
+            )
+        if tuple(p.shape) != tuple(m.shape):
+            raise ValueError(
+                f"{sym.kind} {sym.name!r}: member {m.name!r} has shape {tuple(m.shape)}, the parameter of this "
+                f"optimizer named so has shape {tuple(p.shape)}: find the symmetries again on the model as it is"
+            )
+        return p
+
+    for i, sym in enumerate(syms):
+        if not isinstance(sym, Symmetry):
+            raise TypeError(f"symmetries must be nm_optim Symmetry objects, got {type(sym).__name__}")
+        if any(m.param is not None and id(m.param) not in in_optimizer for m in sym.members):
+            bound = copy.copy(sym)
+            bound.members = tuple(
+                m if m.param is None or id(m.param) in in_optimizer else dataclasses.replace(m, param=match(sym, m))
+                for m in sym.members
+            )
+            syms[i] = bound
     pairs: list[Any] = track_pairs(track, param_groups)
     seen = {(id(p), axis) for p, axis in pairs}
     names: dict[int, str] = {}
     for sym in syms:
-        if not isinstance(sym, Symmetry):
-            raise TypeError(f"symmetries must be nm_optim Symmetry objects, got {type(sym).__name__}")
         for p, axis in sym.tracks():
-            if id(p) not in in_optimizer:
-                member = next(m for m in sym.members if m.param is p)
-                raise ValueError(f"{sym.kind} {sym.name!r}: member {member.name!r} is not a parameter of this "
-                                 "optimizer")
             if (id(p), axis) not in seen:
                 seen.add((id(p), axis))
                 pairs.append((p, axis))

@@ -6,8 +6,11 @@ where it does; and the optimizer reduces exactly the statistics a symmetry's gro
 from __future__ import annotations
 
 import copy
+import gc
+import io
 import itertools
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -91,7 +94,7 @@ def test_tiny_net_translation_scale_rescale_hold_to_rounding(hessian):
     torch.manual_seed(0)
     model = Tiny().double()
     x, y = batch64((2, 6, 6), 3)
-    syms = find_symmetries(model, x)
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
     assert [(s.kind, s.name) for s in syms] == [
         ("scale", "conv1"), ("rescale", "conv2->fc1"), ("rescale", "fc1->fc2"), ("translation", "fc2")]
     assert syms[1].members[-1].block == 9 and syms[1].num_groups == 4  # a channel owns 3x3 columns of fc1
@@ -107,7 +110,7 @@ def test_exact_hessian_checks_each_group_of_small_symmetries():
     torch.manual_seed(1)
     model = Tiny().double()
     x, y = batch64((2, 6, 6), 3)
-    syms = find_symmetries(model, x)
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
     report = verify_symmetries(model, F.cross_entropy, (x, y), syms, tol=STRICT, hessian="exact", hessian_groups=8)
     assert [c.probes for c in report] == [3, 4, 5, 6], "one HVP per group (translation: fc2's 5 columns + bias)"
     assert report.passed, report.table()
@@ -120,14 +123,14 @@ def test_softmax_inside_the_model_and_log_softmax_give_translation():
     for head in (nn.LogSoftmax(dim=1), nn.Softmax(dim=-1)):
         model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), head).double()
         x, y = batch64((4,), 3)
-        syms = find_symmetries(model, x, logits_output=False)
+        syms = find_symmetries(model, x)
         assert [(s.kind, s.name) for s in syms] == [("translation", "2")]
         loss = (lambda out, t: F.nll_loss(out, t)) if isinstance(head, nn.LogSoftmax) else (
             lambda out, t: F.nll_loss(out.log(), t))
         assert verify_symmetries(model, loss, (x, y), syms, tol=STRICT).passed
     # softmax over the batch dim is no translation symmetry of the class scores
     model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=0))
-    assert find_symmetries(model, torch.randn(5, 4), logits_output=False) == []
+    assert find_symmetries(model, torch.randn(5, 4)) == []
 
 
 class Functional(nn.Module):
@@ -147,17 +150,111 @@ def test_functional_forms_are_recognised():
     torch.manual_seed(0)
     model = Functional().double()
     x, y = batch64((2, 6, 6), 3)
-    syms = find_symmetries(model, x, logits_output=False)
+    syms = find_symmetries(model, x)
     assert [(s.kind, s.name) for s in syms] == [("rescale", "conv->fc1"), ("rescale", "fc1->fc2"), ("translation", "fc2")]
     assert syms[0].members[-1].block == 4
     report = verify_symmetries(model, F.nll_loss, (x, y), syms, tol=STRICT)
     assert report.passed, report.table()
 
 
-def test_logits_output_false_claims_no_translation_for_a_regression_head():
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
-    assert kinds(find_symmetries(model, torch.randn(3, 4), logits_output=False)) == {
-        "translation": 0, "scale": 0, "rescale": 1}
+# -- translation needs a softmax cross-entropy: the loss decides ----------------------------------------
+def head() -> nn.Module:
+    """Linear -> ReLU -> Linear to 3 outputs: a classifier or a regression head, as the loss says."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+
+
+def _penalised(out, t):
+    return F.cross_entropy(out, t) + out.square().mean()  # the logits used twice: no translation
+
+
+NO_SOFTMAX = {
+    "mse": (nn.MSELoss(), "float"),
+    "mse_function": (F.mse_loss, "float"),
+    "bce_with_logits": (nn.BCEWithLogitsLoss(), "unit"),
+    "bce_function": (F.binary_cross_entropy_with_logits, "unit"),
+    "cross_entropy_plus_logit_penalty": (_penalised, "class"),
+}
+
+
+def targets(kind: str, n: int = 12) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    if kind == "class":
+        return torch.randint(0, 3, (n,), generator=gen)
+    t = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    return t.sigmoid() if kind == "unit" else t
+
+
+@pytest.mark.parametrize("name", list(NO_SOFTMAX))
+def test_no_translation_under_a_loss_without_softmax_and_it_would_not_verify(name):
+    """MSE / BCE on the logits: adding α·1 to the last layer's columns changes the loss, so no
+    translation is claimed; the one the old default claimed fails verify_symmetries."""
+    loss, kind = NO_SOFTMAX[name]
+    model = head()
+    x, y = batch64((4,), 3)[0], targets(kind)
+    syms = find_symmetries(model, x, loss=loss)
+    assert kinds(syms) == {"translation": 0, "scale": 0, "rescale": 1}
+    assert verify_symmetries(model, loss, (x, y), syms, tol=STRICT).passed
+    claimed = Translation(model[2].weight, model[2].bias, name="2")
+    report = verify_symmetries(model, loss, (x, y), [claimed])
+    assert not report.passed and report[0].grad_residual > 1e-2, report.table()
+
+
+CROSS_ENTROPY = {
+    "function": F.cross_entropy,
+    "module": nn.CrossEntropyLoss(),
+    "weighted_label_smoothing": nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64),
+                                                    label_smoothing=0.1),
+    "log_softmax_nll": lambda out, t: F.nll_loss(F.log_softmax(out.double(), dim=-1), t),
+}
+
+
+@pytest.mark.parametrize("name", list(CROSS_ENTROPY))
+def test_a_softmax_cross_entropy_gives_translation_and_it_verifies(name):
+    loss = CROSS_ENTROPY[name]
+    model = head()
+    x, y = batch64((4,), 3)
+    syms = find_symmetries(model, x, loss=loss)
+    assert [(s.kind, s.name) for s in syms] == [("rescale", "0->2"), ("translation", "2")]
+    report = verify_symmetries(model, loss, (x, y), syms, tol=STRICT, hessian="exact")
+    assert report.passed, report.table()
+
+
+def test_without_a_loss_the_output_layer_gets_no_translation_and_a_warning_says_why():
+    model = head()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"no translation symmetry claimed on 2, .*no loss was given; pass loss="):
+        syms = find_symmetries(model, x)
+    assert kinds(syms) == {"translation": 0, "scale": 0, "rescale": 1}
+    # a model may declare its loss, as the zoo's classifiers do; loss= overrides the declaration
+    model.nm_optim_loss = F.cross_entropy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kinds(find_symmetries(model, x))["translation"] == 1
+        assert kinds(find_symmetries(model, x, loss=F.mse_loss))["translation"] == 0
+        model.nm_optim_loss = F.mse_loss  # a function: a module would become a submodule of the model
+        assert kinds(find_symmetries(model, x))["translation"] == 0
+        # a softmax inside the model needs no loss
+        assert kinds(find_symmetries(nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(-1)), x))["translation"] == 1
+    assert models.get_model("mlp", in_channels=1, image_size=4).nm_optim_loss is F.cross_entropy
+
+
+def test_the_loss_argument_is_checked_and_its_errors_name_it():
+    model = head()
+    x, y = batch64((4,), 3)
+    with pytest.raises(TypeError, match=r"find_symmetries: loss must be a callable loss\(output, target\).*got str"):
+        find_symmetries(model, x, loss="cross_entropy")
+    with pytest.raises(TypeError, match=r"loss must be the loss function.*not a loss value \(a Tensor\)"):
+        find_symmetries(model, x, loss=F.cross_entropy(model(x), y))
+
+    def branchy(out, t):
+        return F.cross_entropy(out, t) if out.sum() > 0 else F.mse_loss(out, t)
+
+    with pytest.raises(SymmetryDetectionError, match=r"cannot trace loss=.*branchy.*function of \(output, target\)"):
+        find_symmetries(model, x, loss=branchy)
+    model.nm_optim_loss = "ce"
+    with pytest.raises(TypeError, match=r"Sequential.nm_optim_loss must be a callable"):
+        find_symmetries(model, x)
 
 
 # -- real architectures: counts asserted exactly ------------------------------------------------------
@@ -169,7 +266,7 @@ def meta_model(name, **kw):
 
 def test_vgg16_bn_scale_per_conv_and_translation_on_the_last_linear():
     model, x = meta_model("vgg16_bn", num_classes=10, image_size=32)
-    syms = find_symmetries(model, x)
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
     scales = [s for s in syms if s.kind == "scale"]
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert [s.name for s in scales] == convs and len(scales) == 13
@@ -293,7 +390,7 @@ def test_no_rescale_where_it_does_not_hold(cls):
     torch.manual_seed(0)
     model = cls().double()
     x, y = batch64((4,), 3)
-    syms = find_symmetries(model, x)
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
     assert not [s for s in syms if s.kind == "rescale"], syms
     # and the one a careless detector would claim does not verify
     fake = Rescale(model.fc1.weight, model.fc2.weight, model.fc1.bias, name="fc1->fc2")
@@ -302,8 +399,9 @@ def test_no_rescale_where_it_does_not_hold(cls):
 
 
 def test_no_translation_for_a_shared_or_reused_final_layer():
-    assert [s.kind for s in find_symmetries(Shared(), torch.randn(3, 4))] == ["translation"]  # fc2 only
-    assert find_symmetries(TwoUses(), torch.randn(3, 4)) == [], "fc2 + fc3: the output is no single Linear"
+    x = torch.randn(3, 4)
+    assert [s.kind for s in find_symmetries(Shared(), x, loss=F.cross_entropy)] == ["translation"]  # fc2 only
+    assert find_symmetries(TwoUses(), x, loss=F.cross_entropy) == [], "fc2 + fc3: the output is no single Linear"
 
 
 def test_batchnorm_in_eval_mode_gives_no_scale_and_does_not_verify():
@@ -313,9 +411,9 @@ def test_batchnorm_in_eval_mode_gives_no_scale_and_does_not_verify():
     with torch.no_grad():  # running statistics that differ from the batch's
         model[1].running_mean.normal_()
         model[1].running_var.uniform_(0.5, 2.0)
-    assert [s.kind for s in find_symmetries(model, x)] == ["scale", "translation"]
+    assert [s.kind for s in find_symmetries(model, x, loss=F.cross_entropy)] == ["scale", "translation"]
     model.eval()
-    assert [s.kind for s in find_symmetries(model, x)] == ["translation"]
+    assert [s.kind for s in find_symmetries(model, x, loss=F.cross_entropy)] == ["translation"]
     report = verify_symmetries(model, F.cross_entropy, (x, y), [Scale(model[0].weight, model[0].bias, name="0")])
     assert not report.passed and report[0].grad_residual > 1e-2, report.table()
 
@@ -324,7 +422,7 @@ def test_a_bias_added_after_normalisation_is_not_in_the_scale_group():
     torch.manual_seed(0)
     model = BiasAfterNorm().double()
     x, y = batch64((4,), 3)
-    syms = find_symmetries(model, x)
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
     assert [(s.kind, s.name) for s in syms] == [("scale", "fc1"), ("translation", "fc2")]
     assert [m.name for m in syms[0].members] == ["fc1.weight"]
     assert verify_symmetries(model, F.cross_entropy, (x, y), syms, tol=STRICT).passed
@@ -382,7 +480,7 @@ def test_constructors_check_shapes_and_names():
 
 def test_description_round_trip():
     model = Tiny()
-    for s in find_symmetries(model, torch.randn(2, 2, 6, 6)):
+    for s in find_symmetries(model, torch.randn(2, 2, 6, 6), loss=F.cross_entropy):
         d = s.describe()
         back = Symmetry.from_description(d)
         assert type(back) is type(s) and back.describe() == d and back.num_groups == s.num_groups
@@ -412,7 +510,8 @@ def test_dropout_sees_the_same_mask_in_every_evaluation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     x, y = batch64((4,), 3)
-    report = verify_symmetries(model, F.cross_entropy, (x, y), find_symmetries(model, x), tol=STRICT, hessian="exact")
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
+    report = verify_symmetries(model, F.cross_entropy, (x, y), syms, tol=STRICT, hessian="exact")
     assert report.passed, report.table()
 
 
@@ -468,7 +567,8 @@ def test_sgd_tracks_exactly_what_the_symmetries_need_and_group_stats_are_the_sum
     model = models.small_vgg(batch_norm=False)
     model.features[0] = nn.Conv2d(1, 16, 3, padding=1)
     bn_model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
-    syms = find_symmetries(model, torch.randn(2, 1, 8, 8)) + find_symmetries(bn_model, torch.randn(2, 1, 8, 8))
+    x = torch.randn(2, 1, 8, 8)
+    syms = find_symmetries(model, x) + find_symmetries(bn_model, x, loss=F.cross_entropy)
     assert kinds(syms) == {"translation": 2, "scale": 1, "rescale": 4}
     params = list(model.parameters()) + list(bn_model.parameters())
     user = [(model.classifier[2].weight, "cols")]  # also the translation's and a rescale's A2
@@ -519,7 +619,7 @@ def test_sgd_tracks_exactly_what_the_symmetries_need_and_group_stats_are_the_sum
 
 def test_sgd_with_named_params_and_deepcopy_keep_the_symmetries():
     model = Tiny(bn=False)
-    syms = find_symmetries(model, torch.randn(2, 2, 6, 6))
+    syms = find_symmetries(model, torch.randn(2, 2, 6, 6), loss=F.cross_entropy)
     opt = nm_optim.SGD(model.named_parameters(), lr=0.1, symmetries=syms)
     assert opt.symmetries == syms
     twin = copy.deepcopy(opt)
@@ -535,6 +635,70 @@ def test_sgd_with_named_params_and_deepcopy_keep_the_symmetries():
     assert [d["name"] for d in record.meta["symmetries"]] == [s.name for s in syms]
     for s in syms:
         s.group_stats(record)
+
+
+def replace_params(model: nn.Module) -> None:
+    """What FSDP2's fully_shard does to a model's params: new Parameter objects under the same names."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().clone()))
+
+
+def test_members_are_matched_by_name_after_the_model_replaced_its_params():
+    """find_symmetries on the model, then its params replaced (as fully_shard does), then the
+    optimizer on model.parameters() or model.named_parameters(): the tracks are the new params',
+    named as before, and the record's statistics are theirs."""
+    torch.manual_seed(0)
+    model = Tiny(bn=False)
+    x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,))
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
+    old = {n: p for n, p in model.named_parameters()}
+    replace_params(model)
+    new = dict(model.named_parameters())
+    for params in (model.parameters(), model.named_parameters()):
+        opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, symmetries=syms)
+        assert [s.describe() for s in opt.symmetries] == [s.describe() for s in syms]
+        for s in opt.symmetries:
+            assert all(m.param is new[m.name] and m.param is not old[m.name] for m in s.members)
+        assert all(t.param is new[t.name.split(":")[0]] for t in opt.tracks)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre = {n: (p.detach().double().clone(), p.grad.double().clone()) for n, p in new.items()}
+        opt.step()
+        record = opt.recorder.snapshot()
+        assert [d["name"] for d in record.meta["symmetries"]] == [s.name for s in syms]
+        translation = syms[-1].group_stats(record)["A"][0]
+        w, b = pre["fc2.weight"], pre["fc2.bias"]
+        torch.testing.assert_close(torch.from_numpy(translation[:, 1]),
+                                   torch.cat([w[1].sum(0), b[1].sum().reshape(1)]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(translation[:, 0]),
+                                   torch.cat([w[0].sum(0), b[0].sum().reshape(1)]), rtol=0, atol=1e-6)
+    # the user's symmetries still hold the params they were found on; and they pickle
+    assert all(m.param is old[m.name] for s in syms for m in s.members)
+    torch.save(syms, io.BytesIO())
+
+
+def test_a_member_without_a_match_says_what_to_do_and_shapes_are_checked():
+    model = Tiny(bn=False)
+    hand = Translation(model.fc2.weight, model.fc2.bias, name="fc2")  # by hand: no model to look through
+    replace_params(model)
+    assert nm_optim.SGD(model.named_parameters(), lr=0.1, symmetries=[hand]).symmetries[0].members[0].param \
+        is model.fc2.weight
+    with pytest.raises(ValueError, match=r"member 'fc2.weight' is not a parameter of this optimizer, and no "
+                                         r"parameter of it is named 'fc2.weight'.*fully_shard.*named parameters"):
+        nm_optim.SGD(model.parameters(), lr=0.1, symmetries=[hand])
+    # found on the model: matched through it, while it lives
+    syms = find_symmetries(model, torch.randn(2, 2, 6, 6), loss=F.cross_entropy)
+    model.fc2 = nn.Linear(5, 4)
+    with pytest.raises(ValueError, match=r"member 'fc2.weight' has shape \(3, 5\), the parameter of this optimizer "
+                                         r"named so has shape \(4, 5\)"):
+        nm_optim.SGD(model.parameters(), lr=0.1, symmetries=syms)
+    replace_params(model)
+    params = list(model.parameters())
+    del model
+    gc.collect()
+    with pytest.raises(ValueError, match="is not a parameter of this optimizer"):
+        nm_optim.SGD(params, lr=0.1, symmetries=syms)
 
 
 def test_sgd_rejects_what_it_cannot_track():

@@ -4,14 +4,23 @@ The detector is conservative: it claims a symmetry only on a pattern it can prov
 graph (exact module types, each layer called once, no shared or functionally used parameters, no
 hooks or parametrizations, every intermediate value used once), so residual additions, weight
 sharing, BatchNorm in eval mode, non-homogeneous activations and in-place tricks on the way all
-mean "no symmetry claimed". `verify_symmetries` (nm_optim.symmetry.verify) then checks the claim
-numerically.
+mean "no symmetry claimed". The translation symmetry of a model whose output is the logits depends
+on the loss, which is outside the model: it is claimed only when the loss is known to take a
+softmax over the logits' last dim (the `loss=` argument, traced with torch.fx as the model is).
+`verify_symmetries` (nm_optim.symmetry.verify) then checks the claim numerically.
+
+Each symmetry found keeps a weak reference to the model it was found on (`found_on`), so that
+nm_optim.SGD can match its members by name to the params of the same model after something
+replaced the Parameter objects (FSDP2's fully_shard does).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
+import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +31,7 @@ from torch import Tensor, nn
 
 from nm_optim.symmetry.base import Rescale, Scale, Symmetry, Translation
 
-__all__ = ["SymmetryDetectionError", "find_symmetries"]
+__all__ = ["SymmetryDetectionError", "find_symmetries", "found_on"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,15 @@ _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 _SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _SOFTMAX_METHODS = {"softmax", "log_softmax"}
+# Losses that apply a softmax over dim 1 of their input (the class dim): any function of
+# softmax(z) is unchanged by z + α·1.
+_SOFTMAX_LOSS_MODULES = (nn.CrossEntropyLoss,)
+_SOFTMAX_LOSS_FUNCTIONS = {F.cross_entropy}
+# On the way from the model's output into the loss: casts change no value up to rounding.
+_CAST_METHODS = {"float", "double"}
+# The attribute a model may carry to declare its training loss (the zoo's classifiers do:
+# nm_optim.models); read when find_symmetries gets no loss=.
+LOSS_ATTRIBUTE = "nm_optim_loss"
 _METADATA_METHODS = {"size", "dim", "numel"}
 
 
@@ -119,12 +137,35 @@ def _propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> dict
     return runner.interpreter.shapes
 
 
-class _Graph:
+class _Traced:
+    """A torch.fx graph and its modules: what walking a chain of single uses needs."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+
+    def module(self, n: torch.fx.Node) -> nn.Module | None:
+        return self.modules.get(n.target) if n.op == "call_module" else None
+
+    def walk(self, n: torch.fx.Node, step: Callable[[torch.fx.Node], bool]) -> torch.fx.Node | None:
+        """Follow n's single value user while `step(user)` accepts it; return the first user it
+        does not accept (None where a value has several users or is not the user's first input)."""
+        while True:
+            users = _value_users(n)
+            if len(users) != 1 or not _only_first_input(users[0], n):
+                return None
+            u = users[0]
+            if not step(u):
+                return u
+            n = u
+
+
+class _Graph(_Traced):
     """The traced model and the facts the patterns need."""
 
     def __init__(self, model: nn.Module, inputs: tuple[Any, ...]) -> None:
         try:
-            self.gm = torch.fx.symbolic_trace(model)
+            super().__init__(torch.fx.symbolic_trace(model))
         except Exception as e:
             raise SymmetryDetectionError(
                 f"find_symmetries: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}). Build its "
@@ -139,7 +180,6 @@ class _Graph:
                 f"{e}); pass example_inputs the model accepts (a tensor or a tuple of positional arguments; a batch "
                 "of at least 2 for BatchNorm in training mode)"
             ) from e
-        self.modules = dict(self.gm.named_modules())
         self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
         self.names: dict[int, str] = {}
         copies = Counter()
@@ -155,9 +195,6 @@ class _Graph:
                     obj = getattr(obj, part)
                 tensors = [obj] if isinstance(obj, Tensor) else list(obj.parameters()) if isinstance(obj, nn.Module) else []
                 self.functional.update(id(t) for t in tensors)
-
-    def module(self, n: torch.fx.Node) -> nn.Module | None:
-        return self.modules.get(n.target) if n.op == "call_module" else None
 
     def clean_layer(self, n: torch.fx.Node, types: tuple[type, ...] = _LAYERS) -> nn.Module | None:
         """The Linear/Conv module that node n calls, if its parameters take part in nothing else:
@@ -177,18 +214,6 @@ class _Graph:
 
     def shape(self, n: torch.fx.Node) -> tuple[int, ...] | None:
         return self.shapes.get(n.name)
-
-    def walk(self, n: torch.fx.Node, step: Callable[[torch.fx.Node], bool]) -> torch.fx.Node | None:
-        """Follow n's single value user while `step(user)` accepts it; return the first user it
-        does not accept (None where a value has several users or is not the user's first input)."""
-        while True:
-            users = _value_users(n)
-            if len(users) != 1 or not _only_first_input(users[0], n):
-                return None
-            u = users[0]
-            if not step(u):
-                return u
-            n = u
 
 
 def _transparent(g: _Graph, u: torch.fx.Node) -> bool:
@@ -299,47 +324,163 @@ def _find_rescale(g: _Graph, n: torch.fx.Node, m: nn.Module) -> Rescale | None:
 def _softmax_dim(g: _Graph, u: torch.fx.Node) -> int | None:
     m = g.module(u)
     if m is not None:
+        if type(m) in _SOFTMAX_LOSS_MODULES:
+            return 1  # cross-entropy's class dim
         return m.dim if type(m) in _SOFTMAX_MODULES else None
     if u.op == "call_function" and u.target in _SOFTMAX_FUNCTIONS:
         return _arg(u, 1, "dim")
     if u.op == "call_method" and u.target in _SOFTMAX_METHODS:
         return _arg(u, 1, "dim")
-    if u.op == "call_function" and u.target is F.cross_entropy:
+    if u.op == "call_function" and u.target in _SOFTMAX_LOSS_FUNCTIONS:
         return 1  # cross_entropy's class dim
     return None
 
 
-def _find_translation(g: _Graph, n: torch.fx.Node, m: nn.Module, logits_output: bool) -> Translation | None:
+def _find_translation(g: _Graph, n: torch.fx.Node, m: nn.Module, loss_dim: int | None,
+                      unknown: list[str] | None) -> Translation | None:
+    """The translation symmetry of Linear `m` (node n) if its logits go into a softmax over their
+    last dim: inside the model, or, where the model's output is exactly these logits, in the loss
+    (`loss_dim`: the dim the loss's softmax runs over, None for a loss without one or an unknown
+    loss; `unknown` collects the layers left unclaimed for want of a loss)."""
     if not isinstance(m, nn.Linear):
         return None
     shape = g.shape(n)
     end = g.walk(n, lambda u: type(g.module(u)) is nn.Identity)
     if end is None or shape is None:
         return None
-    if end.op == "output":  # walk() got here only if the output is exactly the logits, not a tuple
-        ok = logits_output and len(shape) == 2
-    else:
-        dim = _softmax_dim(g, end)
-        ok = isinstance(dim, int) and dim % len(shape) == len(shape) - 1
-    if not ok:
+    # walk() got to the output only if the output is exactly the logits, not a tuple
+    dim = loss_dim if end.op == "output" else _softmax_dim(g, end)
+    if end.op == "output" and loss_dim is None and unknown is not None:
+        unknown.append(str(n.target))
+    if not (isinstance(dim, int) and dim % len(shape) == len(shape) - 1):
         return None
     return Translation(m.weight, m.bias, name=n.target, weight_name=g.names[id(m.weight)],
                        bias_name=g.names[id(m.bias)] if m.bias is not None else None)
 
 
-def find_symmetries(model: nn.Module, example_inputs: Any, *, logits_output: bool = True) -> list[Symmetry]:
+class _LossCall(nn.Module):
+    """The loss as a module of (output, target), so that torch.fx traces it as it traces models:
+    a loss module of torch.nn (nn.CrossEntropyLoss) stays one call_module node, a function of
+    torch.nn.functional one call_function node, anything else is traced through."""
+
+    def __init__(self, loss: Callable[..., Any]) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output: Any, target: Any) -> Any:
+        return self.loss(output, target)
+
+
+def _loss_name(loss: Any) -> str:
+    return getattr(loss, "__qualname__", None) or f"{type(loss).__name__}()"
+
+
+def _check_loss(loss: Any, what: str) -> None:
+    if isinstance(loss, Tensor):
+        raise TypeError(
+            f"find_symmetries: {what} must be the loss function the model's output goes into, called as "
+            "loss(output, target) (e.g. torch.nn.functional.cross_entropy or nn.CrossEntropyLoss()), not a loss "
+            "value (a Tensor): pass the function that computes it"
+        )
+    if not callable(loss):
+        raise TypeError(
+            f"find_symmetries: {what} must be a callable loss(output, target) such as "
+            f"torch.nn.functional.cross_entropy or nn.CrossEntropyLoss(), or None; got {type(loss).__name__} "
+            f"{loss!r}"
+        )
+
+
+def _loss_softmax_dim(loss: Callable[..., Any], what: str) -> int | None:
+    """The dim over which `loss` takes a softmax of its first argument (the model's output), when
+    that argument goes, through casts and identities only, into a softmax, log_softmax or
+    cross-entropy; None when it does not (MSE, BCE, a second use of the logits, ...)."""
+    _check_loss(loss, what)
+    try:
+        graph = _Traced(torch.fx.symbolic_trace(_LossCall(loss)))
+    except Exception as e:
+        raise SymmetryDetectionError(
+            f"find_symmetries: torch.fx cannot trace {what}={_loss_name(loss)} ({type(e).__name__}: {e}); pass the "
+            "loss as a function of (output, target) that torch.fx can trace, e.g. torch.nn.functional.cross_entropy "
+            "or nn.CrossEntropyLoss()"
+        ) from e
+    output = next(n for n in graph.gm.graph.nodes if n.op == "placeholder")
+
+    def through(u: torch.fx.Node) -> bool:
+        return _transparent(graph, u) or type(graph.module(u)) is nn.Identity or (
+            u.op == "call_method" and u.target in _CAST_METHODS)
+
+    end = graph.walk(output, through)
+    return _softmax_dim(graph, end) if end is not None else None
+
+
+def _sharding(model: nn.Module) -> str | None:
+    """What shards `model`, if something does: FSDP2's fully_shard (its modules become FSDPModule
+    and its params DTensors, which torch.fx cannot trace), or DTensor params from elsewhere."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules()):
+        return "FSDP2's fully_shard"
+    tensor = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(tensor, "DTensor", None)
+    if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
+        return "DTensor parameters"
+    return None
+
+
+class _ModelRef:
+    """A weak reference to the model a symmetry was found on. It pickles as a dead reference
+    (a weakref.ref does not pickle; a record's symmetries are described by name anyway) and a
+    deepcopy follows a model copied in the same deepcopy."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self._ref = weakref.ref(model) if model is not None else None
+
+    def __call__(self) -> nn.Module | None:
+        return self._ref() if self._ref is not None else None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _ModelRef, (None,)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ModelRef:
+        model = self()
+        return _ModelRef(memo.get(id(model), model) if model is not None else None)
+
+
+_FOUND_ON = "_nm_found_on"  # the attribute of a Symmetry holding its _ModelRef
+
+
+def found_on(sym: Symmetry) -> nn.Module | None:
+    """The model `find_symmetries` found `sym` on, while it is alive (None for symmetries built
+    by hand or from a record): its members' names are the model's parameter names, so
+    `found_on(sym).get_parameter(member.name)` is the param the model holds now, also after
+    fully_shard replaced the Parameter objects."""
+    ref = getattr(sym, _FOUND_ON, None)
+    return ref() if isinstance(ref, _ModelRef) else None
+
+
+def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[..., Any] | None = None) -> list[Symmetry]:
     """The translation, scale and rescale symmetries of `model`, found on its torch.fx graph.
 
     Args:
         model: the network, in the mode it trains in (a BatchNorm in eval mode gives no scale
-            symmetry). It may live on the meta device.
+            symmetry). It may live on the meta device. Call it on the model before sharding it
+            (FSDP2's fully_shard): nm_optim.SGD matches the members to the sharded params by name.
         example_inputs: a tensor, or a tuple of the forward's positional arguments; only shapes
             matter (they are run on the meta device: nothing is computed, no state changes).
             BatchNorm in training mode needs a batch of at least 2.
-        logits_output: the model's output is logits that the loss feeds to cross-entropy /
-            softmax over dim 1 (the usual classifier). Then the Linear whose (2-D) output is the
-            model's output gets the translation symmetry. Set False when the loss is anything
-            else (e.g. MSE): only a softmax inside the model then gives a translation symmetry.
+        loss: the loss the model's output goes into, called as ``loss(output, target)``: a
+            function (``torch.nn.functional.cross_entropy``, a lambda) or a module
+            (``nn.CrossEntropyLoss()``), traced with torch.fx. It decides the translation
+            symmetry of a Linear whose (2-D) output is the model's output: claimed only when the
+            loss takes a softmax over the class dim (cross-entropy, or a log_softmax / softmax
+            inside it), never for MSE, BCE or other losses. None (default): the loss the model
+            declares in its ``nm_optim_loss`` attribute, a function (a module assigned to a
+            model's attribute would become its submodule; the classifiers of nm_optim.models
+            declare F.cross_entropy), else unknown: then no translation symmetry is claimed on
+            the model's output, with a warning. A softmax inside the model gives translation whatever
+            the loss.
 
     Patterns (docs/architecture.md, "Symmetries"):
       - scale: Linear / Conv whose output goes, through Dropout / Identity only, into a
@@ -348,24 +489,53 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, logits_output: boo
         max / avg / adaptive pooling and one Flatten) -> Linear / Conv: rows (+ bias) of the
         first, columns of the second; across a Flatten each channel owns a block of H*W columns;
       - translation: a Linear feeding softmax / log_softmax / cross_entropy over its feature dim
-        (or the model's output, see logits_output): its columns + its bias.
+        (in the model, or in the loss where its output is the model's output): its columns + its
+        bias.
     Every layer must be an exact nn.Linear / nn.Conv{1,2,3}d called once, without hooks,
     parametrizations, shared or functionally used parameters, and every value on the way must
     have one user (so a residual addition or a second use stops the pattern).
 
-    Returns the symmetries in graph order. Raises SymmetryDetectionError, with what to do, for a
-    model torch.fx cannot trace or example inputs it does not accept.
+    Returns the symmetries in graph order, each holding a weak reference to `model` (`found_on`).
+    Raises SymmetryDetectionError, with what to do, for a model torch.fx cannot trace (a sharded
+    one included), example inputs it does not accept or a loss it cannot trace; TypeError for a
+    `loss` that is no loss function.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_symmetries: model must be an nn.Module, got {type(model).__name__}")
+    sharded = _sharding(model)
+    if sharded is not None:
+        raise SymmetryDetectionError(
+            f"find_symmetries: {type(model).__name__} is sharded ({sharded}), and torch.fx cannot trace a sharded "
+            "model: find the symmetries before sharding and pass them after it, e.g. syms = "
+            "nm_optim.find_symmetries(model, x, loss=F.cross_entropy); fully_shard(model); "
+            "nm_optim.SGD(model.parameters(), symmetries=syms) (members are matched to the sharded params by name)"
+        )
+    declared = getattr(model, LOSS_ATTRIBUTE, None)
+    if loss is not None:
+        loss_dim = _loss_softmax_dim(loss, "loss")
+    elif declared is not None:
+        loss_dim = _loss_softmax_dim(declared, f"{type(model).__name__}.{LOSS_ATTRIBUTE}")
+    else:
+        loss_dim = None
     inputs = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
     g = _Graph(model, inputs)
+    # the output layers left unclaimed because no loss is known (a warning says so)
+    unknown: list[str] | None = [] if loss is None and declared is None else None
     found: list[Symmetry] = []
     for n in list(g.gm.graph.nodes):
         m = g.clean_layer(n)
         if m is None:
             continue
-        for sym in (_find_scale(g, n, m), _find_rescale(g, n, m), _find_translation(g, n, m, logits_output)):
+        for sym in (_find_scale(g, n, m), _find_rescale(g, n, m), _find_translation(g, n, m, loss_dim, unknown)):
             if sym is not None:
+                setattr(sym, _FOUND_ON, _ModelRef(model))
                 found.append(sym)
+    if unknown:
+        warnings.warn(
+            f"find_symmetries: no translation symmetry claimed on {', '.join(unknown)}, whose output is the output "
+            f"of {type(model).__name__}: it holds only if the loss takes a softmax of it (cross-entropy), and no "
+            "loss was given; pass loss= the loss function (e.g. loss=torch.nn.functional.cross_entropy), which also "
+            "silences this warning",
+            stacklevel=2,
+        )
     return found
