@@ -204,34 +204,73 @@ class Symmetry:
             out.append(i)
         return out
 
-    def group_stats(self, record: Any) -> dict[str, np.ndarray]:
+    def param_groups(self, record: Any) -> list[int]:
+        """The optimizer param groups holding the members (the record's tracks carry theirs), in
+        the order the members first appear."""
+        out: list[int] = []
+        for m, i in zip(self.members, self._track_indices(record)):
+            g = int(record.tracks[i].get("param_group", 0))
+            if g < 0 or g >= np.shape(record.hyper[HYPER_NAMES[0]])[1]:
+                raise ValueError(f"{self.kind} {self.name!r}: track {m.track!r} is in no param group of the record "
+                                 f"(param_group {g})")
+            if g not in out:
+                out.append(g)
+        return out
+
+    def _in_group(self, record: Any, param_group: int | None) -> list[bool]:
+        """Per member: whether it belongs to `param_group` (None: every member)."""
+        if param_group is None:
+            return [True] * len(self.members)
+        groups = self.param_groups(record)
+        if param_group not in groups:
+            raise ValueError(f"{self.kind} {self.name!r}: no member is in param_group {param_group!r} "
+                             f"(its members are in {groups})")
+        return [int(record.tracks[i].get("param_group", 0)) == param_group for i in self._track_indices(record)]
+
+    def group_stats(self, record: Any, param_group: int | None = None) -> dict[str, np.ndarray]:
         """role -> float64 [steps, num_groups, 9]: the 9 sums (STAT_NAMES order) of every group,
         summed over the role's members (a block of columns folded into its group). Rescale gives
-        "A1" (incoming) and "A2" (outgoing); translation and scale give "A"."""
+        "A1" (incoming) and "A2" (outgoing); translation and scale give "A".
+
+        `param_group`: only the members in that optimizer param group (the others count 0), so
+        that members with different hyper-parameters can be stepped each with its own
+        (nm_optim.theory.parts_of)."""
         steps = len(record.steps)
         out = {role: np.zeros((steps, self.num_groups, len(STAT_NAMES))) for role in ROLES[self.kind]}
-        for m, off, i in zip(self.members, self._offsets, self._track_indices(record)):
+        chosen = self._in_group(record, param_group)
+        for m, off, i, use in zip(self.members, self._offsets, self._track_indices(record), chosen):
+            if not use:
+                continue
             s = np.asarray(record.stats[i], dtype=np.float64)
             if m.axis == "cols" and m.block > 1:
                 s = s.reshape(steps, m.num_groups, m.block, len(STAT_NAMES)).sum(2)
             out[m.role][:, off : off + m.num_groups] += s
         return out
 
-    def hyper(self, record: Any) -> dict[str, np.ndarray]:
-        """Hyper-parameter name -> [steps]: those of the param group holding the members."""
-        groups = sorted({int(record.tracks[i].get("param_group", 0)) for i in self._track_indices(record)})
+    def hyper(self, record: Any, param_group: int | None = None) -> dict[str, np.ndarray]:
+        """Hyper-parameter name -> [steps]: those of the param group holding the members, or of
+        `param_group`. Members in several param groups share one set only where the groups'
+        values are equal at every step; otherwise there is no one set and this raises: read each
+        group's with `param_group=` (`param_groups` lists them; nm_optim.theory steps every
+        member with its own)."""
+        groups = self.param_groups(record) if param_group is None else [param_group]
+        if param_group is not None:
+            self._in_group(record, param_group)
         for name in HYPER_NAMES:
-            cols = record.hyper[name][:, groups]
+            cols = np.asarray(record.hyper[name])[:, groups]
             if not all(np.array_equal(cols[:, 0], cols[:, k], equal_nan=True) for k in range(1, len(groups))):
                 raise ValueError(
-                    f"{self.kind} {self.name!r}: its members sit in param groups {groups} with different {name!r}; "
-                    "the symmetry's dynamics need one set of hyper-parameters"
+                    f"{self.kind} {self.name!r}: its members sit in param groups {groups} with different {name!r}: "
+                    "there is no one set of hyper-parameters; read each group's with hyper(record, param_group=g) "
+                    "(nm_optim.theory steps each member with its own)"
                 )
         return {name: np.asarray(record.hyper[name][:, groups[0]], dtype=np.float64) for name in HYPER_NAMES}
 
-    def first(self, record: Any) -> np.ndarray:
-        """[steps] bool: the steps at which a member's param created its momentum buffer."""
-        return np.asarray(record.first)[:, self._track_indices(record)].any(axis=1)
+    def first(self, record: Any, param_group: int | None = None) -> np.ndarray:
+        """[steps] bool: the steps at which a member's param (of `param_group`, if given) created
+        its momentum buffer."""
+        chosen = np.flatnonzero(self._in_group(record, param_group))
+        return np.asarray(record.first)[:, np.asarray(self._track_indices(record))[chosen]].any(axis=1)
 
     def __repr__(self) -> str:
         parts = " + ".join(f"{m.track}{'/' + str(m.block) if m.block > 1 else ''}[{m.role}]" for m in self.members)

@@ -44,6 +44,8 @@ class Comparison:
                 "max_breaking": finite(np.abs(p.breaking)), "max_breaking_ratio": finite(p.breaking_ratio),
                 "paper_applies": p.paper_applies, "paper_reason": p.paper_reason,
                 "paper_valid": p.paper_valid, "paper_caveats": p.paper_caveats,
+                "mixed_hyper": p.mixed_note, "paper_mixed_groups": p.paper_mixed,
+                "max_mismatch_effect": finite(p.mismatch_effect),
                 "nonfinite_steps": int(count.max()) if count.size else 0,
                 "diverged_at": min(diverged) if diverged else None,
                 "segments": [s.to_dict() for s in p.segments],
@@ -57,7 +59,9 @@ class Comparison:
         (drift from conservation: the no-forcing baseline); "breaking": max_k |⟨g, generator⟩| /
         max_k |g||generator| (see `breaking_ratio`); "non-finite": steps of a group with
         non-finite statistics that GradScaler did not skip (errors are over finite steps only).
-        "(n/a)": the closed form does not apply; "(!)": its assumptions fail on a segment."""
+        "(n/a)": the closed form does not apply; "(!)": its assumptions fail on a segment or a
+        group's members have different hyper-parameters ("mixed:" says how, and what the exact
+        laws keep)."""
         head = ("symmetry", "kind", "groups", "exact err", "+breaking", "paper err", "paper late", "flow err",
                 "breaking", "non-finite")
         lines = []
@@ -76,6 +80,8 @@ class Comparison:
         out += [f"(n/a) paper closed form does not apply: {n}" for n in sorted(notes)]
         caveats = sorted({f"{r['symmetry']}: {c}" for r in rows for c in r["paper_caveats"]})
         out += [f"(!) {c}" for c in caveats]
+        out += [f"mixed: {r['symmetry']}: {r['mixed_hyper']} (max effect {r['max_mismatch_effect']:.1e})"
+                for r in rows if r["mixed_hyper"]]
         out += [f"non-finite: {m}" for m in self.nonfinite_messages()]
         return "\n".join(out)
 
@@ -103,7 +109,7 @@ class Comparison:
             r["paper_error"] = [_json_float(x) for x in p.paper_error]
             r["paper_late_error"] = [_json_float(x) for x in p.paper_late_error]
             for k in ("max_exact_error", "max_exact_breaking_error", "max_paper_error", "max_paper_late_error",
-                      "max_gradient_flow_error", "max_breaking", "max_breaking_ratio"):
+                      "max_gradient_flow_error", "max_breaking", "max_breaking_ratio", "max_mismatch_effect"):
                 r[k] = _json_float(r[k])
             for seg in r["segments"]:
                 for k, v in seg.items():

@@ -160,7 +160,7 @@ class Segment:
     dampening: float
     weight_decay: float
     nesterov: bool
-    model: str  # "gradient flow", "modified flow", "oscillator"
+    model: str  # "gradient flow", "modified flow", "oscillator", "zero-length step", "outside the forms"
     gamma: float | None = None
     omega2: float | None = None
     regime: str | None = None
@@ -170,6 +170,7 @@ class Segment:
     lr_wd: float = 0.0
     valid: bool = True
     caveat: str | None = None
+    part: str | None = None  # the members (param group) whose hyper-parameters these are, when they differ
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -263,8 +264,31 @@ def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
         seg = Segment(seg_start, stop, lr, m, damp, wd, bool(schedule.nesterov[seg_start]),
                       "gradient flow" if wd == 0 and m == 0 else "modified flow", lr_wd=lr * wd)
         # One step of the closed form: (x, ẋ) ← [[A, B], [C, D]] (x, ẋ) + (fx_k, fv_k).
+        h = lr * (1 - damp) if m != 0 else lr
+        outside = m != 0 and not (0 < m < 1 and 0 <= damp < 1)
+        if outside or h == 0:
+            # lr = 0 is a legal step (θ stays, the buffer still moves): a step of length zero,
+            # t does not advance and the state is held; the next segment re-anchors the velocity
+            # from the recorded buffer. Momentum >= 1 or dampening >= 1 (torch accepts both) are
+            # outside the oscillator's domain: no continuous form from there on.
+            seg.model = "outside the forms" if outside else "zero-length step"
+            if outside and reason is None:
+                reason = (f"steps {seg_start}-{stop - 1}: momentum {m:g}, dampening {damp:g}: the paper's modified "
+                          "flow needs 0 < momentum < 1 and dampening < 1")
+            seg.check_validity()
+            segments.append(seg)
+            prev_momentum = False  # the buffer moved while θ did not: anchor from the record
+            for k in range(seg_start, stop):
+                new = (begin == k) & ~np.asarray(schedule.skipped[k])
+                if new.any():
+                    x = np.where(new, meas[k], x)
+                    out[k, new] = x[new]
+                    started |= new
+                if outside:
+                    x = np.full(G, np.nan)
+                out[k + 1], time[k + 1] = x, time[k]
+            continue
         if m == 0:  # first order: ẋ = -rate·x (+ η|g|²); the velocity is not a state
-            h = lr
             rate = first_order_rate(kind, lr, wd)
             seg.rate = rate
             A, B, C, D = math.exp(-rate * h), 0.0, 0.0, 0.0

@@ -191,10 +191,68 @@ def start_steps(stats: np.ndarray, schedule: Schedule) -> np.ndarray:
     return np.where(ok.any(axis=0), np.argmax(ok, axis=0), S) if S else np.zeros(G, int)
 
 
+@dataclass
+class Part:
+    """Members of a symmetry that share their hyper-parameters at every step (one optimizer param
+    group, or several with equal values): their statistics (role -> [S, G, 9], or an array
+    already combined; 0 in the groups where the part has no member) and their Schedule. A
+    symmetry whose members all share one set is one part."""
+
+    stats: Mapping[str, np.ndarray] | np.ndarray
+    schedule: Schedule
+    name: str = ""
+
+
+def reference_parts(kind: str, parts: list[Part]) -> tuple[np.ndarray, np.ndarray]:
+    """([G] int, [J, G] bool): for every group the part whose hyper-parameters drive the carried
+    state (the one holding most of the group's |θ|², max over steps), and which parts have a
+    member in the group (nonzero statistics at some step)."""
+    sizes, present = [], []
+    for part in parts:
+        roles = part.stats if isinstance(part.stats, Mapping) else {"A": part.stats}
+        arrays = [np.asarray(a, dtype=np.float64) for a in roles.values()]
+        with np.errstate(invalid="ignore"):
+            pp = sum(np.abs(a[..., STAT_INDEX["pp"]]) for a in arrays)
+            sizes.append(np.nanmax(pp, axis=0) if len(pp) and np.isfinite(pp).any() else np.zeros(pp.shape[1]))
+        present.append(np.any([np.any(a != 0, axis=(0, 2)) for a in arrays], axis=0))
+    return np.argmax(np.nan_to_num(np.stack(sizes), nan=-1.0), axis=0), np.stack(present)
+
+
+def _step(translation: bool, state: list[np.ndarray], drive: list[np.ndarray], coef: tuple[np.ndarray, ...],
+          nobuf: np.ndarray) -> list[np.ndarray]:
+    """One torch SGD step of the sums (docs/architecture.md, "The statistics"): state (Σp, Σv) or
+    (Σp², Σpv, Σv²), drive (Σg,) or (Σpg, Σg², Σgv), coef (lr, wd, a, b, e, f) with v' = a v + b d
+    and u = e d + f v'; a group without momentum keeps no buffer (its sums are 0 after the step)."""
+    lr, wd, a, b, e, f = coef
+    if translation:
+        p, v = state
+        (g,) = drive
+        d = g + wd * p
+        v1 = a * v + b * d
+        u = e * d + f * v1
+        nxt = [p - lr * u, v1]
+    else:
+        pp, pv, vv = state
+        pg, gg, gv = drive
+        pd = pg + wd * pp
+        dd = gg + 2 * wd * pg + wd * wd * pp
+        vd = gv + wd * pv
+        pv1 = a * pv + b * pd  # Σ p v'
+        vv1 = a * a * vv + 2 * a * b * vd + b * b * dd  # Σ v'²
+        dv1 = a * vd + b * dd  # Σ d v'
+        pu = e * pd + f * pv1
+        uu = e * e * dd + 2 * e * f * dv1 + f * f * vv1
+        uv1 = e * dv1 + f * vv1
+        nxt = [pp - 2 * lr * pu + lr * lr * uu, pv1 - lr * uv1, vv1]  # Σp'², Σp'v', Σv'²
+    nxt[1:] = [np.where(nobuf, 0.0, x) for x in nxt[1:]]
+    return nxt
+
+
 def exact(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Schedule,
           vanishing: bool = True) -> np.ndarray:
     """The exact discrete prediction of the measured quantity, [S+1, G]: entry k is the value
-    before step k (entry S the prediction after the last step). Each group starts at its first
+    before step k (entry S the prediction after the last step), for members that share one
+    `schedule` (`exact_parts` for members with their own). Each group starts at its first
     stepped step with finite statistics (`start_steps`; NaN before it) from the record's values
     there.
 
@@ -205,65 +263,94 @@ def exact(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
     `vanishing=False` keeps the recorded symmetry-breaking term (Σg or Σpg) as well: the
     recursion then reproduces the record to rounding, and the difference between the two
     settings is the effect of the symmetry breaking alone (a diagnostic)."""
-    s = combine(kind, stats)
-    if len(schedule) != s.shape[0]:
-        raise ValueError(f"schedule has {len(schedule)} steps, statistics {s.shape[0]}")
+    return exact_parts(kind, [Part(stats, schedule)], vanishing=vanishing)
+
+
+def exact_parts(kind: str, parts: list[Part], vanishing: bool = True, mismatch: bool = True) -> np.ndarray:
+    """`exact` for members in param groups with different hyper-parameters: torch's step per
+    part, each with its own lr, momentum, dampening, weight decay and nesterov, [S+1, G].
+
+    The state is carried for the whole group (the sums over all parts) and stepped with the
+    hyper-parameters of the group's reference part (`reference_parts`); each other part adds
+    what its own step does differently, ``step_j(x_j) - step_ref(x_j)`` (the step is linear in
+    the sums), from the record's sums of that part: its decay ``(λ_j - λ) Σp²_j``, its own lr
+    and momentum on its ``Σpv_j``, ``Σg²_j``... The symmetry makes only the sum over all members
+    of ⟨θ, g⟩ (Σg for translation) vanish; where lr or momentum differ between members the
+    weighted sum Σ η_m ⟨θ_m, g_m⟩ does not, and its part ``(c_j - c) ⟨θ_j, g_j⟩`` is kept,
+    measured, as real breaking of the conservation law by the optimizer (`mismatch=False` drops
+    it: the law as if the members shared one set, to show its effect). With one part this is
+    `exact`, bit for bit.
+
+    `vanishing=False` keeps the recorded Σg / Σpg of the whole group as well (rounding only)."""
+    if not parts:
+        raise ValueError("exact_parts needs at least one Part")
+    check_kind(kind)
+    combined = [combine(kind, p.stats) for p in parts]
+    s = combined[0] if len(parts) == 1 else sum(combined[1:], combined[0])
+    for p, c_j in zip(parts, combined):
+        if c_j.shape != s.shape:
+            raise ValueError(f"part {p.name!r} has statistics of shape {c_j.shape}, the first part {s.shape}")
+        if len(p.schedule) != s.shape[0]:
+            raise ValueError(f"schedule has {len(p.schedule)} steps, statistics {s.shape[0]}")
+        if not np.array_equal(p.schedule.skipped, parts[0].schedule.skipped):
+            raise ValueError(f"part {p.name!r}: its skipped steps differ from the first part's (GradScaler skips "
+                             "a step for every param group)")
     S, G, _ = s.shape
     out = np.full((S + 1, G), np.nan)
     if S == 0:
         return out
-    c = lambda name: s[:, :, STAT_INDEX[name]]
-    ok = np.isfinite(s).all(axis=2) & ~schedule.skipped[:, None]  # groups stepped with finite sums
-    start = start_steps(s, schedule)
-    co = _coefficients(schedule)
-    coef = [tuple(float(co[n][k]) for n in ("lr", "wd", "a", "b", "e", "f")) for k in range(S)]
+    skipped = parts[0].schedule.skipped
     translation = kind == "translation"
     names = ("p", "v") if translation else ("pp", "pv", "vv")
+    drives = ("g",) if translation else ("pg", "gg", "gv")
+    vanishing_term = VANISHING[kind]
+    col = lambda a, name: a[:, :, STAT_INDEX[name]]
+    co = [_coefficients(p.schedule) for p in parts]
+    firsts = [p.schedule.first for p in parts]
+    ref = reference_parts(kind, parts)[0] if len(parts) > 1 else np.zeros(G, int)
+    # [S, G] coefficients of each group's reference part
+    co_ref = {n: np.stack([c[n] for c in co])[ref].T for n in co[0]}
+    first_ref = np.stack(firsts)[ref].T
+
+    def coef_at(c: dict[str, np.ndarray], first: np.ndarray, k: int, new: np.ndarray, vv: np.ndarray):
+        """(lr, wd, a, b, e, f), nobuf of step k; b = 1 for a group whose param first got a grad
+        here and created its buffer now (recorded v = 0)."""
+        b = c["b"][k]
+        fresh = new & ~c["nobuf"][k] & ~first[k] & (vv == 0)
+        if fresh.any():
+            b = np.where(fresh, 1.0, b)
+        return (c["lr"][k], c["wd"][k], c["a"][k], b, c["e"][k], c["f"][k]), c["nobuf"][k]
+
+    ok = np.isfinite(s).all(axis=2) & ~skipped[:, None]  # groups stepped with finite sums
+    start = start_steps(s, parts[0].schedule)
     state = [np.full(G, np.nan) for _ in names]
     prev_nobuf = np.zeros(G, bool)  # the group's last step ran without momentum (stale buffer kept)
-    g = c("g") if not vanishing else np.zeros((S, G))
-    pg = c("pg") if not vanishing else np.zeros((S, G))
-    gg, gv = c("gg"), c("gv")
     for k in range(S):
-        if not schedule.skipped[k]:
-            lr, wd, a, b, e, f = coef[k]
+        if not skipped[k]:
             new = start == k
+            nobuf = co_ref["nobuf"][k]
             # Seed from the record: a group's first step, and the buffer torch resumes after
             # momentum-0 steps (the record holds its sums; the recursion carried v = 0 there).
-            seed = new | (prev_nobuf & ok[k] & (not co["nobuf"][k]) & (not schedule.first[k]))
+            seed = new | (prev_nobuf & ok[k] & ~nobuf & ~first_ref[k])
             if seed.any():
                 for i, n in enumerate(names):
-                    state[i] = np.where(seed, c(n)[k], state[i])
+                    state[i] = np.where(seed, col(s, n)[k], state[i])
                 out[k, new] = state[0][new]
-            b_k = b
-            if new.any() and not co["nobuf"][k] and not schedule.first[k]:
-                # A group whose param first got a grad here created its buffer now (recorded v = 0).
-                fresh = new & (c("vv")[k] == 0)
-                if fresh.any():
-                    b_k = np.where(fresh, 1.0, b)
-            if translation:
-                p, v = state
-                d = g[k] + wd * p
-                v1 = a * v + b_k * d
-                u = e * d + f * v1
-                nxt = [p - lr * u, v1]
-            else:
-                pp, pv, vv = state
-                pd = pg[k] + wd * pp
-                dd = gg[k] + 2 * wd * pg[k] + wd * wd * pp
-                vd = gv[k] + wd * pv
-                pv1 = a * pv + b_k * pd  # Σ p v'
-                vv1 = a * a * vv + 2 * a * b_k * vd + b_k * b_k * dd  # Σ v'²
-                dv1 = a * vd + b_k * dd  # Σ d v'
-                pu = e * pd + f * pv1
-                uu = e * e * dd + 2 * e * f * dv1 + f * f * vv1
-                uv1 = e * dv1 + f * vv1
-                nxt = [pp - 2 * lr * pu + lr * lr * uu, pv1 - lr * uv1, vv1]  # Σp'², Σp'v', Σv'²
-            if co["nobuf"][k]:
-                nxt[1:] = [np.zeros(G) for _ in nxt[1:]]
+            coef, _ = coef_at(co_ref, first_ref, k, new, col(s, "vv")[k])
+            drive = [np.zeros(G) if n == vanishing_term and vanishing else col(s, n)[k] for n in drives]
+            nxt = _step(translation, state, drive, coef, nobuf)
+            if len(parts) > 1:  # what each part's own hyper-parameters do differently
+                for c_j, s_j, first_j in zip(co, combined, firsts):
+                    x_j = [col(s_j, n)[k] for n in names]
+                    d_j = [np.zeros(G) if n == vanishing_term and not mismatch else col(s_j, n)[k] for n in drives]
+                    coef_j, nobuf_j = coef_at(c_j, np.broadcast_to(first_j[:, None], (S, G)), k, new,
+                                              col(s_j, "vv")[k])
+                    own = _step(translation, x_j, d_j, coef_j, nobuf_j)
+                    as_ref = _step(translation, x_j, d_j, coef, nobuf)
+                    nxt = [n + (o - r) for n, o, r in zip(nxt, own, as_ref)]
             live = ok[k]
             state = [np.where(live, n1, n0) for n1, n0 in zip(nxt, state)]
-            prev_nobuf = np.where(live, bool(co["nobuf"][k]), prev_nobuf)
+            prev_nobuf = np.where(live, nobuf, prev_nobuf)
         out[k + 1] = state[0]
     return out
 

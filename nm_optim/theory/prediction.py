@@ -13,6 +13,7 @@ Records must hold consecutive steps (``record_every == 1``): the recursion needs
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,14 +23,16 @@ import numpy as np
 from nm_optim.names import HYPER_NAMES, STAT_INDEX
 from nm_optim.theory.continuous import Segment, paper
 from nm_optim.theory.laws import (
+    Part,
     Schedule,
     breaking,
     breaking_bound,
     breaking_ratio,
     check_kind,
     combine,
-    exact,
+    exact_parts,
     measured,
+    reference_parts,
     start_steps,
 )
 
@@ -53,7 +56,8 @@ def relative_error(pred: np.ndarray, meas: np.ndarray, floor: np.ndarray | float
     the float32 rounding of its elements (~ε|θ_A| per step), which no recursion of the sums can
     predict; pass ``floor = max_k |θ_A|`` to measure the error against that scale."""
     pred = np.asarray(pred)[: len(meas)]
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a group without a prediction (NaN) stays NaN
         diff = np.where(np.isfinite(meas), np.abs(pred - meas), np.nan)
         scale = np.nanmax(np.abs(meas), axis=0) if len(meas) else np.zeros(meas.shape[1:])
         scale = np.maximum(scale, floor)
@@ -97,7 +101,15 @@ class Prediction:
     (the recursion with the recorded symmetry-breaking term kept), ``paper`` and
     ``gradient_flow`` are [S+1, G] (their last row predicts the value after the last step);
     ``time`` [S+1] is the continuous time of the paper curve. Every group starts at its first
-    stepped step with finite statistics (``start``; the predictions are NaN before it)."""
+    stepped step with finite statistics (``start``; the predictions are NaN before it).
+
+    Members in param groups with different hyper-parameters (`laws.exact_parts`): ``mixed`` [G]
+    marks the groups whose members differ, ``mixed_note`` says how; the exact laws step every
+    member with its own, and ``exact_mismatch_dropped`` is the exact law without the measured
+    term that the difference leaves (Σ η_m⟨θ_m, g_m⟩ ≠ 0), for its size (`mismatch_effect`).
+    The paper's forms assume one (η, β, λ) per group: NaN for mixed groups (``paper_mixed``
+    counts them; no group left: ``paper_reason`` says why), each other group drawn with its own
+    members' hyper-parameters; ``time`` is then that of the part holding most groups."""
 
     name: str
     kind: str
@@ -115,6 +127,13 @@ class Prediction:
     floor: np.ndarray | float = 0.0  # [G] lower bound of the error's normaliser (see `error_floor`)
     exact_breaking: np.ndarray | None = None  # [S+1, G] exact with the recorded breaking term kept
     start: np.ndarray | None = None  # [G] first step of each group (`laws.start_steps`)
+    mixed: np.ndarray | None = None  # [G] the group's members have different hyper-parameters
+    mixed_note: str | None = None  # which differ, between which members, and what the laws do
+    exact_mismatch_dropped: np.ndarray | None = None  # [S+1, G] exact without the hyper-mismatch term
+
+    def __post_init__(self) -> None:
+        if self.mixed is None:
+            self.mixed = np.zeros(self.measured.shape[1], bool)
 
     @property
     def num_groups(self) -> int:
@@ -159,12 +178,32 @@ class Prediction:
     @property
     def paper_valid(self) -> bool:
         """Whether the paper's continuous forms' assumptions hold on every segment (h·γ, h·ω, η·λ
-        small: `Segment.valid`)."""
-        return all(s.valid for s in self.segments)
+        small: `Segment.valid`) and every group's members share one set of hyper-parameters."""
+        return all(s.valid for s in self.segments) and not self.mixed.any()
+
+    @property
+    def paper_mixed(self) -> int:
+        """How many groups have no paper curve because their members' hyper-parameters differ."""
+        return int(self.mixed.sum())
 
     @property
     def paper_caveats(self) -> list[str]:
-        return [s.caveat for s in self.segments if s.caveat]
+        out = [s.caveat for s in self.segments if s.caveat]
+        if self.mixed.any():
+            out.append(f"{self.paper_mixed} of {self.num_groups} groups have members with different "
+                       "hyper-parameters: the single-(η, β, λ) continuous form is not their dynamics (not drawn)")
+        return out
+
+    @property
+    def mismatch_effect(self) -> np.ndarray:
+        """[G] max_k |exact without the hyper-mismatch term - exact| / max_k |measured|: what
+        dropping the measured Σ η_m⟨θ_m, g_m⟩ (and the other per-member terms of ⟨θ, g⟩) would
+        cost; 0 where the members share their hyper-parameters."""
+        if self.exact_mismatch_dropped is None:
+            return np.zeros(self.num_groups)
+        S = len(self.measured)
+        diff = np.asarray(self.exact_mismatch_dropped)[:S] - np.asarray(self.exact)[:S]
+        return relative_error(self.measured + diff, self.measured, self.floor)
 
     @property
     def nonfinite(self) -> tuple[np.ndarray, np.ndarray]:
@@ -208,20 +247,64 @@ def predict_arrays(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, sche
     """All trajectories of one symmetry from its role statistics (role -> [S, G, 9]; a bare array
     means role "A") and its schedule: the array-level entry point, needing no Symmetry object.
     `floor_groups`: the translation groups whose error is measured against |θ_A| (the zero-sum
-    bias; see `error_floor`); `start`: the paper curve's initial velocity (`continuous.paper`)."""
+    bias; see `error_floor`); `start`: the paper curve's initial velocity (`continuous.paper`).
+    Members with different hyper-parameters: `predict_parts`."""
+    return predict_parts(kind, [Part(stats, schedule, name)], name=name, steps=steps, group_size=group_size,
+                         floor_groups=floor_groups, start=start)
+
+
+def predict_parts(kind: str, parts: list[Part], *, name: str = "", steps: np.ndarray | None = None,
+                  group_size: int | None = None, floor_groups: Any = (), start: str = "consistent",
+                  note: str | None = None) -> Prediction:
+    """`predict_arrays` for a symmetry whose members sit in param groups with different
+    hyper-parameters: one `laws.Part` per set (`parts_of` builds them from a record). `note`
+    says how the parts differ (``Prediction.mixed_note``)."""
     check_kind(kind)
-    s = combine(kind, stats)
-    roles = stats if isinstance(stats, Mapping) else s
-    values, time, segments, reason = paper(kind, s, schedule, start=start)
+    if not parts:
+        raise ValueError("predict_parts needs at least one Part")
+    roles = [p.stats if isinstance(p.stats, Mapping) else {"A": combine(kind, p.stats)} for p in parts]
+    if len(parts) == 1:
+        total = roles[0]
+    else:
+        total = {r: sum(np.asarray(x[r], np.float64) for x in roles) for r in roles[0]}
+    s = combine(kind, total)
+    schedule = parts[0].schedule
+    G = s.shape[1]
+    if len(parts) > 1:
+        ref, present = reference_parts(kind, parts)
+        mixed = present.sum(axis=0) > 1
+    else:
+        ref, mixed = np.zeros(G, int), np.zeros(G, bool)
+    # the paper's forms per set of groups sharing one set of hyper-parameters; mixed groups: none
+    values = np.full((s.shape[0] + 1, G), np.nan)
+    counts = np.bincount(ref[~mixed], minlength=len(parts))
+    main = int(np.argmax(counts)) if counts.any() else int(np.bincount(ref, minlength=len(parts)).argmax())
+    time, segments, reasons = None, [], []
+    for j in sorted(set(ref[~mixed].tolist()) | {main}, key=lambda j: j != main):
+        cols = np.flatnonzero((ref == j) & ~mixed)
+        v, t, segs, why = paper(kind, s[:, cols], parts[j].schedule, start=start)
+        values[:, cols] = v
+        if j == main:
+            time = t
+        for seg in segs:
+            seg.part = parts[j].name if len(parts) > 1 else None
+        segments += segs
+        if why and why not in reasons:
+            reasons.append(why)
+    if mixed.all():
+        reasons.append("every group has members with different hyper-parameters (see mixed): the paper's forms "
+                       "assume one (η, β, λ)")
     return Prediction(
         name=name or kind, kind=kind,
         steps=np.arange(s.shape[0]) if steps is None else np.asarray(steps),
-        time=time, measured=measured(kind, s), exact=exact(kind, s, schedule), paper=values,
+        time=time, measured=measured(kind, s), exact=exact_parts(kind, parts), paper=values,
         gradient_flow=_conserved(kind, s, schedule), breaking=breaking(kind, s),
-        breaking_bound=breaking_bound(kind, roles, group_size),
-        segments=segments, paper_reason=reason, schedule=schedule,
+        breaking_bound=breaking_bound(kind, total, group_size),
+        segments=segments, paper_reason="; ".join(reasons) or None, schedule=schedule,
         floor=error_floor(kind, s, floor_groups),
-        exact_breaking=exact(kind, s, schedule, vanishing=False), start=start_steps(s, schedule),
+        exact_breaking=exact_parts(kind, parts, vanishing=False), start=start_steps(s, schedule),
+        mixed=mixed, mixed_note=note if mixed.any() else None,
+        exact_mismatch_dropped=exact_parts(kind, parts, mismatch=False) if len(parts) > 1 else None,
     )
 
 
@@ -255,11 +338,57 @@ def check_consecutive(record: RecordLike) -> None:
 
 
 def schedule_of(symmetry: Any, record: RecordLike) -> Schedule:
-    """The Schedule of a symmetry's members in a record (via Symmetry.hyper / Symmetry.first)."""
+    """The Schedule of a symmetry's members in a record (via Symmetry.hyper / Symmetry.first),
+    when they share one set of hyper-parameters (ValueError otherwise: `parts_of`)."""
     hyper = symmetry.hyper(record)
     return Schedule(*(np.asarray(hyper[n]) for n in HYPER_NAMES),
                     first=np.asarray(symmetry.first(record), bool),
                     skipped=np.asarray(record.skipped, bool))
+
+
+def parts_of(symmetry: Any, record: RecordLike) -> tuple[list[Part], str | None]:
+    """The symmetry's members split by their hyper-parameters, one `laws.Part` per set (param
+    groups with equal values at every step share one), and a note on how the sets differ (None
+    for one set). A symmetry without `param_groups` (a duck type) is one part."""
+    skipped = np.asarray(record.skipped, bool)
+    groups = symmetry.param_groups(record) if hasattr(symmetry, "param_groups") else [None]
+    hyper = {g: symmetry.hyper(record, g) if g is not None else symmetry.hyper(record) for g in groups}
+    sets: list[list[Any]] = []
+    for g in groups:
+        same = next((s for s in sets if all(np.array_equal(hyper[s[0]][n], hyper[g][n], equal_nan=True)
+                                            for n in HYPER_NAMES)), None)
+        if same is None:
+            sets.append([g])
+        else:
+            same.append(g)
+    if len(sets) == 1:  # one set of hyper-parameters: the whole symmetry, summed as before
+        return [Part(symmetry.group_stats(record), schedule_of(symmetry, record), symmetry.name)], None
+    names = {g: [m.name for m in symmetry.members if record.tracks[_track_of(record, m)].get("param_group", 0) == g]
+             for g in groups}
+    parts = []
+    for gs in sets:
+        stats = [symmetry.group_stats(record, g) for g in gs]
+        first = np.any([symmetry.first(record, g) for g in gs], axis=0)
+        h = hyper[gs[0]]
+        label = "param group" + ("s " if len(gs) > 1 else " ") + ", ".join(map(str, gs))
+        parts.append(Part({r: sum(x[r] for x in stats) for r in stats[0]},
+                          Schedule(*(np.asarray(h[n]) for n in HYPER_NAMES), first=first, skipped=skipped),
+                          f"{label} ({', '.join(n for g in gs for n in names[g])})"))
+    differ = [n for n in HYPER_NAMES
+              if not all(np.array_equal(hyper[s[0]][n], hyper[sets[0][0]][n], equal_nan=True) for s in sets)]
+    weighted = [n for n in differ if n != "weight_decay"]
+    note = (f"members in param groups with different {', '.join(differ)}: "
+            + "; ".join(p.name for p in parts) + ". The exact laws step each member with its own")
+    if weighted:
+        note += (f"; with different {' or '.join(weighted)} the symmetry does not make Σ η_m⟨θ_m, g_m⟩ vanish: "
+                 "kept, measured (real breaking by the optimizer, see mismatch_effect)")
+    else:
+        note += " (each member's decay λ_m|θ_m|² from its recorded |θ_m|²)"
+    return parts, note
+
+
+def _track_of(record: RecordLike, member: Any) -> int:
+    return next(i for i, t in enumerate(record.tracks) if t["name"] == member.track)
 
 
 def _group_size(symmetry: Any) -> int | None:
@@ -285,9 +414,9 @@ def predict(record: RecordLike, symmetry: Any, *, start: str = "consistent") -> 
     """measured, exact, paper and gradient-flow trajectories of every group of `symmetry` (an
     nm_optim.symmetry.Symmetry, or anything with kind, name, group_stats, hyper, first)."""
     check_consecutive(record)
-    return predict_arrays(symmetry.kind, symmetry.group_stats(record), schedule_of(symmetry, record),
-                          name=symmetry.name, steps=record.steps, group_size=_group_size(symmetry),
-                          floor_groups=bias_groups(symmetry), start=start)
+    parts, note = parts_of(symmetry, record)
+    return predict_parts(symmetry.kind, parts, name=symmetry.name, steps=record.steps,
+                         group_size=_group_size(symmetry), floor_groups=bias_groups(symmetry), start=start, note=note)
 
 
 def symmetries_of(record: RecordLike) -> list[Any]:
