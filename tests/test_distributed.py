@@ -9,6 +9,10 @@ each rank saw; the tests compare. Scenarios:
   equal to a float64 computation on the gathered tensors and identical on both ranks, with one
   all-reduce per step (none without tracks).
 - DTensors built by ``distribute_tensor`` directly: Shard(1) and Replicate params.
+- FSDP2 with symmetries, the public path: find_symmetries on the plain model, fully_shard, then
+  nm_optim.SGD(model.parameters(), symmetries=syms) (members matched by name) records what a
+  1-process run on the global batch records; find_symmetries on the sharded model says to find
+  before sharding.
 - DDP: records identical on both ranks, and the optimizer communicates nothing.
 - ZeroRedundancyOptimizer(optimizer_class=nm_optim.SGD): equals torch's without tracks; with
   tracks, a NotImplementedError at construction on every rank.
@@ -154,6 +158,63 @@ def _scenario_fsdp(rank, mesh, res):
     res["tracks_record"] = (rec.steps, [np.asarray(s) for s in rec.stats])
 
 
+def _classifier():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+
+def _labels(rank, step):
+    return torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(100 + 1000 * rank + step))
+
+
+def _record(opt):
+    rec = opt.recorder.snapshot()
+    return {"steps": rec.steps, "stats": [np.asarray(s) for s in rec.stats], "tracks": rec.tracks,
+            "symmetries": rec.meta["symmetries"]}
+
+
+def _scenario_fsdp_symmetries(rank, mesh, res):
+    """find_symmetries -> fully_shard -> nm_optim.SGD(model.parameters(), symmetries=syms), and
+    the same run in one process on the global batch (both ranks' examples)."""
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+
+    import nm_optim
+
+    x0 = _batch(rank, 0)[0]
+    m = _classifier()
+    syms = nm_optim.find_symmetries(m, x0, loss=F.cross_entropy)
+    for layer in m:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    try:
+        nm_optim.find_symmetries(m, x0, loss=F.cross_entropy)
+        res["sym_find_sharded"] = None
+    except nm_optim.symmetry.SymmetryDetectionError as e:
+        res["sym_find_sharded"] = str(e)
+    opt = nm_optim.SGD(m.parameters(), symmetries=syms, **HYPER)
+    named = nm_optim.SGD(m.named_parameters(), symmetries=syms, **HYPER)  # matched through param_names
+    res["sym_named_tracks"] = [t.name for t in named.tracks]
+    res["sym_dtensor_tracks"] = [type(t.param).__name__ for t in opt.tracks]
+    for step in range(STEPS):
+        F.cross_entropy(m(_batch(rank, step)[0]), _labels(rank, step)).backward()
+        opt.step()
+        opt.zero_grad()
+    res["sym_fsdp"] = _record(opt)
+
+    single = _classifier()
+    opt = nm_optim.SGD(single.parameters(), symmetries=nm_optim.find_symmetries(single, x0, loss=F.cross_entropy),
+                       **HYPER)
+    for step in range(STEPS):
+        x = torch.cat([_batch(r, step)[0] for r in range(WORLD)])
+        y = torch.cat([_labels(r, step) for r in range(WORLD)])
+        F.cross_entropy(single(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    res["sym_single"] = _record(opt)
+
+
 def _scenario_dtensor(rank, mesh, res):
     """DTensors made by distribute_tensor: Shard(1) (rows are partial sums, cols at an offset),
     Shard(0) and Replicate in one optimizer."""
@@ -247,6 +308,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     res: dict = {}
     _scenario_fsdp(rank, mesh, res)
+    _scenario_fsdp_symmetries(rank, mesh, res)
     _scenario_dtensor(rank, mesh, res)
     _scenario_ddp(rank, res)
     _scenario_zero(rank, res)
@@ -317,6 +379,44 @@ def test_fsdp2_tracks_are_whole_tensor_statistics_identical_on_every_rank(ranks)
     (steps0, rec0), (steps1, rec1) = r0["tracks_record"], r1["tracks_record"]
     assert np.array_equal(steps0, np.arange(STEPS)) and np.array_equal(steps0, steps1)
     assert all(np.array_equal(a, b) and np.isfinite(a).all() for a, b in zip(rec0, rec1))
+
+
+def _scale(record, i):
+    """Each statistic's scale in track i, per step and column, maxed over the track's groups: a
+    bound on the sum of |terms| (Cauchy-Schwarz: sum|x| <= sqrt(n sum x^2), sum|x y| <=
+    sqrt(sum x^2 sum y^2)). Σg of a translation group cancels to rounding: its own size is no scale."""
+    t, s = record["tracks"][i], record["stats"][i]
+    shape, axis = t["shape"], t["axis"]
+    n = int(np.prod(shape)) // (shape[0] if axis == "rows" else shape[1] if axis == "cols" else 1)
+    pp, gg, vv = s[..., 3], s[..., 4], s[..., 5]
+    bound = np.stack([np.sqrt(n * pp), np.sqrt(n * gg), np.sqrt(n * vv), pp, gg, vv,
+                      np.sqrt(pp * gg), np.sqrt(pp * vv), np.sqrt(gg * vv)], -1)
+    return bound.max(axis=1, keepdims=True)
+
+
+def test_fsdp2_with_symmetries_found_before_sharding_records_the_one_process_run(ranks):
+    """The public path: syms = find_symmetries(model, x, loss=...); fully_shard(...);
+    nm_optim.SGD(model.parameters(), symmetries=syms). The members are matched to the sharded
+    params by name; the record (whole-tensor statistics, identical on both ranks) equals a
+    1-process run's on the global batch, to the rounding of the gradient's other reduction order."""
+    r0, r1 = ranks
+    fsdp, single = r0["sym_fsdp"], r0["sym_single"]
+    names = [t["name"] for t in fsdp["tracks"]]
+    assert names == ["0.weight:rows", "0.bias:rows", "2.weight:cols", "2.bias:all"]
+    assert names == [t["name"] for t in single["tracks"]] == r0["sym_named_tracks"]
+    assert r0["sym_dtensor_tracks"] == ["DTensor"] * 4, "the tracks are the sharded params"
+    assert [d["kind"] for d in fsdp["symmetries"]] == ["rescale", "translation"]
+    assert fsdp["symmetries"] == single["symmetries"]
+    assert [t["shape"] for t in fsdp["tracks"]] == [t["shape"] for t in single["tracks"]], "whole-tensor shapes"
+    assert np.array_equal(fsdp["steps"], np.arange(STEPS)) and np.array_equal(fsdp["steps"], single["steps"])
+    for a, b in zip(fsdp["stats"], r1["sym_fsdp"]["stats"]):
+        assert np.array_equal(a, b), "identical on every rank"
+    for i, (a, b) in enumerate(zip(fsdp["stats"], single["stats"])):
+        err = float((np.abs(a - b) / np.maximum(_scale(single, i), 1e-300)).max())
+        assert err <= 1e-5, f"{names[i]}: error {err:.2e} of the track's scale"
+    for res in ranks:
+        assert "find the symmetries before sharding" in res["sym_find_sharded"]
+        assert "FSDP2's fully_shard" in res["sym_find_sharded"]
 
 
 def test_dtensors_sharded_on_dim_1_and_replicated(ranks):
