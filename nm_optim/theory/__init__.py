@@ -23,6 +23,8 @@ record's symmetry descriptions are rebuilt.
     print(result)                            # the summary table
     pred = theory.predict(record, symmetry)  # .measured, .exact, .paper, .gradient_flow, .time
     # without a Symmetry object: theory.predict_arrays(kind, {"A": stats}, theory.Schedule(...))
+    # members with their own hyper-parameters (no weight decay on biases...): one theory.Part
+    # per set, theory.predict_parts(kind, parts); theory.parts_of(symmetry, record) builds them
 
 Records must hold consecutive steps (``record_every == 1``): the recursion needs every step.
 """
@@ -43,6 +45,7 @@ from nm_optim.theory.continuous import (
 )
 from nm_optim.theory.laws import (
     VANISHING,
+    Part,
     Schedule,
     breaking,
     breaking_bound,
@@ -50,7 +53,9 @@ from nm_optim.theory.laws import (
     buffer_norm_after_step,
     combine,
     exact,
+    exact_parts,
     measured,
+    reference_parts,
     start_steps,
 )
 from nm_optim.theory.prediction import (
@@ -61,8 +66,10 @@ from nm_optim.theory.prediction import (
     error_floor,
     late_error,
     nonfinite_steps,
+    parts_of,
     predict,
     predict_arrays,
+    predict_parts,
     relative_error,
     schedule_of,
     symmetries_of,
@@ -72,6 +79,7 @@ __all__ = [
     "VALIDITY_LIMIT",
     "VANISHING",
     "Comparison",
+    "Part",
     "Prediction",
     "RecordLike",
     "Schedule",
@@ -87,6 +95,7 @@ __all__ = [
     "damped_oscillator",
     "error_floor",
     "exact",
+    "exact_parts",
     "first_order_rate",
     "gradient_flow",
     "late_error",
@@ -95,8 +104,11 @@ __all__ = [
     "oscillator_parameters",
     "oscillator_step",
     "paper",
+    "parts_of",
     "predict",
     "predict_arrays",
+    "predict_parts",
+    "reference_parts",
     "regime",
     "relative_error",
     "schedule_of",

@@ -23,7 +23,10 @@ dynamics it gives, section 6), predicted from the recorded statistics.
       segment boundary.
 
     Every segment is checked against the forms' assumptions (h·γ, h·ω, η·λ small:
-    `Segment.valid`, `VALIDITY_LIMIT`).
+    `Segment.valid`, `VALIDITY_LIMIT`). A step with lr = 0 is a step of length zero (t does not
+    advance; nothing divides by h), after which the velocity is re-anchored from the recorded
+    buffer, which moved while θ did not. Momentum >= 1 or dampening >= 1 (torch accepts both) are
+    outside the forms: the curve stops there, with the reason.
 
     The convolution integrals are not evaluated as ``e^{-αt}∫e^{ατ}F dτ`` (the growing
     exponential overflowed float32 in the original research code after a few hundred steps):

@@ -16,7 +16,8 @@ For every group of a symmetry:
     the first-step buffer rule (``v' = d``, no dampening), ``momentum == 0`` (no buffer),
     GradScaler-skipped steps and ungraded params (nothing changes; a group starts at its first
     step with finite statistics, `start_steps`), the stale buffer torch resumes after
-    momentum-0 steps, and any per-step schedule of every hyper-parameter. Its error against
+    momentum-0 steps, any per-step schedule of every hyper-parameter (lr = 0 included), and
+    members in param groups with their own hyper-parameters (`exact_parts`). Its error against
     ``measured`` is float rounding plus genuine symmetry breaking (BatchNorm's eps, for one).
 
 Numpy only.
