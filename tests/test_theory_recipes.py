@@ -217,3 +217,23 @@ def test_hyper_of_members_in_one_group_is_unchanged():
     for name in HYPER_NAMES:
         assert np.array_equal(hyper[name], record.hyper[name][:, 0])
     assert sym.param_groups(record) == [0, 1]
+
+
+def test_momentum_outside_the_continuous_forms_keeps_the_exact_law():
+    """torch accepts momentum 1 and dampening 1; the paper's flow does not. The comparison keeps
+    the exact law and says why the continuous curve stops."""
+    def switch(opt):
+        class Switch:
+            def step(self, k=[0]):
+                k[0] += 1
+                if k[0] == 20:
+                    for g in opt.param_groups:
+                        g["dampening"] = 1.0
+        return Switch()
+
+    record, sym = _run_two_layer(lambda w1, b1, w2: [w1, b1, w2], steps=40, lr=0.02, momentum=0.9,
+                                 weight_decay=0.01, scheduler=switch)
+    p = theory.compare(record, [sym]).predictions[0]
+    assert p.exact_error.max() < 1e-11
+    assert not p.paper_applies and "dampening 1" in p.paper_reason
+    assert np.all(np.isfinite(p.paper[1:20])) and np.all(np.isnan(p.paper[21:]))
