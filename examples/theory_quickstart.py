@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> nm_optim.theory.Comparison:
     train = load_digits().train  # 8x8 grayscale images that ship with scikit-learn
     model = get_model("small_vgg_bn", num_classes=10, in_channels=1, image_size=8)
 
-    syms = nm_optim.find_symmetries(model, train.batch(torch.arange(2))[0])  # translation / scale / rescale
+    # translation / scale / rescale; the loss decides translation (softmax cross-entropy: yes, MSE: no)
+    syms = nm_optim.find_symmetries(model, train.batch(torch.arange(2))[0], loss=F.cross_entropy)
     opt = nm_optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-3, symmetries=syms)
     gen = torch.Generator().manual_seed(0)
     for _ in range(args.steps):

@@ -10,6 +10,11 @@
   local rows); its "cols" and "all" groups: partial sums over its rows), zeros elsewhere, and one
   all-reduce (SUM) per step and device combines them (``TrackTable.reduce_across_ranks``).
   Replicated DTensors are reduced locally: every rank holds the whole tensor.
+  Symmetries: torch.fx cannot trace a sharded model, so ``find_symmetries`` runs on the plain
+  model before ``fully_shard``; ``fully_shard`` then replaces the Parameter objects (keeping the
+  names) and ``nm_optim.SGD(model.parameters(), symmetries=syms)`` matches each member to the
+  DTensor param of its name (sgd.py, ``_with_symmetries``): a DTensor's shape is the whole
+  tensor's, so the members' shapes still fit and their tracks are whole-tensor statistics.
 - **DDP**: params, buffers and (all-reduced) grads are identical on every rank before the step
   and the kernels' reductions are deterministic, so statistics and records are identical on
   every rank without any communication.

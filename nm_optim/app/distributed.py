@@ -191,7 +191,8 @@ def local_indices(idx: Tensor, d: Distributed) -> Tensor:
 
 def wrap(net: nn.Module, d: Distributed, device: torch.device) -> nn.Module:
     """DDP around `net`, or `net` itself sharded with fully_shard (in place: its params become
-    DTensors, new Parameter objects: see rebind_symmetries)."""
+    DTensors, new Parameter objects under the same names, which nm_optim.SGD matches the
+    symmetries' members to)."""
     if d.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -212,7 +213,10 @@ def wrap(net: nn.Module, d: Distributed, device: torch.device) -> nn.Module:
 def rebind_symmetries(symmetries: list, names: dict[int, str], net: nn.Module) -> list:
     """The symmetries found on `net` before fully_shard replaced its params, on the params
     it holds now: `names` maps id(old param) -> its name in net.named_parameters(), which
-    fully_shard keeps."""
+    fully_shard keeps. nm_optim.SGD does this matching itself (by the members' names, through
+    the model find_symmetries saw or the groups' param_names), so passing the symmetries found
+    before fully_shard straight to it gives the same tracks; kept for callers that want the
+    rebound symmetries themselves."""
     params = dict(net.named_parameters())
     out = []
     for sym in symmetries:
