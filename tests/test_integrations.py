@@ -140,29 +140,6 @@ def test_nm_optim_train_writes_tensorboard(tmp_path, capsys):
         np.testing.assert_allclose(values, want, rtol=1e-6)
 
 
-def test_lightning_callback():
-    pytest.importorskip("lightning")
-    from nm_optim.integrations.lightning import NMOptimCallback
-
-    model, opt, _ = model_and_opt()
-    train(model, opt, 3)
-    logged = []
-
-    class Logger:
-        def log_metrics(self, metrics, step):
-            logged.append((step, metrics))
-
-    class Trainer:
-        is_global_zero = True
-
-        def __init__(self):
-            self.optimizers, self.loggers = [opt], [Logger()]
-
-    cb = NMOptimCallback(every=2)
-    cb.on_train_batch_end(Trainer(), None, None, None, 0)
-    assert logged and logged[0][0] == 2 and "nm_optim/hyper/lr" in logged[0][1]
-
-
 def test_huggingface_callback():
     pytest.importorskip("transformers")
     from nm_optim.integrations.huggingface import NMOptimTrainerCallback
