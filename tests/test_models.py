@@ -41,6 +41,10 @@ def test_every_model_maps_images_to_logits(name, image_size):
         x = models.example_input(model, batch_size=2)
         assert model(x).shape == (2, 7)
     assert model.input_shape == (3, image_size, image_size)
+    # the logits go into cross-entropy, which the model declares for find_symmetries' translation
+    assert model.nm_optim_loss is torch.nn.functional.cross_entropy
+    assert "nm_optim_loss" not in dict(model.named_modules()) and len(model.state_dict()) == len(
+        [*model.parameters(), *model.buffers()])
 
 
 @pytest.mark.parametrize("name", ["mlp", "small_vgg", "small_vgg_bn"])
