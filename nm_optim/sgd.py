@@ -285,16 +285,18 @@ class SGD(Optimizer):
 
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        if self._tracks:
-            # Before anything is written: a tracked param whose shape or device changed would
-            # have its groups reduced into rows laid out for the old shape.
-            self._tracks.check_unchanged()
-
         calls = []
         new_buffers: list[tuple[Tensor, Tensor]] = []
         for gi, group in enumerate(self.param_groups):
             for device, bucket in self._buckets(gi, group, new_buffers):
                 calls.append((group, device, *bucket))
+        if self._tracks:
+            # Before anything is written: a tracked param whose shape or device changed would
+            # have its groups reduced into rows laid out for the old shape. After the groups are
+            # read: Dynamo guards a param's identity only where it first meets it, so a compiled
+            # step must meet the params in the groups (which the plan follows), not in this
+            # check's list, or a param replaced in a group would reuse the old graph.
+            self._tracks.check_unchanged()
 
         # A step that would create momentum buffers while GradScaler found an inf or nan: skip
         # it before any state exists. This reads found_inf on the host, once, and only on the
@@ -454,11 +456,11 @@ class SGD(Optimizer):
 # (data_ptr) that fake tensors do not have and that a graph could not inspect anyway. It may be
 # assumed constant because what it depends on is guarded by the traced step itself: which params
 # of the group have a grad (the step reads every p.grad: Dynamo guards None-ness and each grad's
-# metadata), each param's dtype and device (tensor guards on the op's inputs), the params
-# themselves (guarded as the optimizer's static inputs) and repeated params (Dynamo's aliasing
-# guards). A change recompiles and plans again, from scratch: the eager plan cache, keyed on the
-# params alone, is not consulted. Memory moved under a param without changing those (`p.data =`
-# a view of another param) is not seen, as by the eager plan cache.
+# metadata), each param's dtype and device (tensor guards on the op's inputs), and the params
+# themselves (Dynamo guards the optimizer's params by identity where the step first meets them:
+# in the groups, see step()). A change recompiles and plans again, from scratch: the eager plan
+# cache, keyed on the params alone, is not consulted. Memory moved under a param without changing
+# those (`p.data =` a view of another param) is not seen, as by the eager plan cache.
 @torch.compiler.assume_constant_result
 def _plan_at_trace_time(opt: SGD, gi: int) -> list | None:
     """SGD._plan's result for param group `gi` (the group as the traced step sees it), or None if
