@@ -1,9 +1,10 @@
 // nm_optim: the SGD update of one element, shared by the CPU and CUDA kernels.
 //
 // PyTorch's SGD semantics (torch/optim/sgd.py):
-//   g  = grad * gmul                 gmul = +-1/grad_scale: AMP unscale and maximize (exact when
-//                                    there is no scale: x * +-1 is exact); done by the caller,
-//                                    since the statistics need g too
+//   g  = grad / grad_scale * gmul    gmul = +-1 (maximize; exact); AMP unscaling by a division
+//                                    in the compute type, as torch's fused SGD, whose kernels
+//                                    also write the quotient back to the grad (before the sign);
+//                                    done by the caller, since the statistics need g too
 //   d  = g + wd * p                  coupled weight decay, only when wd != 0 (as torch: p = inf
 //                                    with wd = 0 must not turn d into nan)
 //   v' = d                           first step: the buffer is a copy of d, no dampening
@@ -72,7 +73,8 @@ struct StepScalars {
   C weight_decay;
   C momentum;
   C one_minus_damp;   // alpha = 1 - dampening: computed in double, rounded once
-  C gmul;             // (maximize ? -1 : 1) / grad_scale
+  C gmul;             // maximize ? -1 : 1
+  C grad_scale;       // GradScaler's scale (1 without one): g = grad / grad_scale * gmul
 };
 
 NM_HD float fused_madd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
@@ -96,7 +98,7 @@ NM_HD V madd(V a, C b, V c) {
   }
 }
 
-// Updates p (and v when MOM) in registers from g = grad * s.gmul (the statistics' g: after AMP
+// Updates p (and v when MOM) in registers from g = grad / grad_scale * gmul (the statistics' g: after AMP
 // unscaling and the maximize sign, before weight decay). FIRST: the buffer is created now.
 template <typename C, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, typename V>
 NM_HD void sgd_update_cpu(V& p, V g, V& v, const StepScalars<C>& s) {

@@ -42,7 +42,9 @@ struct BucketView {
 };
 
 // Optional AMP inputs set by torch.amp.GradScaler (nullptr when absent):
-//   grad_scale: g = grad / *grad_scale;   found_inf: when *found_inf != 0 nothing is written.
+//   grad_scale: g = grad / *grad_scale, and the quotient is written back to the grad (torch's
+//               fused SGD does: the grads are left unscaled); without it grads are only read.
+//   found_inf:  when *found_inf != 0 nothing is written (grads included).
 struct AmpView {
   const float* grad_scale;
   const float* found_inf;

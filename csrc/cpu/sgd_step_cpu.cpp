@@ -45,6 +45,7 @@ struct StepFlags {
   bool has_wd;
   bool momentum;
   bool nesterov;
+  bool unscale;  // a GradScaler scale was given: divide the grads by it and write them back
 };
 
 template <typename T>
@@ -89,9 +90,27 @@ bool use_fused_variant() {
 
 // The hot loop without statistics: flags are template arguments so every variant is branch-free
 // and vectorises.
-template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
+// The gradient the update and the statistics see, g = grad / grad_scale * gmul, from storage
+// element(s) at g. UNSCALE (a GradScaler scale was given): as torch's fused SGD
+// (aten/src/ATen/native/cpu/FusedSGDKernel.cpp), the grad is divided by the scale in the compute
+// type (a division, not a multiply by the reciprocal: the bits differ for scales that are not
+// powers of two) and the quotient, rounded to the storage type, is written back to the grad
+// before the maximize sign; the update goes on with the unrounded quotient. Without a scale the
+// grad is only read (gmul = +-1: exact). STORE = false: a first pass that will read the grad
+// again stores nothing (Stats512).
+template <bool UNSCALE, bool STORE = true, typename T, typename C>
+inline __attribute__((always_inline)) C grad_in(T* g, const StepScalars<C>& s) {
+  C x = Storage<T>::load(*g);
+  if constexpr (UNSCALE) {
+    x = x / s.grad_scale;
+    if constexpr (STORE) *g = Storage<T>::store(x);
+  }
+  return x * s.gmul;
+}
+
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
 struct PlainRange {
-  static inline __attribute__((always_inline)) void run(T* __restrict p, const T* __restrict g,
+  static inline __attribute__((always_inline)) void run(T* __restrict p, T* __restrict g,
                                                         T* __restrict v, int64_t n,
                                                         const ScalarsOf<T>& s) {
     using S = Storage<T>;
@@ -99,7 +118,7 @@ struct PlainRange {
     for (int64_t i = 0; i < n; ++i) {
       C pi = S::load(p[i]);
       C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
-      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, S::load(g[i]) * s.gmul, vi, s);
+      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, grad_in<UNSCALE>(g + i, s), vi, s);
       p[i] = S::store(pi);
       if (MOM) v[i] = S::store(vi);
     }
@@ -150,7 +169,7 @@ inline __attribute__((always_inline)) void store_vec(T* x, const V& r) {
   }
 }
 
-template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS>
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS, bool UNSCALE>
 struct StatsSegment {
   using S = Storage<T>;
   using C = typename S::compute;
@@ -170,7 +189,7 @@ struct StatsSegment {
     *reinterpret_cast<typename Vec<C>::unaligned*>(x) += t;
   }
 
-  static inline __attribute__((always_inline)) void run(T* __restrict p, const T* __restrict g,
+  static inline __attribute__((always_inline)) void run(T* __restrict p, T* __restrict g,
                                                         T* __restrict v, int64_t n,
                                                         const ScalarsOf<T>& s, double* acc,
                                                         C* __restrict colf, int64_t rowlen) {
@@ -179,7 +198,12 @@ struct StatsSegment {
     int blocks = 0;
     for (; i + N <= n; i += N) {
       V pi = load_vec(p + i);
-      const V gi = load_vec(g + i) * s.gmul;
+      V gi = load_vec(g + i);
+      if constexpr (UNSCALE) {  // as grad_in
+        gi = gi / s.grad_scale;
+        store_vec(g + i, gi);
+      }
+      gi = gi * s.gmul;
       V vi = V{};
       if (MOM && !FIRST) vi = load_vec(v + i);
       const V t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
@@ -198,7 +222,7 @@ struct StatsSegment {
     flush(lane, acc);
     for (; i < n; ++i) {
       C pi = S::load(p[i]);
-      const C gi = S::load(g[i]) * s.gmul;
+      const C gi = grad_in<UNSCALE>(g + i, s);
       C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
       const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
       for (int k = 0; k < kNumStats; ++k) acc[k] += static_cast<double>(t[k]);
@@ -289,14 +313,14 @@ inline __attribute__((always_inline)) void fold_cols(const TensorStats& ts, C* c
 
 // Steps elements [begin, end) of a tracked tensor (row = index of dim 0; column j of a row = its
 // elements [j * rest, (j + 1) * rest)).
-template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
 struct StatsTile {
-  static inline __attribute__((always_inline)) void run(T* p, const T* g, T* v, int64_t begin,
+  static inline __attribute__((always_inline)) void run(T* p, T* g, T* v, int64_t begin,
                                                         int64_t end, const TensorStats& ts,
                                                         const ScalarsOf<T>& s) {
     using C = typename Storage<T>::compute;
-    using Whole = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, false>;
-    using PerCol = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, true>;
+    using Whole = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, false, UNSCALE>;
+    using PerCol = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, true, UNSCALE>;
     const int64_t rowlen = ts.d1 * ts.rest;
     auto add_row = [&](int64_t r, const double* seg) {
       if (ts.rows != nullptr) {
@@ -418,7 +442,7 @@ struct RowLanes {
   D d[kNumStats];
 };
 
-template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
+template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
 struct Stats512 {
   using V = typename VecS<C>::type;
   using U = typename VecS<C>::unaligned;
@@ -450,13 +474,13 @@ struct Stats512 {
   // terms to its sums acc[q * 9 + k] (float64) and, with a cols track (colf not null), the rows'
   // sum of each term to colf (as the vectors: the rows summed first).
   template <int ROWS>
-  static inline __attribute__((always_inline)) void one(C* p, const C* g, C* v, int64_t rowlen,
+  static inline __attribute__((always_inline)) void one(C* p, C* g, C* v, int64_t rowlen,
                                                         const StepScalars<C>& s, double* acc, C* colf,
                                                         int64_t stride) {
     C blk[kNumStats];
     for (int q = 0; q < ROWS; ++q) {
       C pi = p[q * rowlen];
-      const C gi = g[q * rowlen] * s.gmul;
+      const C gi = grad_in<UNSCALE>(g + q * rowlen, s);
       C vi = (MOM && !FIRST) ? v[q * rowlen] : C(0);
       const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
       for (int k = 0; k < kNumStats; ++k) {
@@ -517,7 +541,7 @@ struct Stats512 {
   // of one keep all of them in the 32 vector registers (one pass for all 9 statistics spilled
   // them: stores, the bottleneck here).
   template <int ROWS, bool UPDATE, int... Ks>
-  static inline __attribute__((always_inline)) void pass(C* __restrict p, const C* __restrict g, C* __restrict v,
+  static inline __attribute__((always_inline)) void pass(C* __restrict p, C* __restrict g, C* __restrict v,
                                                          int64_t rowlen, int64_t nv, const StepScalars<C>& s,
                                                          V (&lane)[ROWS][kNumStats], C* __restrict colf,
                                                          int64_t stride) {
@@ -539,7 +563,12 @@ struct Stats512 {
           if (MOM && !FIRST) __builtin_prefetch(v + q * rowlen + i + kChunk, 1, 3);
         }
         pr[q] = ld(p + q * rowlen + i);
-        gr[q] = ld(g + q * rowlen + i) * s.gmul;
+        gr[q] = ld(g + q * rowlen + i);
+        if constexpr (UNSCALE) {  // as grad_in; stored by the last pass only (the first reads g again)
+          gr[q] = gr[q] / s.grad_scale;
+          if constexpr (UPDATE) st(g + q * rowlen + i, gr[q]);
+        }
+        gr[q] = gr[q] * s.gmul;
         vr[q] = V{};
         if (MOM && !FIRST && kNeedV) vr[q] = ld(v + q * rowlen + i);
       }
@@ -566,7 +595,7 @@ struct Stats512 {
   // colf[k * stride + i] the column terms of all rows. Chunks of kFlushBlocks vectors: each
   // chunk's sums go to float64 lanes (a float partial holds at most kFlushBlocks terms).
   template <int ROWS>
-  static inline __attribute__((always_inline)) void seg(C* __restrict p, const C* __restrict g, C* __restrict v,
+  static inline __attribute__((always_inline)) void seg(C* __restrict p, C* __restrict g, C* __restrict v,
                                                         int64_t rowlen, int64_t n, const StepScalars<C>& s,
                                                         double* acc, C* __restrict colf, int64_t stride) {
     RowLanes<C> rl[ROWS] = {};
@@ -589,7 +618,7 @@ struct Stats512 {
   // each in one pass (the 9 row sums and the inputs fit in the registers), the products added
   // as fmas: 0.65-0.95 cycles per element with the data in cache, against 0.95-1.35 for the AVX2
   // kernel's (StatsTile) separate multiplies and adds in 32-byte vectors (bench/kernel_cycles.cpp).
-  static inline __attribute__((always_inline)) void rows_tile(C* p, const C* g, C* v, int64_t begin, int64_t end,
+  static inline __attribute__((always_inline)) void rows_tile(C* p, C* g, C* v, int64_t begin, int64_t end,
                                                               const TensorStats& ts, const StepScalars<C>& s) {
     const int64_t rowlen = ts.d1 * ts.rest;
     for (int64_t idx = begin; idx < end;) {
@@ -609,7 +638,7 @@ struct Stats512 {
 
   // Elements [0, n) of one row: their 9 sums added to acc (float64; each lane's partial in the
   // compute type holds at most kFlushBlocks terms).
-  static inline __attribute__((always_inline)) void row_seg(C* __restrict p, const C* __restrict g, C* __restrict v,
+  static inline __attribute__((always_inline)) void row_seg(C* __restrict p, C* __restrict g, C* __restrict v,
                                                             int64_t n, const StepScalars<C>& s, double* acc) {
     RowLanes<C> rl = {};
     int64_t i = 0;
@@ -618,7 +647,12 @@ struct Stats512 {
       V lane[kNumStats] = {};
       for (; i < stop; i += N) {
         V pi = ld(p + i);
-        const V gi = ld(g + i) * s.gmul;
+        V gi = ld(g + i);
+        if constexpr (UNSCALE) {  // as grad_in
+          gi = gi / s.grad_scale;
+          st(g + i, gi);
+        }
+        gi = gi * s.gmul;
         V vi = V{};
         if (MOM && !FIRST) vi = ld(v + i);
         lane[kP] += pi;
@@ -640,7 +674,7 @@ struct Stats512 {
     for (; i < n; ++i) one<1>(p + i, g + i, MOM ? v + i : nullptr, 0, s, acc, nullptr, 0);
   }
 
-  static inline __attribute__((always_inline)) void run(C* p, const C* g, C* v, int64_t begin, int64_t end,
+  static inline __attribute__((always_inline)) void run(C* p, C* g, C* v, int64_t begin, int64_t end,
                                                         const TensorStats& ts, const StepScalars<C>& s) {
     if (ts.colf != nullptr) return cols_tile(p, g, v, begin, end, ts, s);
     rows_tile(p, g, v, begin, end, ts, s);
@@ -648,7 +682,7 @@ struct Stats512 {
 
   // A cols-tracked tile: whole rows [begin / rowlen, end / rowlen), strip by strip, two rows at a
   // time.
-  static inline __attribute__((always_inline)) void cols_tile(C* p, const C* g, C* v, int64_t begin, int64_t end,
+  static inline __attribute__((always_inline)) void cols_tile(C* p, C* g, C* v, int64_t begin, int64_t end,
                                                               const TensorStats& ts, const StepScalars<C>& s) {
     C* colf = static_cast<C*>(ts.colf);
     const int64_t rowlen = ts.d1 * ts.rest;
@@ -687,25 +721,29 @@ struct Stats512 {
   }
 };
 
-template <typename C, bool HAS_WD>
-inline __attribute__((always_inline)) void stats512_wd(const StepFlags& f, bool first, C* p, const C* g,
+template <typename C, bool HAS_WD, bool UNSCALE>
+inline __attribute__((always_inline)) void stats512_wd(const StepFlags& f, bool first, C* p, C* g,
                                                       C* v, int64_t begin, int64_t end,
                                                       const TensorStats& ts, const StepScalars<C>& s) {
-  if (!f.momentum) return Stats512<C, HAS_WD, false, false, false>::run(p, g, v, begin, end, ts, s);
+  if (!f.momentum) return Stats512<C, HAS_WD, false, false, false, UNSCALE>::run(p, g, v, begin, end, ts, s);
   if (first) {
-    if (f.nesterov) return Stats512<C, HAS_WD, true, true, true>::run(p, g, v, begin, end, ts, s);
-    return Stats512<C, HAS_WD, true, true, false>::run(p, g, v, begin, end, ts, s);
+    if (f.nesterov) return Stats512<C, HAS_WD, true, true, true, UNSCALE>::run(p, g, v, begin, end, ts, s);
+    return Stats512<C, HAS_WD, true, true, false, UNSCALE>::run(p, g, v, begin, end, ts, s);
   }
-  if (f.nesterov) return Stats512<C, HAS_WD, true, false, true>::run(p, g, v, begin, end, ts, s);
-  return Stats512<C, HAS_WD, true, false, false>::run(p, g, v, begin, end, ts, s);
+  if (f.nesterov) return Stats512<C, HAS_WD, true, false, true, UNSCALE>::run(p, g, v, begin, end, ts, s);
+  return Stats512<C, HAS_WD, true, false, false, UNSCALE>::run(p, g, v, begin, end, ts, s);
 }
 
 #define NM_DEFINE_STATS512(T, NAME)                                                         \
-  NM_AVX512_TARGET void stats512_tile(T* p, const T* g, T* v, int64_t begin, int64_t end,  \
+  NM_AVX512_TARGET void stats512_tile(T* p, T* g, T* v, int64_t begin, int64_t end,  \
                                       bool first, const StepFlags& f, const TensorStats& ts, \
                                       const ScalarsOf<T>& s) {                               \
-    if (f.has_wd) return stats512_wd<T, true>(f, first, p, g, v, begin, end, ts, s);        \
-    return stats512_wd<T, false>(f, first, p, g, v, begin, end, ts, s);                     \
+    if (f.unscale) {                                                                         \
+      if (f.has_wd) return stats512_wd<T, true, true>(f, first, p, g, v, begin, end, ts, s); \
+      return stats512_wd<T, false, true>(f, first, p, g, v, begin, end, ts, s);              \
+    }                                                                                        \
+    if (f.has_wd) return stats512_wd<T, true, false>(f, first, p, g, v, begin, end, ts, s);  \
+    return stats512_wd<T, false, false>(f, first, p, g, v, begin, end, ts, s);               \
   }
 NM_DEFINE_STATS512(float, f32)
 NM_DEFINE_STATS512(double, f64)
@@ -713,22 +751,26 @@ NM_DEFINE_STATS512(double, f64)
 #endif  // NM_TWO_VARIANTS
 
 // Picks the template instance for the runtime flags.
-template <typename T, template <typename, bool, bool, bool, bool, bool> class Op, bool FUSED, bool HAS_WD,
-          typename... A>
+template <typename T, template <typename, bool, bool, bool, bool, bool, bool> class Op, bool FUSED, bool HAS_WD,
+          bool UNSCALE, typename... A>
 inline __attribute__((always_inline)) void dispatch_wd(const StepFlags& f, bool first, A&&... args) {
-  if (!f.momentum) return Op<T, FUSED, HAS_WD, false, false, false>::run(args...);
+  if (!f.momentum) return Op<T, FUSED, HAS_WD, false, false, false, UNSCALE>::run(args...);
   if (first) {
-    if (f.nesterov) return Op<T, FUSED, HAS_WD, true, true, true>::run(args...);
-    return Op<T, FUSED, HAS_WD, true, true, false>::run(args...);
+    if (f.nesterov) return Op<T, FUSED, HAS_WD, true, true, true, UNSCALE>::run(args...);
+    return Op<T, FUSED, HAS_WD, true, true, false, UNSCALE>::run(args...);
   }
-  if (f.nesterov) return Op<T, FUSED, HAS_WD, true, false, true>::run(args...);
-  return Op<T, FUSED, HAS_WD, true, false, false>::run(args...);
+  if (f.nesterov) return Op<T, FUSED, HAS_WD, true, false, true, UNSCALE>::run(args...);
+  return Op<T, FUSED, HAS_WD, true, false, false, UNSCALE>::run(args...);
 }
 
-template <typename T, template <typename, bool, bool, bool, bool, bool> class Op, bool FUSED, typename... A>
+template <typename T, template <typename, bool, bool, bool, bool, bool, bool> class Op, bool FUSED, typename... A>
 inline __attribute__((always_inline)) void dispatch(const StepFlags& f, bool first, A&&... args) {
-  if (f.has_wd) return dispatch_wd<T, Op, FUSED, true>(f, first, args...);
-  return dispatch_wd<T, Op, FUSED, false>(f, first, args...);
+  if (f.unscale) {
+    if (f.has_wd) return dispatch_wd<T, Op, FUSED, true, true>(f, first, args...);
+    return dispatch_wd<T, Op, FUSED, false, true>(f, first, args...);
+  }
+  if (f.has_wd) return dispatch_wd<T, Op, FUSED, true, false>(f, first, args...);
+  return dispatch_wd<T, Op, FUSED, false, false>(f, first, args...);
 }
 
 // Two entries per storage type and path: the fused variant (one rounding per multiply-add,
@@ -746,27 +788,27 @@ inline __attribute__((always_inline)) void dispatch(const StepFlags& f, bool fir
 
 #define NM_DEFINE_TILE_ENTRIES(T, NAME)                                                           \
   NM_FUSED_ENTRY(T, NAME, plain, PlainRange,                                                     \
-                 (T * p, const T* g, T* v, int64_t n, bool first, const StepFlags& f,           \
+                 (T * p, T* g, T* v, int64_t n, bool first, const StepFlags& f,           \
                   const ScalarsOf<T>& s),                                                        \
                  (f, first, p, g, v, n, s))                                                              \
   NM_FUSED_ENTRY(T, NAME, stats, StatsTile,                                                      \
-                 (T * p, const T* g, T* v, int64_t begin, int64_t end, bool first,              \
+                 (T * p, T* g, T* v, int64_t begin, int64_t end, bool first,              \
                   const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s),            \
                  (f, first, p, g, v, begin, end, ts, s))                                                 \
-  void plain_##NAME##_unfused(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f, \
+  void plain_##NAME##_unfused(T* p, T* g, T* v, int64_t n, bool first, const StepFlags& f, \
                               const ScalarsOf<T>& s) {                                           \
     dispatch<T, PlainRange, false>(f, first, p, g, v, n, s);                                     \
   }                                                                                              \
-  void stats_##NAME##_unfused(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,    \
+  void stats_##NAME##_unfused(T* p, T* g, T* v, int64_t begin, int64_t end, bool first,    \
                               const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {\
     dispatch<T, StatsTile, false>(f, first, p, g, v, begin, end, ts, s);                         \
   }                                                                                              \
-  inline void plain_tile(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f,      \
+  inline void plain_tile(T* p, T* g, T* v, int64_t n, bool first, const StepFlags& f,      \
                          const ScalarsOf<T>& s) {                                                \
     NM_CALL_FUSED(plain_##NAME##_fused(p, g, v, n, first, f, s))                                 \
     plain_##NAME##_unfused(p, g, v, n, first, f, s);                                             \
   }                                                                                              \
-  inline void stats_tile(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,         \
+  inline void stats_tile(T* p, T* g, T* v, int64_t begin, int64_t end, bool first,         \
                          const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {     \
     NM_CALL_FUSED(stats_##NAME##_fused(p, g, v, begin, end, first, f, ts, s))                    \
     stats_##NAME##_unfused(p, g, v, begin, end, first, f, ts, s);                                \
@@ -834,13 +876,14 @@ template <typename T>
 void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, const StatsView& st,
                 int num_threads) {
   using C = typename Storage<T>::compute;
-  // gmul folds AMP unscaling and maximize into one multiply; computed in double, rounded once.
-  double gmul = h.maximize ? -1.0 : 1.0;
-  if (amp.grad_scale != nullptr) gmul /= static_cast<double>(*amp.grad_scale);
+  // The scale as torch's fused SGD divides by it: scalar_t(*grad_scale_ptr) (float for fp16 /
+  // bf16 storage: opmath_t), exact from float; 1 (unused) without a scale.
+  const bool unscale = amp.grad_scale != nullptr;
   const StepScalars<C> s{static_cast<C>(-h.lr), static_cast<C>(h.weight_decay),
                          static_cast<C>(h.momentum), static_cast<C>(1.0 - h.dampening),
-                         static_cast<C>(gmul)};
-  const StepFlags f{h.weight_decay != 0.0, h.momentum != 0.0, h.nesterov};
+                         static_cast<C>(h.maximize ? -1.0 : 1.0),
+                         unscale ? static_cast<C>(*amp.grad_scale) : C(1)};
+  const StepFlags f{h.weight_decay != 0.0, h.momentum != 0.0, h.nesterov, unscale};
   const int64_t n = b.n_tensors;
   const int64_t* param = b.table;
   const int64_t* grad = b.table + n;
@@ -869,7 +912,7 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
     const int64_t begin = b.tiles[3 * k + 1];
     const int64_t end = b.tiles[3 * k + 2];
     T* p = reinterpret_cast<T*>(param[t]);
-    const T* g = reinterpret_cast<const T*>(grad[t]);
+    T* g = reinterpret_cast<T*>(grad[t]);
     T* v = f.momentum ? reinterpret_cast<T*>(buf[t]) : nullptr;
     const bool first = is_first[t] != 0;
     if (with_stats && (st.offsets[3 * t] >= 0 || st.offsets[3 * t + 1] >= 0 || st.offsets[3 * t + 2] >= 0)) {

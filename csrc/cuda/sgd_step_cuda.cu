@@ -12,7 +12,9 @@
 // hyper-parameters, so each expression is evaluated in double and rounded to opmath when
 // assigned; nvcc contracts a * b + c into fma by default (-fmad=true), as when torch is built,
 // so the same expressions get the same contractions. The gradient is unscaled and negated as
-// torch does (g /= (double)grad_scale; g *= -1.0) before the statistics see it. Not run here
+// torch does (g /= (double)grad_scale; g *= -1.0) before the statistics see it, and with a scale
+// the unscaled gradient is written back to the grad, before the sign, as torch's kernel stores
+// it (grads are only read without a scale). Not run here
 // (no GPU on the development machines): the Triton kernels, which spell the same contractions
 // out with tl.fma, are checked bitwise against an emulation of it (tests/test_bitwise.py).
 #include <cuda_bf16.h>
@@ -64,16 +66,21 @@ struct CudaScalars {
   bool maximize;
 };
 
-// torch: g = (opmath)grad; if (grad_scale) g /= (double)*grad_scale; if (maximize) g *= -1.0.
+// torch: g = (opmath)grad; if (grad_scale) { g /= (double)*grad_scale; grad = g; } and then
+// if (maximize) g *= -1.0: the grad written back is the unscaled one, before the sign.
 template <typename C>
-__device__ __forceinline__ C unscale(C g, const CudaScalars& s) {
+__device__ __forceinline__ C unscaled(C g, const CudaScalars& s) {
   if (s.grad_scale != nullptr) g /= static_cast<double>(*s.grad_scale);
+  return g;
+}
+template <typename C>
+__device__ __forceinline__ C with_sign(C g, const CudaScalars& s) {
   if (s.maximize) g *= -1.0;
   return g;
 }
 
 template <typename T, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV>
-__device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict__ g,
+__device__ __forceinline__ void step_tile(T* __restrict__ p, T* __restrict__ g,
                                           T* __restrict__ v, int64_t len, const CudaScalars& s) {
   using S = CudaStorage<T>;
   using C = typename S::compute;
@@ -85,24 +92,29 @@ __device__ __forceinline__ void step_tile(T* __restrict__ p, const T* __restrict
   const int64_t n_vec = aligned ? len / kVec : 0;
   for (int64_t j = threadIdx.x; j < n_vec; j += kThreads) {
     P pp = reinterpret_cast<const P*>(p)[j];
-    const P gg = reinterpret_cast<const P*>(g)[j];
+    P gg = reinterpret_cast<const P*>(g)[j];
     P vv;
     if (MOM && !FIRST) vv = reinterpret_cast<const P*>(v)[j];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       C pi = S::load(pp.x[e]);
       C vi = (MOM && !FIRST) ? S::load(vv.x[e]) : C(0);
-      sgd_update_cuda<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, unscale(S::load(gg.x[e]), s), vi, s.f);
+      const C gi = unscaled(S::load(gg.x[e]), s);
+      gg.x[e] = S::store(gi);
+      sgd_update_cuda<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, with_sign(gi, s), vi, s.f);
       pp.x[e] = S::store(pi);
       if (MOM) vv.x[e] = S::store(vi);
     }
     reinterpret_cast<P*>(p)[j] = pp;
+    if (s.grad_scale != nullptr) reinterpret_cast<P*>(g)[j] = gg;
     if (MOM) reinterpret_cast<P*>(v)[j] = vv;
   }
   for (int64_t i = n_vec * kVec + threadIdx.x; i < len; i += kThreads) {
     C pi = S::load(p[i]);
     C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
-    sgd_update_cuda<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, unscale(S::load(g[i]), s), vi, s.f);
+    const C gi = unscaled(S::load(g[i]), s);
+    if (s.grad_scale != nullptr) g[i] = S::store(gi);
+    sgd_update_cuda<C, HAS_WD, MOM, FIRST, NESTEROV>(pi, with_sign(gi, s), vi, s.f);
     p[i] = S::store(pi);
     if (MOM) v[i] = S::store(vi);
   }
@@ -129,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = b.tiles[3 * k + 1];
   const int64_t len = b.tiles[3 * k + 2] - begin;
   T* p = reinterpret_cast<T*>(b.table[t]) + begin;
-  const T* g = reinterpret_cast<const T*>(b.table[n + t]) + begin;
+  T* g = reinterpret_cast<T*>(b.table[n + t]) + begin;
   T* v = MOM ? reinterpret_cast<T*>(b.table[2 * n + t]) + begin : nullptr;
   if (MOM && b.table[3 * n + t] != 0) {
     step_tile<T, HAS_WD, MOM, true, NESTEROV>(p, g, v, len, s);
@@ -241,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
   const int64_t row_base = tile[5], col_base = tile[6], slot = tile[7];
   const int64_t n = b.n_tensors;
   T* __restrict__ p = reinterpret_cast<T*>(b.table[t]);
-  const T* __restrict__ g = reinterpret_cast<const T*>(b.table[n + t]);
+  T* __restrict__ g = reinterpret_cast<T*>(b.table[n + t]);
   T* __restrict__ v = MOM ? reinterpret_cast<T*>(b.table[2 * n + t]) : nullptr;
   const bool first = MOM && b.table[3 * n + t] != 0;
   const bool vec = aligned16(p) && aligned16(g) && (!MOM || aligned16(v)) && rowlen % L::kChunk == 0;
@@ -270,6 +282,11 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
     C pv[V], gv[V], vv[V];
     load_lane<T, V, L::kChunk>(p, i0, valid, vec, pv);
     load_lane<T, V, L::kChunk>(g, i0, valid, vec, gv);
+    if (s.grad_scale != nullptr) {  // the unscaled grad, written back (torch's fused kernel)
+#pragma unroll
+      for (int e = 0; e < V; ++e) gv[e] = unscaled(gv[e], s);
+      store_lane<T, V, L::kChunk>(g, i0, valid, vec, gv);
+    }
     if (MOM && !first) {
       load_lane<T, V, L::kChunk>(v, i0, valid, vec, vv);
     } else {
@@ -280,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       C pi = pv[e], vi = vv[e];
-      const C gi = unscale(gv[e], s);
+      const C gi = with_sign(gv[e], s);
       const A tq[kNumStats] = {A(pi),      A(gi),      A(vi),      A(pi * pi), A(gi * gi),
                                A(vi * vi), A(pi * gi), A(pi * vi), A(gi * vi)};
 #pragma unroll

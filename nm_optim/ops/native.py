@@ -138,5 +138,9 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
         with torch.cuda.device(device):
             C.sgd_step_cuda(lr=float(args.lr), lr_device=lr_ptr, stream=stream, **stats_args, **common)
     # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would, so
-    # that a backward through a stale saved param raises instead of using the new values.
-    torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))
+    # that a backward through a stale saved param raises instead of using the new values. With
+    # a grad scale the kernels also wrote the unscaled grads back.
+    written = [*params, *momentum_buffers] if has_momentum else list(params)
+    if args.grad_scale is not None:
+        written += grads
+    torch.autograd.graph.increment_version(written)

@@ -35,7 +35,7 @@ from nm_optim.ops.plan import StatsLayout, rows_needed, stats_layout
 from nm_optim.ops.registry import backend_step, require_backend
 
 SCHEMA = (
-    "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
+    "sgd_step_(Tensor(a!)[] params, Tensor(d!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
     "float lr, Tensor? lr_tensor, float weight_decay, float momentum, float dampening, "
     "bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, str backend, "
     "Tensor(c!)? stats=None, int[] stats_offsets=[]) -> ()"

@@ -46,14 +46,18 @@ def sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], moment
 def step_reference(bucket: Bucket, args: StepArgs) -> None:
     """One SGD step in place on the bucket's params (and `momentum_buffers` when momentum != 0).
 
-    g  = grad * gmul, gmul = (-1 if maximize else 1) / grad_scale
+    g  = grad / grad_scale * (-1 if maximize else 1)
     d  = g + weight_decay * p                    (only when weight_decay != 0)
     v' = d  (is_first)   else  momentum * v + (1 - dampening) * d
     u  = d + momentum * v'  (nesterov)   else  v'
     p' = p - lr * u
-    When found_inf is non-zero nothing changes (decided on the device: no host sync).
+    With grad_scale, the grad is divided by it in the compute type and the quotient (before the
+    maximize sign) is written back to the grad, as torch's fused SGD kernels do
+    (aten/src/ATen/native/cpu/FusedSGDKernel.cpp, native/cuda/FusedSgdKernel.cu); without one the
+    grads are only read. When found_inf is non-zero nothing changes, grads included (decided on
+    the device: no host sync).
 
-    With `stats`, tensor i's statistics of the pre-step values (p, g, v in float64; g = grad * gmul,
+    With `stats`, tensor i's statistics of the pre-step values (p, g, v in float64; g as above,
     v = 0 on the first step and without momentum) go to the rows stats_offsets[3i : 3i + 3] of
     its rows / cols / all tracks (see nm_optim/tracks.py); a skipped step writes NaN there.
     """
@@ -66,28 +70,37 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, p in enumerate(params):
         cdt = compute_dtype(p.dtype)
-        gmul = torch.tensor(-1.0 if maximize else 1.0, dtype=torch.float64, device=p.device)
+        sign = -1.0 if maximize else 1.0
+        g = grads[i].detach().to(cdt)
         if grad_scale is not None:
-            gmul = gmul / grad_scale.to(device=p.device, dtype=torch.float64).reshape(())
+            # A division (torch's fused kernels), not a multiply by the reciprocal: the bits
+            # differ for a scale that is not a power of two. The scale (float32) is exact in cdt.
+            g = g / grad_scale.detach().to(device=p.device, dtype=cdt).reshape(())
+            unscaled = g.to(p.dtype)
+            if skip is not None:
+                unscaled = torch.where(skip.to(p.device), grads[i].detach(), unscaled)
+        g = g * sign  # exact: x * +-1
         if stats is not None and any(o >= 0 for o in stats_offsets[3 * i : 3 * i + 3]):
             v64 = (
                 momentum_buffers[i].detach().double()
                 if has_momentum and not is_first[i]
                 else torch.zeros_like(p, dtype=torch.float64)
             )
-            g64 = (grads[i].detach().to(cdt) * gmul.to(cdt)).double()
+            g64 = g.double()
             reduce_stats(p.detach().double(), g64, v64, stats_offsets[3 * i : 3 * i + 3], stats)
             if skip is not None:
                 for off, n in zip(stats_offsets[3 * i : 3 * i + 3], group_counts(p.shape)):
                     if off >= 0:
                         stats[off : off + n] = torch.where(skip.to(stats.device), float("nan"), stats[off : off + n])
+        if grad_scale is not None:
+            grads[i].detach().copy_(unscaled)  # after the statistics, which read g (a copy)
         if p.numel() == 0:
             continue
         # torch's ops, in torch's order (torch/optim/sgd.py, _single_tensor_sgd). `add(x, alpha=a)`
         # is self + a * x with a converted to the dtype first; on the CPU one rounding (fma) with
         # AVX2 / AVX512 kernels, two with the DEFAULT ones: whatever it is, it is torch's.
         pc = p.detach().to(cdt)
-        d = grads[i].detach().to(cdt) * gmul.to(cdt)  # exact without a grad scale: x * +-1
+        d = g
         if weight_decay != 0:
             d = d.add(pc, alpha=weight_decay)  # grad.add(param, alpha=weight_decay)
         u = d

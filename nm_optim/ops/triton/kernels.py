@@ -157,16 +157,31 @@ def _update(p, g, v, first, lr, wd, mom, one_minus_damp,
 def _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
              HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, CT: tl.constexpr):
     """The step's scalars: lr, weight decay, momentum and 1 - dampening in float64, as torch's
-    fused CUDA kernel takes them (a float32 lr tensor is widened, as its lr_ptr); gmul in the
-    compute type (exact: +-1, or +-1 / a power-of-2 GradScaler scale)."""
+    fused CUDA kernel takes them (a float32 lr tensor is widened, as its lr_ptr); gmul (+-1, the
+    maximize sign) in the compute type; GradScaler's scale in float64 (1 without one)."""
     lr = tl.full([], lr, tl.float64)
     if HAS_LR_PTR:
         lr = tl.load(lr_ptr).to(tl.float64)
-    gmul = tl.full([], gmul, CT)
+    scale = tl.full([], 1.0, tl.float64)
     if HAS_SCALE:
-        gmul = gmul / tl.load(scale_ptr).to(CT)
+        scale = tl.load(scale_ptr).to(tl.float64)
     return (lr, tl.full([], wd, tl.float64), tl.full([], mom, tl.float64),
-            tl.full([], one_minus_damp, tl.float64), gmul)
+            tl.full([], one_minus_damp, tl.float64), tl.full([], gmul, CT), scale)
+
+
+@_device_function
+def _load_grad(g_base, offs, mask, gmul, scale, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+               ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The gradient the update and the statistics see: grad / scale * gmul. HAS_SCALE: as torch's
+    fused CUDA kernel (FusedSgdKernel.cu: g /= (double)*grad_scale, a float64 division rounded to
+    the compute type, the same bits as a correctly rounded division in it), and the quotient is
+    written back to the grad before the maximize sign, as torch's kernel stores it. Without a
+    scale the grad is only read."""
+    g = _load(g_base, offs, mask, BITS, DT, CT, ALIGNED)
+    if HAS_SCALE:
+        g = (g.to(tl.float64) / scale).to(CT)
+        _store(g_base, offs, g, mask, BITS, DT, ALIGNED)
+    return g * gmul
 
 
 @_device_function
@@ -194,10 +209,10 @@ def _aligned(x, n: tl.constexpr):
 
 @_device_function
 def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratch, out,
-               lr, wd, mom, one_minus_damp, gmul,
+               lr, wd, mom, one_minus_damp, gmul, scale,
                BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
                HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, WITH_STATS: tl.constexpr,
-               ALIGNED: tl.constexpr):
+               ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
     """Steps elements [begin, end) of one tensor, BLOCK at a time; WITH_STATS: also the tile's 9
     sums (accumulated element-wise in registers, reduced once at the end) into its slot, and,
     for a "rows" track of a tensor whose rows are single elements, each element's own 9 values."""
@@ -217,7 +232,7 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
         offs = start + lane
         mask = offs < end
         p = _load(p_base, offs, mask, BITS, DT, CT, ALIGNED)
-        g = _load(g_base, offs, mask, BITS, DT, CT, ALIGNED) * gmul
+        g = _load_grad(g_base, offs, mask, gmul, scale, BITS, DT, CT, ALIGNED, HAS_SCALE)
         v = tl.zeros([BLOCK], CT)
         if HAS_MOM:  # a buffer created by this step is not read (it may hold anything)
             v = _load(v_base, offs, offs < v_end, BITS, DT, CT, ALIGNED)
@@ -270,25 +285,25 @@ def step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars,
     g_base = tl.load(ptrs + n_tensors + t)
     v_base = tl.load(ptrs + 2 * n_tensors + t)
     first = tl.load(ptrs + 3 * n_tensors + t)
-    lr, wd, mom, one_minus_damp, gmul = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
-                                                 HAS_LR_PTR, HAS_SCALE, CT)
+    lr, wd, mom, one_minus_damp, gmul, scale = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
+                                                        HAS_LR_PTR, HAS_SCALE, CT)
     # ALIGNED (the launch checked the addresses, the plan the tile bounds): VEC elements = 16
     # bytes, vector loads and stores.
     if ALIGNED:
         begin = _aligned(begin, VEC)
         end = _aligned(end, VEC)
     _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratch, out,
-               lr, wd, mom, one_minus_damp, gmul,
-               BLOCK, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, WITH_STATS, ALIGNED)
+               lr, wd, mom, one_minus_damp, gmul, scale,
+               BLOCK, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, WITH_STATS, ALIGNED, HAS_SCALE)
 
 
 @_device_function
 def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col_base, slot, scratch,
-                lr, wd, mom, one_minus_damp, gmul,
+                lr, wd, mom, one_minus_damp, gmul, scale,
                 TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr,
                 BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
                 HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, COLS: tl.constexpr,
-                ALIGNED: tl.constexpr):
+                ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
     """One 2-D tile: rows [rb * TILE_R, +TILE_R) x row elements [cb * BLOCK_C, +BLOCK_C), SUB_R
     rows at a time. Per sub-block: load, step, store; each row's 9 sums (one reduction along the
     row: within a warp, each warp holding whole rows) go to the row partials and, in float64, to
@@ -328,7 +343,7 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
         mask = row_ok & col_ok
         offs = rows * rowlen + cols
         p = _load(p_base, offs, mask, BITS, DT, CT, ALIGNED)
-        g = _load(g_base, offs, mask, BITS, DT, CT, ALIGNED) * gmul
+        g = _load_grad(g_base, offs, mask, gmul, scale, BITS, DT, CT, ALIGNED, HAS_SCALE)
         v = tl.zeros([SUB_R, BLOCK_C], CT)
         if HAS_MOM:  # a buffer created by this step is not read (it may hold anything)
             v = _load(v_base, offs, (rows < v_rows) & col_ok, BITS, DT, CT, ALIGNED)
@@ -426,15 +441,15 @@ def stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars
     g_base = tl.load(ptrs + n_tensors + t)
     v_base = tl.load(ptrs + 2 * n_tensors + t)
     first = tl.load(ptrs + 3 * n_tensors + t)
-    lr, wd, mom, one_minus_damp, gmul = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
-                                                 HAS_LR_PTR, HAS_SCALE, CT)
+    lr, wd, mom, one_minus_damp, gmul, scale = _scalars(lr, lr_ptr, wd, mom, one_minus_damp, gmul, scale_ptr,
+                                                        HAS_LR_PTR, HAS_SCALE, CT)
     # ALIGNED (the launch checked the addresses, the plan the row lengths): rows start on 16
     # bytes, VEC elements, so loads and stores are 16-byte vector accesses.
     if ALIGNED:
         rowlen = _aligned(rowlen, VEC)
     _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col_base, slot, scratch,
-                lr, wd, mom, one_minus_damp, gmul,
-                TILE_R, SUB_R, BLOCK_C, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, COLS, ALIGNED)
+                lr, wd, mom, one_minus_damp, gmul, scale,
+                TILE_R, SUB_R, BLOCK_C, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, COLS, ALIGNED, HAS_SCALE)
 
 
 @triton.jit

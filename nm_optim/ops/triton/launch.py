@@ -91,4 +91,7 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
                         TASKS=K.REDUCE_TASKS, CHUNK=K.REDUCE_CHUNK, HAS_INF=inf,
                         num_warps=K.NUM_WARPS["reduce"],
                     )
-    torch.autograd.graph.increment_version([*params, *momentum_buffers] if has_momentum else list(params))
+    written = [*params, *momentum_buffers] if has_momentum else list(params)
+    if args.grad_scale is not None:  # the kernels wrote the unscaled grads back
+        written += grads
+    torch.autograd.graph.increment_version(written)
