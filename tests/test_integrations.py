@@ -1,8 +1,9 @@
 """nm_optim.integrations: the scalars of a recorded step (norms of θ, g, v per parameter, each
 symmetry's conserved quantity, hyper-parameters) match the record's sums; TensorBoard event
 files, read back with tensorboard's EventAccumulator, hold them every N steps; `nm-optim train
---tensorboard DIR` writes them. The Lightning and Hugging Face callbacks need their frameworks
-(skipped where absent)."""
+--tensorboard DIR` writes them, and a resumed run keeps every logged value. The Lightning and
+Hugging Face callbacks are tested in real trainers: tests/test_lightning_resume.py and
+tests/test_hf_resume.py."""
 
 from __future__ import annotations
 
@@ -138,27 +139,6 @@ def test_nm_optim_train_writes_tensorboard(tmp_path, capsys):
         col = STAT_INDEX["p" if kind == "translation" else "pp"]
         want = g["A"][steps, :, col].sum(1) if kind != "rescale" else (g["A1"] - g["A2"])[steps, :, col].sum(1)
         np.testing.assert_allclose(values, want, rtol=1e-6)
-
-
-def test_huggingface_callback():
-    pytest.importorskip("transformers")
-    from nm_optim.integrations.huggingface import NMOptimTrainerCallback
-
-    model, opt, _ = model_and_opt()
-    logged = []
-
-    class Trainer:
-        def log(self, logs):
-            logged.append(logs)
-
-    class State:
-        is_world_process_zero = True
-
-    cb = NMOptimTrainerCallback(every=2, trainer=Trainer())
-    for _ in range(5):
-        train(model, opt, 1)
-        cb.on_step_end(None, State(), None, optimizer=opt)
-    assert len(logged) == 3 and "nm_optim/hyper/lr" in logged[0]
 
 
 def test_the_exact_law_over_the_last_step_is_logged_live():
