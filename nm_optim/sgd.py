@@ -19,6 +19,8 @@ from nm_optim.tracks import Track, TrackTable, track_pairs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _UNTRACKED = (-1, -1, -1)
+# Backends that read a CPU lr tensor as the float64 it holds, as they read a float lr.
+_EXACT_LR_TENSOR = ("cpu", "reference")
 
 
 class SGD(Optimizer):
@@ -313,12 +315,14 @@ class SGD(Optimizer):
         for group, device, params, grads, bufs, is_first, offsets in calls:
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
-            if lr_tensor is None and device.type == "cpu" and torch.compiler.is_compiling():
+            backend = resolve_backend(group["backend"], device)
+            compiling = torch.compiler.is_compiling()
+            if compiling and lr_tensor is None and backend in _EXACT_LR_TENSOR and device.type == "cpu":
                 # A float passed to a custom op is a constant of the graph: Dynamo guards on it
                 # and recompiles for every value a scheduler sets (then, past its recompile limit,
                 # runs the step eagerly). As a tensor it is a graph input once Dynamo sees it
-                # change, as for torch.optim.SGD. Bitwise the same: the CPU backends read a CPU lr
-                # tensor as the float64 it holds. (CUDA reads a device lr as float32: not there.)
+                # change, as for torch.optim.SGD. Bitwise the same: these backends read a CPU lr
+                # tensor as the float64 it holds (CUDA and Triton read a tensor lr as float32).
                 lr_tensor = torch.scalar_tensor(lr, dtype=torch.float64)
             wd = group["weight_decay"]
             sgd_step_(
@@ -335,7 +339,7 @@ class SGD(Optimizer):
                 bool(group["maximize"]),
                 grad_scale,
                 found_inf,
-                resolve_backend(group["backend"], device),
+                backend,
                 tracks.stats(device) if offsets else None,
                 offsets,
             )

@@ -116,7 +116,7 @@ def make_opt(config: str, m: torch.nn.Module, extra: torch.nn.Parameter) -> nm_o
     return nm_optim.SGD([{"params": list(m.parameters())}, {"params": [extra], "lr": 0.05}], track="layers", **hyper)
 
 
-def train(config: str, steps: int, compiled: str | None, backend: Recording | None = None,
+def train(config: str, steps: int, compiled: str | None, backend: Recording | str | None = None,
           scheduler: bool = False, lr_tensor: bool = False) -> tuple[torch.nn.Module, nm_optim.SGD]:
     """`steps` training steps; compiled None (eager), "step" (torch.compile(opt.step)) or
     "train" (the whole step compiled: forward, backward, opt.step(), zero_grad)."""
@@ -176,6 +176,16 @@ def test_a_compiled_training_step_breaks_only_where_torch_optim_sgd_does_and_at_
     _, compiled = train("layers", 4, "train", rec)
     assert_nothing_fell_back((BACKWARD, ZERO_GRAD, RECORDER))
     assert len(rec.op_nodes()) == 2  # the first step's graph and the later steps'
+    _, eager = train("layers", 4, None)
+    assert_same_run(compiled, eager)
+
+
+def test_aot_autograd_keeps_the_op_and_eagers_bits():
+    """Through AOTAutograd (functionalization, as Inductor sees the graph) the op's in-place
+    writes to params, buffers and statistics survive, to the bit."""
+    fresh_dynamo()
+    _, compiled = train("layers", 4, "step", "aot_eager")
+    assert_nothing_fell_back((RECORDER,))
     _, eager = train("layers", 4, None)
     assert_same_run(compiled, eager)
 
