@@ -130,6 +130,33 @@ def test_g_is_the_unscaled_gradient_under_amp():
     run_and_check(params, opt, tracks, steps=2, grad_scale=1024.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_unscaled_gradient_is_written_back_as_torch_fused_sgd_writes_it(dtype):
+    """p.grad after a scaled step is torch.optim.SGD(fused=True)'s bits (grad / scale, rounded
+    to the dtype, before the maximize sign) in flat tiles (plain and tracked) and 2-D tiles (rows
+    and cols), with a scale that is not a power of two; a step skipped by found_inf leaves it."""
+    params = make_params(dtype)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    gen = torch.Generator().manual_seed(3)
+    for p, q in zip(params, ref):
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e4).to(device=DEVICE, dtype=dtype)
+        q.grad = p.grad.clone()
+    scaled = [p.grad.clone() for p in params]
+    opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, maximize=True, fused=True, backend="triton",
+                       track=tracks_of(params))
+    torch_fused = torch.optim.SGD(ref, lr=0.1, momentum=0.9, maximize=True, fused=True)
+    for o, inf in ((opt, 1.0), (opt, 0.0), (torch_fused, 0.0)):
+        o.grad_scale = torch.tensor(3000.0, device=DEVICE)
+        o.found_inf = torch.tensor(inf, device=DEVICE)
+        o.step()
+        if inf:
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, scaled)), "a skipped step wrote a grad"
+    for p, q, g in zip(params, ref, scaled):
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(p.grad.view(bits), q.grad.view(bits)), f"{tuple(p.shape)}: grad not torch's"
+        assert p.numel() == 0 or not torch.equal(p.grad, g), f"{tuple(p.shape)}: grad left scaled"
+
+
 def test_found_inf_writes_nothing_and_reports_nan_statistics():
     params = make_params(torch.float32)
     opt = nm_optim.SGD(params, lr=0.1, momentum=0.9, backend="triton", track=tracks_of(params))
