@@ -167,6 +167,30 @@ def test_a_compiled_step_is_graphs_holding_the_op_and_eagers_bits(config):
         assert torch.isnan(compiled.last_stats()[-1]).all()
 
 
+def test_an_untracked_step_compiles_with_fullgraph():
+    """Without tracks there is no recorder: the whole step, buffer creation included, is one graph
+    (fullgraph=True raises at any graph break)."""
+    fresh_dynamo()
+    rec = Recording()
+    m = model()
+    opt = nm_optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    step = torch.compile(opt.step, fullgraph=True, backend=rec)
+    for k in range(3):
+        x, y = batch(k)
+        F.cross_entropy(m(x), y).backward()
+        step()
+    # (fullgraph=True raises where a frame would fall back; Dynamo's frame counters stay empty)
+    assert not counters["unimplemented"] and not counters["graph_break"]
+    assert len(rec.graphs) == 2 and len(rec.op_nodes()) == 2  # the first step's graph, the later steps'
+    m_e = model()
+    eager = nm_optim.SGD(m_e.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    for k in range(3):
+        x, y = batch(k)
+        F.cross_entropy(m_e(x), y).backward()
+        eager.step()
+    assert_same_run(opt, eager)
+
+
 def test_a_compiled_training_step_breaks_only_where_torch_optim_sgd_does_and_at_the_recorder():
     """Forward, backward, opt.step() and zero_grad compiled as one function: the op is in a
     graph, no frame falls back, and the graph breaks are backward()'s and zero_grad's (as with
