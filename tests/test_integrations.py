@@ -20,7 +20,7 @@ from nm_optim.names import STAT_INDEX
 def model_and_opt(momentum=0.9, every_group=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    syms = nm_optim.find_symmetries(model, torch.randn(4, 6))
+    syms = nm_optim.find_symmetries(model, torch.randn(4, 6), loss=nn.functional.cross_entropy)
     assert sorted(s.kind for s in syms) == ["rescale", "scale", "translation"]
     opt = nm_optim.SGD(model.named_parameters(), lr=0.05, momentum=momentum, weight_decay=1e-3, symmetries=syms,
                        track=[(model[3].weight, "all")])
@@ -151,7 +151,7 @@ def test_the_exact_law_over_the_last_step_is_logged_live():
     net = models.get_model("small_vgg_bn", in_channels=1, image_size=8)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     opt = nm_optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2,
-                       symmetries=nm_optim.find_symmetries(net, x[:2]))
+                       symmetries=nm_optim.find_symmetries(net, x[:2], loss=torch.nn.functional.cross_entropy))
     for _ in range(5):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()

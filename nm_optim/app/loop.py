@@ -196,7 +196,10 @@ def train(
     net = (model_fn or build_model)(config, train_set.shape, train_set.num_classes).to(device)
     net.train()
     example = train_set.batch(torch.arange(min(2, n)))[0].to(device)
-    symmetries = list((symmetries_fn or find_symmetries)(net, example))
+    if symmetries_fn is not None:
+        symmetries = list(symmetries_fn(net, example))
+    else:  # the loss the loop trains with: it decides whether the logits' translation law holds
+        symmetries = find_symmetries(net, example, loss=F.cross_entropy)
     model = net
     if d is not None:
         dist_app.warn_batch_norm(net, d)
