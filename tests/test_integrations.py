@@ -172,6 +172,38 @@ def test_the_exact_law_over_the_last_step_is_logged_live():
     assert not any(k.startswith("exact/") for k in step_scalars(opt.recorder.latest(1), -1))
 
 
+def test_the_live_law_takes_no_decay_groups_and_warmup_from_zero():
+    """The usual recipe: weight decay on weights only, the classifier at its own lr, warmup
+    from lr 0. Each member is stepped with its own group's hyper-parameters, so the logged
+    residual stays at rounding (it raised ValueError when members' groups differed)."""
+    from nm_optim import models
+
+    torch.manual_seed(0)
+    net = models.get_model("small_vgg_bn", in_channels=1, image_size=8)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    syms = nm_optim.find_symmetries(net, x[:2], loss=torch.nn.functional.cross_entropy)
+    head = {id(p) for p in net.classifier.parameters()}
+    groups = [
+        {"params": [p for p in net.parameters() if p.ndim > 1 and id(p) not in head], "weight_decay": 1e-2},
+        {"params": [p for p in net.parameters() if p.ndim <= 1 and id(p) not in head], "weight_decay": 0.0},
+        {"params": [p for p in net.parameters() if id(p) in head], "lr": 0.02},  # the head at its own lr
+    ]
+    opt = nm_optim.SGD(groups, lr=0.05, momentum=0.9, symmetries=syms)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, k / 3))  # lr 0 on the first step
+    for _ in range(6):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        sched.step()
+    assert opt.recorder.snapshot().hyper["lr"][0, 0] == 0.0, "the first step had lr 0"
+    scalars = step_scalars(opt.recorder.latest(2), -1)
+    assert {k.split("/")[1] for k in scalars if k.startswith("exact/")} == {"translation", "scale", "rescale"}
+    for key, measured in scalars.items():
+        if key.startswith("conserved/"):
+            residual = scalars["residual/" + key.removeprefix("conserved/")]
+            assert abs(residual) <= 1e-5 * max(abs(measured), 1.0), key
+
+
 def test_the_law_holds_group_by_group_and_goes_to_tensorboard_histograms(tmp_path):
     pytest.importorskip("tensorboard")
     from nm_optim.integrations.common import group_values

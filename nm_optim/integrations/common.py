@@ -31,7 +31,7 @@ import numpy as np
 
 from nm_optim.names import HYPER_NAMES, STAT_INDEX
 from nm_optim.symmetry import Symmetry
-from nm_optim.theory import exact, schedule_of
+from nm_optim.theory import exact_parts, parts_of
 
 _PREFER = ("all", "rows", "cols")
 
@@ -102,10 +102,10 @@ def one_step_law(sym: Symmetry, record: Any, index: int = -1) -> dict[str, np.nd
     if bool(np.asarray(record.skipped)[i - 1]) or bool(np.asarray(record.skipped)[i]):
         return None
     pair = _Row(record, i - 1, i + 1)
-    stats = sym.group_stats(pair)
-    schedule = schedule_of(sym, pair)
-    predicted = exact(sym.kind, stats, schedule)
-    with_breaking = exact(sym.kind, stats, schedule, vanishing=False)[1]
+    # Each member with its own param group's hyper-parameters (no-decay groups, per-group lr).
+    parts, _ = parts_of(sym, pair)
+    predicted = exact_parts(sym.kind, parts)
+    with_breaking = exact_parts(sym.kind, parts, vanishing=False)[1]
     measured = measured_groups(sym, pair, 1)
     return {"measured": measured, "exact": predicted[1], "residual": measured - predicted[1],
             "breaking": with_breaking - predicted[1]}
