@@ -16,6 +16,7 @@ import nm_optim
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tensorboard")
+pytest.importorskip("accelerate")  # transformers.Trainer needs it
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from nm_optim.integrations.huggingface import RECORDER_NAME, NMOptimTrainerCallback  # noqa: E402
