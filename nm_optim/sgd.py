@@ -422,6 +422,8 @@ class SGD(Optimizer):
         return result
 
     def _build_plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
+        """_plan's result, built afresh (eagerly _plan caches it; under torch.compile it is built
+        while Dynamo traces the step: _plan_at_trace_time)."""
         plan: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         seen: Counter[int] = Counter()
         occurrence = []
