@@ -88,8 +88,6 @@ bool use_fused_variant() {
   return fused;
 }
 
-// The hot loop without statistics: flags are template arguments so every variant is branch-free
-// and vectorises.
 // The gradient the update and the statistics see, g = grad / grad_scale * gmul, from storage
 // element(s) at g. UNSCALE (a GradScaler scale was given): as torch's fused SGD
 // (aten/src/ATen/native/cpu/FusedSGDKernel.cpp), the grad is divided by the scale in the compute
@@ -97,20 +95,28 @@ bool use_fused_variant() {
 // powers of two) and the quotient, rounded to the storage type, is written back to the grad
 // before the maximize sign; the update goes on with the unrounded quotient. Without a scale the
 // grad is only read (gmul = +-1: exact). STORE = false: a first pass that will read the grad
-// again stores nothing (Stats512).
+// again stores nothing (Stats512). The kernels take the grad as a const pointer (it is written
+// only with UNSCALE; bench/ instantiates them with const grads) and grad_out casts the const
+// away for that write.
+template <typename T>
+inline __attribute__((always_inline)) T* grad_out(const T* g) { return const_cast<T*>(g); }
+
 template <bool UNSCALE, bool STORE = true, typename T, typename C>
-inline __attribute__((always_inline)) C grad_in(T* g, const StepScalars<C>& s) {
+inline __attribute__((always_inline)) C grad_in(const T* g, const StepScalars<C>& s) {
   C x = Storage<T>::load(*g);
   if constexpr (UNSCALE) {
     x = x / s.grad_scale;
-    if constexpr (STORE) *g = Storage<T>::store(x);
+    if constexpr (STORE) *grad_out(g) = Storage<T>::store(x);
   }
   return x * s.gmul;
 }
 
-template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
+// The hot loop without statistics: flags are template arguments so every variant is branch-free
+// and vectorises.
+
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE = false>
 struct PlainRange {
-  static inline __attribute__((always_inline)) void run(T* __restrict p, T* __restrict g,
+  static inline __attribute__((always_inline)) void run(T* __restrict p, const T* __restrict g,
                                                         T* __restrict v, int64_t n,
                                                         const ScalarsOf<T>& s) {
     using S = Storage<T>;
@@ -189,7 +195,7 @@ struct StatsSegment {
     *reinterpret_cast<typename Vec<C>::unaligned*>(x) += t;
   }
 
-  static inline __attribute__((always_inline)) void run(T* __restrict p, T* __restrict g,
+  static inline __attribute__((always_inline)) void run(T* __restrict p, const T* __restrict g,
                                                         T* __restrict v, int64_t n,
                                                         const ScalarsOf<T>& s, double* acc,
                                                         C* __restrict colf, int64_t rowlen) {
@@ -201,7 +207,7 @@ struct StatsSegment {
       V gi = load_vec(g + i);
       if constexpr (UNSCALE) {  // as grad_in
         gi = gi / s.grad_scale;
-        store_vec(g + i, gi);
+        store_vec(grad_out(g + i), gi);
       }
       gi = gi * s.gmul;
       V vi = V{};
@@ -315,7 +321,7 @@ inline __attribute__((always_inline)) void fold_cols(const TensorStats& ts, C* c
 // elements [j * rest, (j + 1) * rest)).
 template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
 struct StatsTile {
-  static inline __attribute__((always_inline)) void run(T* p, T* g, T* v, int64_t begin,
+  static inline __attribute__((always_inline)) void run(T* p, const T* g, T* v, int64_t begin,
                                                         int64_t end, const TensorStats& ts,
                                                         const ScalarsOf<T>& s) {
     using C = typename Storage<T>::compute;
@@ -442,7 +448,7 @@ struct RowLanes {
   D d[kNumStats];
 };
 
-template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
+template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE = false>
 struct Stats512 {
   using V = typename VecS<C>::type;
   using U = typename VecS<C>::unaligned;
@@ -474,7 +480,7 @@ struct Stats512 {
   // terms to its sums acc[q * 9 + k] (float64) and, with a cols track (colf not null), the rows'
   // sum of each term to colf (as the vectors: the rows summed first).
   template <int ROWS>
-  static inline __attribute__((always_inline)) void one(C* p, C* g, C* v, int64_t rowlen,
+  static inline __attribute__((always_inline)) void one(C* p, const C* g, C* v, int64_t rowlen,
                                                         const StepScalars<C>& s, double* acc, C* colf,
                                                         int64_t stride) {
     C blk[kNumStats];
@@ -541,7 +547,7 @@ struct Stats512 {
   // of one keep all of them in the 32 vector registers (one pass for all 9 statistics spilled
   // them: stores, the bottleneck here).
   template <int ROWS, bool UPDATE, int... Ks>
-  static inline __attribute__((always_inline)) void pass(C* __restrict p, C* __restrict g, C* __restrict v,
+  static inline __attribute__((always_inline)) void pass(C* __restrict p, const C* __restrict g, C* __restrict v,
                                                          int64_t rowlen, int64_t nv, const StepScalars<C>& s,
                                                          V (&lane)[ROWS][kNumStats], C* __restrict colf,
                                                          int64_t stride) {
@@ -566,7 +572,7 @@ struct Stats512 {
         gr[q] = ld(g + q * rowlen + i);
         if constexpr (UNSCALE) {  // as grad_in; stored by the last pass only (the first reads g again)
           gr[q] = gr[q] / s.grad_scale;
-          if constexpr (UPDATE) st(g + q * rowlen + i, gr[q]);
+          if constexpr (UPDATE) st(grad_out(g + q * rowlen + i), gr[q]);
         }
         gr[q] = gr[q] * s.gmul;
         vr[q] = V{};
@@ -595,7 +601,7 @@ struct Stats512 {
   // colf[k * stride + i] the column terms of all rows. Chunks of kFlushBlocks vectors: each
   // chunk's sums go to float64 lanes (a float partial holds at most kFlushBlocks terms).
   template <int ROWS>
-  static inline __attribute__((always_inline)) void seg(C* __restrict p, C* __restrict g, C* __restrict v,
+  static inline __attribute__((always_inline)) void seg(C* __restrict p, const C* __restrict g, C* __restrict v,
                                                         int64_t rowlen, int64_t n, const StepScalars<C>& s,
                                                         double* acc, C* __restrict colf, int64_t stride) {
     RowLanes<C> rl[ROWS] = {};
@@ -618,7 +624,7 @@ struct Stats512 {
   // each in one pass (the 9 row sums and the inputs fit in the registers), the products added
   // as fmas: 0.65-0.95 cycles per element with the data in cache, against 0.95-1.35 for the AVX2
   // kernel's (StatsTile) separate multiplies and adds in 32-byte vectors (bench/kernel_cycles.cpp).
-  static inline __attribute__((always_inline)) void rows_tile(C* p, C* g, C* v, int64_t begin, int64_t end,
+  static inline __attribute__((always_inline)) void rows_tile(C* p, const C* g, C* v, int64_t begin, int64_t end,
                                                               const TensorStats& ts, const StepScalars<C>& s) {
     const int64_t rowlen = ts.d1 * ts.rest;
     for (int64_t idx = begin; idx < end;) {
@@ -638,7 +644,7 @@ struct Stats512 {
 
   // Elements [0, n) of one row: their 9 sums added to acc (float64; each lane's partial in the
   // compute type holds at most kFlushBlocks terms).
-  static inline __attribute__((always_inline)) void row_seg(C* __restrict p, C* __restrict g, C* __restrict v,
+  static inline __attribute__((always_inline)) void row_seg(C* __restrict p, const C* __restrict g, C* __restrict v,
                                                             int64_t n, const StepScalars<C>& s, double* acc) {
     RowLanes<C> rl = {};
     int64_t i = 0;
@@ -650,7 +656,7 @@ struct Stats512 {
         V gi = ld(g + i);
         if constexpr (UNSCALE) {  // as grad_in
           gi = gi / s.grad_scale;
-          st(g + i, gi);
+          st(grad_out(g + i), gi);
         }
         gi = gi * s.gmul;
         V vi = V{};
@@ -674,7 +680,7 @@ struct Stats512 {
     for (; i < n; ++i) one<1>(p + i, g + i, MOM ? v + i : nullptr, 0, s, acc, nullptr, 0);
   }
 
-  static inline __attribute__((always_inline)) void run(C* p, C* g, C* v, int64_t begin, int64_t end,
+  static inline __attribute__((always_inline)) void run(C* p, const C* g, C* v, int64_t begin, int64_t end,
                                                         const TensorStats& ts, const StepScalars<C>& s) {
     if (ts.colf != nullptr) return cols_tile(p, g, v, begin, end, ts, s);
     rows_tile(p, g, v, begin, end, ts, s);
@@ -682,7 +688,7 @@ struct Stats512 {
 
   // A cols-tracked tile: whole rows [begin / rowlen, end / rowlen), strip by strip, two rows at a
   // time.
-  static inline __attribute__((always_inline)) void cols_tile(C* p, C* g, C* v, int64_t begin, int64_t end,
+  static inline __attribute__((always_inline)) void cols_tile(C* p, const C* g, C* v, int64_t begin, int64_t end,
                                                               const TensorStats& ts, const StepScalars<C>& s) {
     C* colf = static_cast<C*>(ts.colf);
     const int64_t rowlen = ts.d1 * ts.rest;
@@ -722,7 +728,7 @@ struct Stats512 {
 };
 
 template <typename C, bool HAS_WD, bool UNSCALE>
-inline __attribute__((always_inline)) void stats512_wd(const StepFlags& f, bool first, C* p, C* g,
+inline __attribute__((always_inline)) void stats512_wd(const StepFlags& f, bool first, C* p, const C* g,
                                                       C* v, int64_t begin, int64_t end,
                                                       const TensorStats& ts, const StepScalars<C>& s) {
   if (!f.momentum) return Stats512<C, HAS_WD, false, false, false, UNSCALE>::run(p, g, v, begin, end, ts, s);
@@ -735,7 +741,7 @@ inline __attribute__((always_inline)) void stats512_wd(const StepFlags& f, bool 
 }
 
 #define NM_DEFINE_STATS512(T, NAME)                                                         \
-  NM_AVX512_TARGET void stats512_tile(T* p, T* g, T* v, int64_t begin, int64_t end,  \
+  NM_AVX512_TARGET void stats512_tile(T* p, const T* g, T* v, int64_t begin, int64_t end,  \
                                       bool first, const StepFlags& f, const TensorStats& ts, \
                                       const ScalarsOf<T>& s) {                               \
     if (f.unscale) {                                                                         \
@@ -788,27 +794,27 @@ inline __attribute__((always_inline)) void dispatch(const StepFlags& f, bool fir
 
 #define NM_DEFINE_TILE_ENTRIES(T, NAME)                                                           \
   NM_FUSED_ENTRY(T, NAME, plain, PlainRange,                                                     \
-                 (T * p, T* g, T* v, int64_t n, bool first, const StepFlags& f,           \
+                 (T * p, const T* g, T* v, int64_t n, bool first, const StepFlags& f,           \
                   const ScalarsOf<T>& s),                                                        \
                  (f, first, p, g, v, n, s))                                                              \
   NM_FUSED_ENTRY(T, NAME, stats, StatsTile,                                                      \
-                 (T * p, T* g, T* v, int64_t begin, int64_t end, bool first,              \
+                 (T * p, const T* g, T* v, int64_t begin, int64_t end, bool first,              \
                   const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s),            \
                  (f, first, p, g, v, begin, end, ts, s))                                                 \
-  void plain_##NAME##_unfused(T* p, T* g, T* v, int64_t n, bool first, const StepFlags& f, \
+  void plain_##NAME##_unfused(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f, \
                               const ScalarsOf<T>& s) {                                           \
     dispatch<T, PlainRange, false>(f, first, p, g, v, n, s);                                     \
   }                                                                                              \
-  void stats_##NAME##_unfused(T* p, T* g, T* v, int64_t begin, int64_t end, bool first,    \
+  void stats_##NAME##_unfused(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,    \
                               const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {\
     dispatch<T, StatsTile, false>(f, first, p, g, v, begin, end, ts, s);                         \
   }                                                                                              \
-  inline void plain_tile(T* p, T* g, T* v, int64_t n, bool first, const StepFlags& f,      \
+  inline void plain_tile(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f,      \
                          const ScalarsOf<T>& s) {                                                \
     NM_CALL_FUSED(plain_##NAME##_fused(p, g, v, n, first, f, s))                                 \
     plain_##NAME##_unfused(p, g, v, n, first, f, s);                                             \
   }                                                                                              \
-  inline void stats_tile(T* p, T* g, T* v, int64_t begin, int64_t end, bool first,         \
+  inline void stats_tile(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,         \
                          const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {     \
     NM_CALL_FUSED(stats_##NAME##_fused(p, g, v, begin, end, first, f, ts, s))                    \
     stats_##NAME##_unfused(p, g, v, begin, end, first, f, ts, s);                                \
