@@ -384,3 +384,33 @@ def test_triton_is_torch_fused_cuda_expression(dtype):
                 assert_bitwise(p, torch.from_numpy(pe).reshape(p.shape).to(dtype), f"triton step {step} param {i}")
                 assert_bitwise(buffer_of(opt, p), torch.from_numpy(ve).reshape(p.shape).to(dtype),
                                f"triton step {step} buffer {i}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("track", [False, True])
+def test_maximize_flips_the_sign_of_nan_grads_as_torch_does(backend, dtype, track):
+    """torch's for-loop step negates the grad under maximize (`-grad`), which flips a NaN's sign
+    bit; a multiply by -1 keeps it on x86. NaNs of both signs, in vector bodies and scalar tails,
+    plain and statistics kernels: params and buffers carry torch's NaN bits."""
+    for momentum in (0.0, 0.9):
+        torch.manual_seed(0)
+        shapes = [(1037,), (33, 65)]
+        ours = [torch.randn(s, dtype=dtype) for s in shapes]
+        theirs = [p.clone() for p in ours]
+        spec = [(ours[0], "all"), (ours[1], "rows"), (ours[1], "cols")] if track else None
+        hyper = dict(lr=0.1, momentum=momentum, weight_decay=1e-2, maximize=True)
+        opt = nm_optim.SGD(ours, **hyper, backend=backend, track=spec)
+        ref = torch.optim.SGD(theirs, **hyper, foreach=False)
+        for step in range(3):
+            for a, b in zip(ours, theirs):
+                g = torch.randn(a.shape, dtype=dtype)
+                g.view(-1)[step::7] = float("nan")
+                g.view(-1)[step + 3::11] = -float("nan")
+                a.grad, b.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+            for i, (a, b) in enumerate(zip(ours, theirs)):
+                assert_bitwise(a, b, f"momentum {momentum} step {step} param {i}")
+                if momentum:
+                    assert_bitwise(buffer_of(opt, a), buffer_of(ref, b), f"momentum {momentum} step {step} buffer {i}")

@@ -101,6 +101,39 @@ bool use_fused_variant() {
 template <typename T>
 inline __attribute__((always_inline)) T* grad_out(const T* g) { return const_cast<T*>(g); }
 
+// The maximize sign as a negation that flips the sign bit, NaNs included, as torch's for-loop
+// step materialises `-grad` (torch/optim/sgd.py). A multiply by -1 keeps a NaN's sign on x86, and
+// so does a negation the compiler folds into the next multiply-add (vfnmadd negates the product,
+// not a NaN operand). gmul is +-1 and loop-invariant: the compiler unswitches the loops on it,
+// so steps without maximize run the loops as before.
+//
+// So the sign bit is flipped with an integer xor (scalars: the plain loop, which the compiler
+// vectorises, and the tails; vectors: the statistics loops), which the compiler neither folds
+// into the multiply-add nor keeps from vectorising. (An empty asm after a negation also works but
+// stops the plain loop's vectorisation: 1.35x torch's fused step instead of 0.94x, maximize on.)
+template <typename C>
+inline __attribute__((always_inline)) C flip_sign(C x) {
+  using U = std::conditional_t<sizeof(C) == 8, uint64_t, uint32_t>;
+  U u;
+  std::memcpy(&u, &x, sizeof u);
+  u ^= U(1) << (8 * sizeof(C) - 1);
+  std::memcpy(&x, &u, sizeof u);
+  return x;
+}
+
+template <typename C>
+inline __attribute__((always_inline)) C signed_grad(C x, const StepScalars<C>& s) {
+  return s.gmul < C(0) ? flip_sign(x) : x;
+}
+
+template <typename V, typename C>
+inline __attribute__((always_inline)) V signed_grad_vec(V x, const StepScalars<C>& s) {
+  using U = std::conditional_t<sizeof(C) == 8, uint64_t, uint32_t>;
+  typedef U VU __attribute__((vector_size(sizeof(V))));
+  if (s.gmul < C(0)) x = (V)((VU)x ^ (U(1) << (8 * sizeof(C) - 1)));
+  return x;
+}
+
 template <bool UNSCALE, bool STORE = true, typename T, typename C>
 inline __attribute__((always_inline)) C grad_in(const T* g, const StepScalars<C>& s) {
   C x = Storage<T>::load(*g);
@@ -108,7 +141,7 @@ inline __attribute__((always_inline)) C grad_in(const T* g, const StepScalars<C>
     x = x / s.grad_scale;
     if constexpr (STORE) *grad_out(g) = Storage<T>::store(x);
   }
-  return x * s.gmul;
+  return signed_grad(x, s);
 }
 
 // The hot loop without statistics: flags are template arguments so every variant is branch-free
@@ -209,7 +242,7 @@ struct StatsSegment {
         gi = gi / s.grad_scale;
         store_vec(grad_out(g + i), gi);
       }
-      gi = gi * s.gmul;
+      gi = signed_grad_vec(gi, s);
       V vi = V{};
       if (MOM && !FIRST) vi = load_vec(v + i);
       const V t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
@@ -574,7 +607,7 @@ struct Stats512 {
           gr[q] = gr[q] / s.grad_scale;
           if constexpr (UPDATE) st(grad_out(g + q * rowlen + i), gr[q]);
         }
-        gr[q] = gr[q] * s.gmul;
+        gr[q] = signed_grad_vec(gr[q], s);
         vr[q] = V{};
         if (MOM && !FIRST && kNeedV) vr[q] = ld(v + q * rowlen + i);
       }
@@ -658,7 +691,7 @@ struct Stats512 {
           gi = gi / s.grad_scale;
           st(grad_out(g + i), gi);
         }
-        gi = gi * s.gmul;
+        gi = signed_grad_vec(gi, s);
         V vi = V{};
         if (MOM && !FIRST) vi = ld(v + i);
         lane[kP] += pi;

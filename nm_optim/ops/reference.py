@@ -70,7 +70,6 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, p in enumerate(params):
         cdt = compute_dtype(p.dtype)
-        sign = -1.0 if maximize else 1.0
         g = grads[i].detach().to(cdt)
         if grad_scale is not None:
             # A division (torch's fused kernels), not a multiply by the reciprocal: the bits
@@ -79,7 +78,8 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
             unscaled = g.to(p.dtype)
             if skip is not None:
                 unscaled = torch.where(skip.to(p.device), grads[i].detach(), unscaled)
-        g = g * sign  # exact: x * +-1
+        if maximize:  # a negation, as torch's for-loop step (`-grad`): it flips a NaN's sign bit too
+            g = -g
         if stats is not None and any(o >= 0 for o in stats_offsets[3 * i : 3 * i + 3]):
             v64 = (
                 momentum_buffers[i].detach().double()
