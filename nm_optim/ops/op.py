@@ -1,7 +1,8 @@
 """The one op every backend goes through: ``torch.ops.nm_optim.sgd_step_``.
 
 Registered with torch.library so torch.compile and CUDA graphs see one opaque op that mutates the
-params and momentum buffers in place (the schema says so, so the dispatcher bumps their version
+params and momentum buffers in place, and with a GradScaler scale the grads too (unscaled and
+written back, as torch's fused SGD does; the schema says so, so the dispatcher bumps their version
 counters), with a fake implementation that checks its arguments for tracing. The arguments after
 the four tensor lists are unpacked once into a StepArgs (nm_optim/ops/args.py) and the backend
 named by `backend` runs them (nm_optim/ops/registry.py).
