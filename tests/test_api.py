@@ -32,10 +32,15 @@ def assert_models_close(a, b, tol=1e-6):
         assert_rel_close(p, q, tol, name, floor=1.0)
 
 
-def test_is_an_optimizer_and_supports_amp_scaling():
+def test_is_an_optimizer_and_handles_amp_scaling_as_torch_sgd_does():
+    """GradScaler hands its scale to the step only with fused=True, as for torch.optim.SGD;
+    otherwise it unscales the grads itself (so Lightning's mixed precision can clip them)."""
     opt = nm_optim.SGD(tiny_model().parameters(), lr=0.1)
     assert isinstance(opt, torch.optim.Optimizer)
-    assert opt._step_supports_amp_scaling is True
+    for fused in (None, False, True):
+        ours = nm_optim.SGD(tiny_model().parameters(), lr=0.1, fused=fused)
+        theirs = torch.optim.SGD(tiny_model().parameters(), lr=0.1, fused=fused)
+        assert getattr(ours, "_step_supports_amp_scaling", False) == getattr(theirs, "_step_supports_amp_scaling", False)
 
 
 def test_param_groups_and_add_param_group_take_defaults():
