@@ -32,6 +32,16 @@ class UserError(Exception):
     traceback by the command line."""
 
 
+class ConfigError(UserError):
+    """A bad value of one TrainConfig field; `field` names it, `problem` says what is wrong
+    ("must be ..."), so a config read from a checkpoint can name the file and the field
+    instead of a command-line option the user never gave."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{_option(field)} {problem}")
+        self.field, self.problem = field, problem
+
+
 def _option(name: str) -> str:
     """The command-line spelling of a config field: weight_decay -> --weight-decay."""
     return "--" + name.replace("_", "-")
@@ -63,19 +73,27 @@ class TrainConfig:
         def positive(name: str, value: Any, allow_zero: bool = False) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
             if not ok:
-                raise UserError(f"{_option(name)} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+                raise ConfigError(name, f"must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
 
+        for name in ("model", "data", "backend", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(name, f"must be a non-empty string, got {getattr(self, name)!r}")
         for name in ("lr", "momentum", "dampening", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise UserError(f"{_option(name)} must be a finite number >= 0, got {v!r}")
+                raise ConfigError(name, f"must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ConfigError("nesterov", f"must be true or false, got {self.nesterov!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise UserError("--nesterov needs --momentum > 0 and --dampening 0")
+            raise ConfigError("nesterov", "needs --momentum > 0 and --dampening 0")
         positive("batch_size", self.batch_size)
         positive("record_every", self.record_every)
         positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
         if self.steps is not None and self.epochs is not None:
-            raise UserError("give --steps or --epochs, not both")
+            raise ConfigError("epochs", f"and --steps exclude each other: give --steps or --epochs, not both "
+                                        f"(got {self.epochs!r} and {self.steps!r})")
         if self.steps is not None:
             positive("steps", self.steps)
         if self.epochs is not None:
@@ -189,6 +207,25 @@ def apply_resume_overrides(saved: dict[str, Any], overrides: dict[str, Any] | No
         return TrainConfig(**merged)
     except TypeError as e:
         raise UserError(f"{where} holds a config this nm_optim does not understand: {e}") from e
+
+
+def saved_config(saved: Any, where: Path) -> TrainConfig:
+    """The config a checkpoint (read from `where`) holds, checked field by field: exactly
+    TrainConfig's fields, each valid. A bad one is a UserError naming the file and the field,
+    never the command-line option (the user did not give it)."""
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {where}: config is {saved!r:.60}, expected a dict of the run's settings")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    missing = [k for k in fields if k not in saved]
+    unknown = [k for k in saved if k not in fields]
+    if missing:
+        raise UserError(f"checkpoint {where}: config has no {', '.join(map(repr, missing))}")
+    if unknown:
+        raise UserError(f"checkpoint {where}: config has {', '.join(map(repr, unknown))}, unknown to this nm_optim")
+    try:
+        return TrainConfig(**saved)
+    except ConfigError as e:
+        raise UserError(f"checkpoint {where}: config.{e.field} {e.problem}") from e
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig, where: Path) -> None:

@@ -46,6 +46,7 @@ from nm_optim import models
 from nm_optim.app import distributed as dist_app
 from nm_optim.app.checkpoint import (
     CHECKPOINT_NAME,
+    LOG_EVERY,
     STREAM_NAME,
     _rng_state,
     load_checkpoint,
@@ -65,7 +66,8 @@ from nm_optim.app.data import DataError, Split, load
 from nm_optim.app.report import RECORD_NAME, write_run_outputs
 from nm_optim.symmetry import find_symmetries
 
-LOG_EVERY = 10  # steps per entry of the loss log (and per progress-bar update)
+# LOG_EVERY (app.checkpoint): steps per entry of the loss log (and per progress-bar update); a
+# checkpoint's log is checked against it.
 
 
 # -- building a run -------------------------------------------------------------------------------------
@@ -182,8 +184,20 @@ def train(
         torch.backends.cudnn.benchmark = False
 
     if model_fn is None:
+        if ckpt_state is not None and config.model not in models.MODELS:
+            # the user gave no --model: the checkpoint did
+            raise UserError(f"checkpoint {ckpt_path}: config.model {config.model!r} is not a model of the zoo "
+                            f"(expected one of: {', '.join(models.MODELS)})")
         check_model_name(config.model)  # before reading a data set that may take minutes
-    split = data if data is not None else load_data(config)
+    if data is not None:
+        split = data
+    elif ckpt_state is not None:
+        try:
+            split = load_data(config)
+        except UserError as e:  # the data set is the checkpoint's config.data, not an option given
+            raise UserError(f"checkpoint {ckpt_path}: config.data {config.data!r}: {e}") from e
+    else:
+        split = load_data(config)
     train_set = split.train
     n = len(train_set)
     if config.batch_size > n:
