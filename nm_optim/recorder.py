@@ -31,9 +31,12 @@ being written, never an earlier one; bytes past the last complete line are ignor
 and overwritten when the stream is reopened to continue (the stats files are never shortened:
 see RecordStream._cut). Appends are fsync'ed by default (data, then
 index), so the same holds for a power loss. By default a writer thread appends the chunks
-(RecordStream), so training does not wait for the disk unless two chunks are already queued; a
-process that exits or dies of an exception still writes what was queued, a killed one loses
-what was queued (at most two chunks) and the chunk being filled.
+(RecordStream), so training does not wait for the disk unless two chunks are already queued.
+Every recorded step is on disk once the recorder is closed: ``recorder.close()``, the end of a
+``with recorder:`` block, the recorder's garbage collection, and any normal end of the process
+(interpreter shutdown, sys.exit, an uncaught exception, app.distributed.end_process) write the
+chunk being filled and what was queued; only a killed process (or a bare os._exit) loses what
+was queued (at most two chunks) and the chunk being filled.
 
 float32 streams halve the disk and page-cache footprint but round every stored sum to 24 bits:
 a relative error of up to 2**-24 ~ 6e-8 per stored sum (exactly: the float32 nearest the float64
@@ -67,7 +70,7 @@ from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
 from nm_optim.tracks import TrackTable, describe_value
 from nm_optim.record.format import (_META_KEYS, STREAM_DTYPES, Record, _Chunk, _chunk_from_meta,
                                     _concat, _ragged, _stats_file)
-from nm_optim.record.stream import RecordStream, _StreamReader
+from nm_optim.record.stream import RecordStream, _StreamReader, close_at_exit, superseded
 
 
 class Recorder:
@@ -246,8 +249,36 @@ class Recorder:
         for c in self._chunks:
             stream.append(c)
         self._stream = stream
+        close_at_exit(self)
         self._trim()
         return stream.path
+
+    def close(self) -> None:
+        """Write every record still held (the partial chunk, the chunks in flight or queued) to
+        the stream and wait until it is on disk. Called for you when the process ends normally
+        (interpreter shutdown, sys.exit, an uncaught exception, app.distributed.end_process), when
+        the recorder is garbage-collected, and at the end of a ``with recorder:`` block; only a
+        crash (a killed process, os._exit without end_process) loses records. Recording goes on
+        if the run does (the next chunks are written in the training thread); calling it again
+        writes only what was recorded since. In memory (no stream) there is nothing to write."""
+        stream = self._stream
+        if stream is None or superseded(stream):
+            return  # in memory; or the folder was since replaced or reopened (a resume) here
+        # Written in this thread: at interpreter shutdown no new writer thread may start.
+        stream.drain()
+        stream.background = False
+        self._sync()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # `del opt` (the recorder is collected with its optimizer): the partial chunk is written.
+        if getattr(self, "_stream", None) is not None:
+            self.close()
 
     @property
     def stream(self) -> RecordStream | None:
@@ -384,6 +415,7 @@ class Recorder:
         if opened is not None:
             opened.truncate(int(link["records"]))
             self._stream = opened
+            close_at_exit(self)
         elif self._stream is not None:
             self._stream.truncate(0)
         self._collected = self._stream.records if self._stream is not None else 0

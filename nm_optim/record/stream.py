@@ -194,11 +194,49 @@ def _claim(path: Path) -> _WriterLock | None:
     return lock
 
 
+# What writes to a stream and holds records not yet handed to it (the recorder's partial chunk),
+# by the stream it writes to: closed at a normal exit, before the writer threads are joined.
+# (Weak: a recorder collected with its optimizer writes them itself, in Recorder.__del__.)
+_OWNERS: weakref.WeakSet[Any] = weakref.WeakSet()
+# The RecordStream of this process that last created or opened each folder: an older one there was
+# replaced (overwrite=True) or reopened (a resume), and must not append at exit over the new one.
+_CURRENT: weakref.WeakValueDictionary[str, RecordStream] = weakref.WeakValueDictionary()
+
+
+def close_at_exit(owner: Any) -> None:
+    """Call `owner.close()` (while `owner` lives) when the process ends normally, or in drain_all."""
+    _OWNERS.add(owner)
+
+
+def superseded(stream: RecordStream) -> bool:
+    """Whether another RecordStream of this process has since created or opened `stream`'s folder
+    (none there: `stream` itself is being collected, its weak reference cleared first)."""
+    current = _CURRENT.get(stream.key)
+    return current is not None and current is not stream
+
+
+def _close_all() -> None:
+    for owner in list(_OWNERS):
+        owner.close()
+
+
 def drain_all() -> None:
-    """Wait for every queued write of this process's streams (before a process ends without
-    finalising the interpreter: app.distributed.end_process)."""
+    """Write what every stream owner of this process still holds (the recorders' partial chunks)
+    and wait for every queued write (before a process ends without finalising the interpreter:
+    app.distributed.end_process)."""
+    _close_all()
     for active in list(_ACTIVE.values()):
         active.drain(raise_error=False)
+
+
+# Run before the interpreter joins non-daemon threads (threading._register_atexit, as
+# concurrent.futures does), so a writer thread still writes normally; atexit otherwise.
+try:
+    threading._register_atexit(_close_all)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):
+    import atexit
+
+    atexit.register(_close_all)
 
 
 def _settle(path: Path) -> None:
@@ -221,6 +259,7 @@ class RecordStream:
     def __init__(self, path: Path, reader: _StreamReader, fsync: bool, background: bool = False) -> None:
         self.path = path
         self._lock = _claim(path)  # before anything is cut or written
+        self.key = str(path.resolve())
         self.background = background
         self._cond = threading.Condition()
         self._pending: list[_Chunk] = []
@@ -239,6 +278,7 @@ class RecordStream:
         reader.check_sizes(self.records)
         # Cut what a crash left past the last complete chunk: a torn index line.
         self._cut(reader.index_bytes)
+        _CURRENT[self.key] = self
 
     @classmethod
     def create(cls, path: str | os.PathLike, meta: dict[str, Any], *, overwrite: bool = False,
