@@ -1,0 +1,100 @@
+"""The update stays torch.optim.SGD's, bit for bit, when what it steps changes between steps:
+params that come to share memory after the first step (late weight tying), momentum buffers that
+torch would reject (it must fail as torch does, before anything is written), and params whose
+dtype changes mid-training (``model.to(torch.float64)``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nm_optim
+import nm_optim.sgd
+
+HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor (NaN payloads and signs included)."""
+    t = t.detach().contiguous()
+    return t.view({torch.float64: torch.int64, torch.float32: torch.int32}[t.dtype])
+
+
+def _assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, torch's {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, torch's {tuple(want.shape)}"
+    off = int((_bits(got) != _bits(want)).sum())
+    assert off == 0, f"{what}: {off} of {got.numel()} elements differ from torch.optim.SGD's"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The (start, end) byte spans and dtypes of the params of every kernel call."""
+    seen: list[list[tuple[int, int, torch.dtype]]] = []
+    real_step = nm_optim.sgd.sgd_step_
+
+    def spy(params, *args):
+        seen.append([(t.data_ptr(), t.data_ptr() + t.element_size() * t.numel(), t.dtype) for t in params])
+        return real_step(params, *args)
+
+    monkeypatch.setattr(nm_optim.sgd, "sgd_step_", spy)
+    return seen
+
+
+def _assert_no_call_overlaps(calls) -> None:
+    for call in calls:
+        spans = sorted(s[:2] for s in call)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "a kernel call got params that share memory"
+
+
+# -- late weight tying ----------------------------------------------------------------------------
+
+N = 1 << 17  # two such params: above the CPU kernel's serial threshold (its threads would race)
+
+
+def _tying_run(make_opt, retie, steps=4, n=N):
+    """Two params a, b stepped `steps` times; before step 1 `retie(a, b)` re-points their memory."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(n, generator=gen))
+    b = torch.nn.Parameter(torch.randn(n, generator=gen))
+    opt = make_opt([a, b])
+    for s in range(steps):
+        if s == 1:
+            retie(a, b)
+        a.grad, b.grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+        opt.step()
+    return a, b, opt
+
+
+def _tie(a, b):
+    b.data = a.data
+
+
+def _overlap(a, b):
+    base = torch.randn(N + N // 3)
+    a.data, b.data = base[:N], base[N // 3 :]
+
+
+def _tie_then_untie(a, b):
+    b.data = a.data
+    b.data = b.data.clone()
+
+
+@pytest.mark.parametrize("retie", [_tie, _overlap], ids=["tied", "partial-overlap"])
+def test_params_that_come_to_share_memory_after_the_first_step_are_stepped_like_torch(calls, retie):
+    """torch.optim.SGD's loop steps b after a, reading a's result where they share memory. The
+    plan of kernel calls (cached after the first step) must notice the new addresses, or both go
+    into one call, whose threads step the shared memory at once."""
+    torch.manual_seed(0)  # _overlap's base
+    got = _tying_run(lambda ps: nm_optim.SGD(ps, backend="cpu", **HYPER), retie)
+    torch.manual_seed(0)
+    want = _tying_run(lambda ps: torch.optim.SGD(ps, foreach=False, **HYPER), retie)
+    _assert_no_call_overlaps(calls)
+    for name, x, y in zip("ab", got[:2], want[:2]):
+        _assert_bitwise(x, y, name)
+        _assert_bitwise(got[2].state[x]["momentum_buffer"], want[2].state[y]["momentum_buffer"], f"{name}'s buffer")
+
+
+def test_untied_params_share_one_kernel_call_again(calls):
+    _tying_run(lambda ps: nm_optim.SGD(ps, backend="cpu", **HYPER), _tie_then_untie, steps=3)
+    assert [len(c) for c in calls] == [2, 2, 2]
