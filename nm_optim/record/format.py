@@ -81,6 +81,44 @@ class Record:
         return path
 
 
+# -- checksums ------------------------------------------------------------------------------------------------
+# A record stream's JSON files (meta.json, each line of index.jsonl) end with a "crc32" key: the
+# CRC-32 of the file's (line's) bytes before the comma that precedes it, as 8 hex digits. So the
+# check is over the bytes as written (no re-serialisation), and the file stays plain JSON that
+# older readers load. Each index line also has "stats_crc32": per device, the CRC-32 of the
+# chunk's bytes in its stats file. A .npz is a zip file: every member carries its CRC-32, which
+# zipfile checks as numpy reads the member whole (load_record reads every member whole).
+CHECKSUM = "crc32"
+
+
+def _crc(data: bytes | memoryview) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+def _seal(text: str) -> str:
+    """The JSON object `text` with a last key "crc32" over its bytes up to that key's comma."""
+    head = text.rstrip()
+    head = head[:-1].rstrip() if head.endswith("}") else ""
+    if not head.startswith("{") or head == "{":
+        raise ValueError("only a non-empty JSON object can be sealed")
+    crc = _crc(head.encode())
+    return f'{head},\n "{CHECKSUM}": "{crc}"\n}}' if "\n" in text else f'{head},"{CHECKSUM}":"{crc}"}}'
+
+
+def _seal_state(raw: bytes, obj: dict[str, Any]) -> bool | None:
+    """Whether the JSON object `obj` parsed from `raw` passes its seal (None: it has none). The
+    "crc32" key is removed from `obj`."""
+    if CHECKSUM not in obj:
+        return None
+    last = list(obj)[-1] == CHECKSUM  # the seal covers everything before it
+    crc = obj.pop(CHECKSUM)
+    if not last:
+        return False
+    at = raw.rfind(f'"{CHECKSUM}"'.encode())
+    cut = raw.rfind(b",", 0, at)
+    return isinstance(crc, str) and cut > 0 and _crc(raw[:cut]) == crc
+
+
 class RecordError(ValueError):
     """A file that is not a readable nm_optim record; the message names the file and what is
     wrong with it, in one line."""

@@ -5,6 +5,7 @@ docs/architecture.md, "The record"."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import threading
 import weakref
@@ -20,8 +21,9 @@ except ImportError:  # Windows: no advisory locks, a second writing process goes
 
 from nm_optim._io import atomic_write
 from nm_optim.names import HYPER_NAMES, STAT_NAMES
-from nm_optim.record.format import (_READ_ERRORS, STREAM_DTYPES, STREAM_INDEX, STREAM_META, Record, RecordError,
-                                    _Chunk, _check_consistent, _check_meta, _ragged, _stats_file)
+from nm_optim.record.format import (_READ_ERRORS, CHECKSUM, STREAM_DTYPES, STREAM_INDEX, STREAM_META, Record,
+                                    RecordError, _Chunk, _check_consistent, _check_meta, _crc, _ragged, _seal,
+                                    _seal_state, _stats_file)
 
 
 # -- record streams -------------------------------------------------------------------------------------------
@@ -34,6 +36,62 @@ def _index_lines(data: bytes) -> tuple[list[bytes], int]:
     return (data[:end].splitlines() if end else []), end
 
 
+def _count(x: Any) -> int:
+    """A JSON int >= 0 (not a bool, a float or a string): ValueError otherwise."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"{x!r} is not an int >= 0")
+    return x
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _entry_problem(e: dict[str, Any], n_tracks: int, n_devices: int, checksums: bool, last_step: int) -> str | None:
+    """What is wrong with a chunk's index entry (None: nothing): every field's type and range,
+    and its steps after `last_step` (the previous chunk's last)."""
+    k = e.get("records")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return f"'records' is {k!r}, not an int >= 1"
+    steps = e.get("steps")
+    if not isinstance(steps, list) or len(steps) != k or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                for x in steps):
+        return f"'steps' is not a list of {k} ints"
+    if any(b <= a for a, b in zip([last_step, *steps], steps)):
+        return "'steps' do not increase (from one chunk to the next too), or are negative"
+    skipped = e.get("skipped")
+    if not isinstance(skipped, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k
+                                                for i in skipped):
+        return f"'skipped' is not a list of record indices in [0, {k})"
+    first = e.get("first")
+    if not isinstance(first, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+            and 0 <= p[0] < k and 0 <= p[1] < n_tracks for p in first):
+        return f"'first' is not a list of [record in [0, {k}), track in [0, {n_tracks})] pairs"
+    hyper = e.get("hyper")
+    if not isinstance(hyper, dict) or set(hyper) != set(HYPER_NAMES):
+        return f"'hyper' has not the keys {list(HYPER_NAMES)}"
+    for name, rows in hyper.items():
+        if not isinstance(rows, list) or len(rows) != k or not all(
+                isinstance(r, list) and all(_is_number(x) for x in r) for r in rows):
+            return f"'hyper' {name!r} is not {k} rows of numbers"
+    crcs = e.get("stats_crc32")
+    if (checksums or crcs is not None) and (not isinstance(crcs, list) or len(crcs) != n_devices
+                                            or not all(isinstance(c, str) for c in crcs)):
+        return f"'stats_crc32' is not a list of {n_devices} checksums"
+    return None
+
+
+def _index_line(entry: dict[str, Any]) -> str:
+    """A chunk's sealed line of index.jsonl."""
+    return _seal(json.dumps(entry, separators=(",", ":"))) + "\n"
+
+
+def _stats_crcs(stats: list[np.ndarray], dtype: np.dtype) -> list[str]:
+    """Per device, the CRC-32 of a chunk's stats as they are stored."""
+    return [_crc(memoryview(np.ascontiguousarray(s, dtype=dtype)).cast("B")) for s in stats]
+
+
 class _StreamReader:
     """A record stream folder, read: its meta, its committed chunks and memory maps of its stats."""
 
@@ -43,19 +101,29 @@ class _StreamReader:
         if not meta_path.is_file():
             self.fail(f"not an nm_optim record (a folder without {STREAM_META})")
         try:
-            meta = json.loads(meta_path.read_text())
+            raw = meta_path.read_bytes()
+            meta = json.loads(raw)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             self.fail(f"damaged record: {STREAM_META} is not valid JSON")
+        sealed = _seal_state(raw, meta) if isinstance(meta, dict) else None
+        if sealed is False:
+            self.fail(f"damaged record: {STREAM_META} fails its checksum")
         _check_meta(meta, self.fail)
         layout = meta.get("stream")
         try:
             self.dtype = np.dtype(layout["dtype"])
-            self.rows = [int(d["rows"]) for d in layout["devices"]]
-            self.track_rows = [(int(k), int(r)) for k, r in layout["track_rows"]]
-            if self.dtype.name not in STREAM_DTYPES or len(self.track_rows) != len(meta["tracks"]):
+            self.rows = [_count(d["rows"]) for d in layout["devices"]]
+            self.track_rows = [(_count(k), _count(r)) for k, r in layout["track_rows"]]
+            if self.dtype.name not in STREAM_DTYPES or len(self.track_rows) != len(meta["tracks"]) \
+                    or any(k >= len(self.rows) for k, _ in self.track_rows):
                 raise ValueError
         except (TypeError, KeyError, ValueError):
             self.fail(f"damaged record: {STREAM_META} has no valid 'stream' layout")
+        # Streams written with checksums say so in their layout (and their meta.json is sealed);
+        # older ones, without, load unverified.
+        self.checksums = layout.get("checksums") == CHECKSUM
+        if self.checksums and sealed is None:
+            self.fail(f"damaged record: {STREAM_META} has lost its checksum")
         self.meta = meta
         index = path / STREAM_INDEX
         try:
@@ -64,15 +132,26 @@ class _StreamReader:
             self.fail(f"{STREAM_INDEX} cannot be read ({e.strerror or e})")
         lines, self.index_bytes = _index_lines(data)
         self.entries: list[dict[str, Any]] = []
+        last_step = -1
         for i, line in enumerate(lines):
+            where = f"line {i + 1} of {STREAM_INDEX}"
             try:
                 entry = json.loads(line)
-                if not isinstance(entry, dict) or len(entry["steps"]) != int(entry["records"]):
-                    raise ValueError
-            except (ValueError, KeyError, TypeError):
-                self.fail(f"damaged record: line {i + 1} of {STREAM_INDEX} is not a chunk entry")
+            except (ValueError, UnicodeDecodeError):
+                self.fail(f"damaged record: {where} is not a chunk entry (not JSON)")
+            if not isinstance(entry, dict):
+                self.fail(f"damaged record: {where} is not a chunk entry")
+            sealed = _seal_state(line, entry)
+            if sealed is False or (sealed is None and self.checksums):
+                self.fail(f"damaged record: {where} fails its checksum" if sealed is False
+                          else f"damaged record: {where} has no checksum")
+            problem = _entry_problem(entry, len(self.track_rows), len(self.rows), self.checksums, last_step)
+            if problem:
+                self.fail(f"damaged record: {where}: {problem}")
+            if entry["steps"]:
+                last_step = entry["steps"][-1]
             self.entries.append(entry)
-        self.records = sum(int(e["records"]) for e in self.entries)
+        self.records = sum(e["records"] for e in self.entries)
 
     def fail(self, what: str) -> NoReturn:
         raise RecordError(f"{self.path}: {what}")
@@ -135,12 +214,35 @@ class _StreamReader:
         stats = [s[lo:hi] for s in self.stats(hi)]
         return _Chunk(np.asarray(steps, dtype=np.int64).reshape(hi - lo), stats, fst, skip, hyper)
 
-    def record(self) -> Record:
+    def verify(self, n: int) -> None:
+        """RecordError naming the first chunk among those holding the first `n` records whose
+        stats bytes fail their checksum (chunks written without one are not checked)."""
+        self.check_sizes(n)
+        start = 0
+        for j, e in enumerate(self.entries):
+            if start >= n:
+                break
+            k = e["records"]
+            for d, crc in enumerate(e.get("stats_crc32") or ()):
+                size = self.row_bytes(d)
+                with open(self.path / _stats_file(d), "rb") as f:
+                    f.seek(start * size)
+                    data = f.read(k * size)
+                if _crc(data) != crc:
+                    self.fail(f"damaged record: {_stats_file(d)} fails its checksum in chunk {j} (records {start} to "
+                              f"{start + k - 1}, line {j + 1} of {STREAM_INDEX}); the {start} records before it are "
+                              f"intact: load_record(path, records={start}) reads them")
+            start += k
+
+    def record(self, n: int | None = None) -> Record:
+        """The first `n` records (all: None), their stats bytes verified first."""
+        n = self.records if n is None else n
+        self.verify(n)
         meta = dict(self.meta)
         meta.pop("stream")
         tracks = meta.pop("tracks")
         names = meta.pop("hyper_names")
-        c = self.chunk()
+        c = self.chunk(0, n)
         stats = []
         for t, (k, row) in zip(tracks, self.track_rows):
             groups = t.get("num_groups") if isinstance(t, dict) else None
@@ -305,7 +407,8 @@ class RecordStream:
         for k in range(len(meta["stream"]["devices"])):
             (path / _stats_file(k)).touch()
         (path / STREAM_INDEX).touch()
-        atomic_write(path / STREAM_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        meta = dict(meta, stream=dict(meta["stream"], checksums=CHECKSUM))
+        atomic_write(path / STREAM_META, lambda f: f.write(_seal(json.dumps(meta, indent=1)).encode()))
         return cls(path, _StreamReader(path), fsync, background)
 
     @classmethod
@@ -386,15 +489,18 @@ class RecordStream:
             raise OSError(f"record stream {self.path}: writing a chunk failed: {e}") from e
 
     def _write(self, chunk: _Chunk) -> None:
+        crcs = []
         for k, s in enumerate(chunk.stats):
+            data = memoryview(np.ascontiguousarray(s, dtype=self.dtype)).cast("B")
+            crcs.append(_crc(data))
             fd = os.open(self.path / _stats_file(k), os.O_RDWR | os.O_CREAT, 0o666)
             with os.fdopen(fd, "r+b") as f:
                 f.seek(self._written * self._row_bytes[k])  # the records' end, not the file's (see _cut)
-                f.write(memoryview(np.ascontiguousarray(s, dtype=self.dtype)).cast("B"))
+                f.write(data)
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
-        line = json.dumps(chunk.index_entry(), separators=(",", ":")) + "\n"
+        line = _index_line(dict(chunk.index_entry(), stats_crc32=crcs))
         with open(self.path / STREAM_INDEX, "ab") as f:
             f.write(line.encode())
             if self.fsync:
@@ -430,33 +536,49 @@ class RecordStream:
             if start + k <= records:
                 kept.append(e)
             elif start < records:
-                kept.append(reader.chunk(start, records).index_entry())
+                part = reader.chunk(start, records)
+                kept.append(dict(part.index_entry(), stats_crc32=_stats_crcs(part.stats, self.dtype)))
             start += k
-        text = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in kept).encode()
+        text = "".join(_index_line(e) for e in kept).encode()
         atomic_write(self.path / STREAM_INDEX, lambda f: f.write(text))
         self.records = self._written = records
 
     def update_meta(self, **extra: Any) -> None:
         """Add (or replace) top-level keys of meta.json, atomically (e.g. what the run was)."""
-        meta = json.loads((self.path / STREAM_META).read_text())
+        meta = dict(_StreamReader(self.path).meta)  # its checksum verified (and dropped)
         meta.update(extra)
-        atomic_write(self.path / STREAM_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        text = json.dumps(meta, indent=1)
+        if meta["stream"].get("checksums") == CHECKSUM:
+            text = _seal(text)
+        atomic_write(self.path / STREAM_META, lambda f: f.write(text.encode()))
 
 
 
-def load_record(path: str | os.PathLike) -> Record:
+def load_record(path: str | os.PathLike, *, records: int | None = None) -> Record:
     """Read a record: a .npz file written by `Recorder.save` / `Record.save`, or a record stream
     folder written by `Recorder.stream_to` (its stats memory-mapped, nothing loaded until read).
-    A missing, damaged or foreign file, or one whose arrays disagree, raises RecordError naming
-    the file and the problem."""
+    A missing, damaged or foreign file, one that fails its checksums, or one whose fields are of
+    the wrong type, shape or range or disagree, raises RecordError naming the file and the
+    problem, in one line.
+
+    records: read only the first `records` records (all: None). Of a stream, only the chunks
+    holding them are verified, so the records before a damaged chunk stay readable: the error
+    for the first bad chunk gives the number to pass. (Streams written before checksums load
+    unverified: the format in nm_optim/record/format.py, "checksums".)"""
     path = Path(path)
 
     def fail(what: str) -> NoReturn:
         raise RecordError(f"{path}: {what}")
 
+    if records is not None and (isinstance(records, bool) or not isinstance(records, numbers.Integral)
+                                or records < 0):
+        raise ValueError(f"load_record: records must be an int >= 0 or None, got {records!r}")
     if path.is_dir():
         _settle(path)  # chunks this process's writer thread still has queued there
-        return _StreamReader(path).record()
+        reader = _StreamReader(path)
+        if records is not None and records > reader.records:
+            fail(f"records must be at most the {reader.records} records {STREAM_INDEX} lists, got {records}")
+        return reader.record(None if records is None else int(records))
     if not path.is_file():
         fail("no such file")
     try:
@@ -473,6 +595,8 @@ def load_record(path: str | os.PathLike) -> Record:
             try:
                 return z[key]
             except _READ_ERRORS as e:
+                if "CRC" in str(e):  # zipfile's check of the member's CRC-32, read whole
+                    fail(f"damaged record: entry {key!r} fails its CRC-32 checksum")
                 fail(f"damaged record: entry {key!r} cannot be read ({type(e).__name__})")
 
         try:
@@ -491,5 +615,12 @@ def load_record(path: str | os.PathLike) -> Record:
             meta=meta,
         )
     _check_consistent(record, fail)
+    if records is not None:
+        if records > len(record):
+            fail(f"records must be at most the {len(record)} records it holds, got {records}")
+        n = int(records)
+        record = Record(tracks=record.tracks, steps=record.steps[:n], stats=[s[:n] for s in record.stats],
+                        hyper={k: v[:n] for k, v in record.hyper.items()}, first=record.first[:n],
+                        skipped=record.skipped[:n], meta=record.meta)
     return record
 
