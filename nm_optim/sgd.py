@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from operator import attrgetter
+from collections.abc import Iterable, Iterator, Sequence
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -273,6 +273,7 @@ class SGD(Optimizer):
                 {k: v for k, v in g.items() if k != "backend"} if isinstance(g, dict) else g for g in groups
             ])
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_nm_checked_buffers", None)  # new buffers: let the old ones go now
         for group, backend in zip(self.param_groups, backends):
             group["backend"] = backend
 
@@ -379,7 +380,7 @@ class SGD(Optimizer):
                 plan = _plan_eagerly(self, group, params, index)
         else:
             plan = self._plan(group, params, index)
-        for device, members, offsets in plan:
+        for k, (device, members, offsets) in enumerate(plan):
             if members is None:
                 bparams, bgrads = params, grads
             else:
@@ -399,10 +400,44 @@ class SGD(Optimizer):
                     else:
                         is_first.append(False)
                     bufs.append(buf)
+                # Every call's buffers before any call runs (step() runs them after _buckets).
+                self._check_buffers((gi, k), plan, group, bparams, bufs, members, index)
             if self._nm_dtensors:  # the op steps the local shards; the state keeps the DTensors
                 bparams, bgrads, bufs = local_tensors(bparams, bgrads, bufs)
             buckets.append((device, (bparams, bgrads, bufs, is_first, offsets)))
         return buckets
+
+    def _check_buffers(self, key: tuple[int, int], plan: list, group: dict[str, Any], params: list[Tensor],
+                       bufs: list[Any], members: list[int] | None, index: list[int] | None) -> None:
+        """Raise what torch.optim.SGD's step would raise for a momentum buffer it cannot use (not a
+        tensor; a shape, device or dtype its ops reject, e.g. a [2, 6] buffer for a [4, 3] param,
+        which the flat kernels, reading 12 elements, would accept), naming the param. step() calls
+        this for every call before any runs, so a failing step writes nothing (torch's for-loop has
+        already stepped the params before the bad one, and scaled the bad buffer by momentum).
+        A buffer of another floating dtype is valid, as in torch (e.g. after ``model.double()``).
+
+        Eagerly the check runs when a call's buffers are not the very objects checked last time
+        for the same plan (the plan is rebuilt when a param is re-pointed or reshaped): a steady
+        step compares object identities, one C-level pass (1000 buffers: about 20 us). Under
+        torch.compile the metadata comparisons are traced (Dynamo guards what they read)."""
+        if torch.compiler.is_compiling():
+            bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not _buffer_ok(p, b)]
+        else:
+            checked = self.__dict__.setdefault("_nm_checked_buffers", {})
+            last = checked.get(key)
+            if last is not None and last[0] is plan and len(last[1]) == len(bufs) and all(map(is_, bufs, last[1])):
+                return
+            bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not _buffer_ok(p, b)]
+            if not bad:
+                # Holds the buffers, so an id cannot be reused by another object while cached.
+                checked[key] = (plan, list(bufs))
+        if bad and self._tracks:
+            self._tracks.check_unchanged()  # a tracked param's new shape: its own, more useful error
+        for i in bad:
+            j = members[i] if members is not None else i
+            error = _buffer_error(group, index[j] if index is not None else j, params[i], bufs[i])
+            if error is not None:
+                _raise_eagerly(error)
 
     def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
         """The kernel calls of a group: (device, positions in `params` or None for all, statistics
@@ -503,6 +538,95 @@ def _plan_at_trace_time(opt: SGD, gi: int) -> list | None:
 @torch.compiler.disable
 def _plan_eagerly(opt: SGD, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
     return opt._build_plan(group, params, index)
+
+
+def _buffer_ok(p: Tensor, buf: Any) -> bool:
+    """Whether torch.optim.SGD's ops surely accept `buf` as `p`'s momentum buffer: a strided tensor
+    of p's shape and device, of p's dtype or another floating one (torch's in-place ops compute a
+    float64 buffer with a float32 param in float64: the reference follows them)."""
+    return (isinstance(buf, Tensor) and buf.layout == torch.strided and buf.shape == p.shape
+            and buf.device == p.device and (buf.dtype == p.dtype or buf.dtype.is_floating_point))
+
+
+def _broadcast_error(out: Sequence[int], other: Sequence[int], in_place: bool) -> tuple[str | None, list[int]]:
+    """torch's message for ``out.add_(other)`` (in_place) or ``out.add(other)`` when the shapes do
+    not fit (ATen's infer_size and TensorIterator's in-place check), or None; and the shape of
+    the result."""
+    ndim = max(len(out), len(other))
+    shape = [0] * ndim
+    for i in reversed(range(ndim)):  # from the last dim, as infer_size
+        a = out[len(out) - ndim + i] if len(out) - ndim + i >= 0 else 1
+        b = other[len(other) - ndim + i] if len(other) - ndim + i >= 0 else 1
+        if a != b and a != 1 and b != 1:
+            return f"The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {i}", []
+        shape[i] = b if a == 1 else a
+    if in_place and shape != list(out):
+        return f"output with shape {list(out)} doesn't match the broadcast shape {shape}", shape
+    return None, shape
+
+
+def _buffer_error(group: dict[str, Any], i: int, p: Tensor, buf: Any) -> Exception | None:
+    """The exception torch.optim.SGD's step raises for param `i` of `group` with momentum buffer
+    `buf` (torch/optim/sgd.py, _single_tensor_sgd: ``buf.mul_(momentum).add_(grad, alpha=1 -
+    dampening)``, ``grad.add(buf, alpha=momentum)`` if nesterov, ``param.add_(grad, alpha=-lr)``),
+    with torch's type and message, naming the param; None if torch's ops accept it."""
+    name = _param_name(group, i, p)
+
+    def error(kind: type, message: str) -> Exception:
+        desc = (f"a {tuple(buf.shape)} {buf.dtype} tensor ({buf.layout}) on {buf.device}" if isinstance(buf, Tensor)
+                else f"a {type(buf).__name__}")
+        text = (f"momentum buffer of parameter {name}: {message} (the buffer is {desc}, the parameter a "
+                f"{tuple(p.shape)} {p.dtype} tensor on {p.device}; nothing was stepped)")
+        try:
+            return kind(text)
+        except Exception:  # an exception type with another constructor
+            return RuntimeError(text)
+
+    if not isinstance(buf, Tensor):
+        return error(AttributeError, f"'{type(buf).__name__}' object has no attribute 'mul_'")
+    mom, damp, nesterov = float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"])
+    lr = group["lr"]
+    lr = float(lr) if not isinstance(lr, Tensor) else 1.0
+    if buf.layout != torch.strided:  # torch's ops on a copy (the error path only)
+        try:
+            v, d, q = buf.detach().clone(), torch.zeros_like(p.detach()), p.detach().clone()
+            v.mul_(mom).add_(d, alpha=1 - damp)
+            q.add_(d.add(v, alpha=mom) if nesterov else v, alpha=-lr)
+        except Exception as e:
+            return error(type(e), str(e))
+        return None
+    # Shapes as ATen checks them; dtypes and devices by torch's own ops on one-element stand-ins
+    # (dimensioned, so that they promote as the real tensors do), op by op in torch's order.
+    v1 = torch.zeros(1, dtype=buf.dtype, device=buf.device)
+    d1 = torch.zeros(1, dtype=p.dtype, device=p.device)
+    try:
+        v1.mul_(mom)
+    except Exception as e:
+        return error(type(e), str(e))
+    message, _ = _broadcast_error(buf.shape, p.shape, in_place=True)
+    if message:
+        return error(RuntimeError, message)
+    try:
+        v1.add_(d1, alpha=1 - damp)
+        u1, u_shape = v1, list(buf.shape)
+        if nesterov:
+            message, u_shape = _broadcast_error(p.shape, buf.shape, in_place=False)
+            if message:
+                return error(RuntimeError, message)
+            u1 = d1.add(v1, alpha=mom)
+        message, _ = _broadcast_error(p.shape, u_shape, in_place=True)
+        if message:
+            return error(RuntimeError, message)
+        d1.add_(u1, alpha=-lr)
+    except Exception as e:
+        return error(type(e), str(e))
+    return None
+
+
+# Raised by eager code: under torch.compile a graph break on this failing path only.
+@torch.compiler.disable
+def _raise_eagerly(error: Exception) -> None:
+    raise error
 
 
 def _memory_span(p: Tensor) -> tuple[torch.device, int, int] | None:

@@ -98,3 +98,87 @@ def test_params_that_come_to_share_memory_after_the_first_step_are_stepped_like_
 def test_untied_params_share_one_kernel_call_again(calls):
     _tying_run(lambda ps: nm_optim.SGD(ps, backend="cpu", **HYPER), _tie_then_untie, steps=3)
     assert [len(c) for c in calls] == [2, 2, 2]
+
+
+# -- momentum buffers torch would reject ----------------------------------------------------------
+
+
+def _two_params(names=("w", "v")):
+    gen = torch.Generator().manual_seed(1)
+    ps = [(n, torch.nn.Parameter(torch.randn(4, 3, generator=gen))) for n in names]
+    for _, p in ps:
+        p.grad = torch.randn(4, 3, generator=gen)
+    return ps
+
+
+def _raised(opt_cls, bad, at=0, **hyper):
+    """(exception type, message, everything written) when the buffer of param `at` is `bad` and
+    the other param's buffer is a good one from a previous step."""
+    ps = _two_params()
+    opt = opt_cls(ps, lr=0.1, momentum=0.9, **hyper)
+    opt.step()  # creates good buffers
+    opt.state[ps[at][1]]["momentum_buffer"] = bad
+    before = [t.detach().clone() for _, p in ps for t in (p, p.grad)]
+    before += [opt.state[p]["momentum_buffer"].clone() for i, (_, p) in enumerate(ps) if i != at]
+    with pytest.raises(Exception) as info:
+        opt.step()
+    after = [t.detach() for _, p in ps for t in (p, p.grad)]
+    after += [opt.state[p]["momentum_buffer"] for i, (_, p) in enumerate(ps) if i != at]
+    written = [i for i, (x, y) in enumerate(zip(before, after)) if not torch.equal(x, y)]
+    return info.type, str(info.value), written
+
+
+BAD_BUFFERS = {
+    "same-numel-other-shape": lambda: torch.randn(2, 6),
+    "other-shape": lambda: torch.randn(3),
+    "leading-dim": lambda: torch.randn(1, 4, 3),
+    "string": lambda: "momentum",
+    "integer": lambda: torch.zeros(4, 3, dtype=torch.int64),
+    "complex": lambda: torch.zeros(4, 3, dtype=torch.complex64),
+    "sparse": lambda: torch.randn(4, 3).to_sparse(),
+}
+
+
+@pytest.mark.parametrize("at", [0, 1], ids=["first-param", "second-param"])
+@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
+@pytest.mark.parametrize("bad", list(BAD_BUFFERS), ids=list(BAD_BUFFERS))
+def test_a_buffer_torch_rejects_raises_torchs_error_naming_the_param_before_anything_is_written(bad, nesterov, at):
+    hyper = {"nesterov": nesterov}
+    want_type, want_msg, _ = _raised(torch.optim.SGD, BAD_BUFFERS[bad](), at, foreach=False, **hyper)
+    got_type, got_msg, written = _raised(nm_optim.SGD, BAD_BUFFERS[bad](), at, backend="cpu", **hyper)
+    assert got_type is want_type, got_msg
+    assert want_msg in got_msg
+    assert ("'w'" if at == 0 else "'v'") in got_msg
+    assert written == [], "a failed step wrote params, grads or the other param's buffer"
+
+
+def test_a_bad_buffer_loaded_from_a_state_dict_fails_before_any_group_is_stepped():
+    """The bad buffer belongs to the second param group; the first group's params and buffers
+    stay as they were (each group is its own kernel call)."""
+    ps = _two_params()
+    opt = nm_optim.SGD([{"params": [ps[0][1]]}, {"params": [ps[1][1]]}], lr=0.1, momentum=0.9)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][1]["momentum_buffer"] = torch.randn(2, 6)
+    opt.load_state_dict(sd)
+    before = [ps[0][1].detach().clone(), opt.state[ps[0][1]]["momentum_buffer"].clone()]
+    with pytest.raises(RuntimeError, match=r"#0 of its param group.*The size of tensor a \(6\) must match"):
+        opt.step()
+    assert torch.equal(ps[0][1].detach(), before[0]) and torch.equal(opt.state[ps[0][1]]["momentum_buffer"], before[1])
+
+
+def test_a_param_reshaped_under_its_buffer_fails_like_torch():
+    """p.data = p.data.view(2, 6): the buffer keeps [4, 3] (same element count); torch raises."""
+    ps = _two_params()
+    outcomes = []
+    for opt_cls in (torch.optim.SGD, nm_optim.SGD):
+        p = torch.nn.Parameter(ps[0][1].detach().clone())
+        p.grad = ps[0][1].grad.clone()
+        opt = opt_cls([p], lr=0.1, momentum=0.9)
+        opt.step()
+        p.data = p.data.view(2, 6)
+        p.grad = p.grad.view(2, 6)
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        outcomes.append(str(info.value))
+    assert outcomes[0] in outcomes[1]
