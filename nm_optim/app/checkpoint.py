@@ -404,9 +404,10 @@ def _check_fits(state: dict[str, Any], path: Path, model: nn.Module, optimizer: 
     saved = state["model"]
     missing, unexpected = [k for k in own if k not in saved], [k for k in saved if k not in own]
     if missing or unexpected:
-        detail = "; ".join(x for x in (f"missing {', '.join(missing[:3])}" if missing else "",
-                                       f"unexpected {', '.join(unexpected[:3])}" if unexpected else "") if x)
-        raise UserError(f"the weights in {path} do not fit this model: model has {detail}")
+        detail = "; ".join(x for x in (f"model has no {', '.join(map(repr, missing[:3]))}" if missing else "",
+                                       f"model has {', '.join(map(repr, unexpected[:3]))}, which this model has not"
+                                       if unexpected else "") if x)
+        raise UserError(f"the weights in {path} do not fit this model: {detail}")
     for name, t in own.items():
         s = saved[name]
         if s.shape != t.shape or s.dtype != t.dtype:
