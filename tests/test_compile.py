@@ -383,3 +383,46 @@ def test_the_op_is_one_node_with_fullgraph():
     assert len(rec.op_nodes()) == 1
     assert all(torch.equal(a, b) for a, b in zip(ps, want))
     assert torch.isfinite(stats[:4]).all()
+
+
+def test_a_compiled_step_keeps_torchs_bits_across_a_dtype_change_and_fails_like_eager_on_a_bad_buffer():
+    """After ``model.to(torch.float64)`` the params are float64 and torch keeps the float32
+    momentum buffers: Dynamo recompiles (dtype guards) and the op takes the mixed pair to the
+    reference, torch's ops in torch's order. A buffer torch rejects raises eager's error."""
+    def run(make_opt, compiled):
+        fresh_dynamo()
+        gen = torch.Generator().manual_seed(5)
+        m = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        opt = make_opt(m.parameters())
+        step = torch.compile(opt.step, backend=Recording()) if compiled else opt.step
+        for s in range(4):
+            if s == 2:
+                m.to(torch.float64)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            step()
+        return [t for p in m.parameters() for t in (p.detach(), opt.state[p]["momentum_buffer"])]
+
+    hyper = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}
+    got = run(lambda ps: nm_optim.SGD(ps, **hyper), compiled=True)
+    want = run(lambda ps: torch.optim.SGD(ps, foreach=False, **hyper), compiled=False)
+    assert [t.dtype for t in got] == [torch.float64, torch.float32] * 2
+    assert all(same_bits(a, b) for a, b in zip(got, want))
+
+    def bad_buffer_error(compiled):
+        fresh_dynamo()
+        p = torch.nn.Parameter(torch.zeros(4, 3))
+        p.grad = torch.ones_like(p)
+        opt = nm_optim.SGD([p], lr=0.1, momentum=0.9)
+        opt.state[p]["momentum_buffer"] = torch.zeros(2, 6)
+        with pytest.raises(Exception) as info:
+            (torch.compile(opt.step, backend=Recording()) if compiled else opt.step)()
+        assert torch.equal(p.detach(), torch.zeros(4, 3))
+        return type(info.value), str(info.value).splitlines()[0]
+
+    eager = bad_buffer_error(False)
+    assert eager[0] is RuntimeError and "The size of tensor a (6) must match" in eager[1]
+    assert bad_buffer_error(True) == eager

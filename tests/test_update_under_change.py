@@ -182,3 +182,75 @@ def test_a_param_reshaped_under_its_buffer_fails_like_torch():
             opt.step()
         outcomes.append(str(info.value))
     assert outcomes[0] in outcomes[1]
+
+
+# -- a dtype change mid-training ------------------------------------------------------------------
+
+CONFIGS = {
+    "momentum": {"lr": 0.1, "momentum": 0.9},
+    "wd-dampening": {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "weight_decay": 1e-2},
+    "nesterov-maximize": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3, "maximize": True},
+    "tensor-lr": {"lr": torch.tensor(0.07), "momentum": 0.7, "weight_decay": 1e-2},
+}
+
+
+def _dtype_change_run(make_opt, start, to, convert, steps=5, change_at=2, round_trip=False):
+    """A small model in `start`, stepped; before step `change_at`, `convert(model, to)`."""
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(start)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    opt = make_opt(model.parameters())
+    for s in range(steps):
+        if s == change_at:
+            convert(model, to)
+            if round_trip:  # torch's loader casts each buffer to its param's dtype
+                opt.load_state_dict(opt.state_dict())
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        opt.step()
+    return model, opt
+
+
+def _whole_model(model, to):
+    model.to(to)
+
+
+def _first_weight_only(model, to):
+    """Only one param of the group changes: the group's cached plan bucketed it with the others."""
+    w = model[0].weight
+    w.data = w.data.to(to)
+
+
+def _assert_like_torch(got, want):
+    (gm, go), (wm, wo) = got, want
+    for (name, p), q in zip(gm.named_parameters(), wm.parameters()):
+        _assert_bitwise(p, q, name)
+        _assert_bitwise(go.state[p]["momentum_buffer"], wo.state[q]["momentum_buffer"], f"{name}'s buffer")
+
+
+@pytest.mark.parametrize("convert", [_whole_model, _first_weight_only], ids=["model.to", "one-param"])
+@pytest.mark.parametrize("start,to", [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=["fp32-to-fp64", "fp64-to-fp32"])
+@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_a_dtype_change_mid_training_keeps_torchs_bits(backend, config, start, to, convert, calls):
+    """torch.optim.SGD keeps each momentum buffer in the dtype it was created in (until
+    load_state_dict casts it): ``buf.mul_(momentum)`` rounds to the old dtype, ``add_`` computes
+    in the promoted dtype and rounds to the buffer's, ``param.add_`` promotes again."""
+    hyper = CONFIGS[config]
+    got = _dtype_change_run(lambda ps: nm_optim.SGD(ps, backend=backend, **hyper), start, to, convert)
+    want = _dtype_change_run(lambda ps: torch.optim.SGD(ps, foreach=False, **hyper), start, to, convert)
+    _assert_like_torch(got, want)
+    assert all(len({s[2] for s in call}) == 1 for call in calls), "a kernel call got params of two dtypes"
+
+
+@pytest.mark.parametrize("start,to", [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=["fp32-to-fp64", "fp64-to-fp32"])
+def test_a_dtype_change_then_a_state_dict_round_trip_keeps_torchs_bits(start, to):
+    hyper = CONFIGS["wd-dampening"]
+    got = _dtype_change_run(lambda ps: nm_optim.SGD(ps, **hyper), start, to, _whole_model, round_trip=True)
+    want = _dtype_change_run(lambda ps: torch.optim.SGD(ps, foreach=False, **hyper), start, to, _whole_model,
+                             round_trip=True)
+    _assert_like_torch(got, want)

@@ -217,9 +217,12 @@ def _sgd_step_fake(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_b
         torch._check(g.device == p.device and p.device == params[0].device,
                      lambda: f"sgd_step_: param {i} and its grad must be on {params[0].device}")
         if args.has_momentum:
+            # A buffer of another floating dtype is torch's (kept in the dtype it was created in
+            # after `model.double()`): the reference steps it with torch's ops (ops/reference.py).
             v = momentum_buffers[i]
-            torch._check(v.shape == p.shape and v.dtype == p.dtype and v.device == p.device,
-                         lambda: f"sgd_step_: momentum buffer {i} must match its param's shape, dtype and device")
+            torch._check(v.shape == p.shape and v.device == p.device and v.dtype.is_floating_point,
+                         lambda: f"sgd_step_: momentum buffer {i} must match its param's shape and device, "
+                         "and be floating point")
 
 
 _lib.impl("sgd_step_", _sgd_step_impl, "CPU")

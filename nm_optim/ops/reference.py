@@ -106,10 +106,15 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
         u = d
         if has_momentum:
             v = momentum_buffers[i]
+            # The buffer's own compute type: torch keeps a buffer in the dtype it was created in
+            # until load_state_dict casts it, so after `model.double()` a float32 buffer's
+            # mul_(momentum) rounds to float32, add_ computes in float64 and rounds to float32,
+            # and param.add_ / grad.add promote again (as the same ops do here).
+            vdt = compute_dtype(v.dtype)
             if is_first[i]:
                 v_new = d  # buf = grad.clone()
             else:
-                v_new = v.detach().to(cdt).mul(momentum).add_(d, alpha=1 - dampening)  # buf.mul_().add_()
+                v_new = v.detach().to(vdt).mul(momentum).add_(d, alpha=1 - dampening)  # buf.mul_().add_()
             u = d.add(v_new, alpha=momentum) if nesterov else v_new  # grad.add(buf, alpha=momentum)
         if lr_tensor is not None and lr_tensor.device.type == "cpu":
             # torch: param.add_(grad, alpha=-lr) with lr a tensor: alpha is the tensor's value.
@@ -127,5 +132,5 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
         p.detach().copy_(p_new)
         if has_momentum:
             if skip is not None and not is_first[i]:
-                v_new = torch.where(skip.to(p.device), v.detach().to(cdt), v_new)
+                v_new = torch.where(skip.to(p.device), v.detach().to(vdt), v_new)
             momentum_buffers[i].detach().copy_(v_new)
