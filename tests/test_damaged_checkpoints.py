@@ -272,3 +272,13 @@ def test_a_malformed_field_is_one_line_naming_the_file_and_the_field(digits_run,
     damage(run / CHECKPOINT_NAME, edit)
     line = resume_fails_in_one_line(run, capsys, *fields)
     assert "--lr" not in line and "--model" not in line, f"a checkpoint's field is not a command-line option: {line}"
+
+
+@pytest.mark.parametrize("key,value", [("maximize", True), ("foreach", "x"), ("param_names", ["a"] * 6)])
+def test_an_optimizer_setting_the_config_does_not_hold_must_be_the_runs(digits_run, tmp_path, capsys, key, value):
+    """load_state_dict takes every param_groups entry from the checkpoint: one the config does not
+    hold (maximize: the run would climb the loss) must be the rebuilt optimizer's."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    damage(run / CHECKPOINT_NAME, _set("optimizer", "param_groups", 0, key, value))
+    resume_fails_in_one_line(run, capsys, f"param_groups[0].{key}")

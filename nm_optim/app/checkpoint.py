@@ -420,11 +420,26 @@ def _check_fits(state: dict[str, Any], path: Path, model: nn.Module, optimizer: 
         raise UserError(f"the optimizer state in {path} does not fit this model: optimizer.param_groups holds "
                         f"{len(indices)} params in {len(groups)} groups, the model's optimizer {len(params)} in "
                         f"{len(optimizer.param_groups)}")
+    for i, (saved_group, group) in enumerate(zip(groups, optimizer.param_groups)):
+        # what the config does not set (maximize, foreach, the param names) must be this
+        # optimizer's too: load_state_dict would take the checkpoint's silently
+        for name, value in group.items():
+            if name in ("params", "backend"):  # the backend is how, not what (see below)
+                continue
+            if name not in saved_group or not _same(saved_group[name], value):
+                raise UserError(f"the optimizer state in {path} does not fit this model: optimizer.param_groups[{i}]."
+                                f"{name} is {_show(saved_group.get(name, '(absent)'))}, this run's is {_show(value)}")
     for key, p in zip(indices, params):
         buf = state["optimizer"]["state"].get(key, {}).get("momentum_buffer")
         if buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype):
             raise UserError(f"the optimizer state in {path} does not fit this model: "
                             f"optimizer.state[{key}].momentum_buffer is {_show(buf)}, its param is {_show(p.detach())}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
 
 
 def _check_momentum_state(state: dict[str, Any], path: Path) -> None:

@@ -11,7 +11,9 @@ steps, seed) and an output folder. :func:`train` builds the model from the zoo
     DIR/record.npz       the same record as one file (Record.save, atomic), at the end of the run
     DIR/checkpoint.pt    the latest checkpoint (app.checkpoint, atomic), when checkpoint_every > 0;
                          it holds the stream's length, not the record: a resume cuts DIR/record/
-                         back to it, so the record equals an uninterrupted run's
+                         back to it, so the record equals an uninterrupted run's. It is sealed
+                         with a SHA-256 and its fields are checked before a resume touches DIR:
+                         a damaged one is one error naming the file and the field
     DIR/summary.json     what ran and how well each symmetry's theory matched (app.report, atomic)
     DIR/<kind>.png       the theory-vs-measurement figure of every symmetry kind found
 
