@@ -597,6 +597,9 @@ class Recorder:
             stream={
                 "id": secrets.token_hex(8),  # a checkpoint names its stream: a replaced one is refused
                 "dtype": dtype,
+                # the most records a chunk holds: a crash mid-write leaves at most that many past
+                # the index's records (load_record refuses more: an index that lost chunks)
+                "chunk": self.chunk,
                 "devices": [{"device": str(d), "rows": r, "file": _stats_file(k)}
                             for k, (d, r) in enumerate(zip(devices, self._rows()))],
                 "track_rows": [[order[t.device], t.row] for t in table.tracks],

@@ -208,3 +208,162 @@ def test_every_single_byte_flip_of_a_saved_npz_is_refused_or_harmless(tmp_path):
         except AssertionError:
             silent.append(offset)
     assert not silent, f"flips at {silent} loaded a different record without an error"
+
+
+# -- malformed fields: every field checked for type, shape, range and consistency ---------------------------
+
+
+@pytest.fixture
+def npz(tmp_path):
+    opt, w = recorded()
+    train(opt, w, 12)
+    return opt.recorder.save(tmp_path / "run.npz")
+
+
+def rewrite(path, edit):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    edit(arrays)
+    np.savez(path, **arrays)
+
+
+def edit_meta(**changes):
+    def edit(arrays):
+        meta = json.loads(str(arrays["meta"]))
+        for k, v in changes.items():
+            if v is KeyError:
+                del meta[k]
+            else:
+                meta[k] = v
+        arrays["meta"] = np.array(json.dumps(meta))
+    return edit
+
+
+def setter(key, value):
+    def edit(arrays):
+        arrays[key] = value(arrays[key]) if callable(value) else value
+    return edit
+
+
+NPZ_DEFECTS = {
+    "format_version-string": (edit_meta(format_version="1"), "format_version"),
+    "format_version-null": (edit_meta(format_version=None), "format_version"),
+    "format_version-bool": (edit_meta(format_version=True), "format_version"),
+    "stat_names-changed": (edit_meta(stat_names=["a"] * 9), "stat_names"),
+    "num_groups-0": (edit_meta(tracks=[{"name": "w:rows", "num_groups": 0}, {"name": "w:all", "num_groups": 1}]),
+                     "num_groups"),
+    "tracks-strings": (edit_meta(tracks=["w:rows", "w:all"]), "tracks"),
+    "hyper_names-numbers": (edit_meta(hyper_names=[1, 2]), "hyper_names"),
+    "steps-strings": (setter("steps", lambda s: s.astype(str)), "'steps'"),
+    "steps-floats": (setter("steps", lambda s: s.astype(np.float64)), "'steps'"),
+    "steps-reversed": (setter("steps", lambda s: s[::-1].copy()), "'steps'"),
+    "steps-negative": (setter("steps", lambda s: s - 5), "'steps'"),
+    "stats-int32": (setter("stats_0", lambda s: s.astype(np.int32)), "'stats_0'"),
+    "stats-float16": (setter("stats_0", lambda s: s.astype(np.float16)), "'stats_0'"),
+    "stats-complex": (setter("stats_0", lambda s: s.astype(np.complex128)), "'stats_0'"),
+    "stats-strings": (setter("stats_1", lambda s: s.astype(str)), "'stats_1'"),
+    "first-floats": (setter("first", lambda s: s.astype(np.float64)), "'first'"),
+    "skipped-ints": (setter("skipped", lambda s: s.astype(np.int64)), "'skipped'"),
+    "hyper-strings": (setter("hyper_lr", lambda s: s.astype(str)), "'hyper_lr'"),
+}
+
+
+@pytest.mark.parametrize("defect", list(NPZ_DEFECTS))
+def test_a_malformed_field_of_a_npz_is_one_record_error_naming_it(npz, defect):
+    edit, field = NPZ_DEFECTS[defect]
+    nm_optim.load_record(npz)
+    rewrite(npz, edit)
+    refused(npz, field)
+
+
+def reseal_meta(stream, **layout):
+    from nm_optim.record.format import _seal
+
+    meta = json.loads((stream / STREAM_META).read_text())
+    del meta["crc32"]
+    for k, v in layout.items():
+        meta[k] = v
+    (stream / STREAM_META).write_text(_seal(json.dumps(meta, indent=1)))
+
+
+def reseal_line(stream, line, edit):
+    """Edit line `line` of index.jsonl and give it a valid checksum: a consistent but malformed
+    stream, so that the field checks themselves are tested."""
+    from nm_optim.record.format import _seal
+
+    lines = (stream / STREAM_INDEX).read_text().splitlines(keepends=True)
+    entry = json.loads(lines[line])
+    del entry["crc32"]
+    edit(entry)
+    lines[line] = _seal(json.dumps(entry, separators=(",", ":"))) + "\n"
+    (stream / STREAM_INDEX).write_text("".join(lines))
+
+
+def put(key, value):
+    def edit(entry):
+        entry[key] = value(entry[key]) if callable(value) else value
+    return edit
+
+
+STREAM_DEFECTS = {
+    "hyper-string": (lambda e: e["hyper"]["lr"].__setitem__(0, ["fast"]), "'hyper' 'lr'"),
+    "hyper-missing": (lambda e: e["hyper"].pop("momentum"), "'hyper'"),
+    "first-negative": (put("first", [[-1, 0]]), "'first'"),
+    "first-track-out-of-range": (put("first", [[0, 7]]), "'first'"),
+    "skipped-out-of-range": (put("skipped", [8]), "'skipped'"),
+    "steps-strings": (put("steps", lambda s: [str(x) for x in s]), "'steps'"),
+    "steps-repeat-the-previous-chunk": (put("steps", lambda s: [x - 8 for x in s]), "'steps'"),
+    "records-bool": (put("records", True), "'records'"),
+    "stats_crc32-missing": (lambda e: e.pop("stats_crc32"), "stats_crc32"),
+}
+
+
+@pytest.mark.parametrize("defect", list(STREAM_DEFECTS))
+def test_a_malformed_index_line_is_one_record_error_naming_it(stream, defect):
+    edit, field = STREAM_DEFECTS[defect]
+    reseal_line(stream, 1, edit)
+    refused(stream, f"line 2 of index.jsonl.*{field}")
+
+
+@pytest.mark.parametrize("field, value", [("format_version", "1"), ("format_version", None),
+                                          ("tracks", [{"name": "w:rows", "num_groups": 0}, {"name": "w:all",
+                                                                                            "num_groups": 1}]),
+                                          ("stat_names", ["x"])], ids=["version-string", "version-null",
+                                                                       "num_groups-0", "stat_names"])
+def test_a_malformed_field_of_a_streams_meta_is_one_record_error_naming_it(stream, field, value):
+    reseal_meta(stream, **{field: value})
+    refused(stream, "num_groups" if field == "tracks" else field)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "torn"])
+def test_a_stream_whose_index_lost_chunks_is_refused(stream, damage):
+    index = stream / STREAM_INDEX
+    data = index.read_bytes()
+    if damage == "deleted":
+        index.unlink()
+        refused(stream, "index.jsonl is missing")
+        return
+    index.write_bytes(b"" if damage == "emptied" else data[: len(data) // 3])
+    refused(stream, r"index\.jsonl lists \d+ records, but stats-0\.bin holds 35")
+
+
+def test_a_crash_mid_chunk_and_a_resume_cut_still_load(tmp_path):
+    """What a crash or a resume legitimately leaves past the index's records is not damage."""
+    opt, w = recorded(chunk=8)
+    path = opt.recorder.stream_to(tmp_path / "rec")
+    train(opt, w, 16)
+    state = opt.recorder.state_dict()  # 16 records
+    train(opt, w, 20)
+    opt.recorder.close()  # 36 records
+    # a crash while writing a chunk: its stats are there, its index line is not
+    opt.recorder.stream.drain()
+    row = (path / "stats-0.bin").stat().st_size // 36
+    with open(path / "stats-0.bin", "ab") as f:
+        f.write(b"\0" * row * 8)
+    assert len(nm_optim.load_record(path)) == 36
+    again, w2 = recorded(chunk=8)
+    again.recorder.load_state_dict(state)  # cuts the stream back to 16 records, stats stay
+    assert len(nm_optim.load_record(path)) == 16
+    train(again, w2, 3)
+    again.recorder.close()
+    assert list(nm_optim.load_record(path).steps) == list(range(19))

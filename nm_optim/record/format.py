@@ -129,29 +129,59 @@ _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zli
 
 
 def _check_meta(meta: Any, fail: Callable[[str], NoReturn]) -> None:
+    """The record's meta: its format, version, stat names, tracks and hyper-parameter names."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         fail(f"not an nm_optim record (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        fail(f"record format version {meta['format_version']} is newer than this nm_optim reads "
-             f"({FORMAT_VERSION}); upgrade nm_optim")
+    version = meta.get("format_version", 1)  # absent: written before the field existed
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        fail(f"damaged record: its meta's 'format_version' is {version!r}, not an int >= 1")
+    if version > FORMAT_VERSION:
+        fail(f"record format version {version} is newer than this nm_optim reads ({FORMAT_VERSION}); upgrade nm_optim")
+    if "stat_names" in meta and meta["stat_names"] != list(STAT_NAMES):
+        fail(f"damaged record: its meta's 'stat_names' are {meta['stat_names']!r}, not nm_optim's {list(STAT_NAMES)}")
     for key in ("tracks", "hyper_names"):
         if not isinstance(meta.get(key), list):
             fail(f"damaged record: its meta has no {key!r} list")
+    for i, t in enumerate(meta["tracks"]):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            fail(f"damaged record: its meta's 'tracks' entry {i} is not a track (a dict with a 'name')")
+        groups = t.get("num_groups")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            fail(f"damaged record: track {t['name']!r} has 'num_groups' {groups!r}, not an int >= 1")
+    names = meta["hyper_names"]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        fail(f"damaged record: its meta's 'hyper_names' {names!r} are not distinct names")
+    every = meta.get("record_every", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        fail(f"damaged record: its meta's 'record_every' is {every!r}, not an int >= 1")
 
 
 def _check_consistent(record: Record, fail: Callable[[str], NoReturn]) -> None:
-    """Every array has one row per recorded step, and each track's stats its groups."""
-    n = record.steps.shape[0] if record.steps.ndim == 1 else fail(f"'steps' has shape {record.steps.shape}")
+    """Every array of the right dtype, one row per recorded step, steps increasing, and each
+    track's stats its groups."""
+    steps = record.steps
+    if steps.ndim != 1 or steps.dtype.kind not in "iu":
+        fail(f"damaged record: 'steps' is {steps.dtype} of shape {list(steps.shape)}, not a list of int steps")
+    n = steps.shape[0]
+    if n and (steps[0] < 0 or (np.diff(steps.astype(np.int64)) <= 0).any()):
+        fail("damaged record: 'steps' are not increasing optimizer steps >= 0")
     for i, (t, s) in enumerate(zip(record.tracks, record.stats)):
+        if s.dtype not in (np.float64, np.float32):
+            fail(f"damaged record: 'stats_{i}' is {s.dtype}, not float64 or float32")
         groups = t.get("num_groups") if isinstance(t, dict) else None
         if s.shape != (n, groups, len(STAT_NAMES)):
             fail(f"arrays disagree: 'stats_{i}' has shape {list(s.shape)}, expected [{n}, {groups}, "
                  f"{len(STAT_NAMES)}] ({n} steps recorded)")
     expected = {"first": (n, len(record.tracks)), "skipped": (n,)}
     for key, shape in expected.items():
-        if getattr(record, key).shape != shape:
-            fail(f"arrays disagree: {key!r} has shape {list(getattr(record, key).shape)}, expected {list(shape)}")
+        a = getattr(record, key)
+        if a.dtype != np.bool_:
+            fail(f"damaged record: {key!r} is {a.dtype}, not bool")
+        if a.shape != shape:
+            fail(f"arrays disagree: {key!r} has shape {list(a.shape)}, expected {list(shape)}")
     for name, values in record.hyper.items():
+        if values.dtype not in (np.float64, np.float32):
+            fail(f"damaged record: 'hyper_{name}' is {values.dtype}, not float64")
         if values.ndim != 2 or values.shape[0] != n:
             fail(f"arrays disagree: 'hyper_{name}' has shape {list(values.shape)}, expected [{n}, param groups]")
 

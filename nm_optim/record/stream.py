@@ -126,8 +126,10 @@ class _StreamReader:
             self.fail(f"damaged record: {STREAM_META} has lost its checksum")
         self.meta = meta
         index = path / STREAM_INDEX
+        if not index.is_file():  # created with the stream, never removed
+            self.fail(f"damaged record: {STREAM_INDEX} is missing")
         try:
-            data = index.read_bytes() if index.exists() else b""
+            data = index.read_bytes()
         except OSError as e:
             self.fail(f"{STREAM_INDEX} cannot be read ({e.strerror or e})")
         lines, self.index_bytes = _index_lines(data)
@@ -234,10 +236,33 @@ class _StreamReader:
                               f"intact: load_record(path, records={start}) reads them")
             start += k
 
+    def check_extent(self) -> None:
+        """RecordError if a stats file holds more records than a crash or a cut can leave past
+        the index's (a deleted, emptied or cut index.jsonl would load as a shorter record)."""
+        layout = self.meta["stream"]
+        chunk = layout.get("chunk")
+        if chunk is None:
+            return  # written before the layout said its chunk size: not checked
+        spare = layout.get("spare_bytes", [0] * len(self.rows))
+        try:
+            bound = max([_count(chunk), *(e["records"] for e in self.entries)])
+            spare = [_count(b) for b in spare]
+            if len(spare) != len(self.rows):
+                raise ValueError
+        except (TypeError, ValueError):
+            self.fail(f"damaged record: {STREAM_META} has no valid 'stream' layout ('chunk', 'spare_bytes')")
+        for k in range(len(self.rows)):
+            row = self.row_bytes(k)
+            size = (self.path / _stats_file(k)).stat().st_size
+            if row and size > max(spare[k], (self.records + bound) * row):
+                self.fail(f"damaged record: {STREAM_INDEX} lists {self.records} records, but {_stats_file(k)} holds "
+                          f"{size // row}: the index lost chunks (deleted, emptied or cut)")
+
     def record(self, n: int | None = None) -> Record:
         """The first `n` records (all: None), their stats bytes verified first."""
         n = self.records if n is None else n
         self.verify(n)
+        self.check_extent()
         meta = dict(self.meta)
         meta.pop("stream")
         tracks = meta.pop("tracks")
@@ -530,6 +555,13 @@ class RecordStream:
         if records == self.records:
             return
         reader = _StreamReader(self.path)
+        # The stats past the cut stay (see _cut): meta.json says so first, or load_record would
+        # take them for chunks the index lost.
+        layout = reader.meta["stream"]
+        if "chunk" in layout:
+            spare = layout.get("spare_bytes") or [0] * len(self.rows)
+            sizes = [(self.path / _stats_file(k)).stat().st_size for k in range(len(self.rows))]
+            self.update_meta(stream=dict(layout, spare_bytes=[max(a, b) for a, b in zip(spare, sizes)]))
         kept, start = [], 0
         for e in reader.entries:
             k = int(e["records"])
