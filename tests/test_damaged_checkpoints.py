@@ -241,6 +241,7 @@ MALFORMED = [
     ("rng-wrong-dtype", _set("rng", "torch", lambda t: t.float()), ["rng['torch']"]),
     ("config-string", _set("config", "x"), ["config"]),
     ("config-lr", _set("config", "lr", "fast"), ["config.lr"]),
+    ("config-lr-tensor", _set("config", "lr", torch.ones(3, 3)), ["config.lr"]),
     ("config-steps", _set("config", "steps", 1.5), ["config.steps"]),
     ("config-nesterov", _set("config", "nesterov", "yes"), ["config.nesterov"]),
     ("config-missing", lambda s: s["config"].pop("momentum"), ["config", "'momentum'"]),
@@ -274,7 +275,8 @@ def test_a_malformed_field_is_one_line_naming_the_file_and_the_field(digits_run,
     assert "--lr" not in line and "--model" not in line, f"a checkpoint's field is not a command-line option: {line}"
 
 
-@pytest.mark.parametrize("key,value", [("maximize", True), ("foreach", "x"), ("param_names", ["a"] * 6)])
+@pytest.mark.parametrize("key,value", [("maximize", True), ("foreach", torch.ones(3, 3)), ("param_names", ["a"] * 6)],
+                         ids=["maximize", "foreach", "param_names"])
 def test_an_optimizer_setting_the_config_does_not_hold_must_be_the_runs(digits_run, tmp_path, capsys, key, value):
     """load_state_dict takes every param_groups entry from the checkpoint: one the config does not
     hold (maximize: the run would climb the loss) must be the rebuilt optimizer's."""

@@ -241,7 +241,7 @@ def _show(x: Any) -> str:
     """A value in an error message: a tensor by its shape and dtype, anything else by a short repr."""
     if isinstance(x, Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    text = repr(x)
+    text = " ".join(repr(x).split())  # one line: a tensor's repr inside a dict spans several
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -212,7 +212,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return args.func(args)
     except (UserError, RecordError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        # one line whatever the message quotes (a value read from a file may print on several)
+        print(f"{PROG}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         out = getattr(args, "out", None)

@@ -42,6 +42,13 @@ class ConfigError(UserError):
         self.field, self.problem = field, problem
 
 
+def _brief(value: Any) -> str:
+    """A value in a one-line message: its repr on one line, at most 60 characters (a value read
+    from a checkpoint may be a tensor, whose repr spans lines)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _option(name: str) -> str:
     """The command-line spelling of a config field: weight_decay -> --weight-decay."""
     return "--" + name.replace("_", "-")
@@ -73,19 +80,19 @@ class TrainConfig:
         def positive(name: str, value: Any, allow_zero: bool = False) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
             if not ok:
-                raise ConfigError(name, f"must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+                raise ConfigError(name, f"must be a {'non-negative' if allow_zero else 'positive'} integer, got {_brief(value)}")
 
         for name in ("model", "data", "backend", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(name, f"must be a non-empty string, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be a non-empty string, got {_brief(getattr(self, name))}")
         for name in ("lr", "momentum", "dampening", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(name, f"must be a finite number >= 0, got {v!r}")
+                raise ConfigError(name, f"must be a finite number >= 0, got {_brief(v)}")
         if not isinstance(self.nesterov, bool):
-            raise ConfigError("nesterov", f"must be true or false, got {self.nesterov!r}")
+            raise ConfigError("nesterov", f"must be true or false, got {_brief(self.nesterov)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
+            raise ConfigError("seed", f"must be an integer, got {_brief(self.seed)}")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ConfigError("nesterov", "needs --momentum > 0 and --dampening 0")
         positive("batch_size", self.batch_size)
@@ -93,7 +100,7 @@ class TrainConfig:
         positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("epochs", f"and --steps exclude each other: give --steps or --epochs, not both "
-                                        f"(got {self.epochs!r} and {self.steps!r})")
+                                        f"(got {_brief(self.epochs)} and {_brief(self.steps)})")
         if self.steps is not None:
             positive("steps", self.steps)
         if self.epochs is not None:
@@ -214,7 +221,7 @@ def saved_config(saved: Any, where: Path) -> TrainConfig:
     TrainConfig's fields, each valid. A bad one is a UserError naming the file and the field,
     never the command-line option (the user did not give it)."""
     if not isinstance(saved, dict):
-        raise UserError(f"checkpoint {where}: config is {saved!r:.60}, expected a dict of the run's settings")
+        raise UserError(f"checkpoint {where}: config is {_brief(saved)}, expected a dict of the run's settings")
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     missing = [k for k in fields if k not in saved]
     unknown = [k for k in saved if k not in fields]
