@@ -149,8 +149,23 @@ def resume_fails_in_one_line(folder, capsys, *fields):
 
 
 def test_the_digits_checkpoint_resumes(digits_run, tmp_path, capsys):
-    """The control: the undamaged checkpoint resumes (so every failure below is the damage's)."""
+    """The control: the undamaged checkpoint resumes (so every failure below is the damage's). It
+    is still a plain torch.save zip (torch.load reads it, every member's CRC-32 holds), with the
+    SHA-256 of the bytes before it in the archive comment."""
+    import hashlib
+    import zipfile
+
     from nm_optim.app.cli import main
+
+    path = digits_run / CHECKPOINT_NAME
+    assert torch.load(path, weights_only=True)["step"] == DIGITS_STEPS
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None
+        comment = z.comment
+    prefix = b"nm_optim.checkpoint sha256:"
+    assert comment.startswith(prefix)
+    data = path.read_bytes()
+    assert data.endswith(comment) and hashlib.sha256(data[: -len(comment)]).hexdigest().encode() == comment[len(prefix):]
 
     shutil.copytree(digits_run, tmp_path / "run")
     code = main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", str(DIGITS_STEPS + 2),
