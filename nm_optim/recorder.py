@@ -33,7 +33,7 @@ see RecordStream._cut). Appends are fsync'ed by default (data, then
 index), so the same holds for a power loss. By default a writer thread appends the chunks
 (RecordStream), so training does not wait for the disk unless two chunks are already queued.
 Every recorded step is on disk once the recorder is closed: ``recorder.close()``, the end of a
-``with recorder:`` block, the recorder's garbage collection, and any normal end of the process
+``with recorder:`` block, the recorder's garbage collection (soon after), and any normal end of the process
 (interpreter shutdown, sys.exit, an uncaught exception, app.distributed.end_process) write the
 chunk being filled and what was queued; only a killed process (or a bare os._exit) loses what
 was queued (at most two chunks) and the chunk being filled.
@@ -70,7 +70,8 @@ from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
 from nm_optim.tracks import TrackTable, describe_value
 from nm_optim.record.format import (_META_KEYS, STREAM_DTYPES, Record, _Chunk, _chunk_from_meta,
                                     _concat, _ragged, _stats_file)
-from nm_optim.record.stream import RecordStream, _StreamReader, close_at_exit, superseded
+from nm_optim.record.stream import _ORPHANS as _orphans
+from nm_optim.record.stream import RecordStream, _StreamReader, close_at_exit, close_orphans, superseded
 
 
 class Recorder:
@@ -121,6 +122,8 @@ class Recorder:
             return  # not a step of the run: neither recorded nor counted
         step = self._step
         self._step += 1
+        if _orphans:
+            close_orphans()
         if self._in_flight:
             self._collect_ready()
         if not self.enabled or step % self.record_every:
@@ -256,8 +259,9 @@ class Recorder:
     def close(self) -> None:
         """Write every record still held (the partial chunk, the chunks in flight or queued) to
         the stream and wait until it is on disk. Called for you when the process ends normally
-        (interpreter shutdown, sys.exit, an uncaught exception, app.distributed.end_process), when
-        the recorder is garbage-collected, and at the end of a ``with recorder:`` block; only a
+        (interpreter shutdown, sys.exit, an uncaught exception, app.distributed.end_process), after
+        the recorder is garbage-collected (at the next step of any recorder, stream created,
+        opened or loaded, or the exit), and at the end of a ``with recorder:`` block; only a
         crash (a killed process, os._exit without end_process) loses records. Recording goes on
         if the run does (the next chunks are written in the training thread); calling it again
         writes only what was recorded since. In memory (no stream) there is nothing to write."""
@@ -276,9 +280,12 @@ class Recorder:
         self.close()
 
     def __del__(self) -> None:
-        # `del opt` (the recorder is collected with its optimizer): the partial chunk is written.
-        if getattr(self, "_stream", None) is not None:
-            self.close()
+        # `del opt` (the recorder collected with its optimizer): its last records are written at
+        # the next safe point (the next step of any recorder, a stream created, opened or loaded,
+        # the process's end), not here: the garbage collector may run in the middle of anything.
+        if getattr(self, "_stream", None) is not None and (self._slot or self._in_flight) \
+                and not superseded(self._stream):
+            _orphans.append(self)  # kept alive until then
 
     @property
     def stream(self) -> RecordStream | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -342,9 +343,28 @@ def superseded(stream: RecordStream) -> bool:
     return current is not None and current is not stream
 
 
-def _close_all() -> None:
-    for owner in list(_OWNERS):
+# Owners collected with records still to write (Recorder.__del__ puts itself here): closed at the
+# next safe point, never inside the garbage collector, which may run in the middle of anything.
+_ORPHANS: list[Any] = []
+
+
+def close_orphans() -> None:
+    """Close the collected owners that still hold records (see _ORPHANS)."""
+    while _ORPHANS:
+        _close(_ORPHANS.pop())
+
+
+def _close(owner: Any) -> None:
+    try:
         owner.close()
+    except Exception as e:  # noqa: BLE001  (one owner's failure must not cost the others their records)
+        print(f"nm_optim: writing the last records of {owner!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _close_all() -> None:
+    close_orphans()
+    for owner in list(_OWNERS):
+        _close(owner)
 
 
 def drain_all() -> None:
@@ -414,6 +434,7 @@ class RecordStream:
         existing stream there is replaced only with `overwrite`; any other non-empty folder is
         refused."""
         path = Path(path)
+        close_orphans()
         _settle(path)
         if path.exists():
             if not path.is_dir():
@@ -439,6 +460,7 @@ class RecordStream:
     @classmethod
     def open(cls, path: str | os.PathLike, *, fsync: bool = True, background: bool = False) -> RecordStream:
         """An existing stream, to continue (bytes past its last complete chunk are cut)."""
+        close_orphans()
         _settle(Path(path))
         return cls(Path(path), _StreamReader(Path(path)), fsync, background)
 
@@ -606,6 +628,7 @@ def load_record(path: str | os.PathLike, *, records: int | None = None) -> Recor
                                 or records < 0):
         raise ValueError(f"load_record: records must be an int >= 0 or None, got {records!r}")
     if path.is_dir():
+        close_orphans()  # a collected recorder's last records may be for this stream
         _settle(path)  # chunks this process's writer thread still has queued there
         reader = _StreamReader(path)
         if records is not None and records > reader.records:
