@@ -426,3 +426,29 @@ def test_a_compiled_step_keeps_torchs_bits_across_a_dtype_change_and_fails_like_
     eager = bad_buffer_error(False)
     assert eager[0] is RuntimeError and "The size of tensor a (6) must match" in eager[1]
     assert bad_buffer_error(True) == eager
+
+
+def test_late_weight_tying_under_a_compiled_step_keeps_torchs_bits():
+    """Dynamo does not guard where a Parameter's memory is, so after ``b.data = a.data`` the
+    compiled step keeps its plan (a and b in one kernel call); the op itself finds the shared
+    memory and steps them one after the other, as torch.optim.SGD's loop does."""
+    n = 1 << 17  # two such params: above the CPU kernel's serial threshold (its threads would race)
+
+    def run(make_opt, compiled):
+        fresh_dynamo()
+        gen = torch.Generator().manual_seed(6)
+        a = torch.nn.Parameter(torch.randn(n, generator=gen))
+        b = torch.nn.Parameter(torch.randn(n, generator=gen))
+        opt = make_opt([a, b])
+        step = torch.compile(opt.step, backend=Recording()) if compiled else opt.step
+        for s in range(4):
+            if s == 2:
+                b.data = a.data
+            a.grad, b.grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+            step()
+        return [a.detach(), opt.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"]]
+
+    hyper = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}
+    got = run(lambda ps: nm_optim.SGD(ps, backend="cpu", **hyper), compiled=True)
+    want = run(lambda ps: torch.optim.SGD(ps, foreach=False, **hyper), compiled=False)
+    assert all(same_bits(x, y) for x, y in zip(got, want))

@@ -50,6 +50,20 @@ def amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
     return t.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
 
 
+def stepped_in_levels(step, bucket: Bucket, args: StepArgs, ptrs: list[int], numels: Sequence[int],
+                      owner: object) -> bool:
+    """When params of the bucket share memory (P.AddressCheck), step them in successive calls of
+    `step`, in order, as torch.optim.SGD's loop does, and return True; else False (one call)."""
+    params = bucket.params
+    levels = P.address_check(owner, params[0].device).levels(ptrs, numels, params[0].element_size())
+    if levels is None:
+        return False
+    for level in range(max(levels) + 1):
+        idx = [i for i, k in enumerate(levels) if k == level]
+        step(bucket.subset(idx, args.has_momentum), args.subset(idx))
+    return True
+
+
 def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     """One kernel call for dense tensors that share a device and dtype (see ops/op.py)."""
     params, grads, momentum_buffers, is_first, numels, owner, layout = bucket
@@ -60,6 +74,9 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     has_momentum = args.has_momentum
     owner = owner if owner is not None else params[0]
     numels = numels if numels is not None else tuple(map(_numel, params))
+    ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
+    if stepped_in_levels(sgd_step_native, bucket, args, ptrs, numels, owner):
+        return
     if layout is None and args.with_stats:
         layout = stats_layout(owner, params, numels, args.stats_offsets, device)
     with_stats = layout is not None
@@ -71,7 +88,6 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     table = tile_table(owner, numels, device, row_lengths)
     if table.n_tiles == 0 and not with_stats:
         return
-    ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
     if device.type == "cpu":
         host = array("q", ptrs)  # all the CPU kernel needs; it lives until the call returns
         table_ptr = host.buffer_info()[0]

@@ -127,6 +127,49 @@ class PointerTable:
         return self.device_copy
 
 
+class AddressCheck:
+    """Whether the params of a bucket share memory, checked again only when an address changed.
+
+    nm_optim.SGD never puts params whose memory overlaps into one call (its plan steps them in
+    successive calls, in order, like torch.optim.SGD's loop), but under torch.compile the plan is
+    a constant of the graph and Dynamo does not guard where a Parameter's memory is (late weight
+    tying, ``b.data = a.data``, keeps the graph): the op itself must not let the kernel's threads
+    step the same memory at once. Per step this is one list comparison of addresses the kernel
+    call gathers anyway."""
+
+    def __init__(self) -> None:
+        self.disjoint: tuple | None = None  # the params' addresses and sizes last found disjoint
+
+    def levels(self, ptrs: list[int], numels: Sequence[int], itemsize: int) -> list[int] | None:
+        """None when no two params' memory overlaps, else the call each param goes to: 0, or one
+        past the call of every earlier param whose memory overlaps it (as sgd.py's plan).
+        `ptrs` starts with the params' addresses; the tensors are dense (numel * itemsize bytes)."""
+        n = len(numels)
+        key = (ptrs[:n], numels)
+        if key == self.disjoint:
+            return None
+        spans = sorted((ptrs[i], ptrs[i] + numels[i] * itemsize, i) for i in range(n) if numels[i])
+        end, overlap = 0, False
+        for lo, hi, _ in spans:
+            if lo < end:
+                overlap = True
+                break
+            end = max(end, hi)
+        if not overlap:
+            self.disjoint = key
+            return None
+        levels = [0] * n
+        by_order = sorted(spans, key=lambda s: s[2])
+        for k, (lo, hi, i) in enumerate(by_order):  # quadratic, but only on this rare path
+            levels[i] = max((levels[j] + 1 for lo_j, hi_j, j in by_order[:k] if lo_j < hi and lo < hi_j), default=0)
+        return levels
+
+
+def address_check(owner: object, device: torch.device) -> AddressCheck:
+    """The AddressCheck of `owner`'s bucket (see `cached`)."""
+    return cached(owner, ("addresses", device), AddressCheck)
+
+
 class TileTable:
     """Flat tiles for the compiled kernels: numel[n] and tiles[3 * n_tiles] = (tensor index,
     begin, end), on the kernel's device. `row_lengths[i]` > 0 asks for tiles of whole rows of

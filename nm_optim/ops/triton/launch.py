@@ -13,7 +13,7 @@ import triton.language as tl
 
 from nm_optim.ops import plan as P
 from nm_optim.ops.args import Bucket, StepArgs
-from nm_optim.ops.native import address_table, amp_scalar
+from nm_optim.ops.native import address_table, amp_scalar, stepped_in_levels
 from nm_optim.ops.plan import stats_layout, stats_plan
 from nm_optim.ops.triton import kernels as K
 
@@ -39,6 +39,8 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     else:
         plan = stats_plan(owner, numels, (), (), device, K.TILE_ROWS, K.BLOCK_COLS, **tiling)
     ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
+    if stepped_in_levels(sgd_step_triton, bucket, args, ptrs, numels, owner):
+        return
     table = plan.pointers.upload(ptrs, device)
     # The vector (ALIGNED) variants need every param, grad and buffer on 16 bytes (torch's
     # allocations are; a view at an odd offset is not): else every tile runs the plain variant.
