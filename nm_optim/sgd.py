@@ -105,7 +105,16 @@ class SGD(Optimizer):
     tensor once (the occurrences go to successive calls); a tracked param's statistics are those
     of its first occurrence, i.e. of the pre-step values. Likewise params whose memory overlaps
     (views of one buffer) are stepped one after the other, in order, like torch's loop, each
-    tracked with its own values; disjoint views of one buffer share a kernel call.
+    tracked with its own values; disjoint views of one buffer share a kernel call. That holds
+    also when params come to share memory after the first step (late weight tying,
+    ``b.data = a.data``): the step notices re-pointed memory.
+
+    A momentum buffer torch.optim.SGD's step would reject (not a tensor; another shape, device or
+    layout; a dtype its ops cannot cast, such as an integer one) raises torch's exception type
+    and message, naming the param, before anything is written. A buffer of another floating
+    dtype is stepped as torch steps it: after ``model.to(torch.float64)`` torch keeps each
+    float32 buffer (until ``load_state_dict`` casts it), rounds ``buf.mul_(momentum)`` to float32
+    and the rest in float64; so does this step, bitwise.
 
     Distributed (nm_optim.distributed):
 
@@ -516,8 +525,9 @@ class SGD(Optimizer):
 # is. Dynamo deliberately installs no aliasing guards on Parameters
 # (torch._dynamo.config.skip_no_tensor_aliasing_guards_on_parameters), so memory re-pointed without
 # changing those (late weight tying, `b.data = a.data`) keeps the traced plan, where the eager
-# plan cache (keyed on addresses too: SGD._plan) plans afresh; call torch._dynamo.reset() after
-# re-pointing params' memory under a compiled step.
+# plan cache (keyed on addresses too: SGD._plan) plans afresh. The op guards that case itself:
+# params of one call that share memory are stepped in successive calls, in order
+# (ops/plan.py, AddressCheck), so the compiled step stays torch's.
 @torch.compiler.assume_constant_result
 def _plan_at_trace_time(opt: SGD, gi: int) -> list | None:
     """SGD._plan's result for param group `gi` (the group as the traced step sees it), or None if
