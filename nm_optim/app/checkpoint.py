@@ -416,6 +416,9 @@ def _check_fits(state: dict[str, Any], path: Path, model: nn.Module, optimizer: 
     groups = state["optimizer"]["param_groups"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     indices = [k for g in groups for k in g["params"]]
+    if len(indices) != len(set(indices)):  # two params would share one momentum buffer
+        raise UserError(f"the optimizer state in {path} does not fit this model: optimizer.param_groups lists a "
+                        f"param index twice")
     if len(groups) != len(optimizer.param_groups) or len(indices) != len(params):
         raise UserError(f"the optimizer state in {path} does not fit this model: optimizer.param_groups holds "
                         f"{len(indices)} params in {len(groups)} groups, the model's optimizer {len(params)} in "
