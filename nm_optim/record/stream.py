@@ -83,6 +83,15 @@ def _entry_problem(e: dict[str, Any], n_tracks: int, n_devices: int, checksums: 
     return None
 
 
+def _whole_line(raw: bytes) -> bool:
+    """Whether `raw` is a whole sealed index line (without its newline)."""
+    try:
+        entry = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(entry, dict) and _seal_state(raw, entry) is True
+
+
 def _index_line(entry: dict[str, Any]) -> str:
     """A chunk's sealed line of index.jsonl."""
     return _seal(json.dumps(entry, separators=(",", ":"))) + "\n"
@@ -134,6 +143,11 @@ class _StreamReader:
         except OSError as e:
             self.fail(f"{STREAM_INDEX} cannot be read ({e.strerror or e})")
         lines, self.index_bytes = _index_lines(data)
+        tail = data[self.index_bytes:]
+        if len(tail) > 1 and _whole_line(tail[:-1]):
+            # A crash leaves a prefix of the line; a whole line and one more byte is damage (its
+            # newline changed), which would otherwise drop the last chunk silently.
+            self.fail(f"damaged record: the last line of {STREAM_INDEX} ends in {tail[-1:]!r}, not a newline")
         self.entries: list[dict[str, Any]] = []
         last_step = -1
         for i, line in enumerate(lines):
