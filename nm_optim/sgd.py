@@ -444,9 +444,7 @@ class SGD(Optimizer):
             self._tracks.check_unchanged()  # a tracked param's new shape: its own, more useful error
         for i in bad:
             j = members[i] if members is not None else i
-            error = _buffer_error(group, index[j] if index is not None else j, params[i], bufs[i])
-            if error is not None:
-                _raise_eagerly(error)
+            _raise_buffer_error(group, index[j] if index is not None else j, params[i], bufs[i])
 
     def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
         """The kernel calls of a group: (device, positions in `params` or None for all, statistics
@@ -633,10 +631,13 @@ def _buffer_error(group: dict[str, Any], i: int, p: Tensor, buf: Any) -> Excepti
     return None
 
 
-# Raised by eager code: under torch.compile a graph break on this failing path only.
+# Eager code: under torch.compile a graph break on this failing path only (the stand-in ops and
+# the exception are not traced).
 @torch.compiler.disable
-def _raise_eagerly(error: Exception) -> None:
-    raise error
+def _raise_buffer_error(group: dict[str, Any], i: int, p: Tensor, buf: Any) -> None:
+    error = _buffer_error(group, i, p, buf)
+    if error is not None:
+        raise error
 
 
 def _memory_span(p: Tensor) -> tuple[torch.device, int, int] | None:
