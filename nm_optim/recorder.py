@@ -19,12 +19,14 @@ Where the collected chunks go:
 
 A record stream (docs/architecture.md, "The record")::
 
-    meta.json       the record's meta (as the .npz's, with "stream": the layout below), atomic
+    meta.json       the record's meta (as the .npz's, with "stream": the layout below), atomic,
+                    its last key "crc32" (nm_optim/record/format.py, "checksums")
     stats-K.bin     device K's statistics: raw, C order, [records, rows_K, 9] of the stream dtype
                     (float64, or float32), appended chunk by chunk; a track is rows
                     [row, row + num_groups) of its device's file
     index.jsonl     one JSON line per chunk, appended after the chunk's statistics: records,
-                    steps, skipped (indices), first ([index, track] pairs), hyper (rows per name)
+                    steps, skipped (indices), first ([index, track] pairs), hyper (rows per name),
+                    stats_crc32 (per device, of the chunk's stats bytes) and last "crc32" (the line's)
 
 A chunk exists once its index line is complete: a crash (even mid-write) loses at most the chunk
 being written, never an earlier one; bytes past the last complete line are ignored when reading

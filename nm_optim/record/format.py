@@ -1,6 +1,11 @@
 """The record's data and its file format: Record (what was recorded), the .npz file, the checks
 that a file is a readable record (RecordError), and the chunks the recorder collects and streams.
-docs/architecture.md, "The record"."""
+docs/architecture.md, "The record".
+
+Format versions: the version stays 1 (nm_optim.names.RECORD_FORMAT_VERSION) through the checksums:
+they are new keys that older readers ignore. A stream whose layout says ``"checksums": "crc32"``
+must carry every checksum; one without (written before them) loads unverified, its fields
+checked all the same. A file of a newer version is refused, naming the version."""
 
 from __future__ import annotations
 
