@@ -289,6 +289,10 @@ class Recorder:
                 and not superseded(self._stream):
             _orphans.append(self)  # kept alive until then
 
+    def _release_stream(self) -> None:
+        """Drop the stream (a collected recorder, its last records written: close_orphans)."""
+        self._stream = None
+
     @property
     def stream(self) -> RecordStream | None:
         """The record stream this recorder appends to (None: in memory)."""

@@ -251,13 +251,20 @@ def setter(key, value):
     return edit
 
 
+def with_groups(tracks, n):
+    """The tracks with the first one's num_groups set to n."""
+    return [dict(tracks[0], num_groups=n), *tracks[1:]]
+
+
 NPZ_DEFECTS = {
     "format_version-string": (edit_meta(format_version="1"), "format_version"),
     "format_version-null": (edit_meta(format_version=None), "format_version"),
     "format_version-bool": (edit_meta(format_version=True), "format_version"),
     "stat_names-changed": (edit_meta(stat_names=["a"] * 9), "stat_names"),
-    "num_groups-0": (edit_meta(tracks=[{"name": "w:rows", "num_groups": 0}, {"name": "w:all", "num_groups": 1}]),
+    "num_groups-0": (lambda a: edit_meta(tracks=with_groups(json.loads(str(a["meta"]))["tracks"], 0))(a),
                      "num_groups"),
+    "num_groups-negative": (lambda a: edit_meta(tracks=with_groups(json.loads(str(a["meta"]))["tracks"], -1))(a),
+                            "num_groups"),
     "tracks-strings": (edit_meta(tracks=["w:rows", "w:all"]), "tracks"),
     "hyper_names-numbers": (edit_meta(hyper_names=[1, 2]), "hyper_names"),
     "steps-strings": (setter("steps", lambda s: s.astype(str)), "'steps'"),
@@ -332,11 +339,12 @@ def test_a_malformed_index_line_is_one_record_error_naming_it(stream, defect):
 
 
 @pytest.mark.parametrize("field, value", [("format_version", "1"), ("format_version", None),
-                                          ("tracks", [{"name": "w:rows", "num_groups": 0}, {"name": "w:all",
-                                                                                            "num_groups": 1}]),
+                                          ("tracks", 0),
                                           ("stat_names", ["x"])], ids=["version-string", "version-null",
                                                                        "num_groups-0", "stat_names"])
 def test_a_malformed_field_of_a_streams_meta_is_one_record_error_naming_it(stream, field, value):
+    if field == "tracks":  # the first track's num_groups 0
+        value = with_groups(json.loads((stream / STREAM_META).read_text())["tracks"], value)
     reseal_meta(stream, **{field: value})
     refused(stream, "num_groups" if field == "tracks" else field)
 
@@ -400,3 +408,36 @@ def test_every_single_byte_flip_of_a_stream_is_refused_or_harmless(stream, name)
             silent.append(offset)
     file.write_bytes(data)
     assert not silent, f"flips at {silent} of {name} loaded a different record without an error"
+
+
+def test_a_param_without_elements_records_and_loads(tmp_path):
+    """num_groups 0 is right for the rows of a [0, 3] param: the count follows from shape and axis."""
+    w = torch.nn.Parameter(torch.randn(0, 3))
+    v = torch.nn.Parameter(torch.randn(2))
+    opt = nm_optim.SGD([w, v], lr=0.1, track=[(w, "rows"), (v, "all")])
+    w.grad, v.grad = torch.zeros_like(w), torch.randn(2)
+    opt.step()
+    record = nm_optim.load_record(opt.recorder.save(tmp_path / "run.npz"))
+    assert record.stats[0].shape == (1, 0, 9) and len(record) == 1
+
+
+def test_a_stream_written_before_checksums_loads_unverified(stream):
+    """The decision for old records (nm_optim/record/format.py, "Format versions"): a stream
+    without checksums in its layout loads, its fields checked; format_version stays 1."""
+    whole = nm_optim.load_record(stream)
+    meta = json.loads((stream / STREAM_META).read_text())
+    for key in ("crc32",):
+        del meta[key]
+    for key in ("checksums", "chunk"):
+        del meta["stream"][key]
+    (stream / STREAM_META).write_text(json.dumps(meta, indent=1))
+    lines = []
+    for line in (stream / STREAM_INDEX).read_text().splitlines():
+        entry = json.loads(line)
+        del entry["crc32"], entry["stats_crc32"]
+        lines.append(json.dumps(entry, separators=(",", ":")) + "\n")
+    (stream / STREAM_INDEX).write_text("".join(lines))
+    same(nm_optim.load_record(stream), whole)
+    reseal_line_plain = lines[1].replace('"records":8', '"records":"8"')
+    (stream / STREAM_INDEX).write_text(lines[0] + reseal_line_plain + "".join(lines[2:]))
+    refused(stream, "line 2 of index.jsonl.*'records'")

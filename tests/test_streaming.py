@@ -404,8 +404,9 @@ def test_a_stream_another_process_writes_is_refused_here_until_it_is_gone(tmp_pa
     import sys
 
     path = tmp_path / "rec"
-    stream_ten_steps(path)  # garbage: its recorder writes its partial chunk, and the folder is free again
+    stream_ten_steps(path)  # garbage: its recorder's partial chunk is written at the next safe point
     gc.collect()
+    assert len(nm_optim.load_record(path)) == 10  # that point: and the folder is free again
     holder = subprocess.Popen([sys.executable, "-c", HOLD_A_STREAM, str(path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from nm_optim._io import atomic_write
-from nm_optim.names import HYPER_NAMES, STAT_NAMES
+from nm_optim.names import AXES, HYPER_NAMES, STAT_NAMES
+from nm_optim.ops.layout import group_counts
 from nm_optim.names import RECORD_FORMAT as FORMAT
 from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
 
@@ -151,8 +152,18 @@ def _check_meta(meta: Any, fail: Callable[[str], NoReturn]) -> None:
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             fail(f"damaged record: its meta's 'tracks' entry {i} is not a track (a dict with a 'name')")
         groups = t.get("num_groups")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            fail(f"damaged record: track {t['name']!r} has 'num_groups' {groups!r}, not an int >= 1")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:
+            fail(f"damaged record: track {t['name']!r} has 'num_groups' {groups!r}, not an int >= 0")
+        if "shape" in t or "axis" in t:  # what the recorder writes: the count follows from them
+            shape, axis = t.get("shape"), t.get("axis")
+            if axis not in AXES or not isinstance(shape, list) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                fail(f"damaged record: track {t['name']!r} has 'shape' {shape!r} and 'axis' {axis!r}, not a "
+                     f"shape and one of {AXES}")
+            expected = group_counts(shape)[AXES.index(axis)]
+            if groups != expected:
+                fail(f"damaged record: track {t['name']!r} has 'num_groups' {groups}, but its shape {shape} and "
+                     f"axis {axis!r} make {expected}")
     names = meta["hyper_names"]
     if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         fail(f"damaged record: its meta's 'hyper_names' {names!r} are not distinct names")

@@ -366,7 +366,9 @@ _ORPHANS: list[Any] = []
 def close_orphans() -> None:
     """Close the collected owners that still hold records (see _ORPHANS)."""
     while _ORPHANS:
-        _close(_ORPHANS.pop())
+        owner = _ORPHANS.pop()
+        _close(owner)
+        owner._release_stream()  # collected: its stream, and the folder's writer lock, go now
 
 
 def _close(owner: Any) -> None:
