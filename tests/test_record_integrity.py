@@ -1,5 +1,5 @@
 """Nothing recorded is lost at a normal exit, and nothing damaged or malformed loads silently
-(nm_optim/recorder.py, "Where the collected chunks go"; nm_optim/record/format.py, "Checksums").
+(nm_optim/recorder.py, "Where the collected chunks go"; nm_optim/record/format.py, "checksums").
 
 A streamed run that ends normally (the interpreter exits, ``recorder.close()``, a ``with`` block,
 nm_optim.app.distributed.end_process) has every recorded step on disk: the scripts below run in
@@ -7,14 +7,18 @@ real subprocesses and the folder is read back with load_record."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 import nm_optim
+from nm_optim.record import RecordError
+from nm_optim.record.format import STREAM_INDEX, STREAM_META
 
 SCRIPT = """
 import sys, torch, nm_optim
@@ -66,8 +70,6 @@ def test_every_recorded_step_is_on_disk_after_a_normal_exit(tmp_path, ending):
 
 
 def test_close_writes_the_partial_chunk_and_recording_goes_on(tmp_path):
-    import torch
-
     w = torch.nn.Parameter(torch.randn(4, 3))
     opt = nm_optim.SGD([w], lr=0.1, momentum=0.9, track=[(w, "all")])
     opt.recorder.chunk = 8
@@ -86,14 +88,6 @@ def test_close_writes_the_partial_chunk_and_recording_goes_on(tmp_path):
 
 
 # -- checksums: a damaged file is one RecordError naming it, never a silent wrong load ----------------------
-
-
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-from nm_optim.record import RecordError  # noqa: E402
-from nm_optim.record.format import STREAM_INDEX, STREAM_META  # noqa: E402
 
 
 def train(opt, w, n, seed=0):
