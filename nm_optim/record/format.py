@@ -130,8 +130,9 @@ class RecordError(ValueError):
     wrong with it, in one line."""
 
 
-# Errors numpy, zipfile and json raise on damaged or foreign files.
-_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+# Errors numpy, zipfile and json raise on damaged or foreign files (NotImplementedError: zipfile,
+# for a compression method byte that a flip changed).
+_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 
 
 def _check_meta(meta: Any, fail: Callable[[str], NoReturn]) -> None:
