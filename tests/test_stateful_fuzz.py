@@ -395,7 +395,10 @@ class SideBySide(RuleBasedStateMachine):
                 f"track {t}: the last step's statistics changed after the step"
 
 
-FAST = settings(max_examples=20, stateful_step_count=15, deadline=None,
+# The default run: about 3-5 s on 2 cores. The slow variant (-m slow) draws many more sequences:
+# a narrow case such as late tying of large untracked-by-cols params on the "cpu" backend is met
+# there far more often than in the default run (tests/test_update_under_change.py aims at it).
+FAST = settings(max_examples=25, stateful_step_count=15, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
