@@ -358,7 +358,7 @@ class SideBySide(RuleBasedStateMachine):
         the original): every stats byte is checksummed, so loading always fails, naming it."""
         self.opt_o.recorder.close()
         stats = self.stream / "stats-0.bin"
-        if stats.stat().st_size == 0:
+        if not stats.exists() or stats.stat().st_size == 0:  # no tracks, or nothing recorded yet
             return
         copy_ = self.path("damaged-stream")
         shutil.copytree(self.stream, copy_)
