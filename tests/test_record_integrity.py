@@ -193,9 +193,13 @@ def test_every_single_byte_flip_of_a_saved_npz_is_refused_or_harmless(tmp_path):
     whole = nm_optim.load_record(path)
     data = path.read_bytes()
     silent = []
-    # every byte of the zip's headers (where a flip gave raw zipfile errors), a sample of the rest
+    # every byte of the zip's headers (where a flip gave raw zipfile errors) and of each member's
+    # .npy header (numpy parses it before zipfile checks the member's CRC: raw SyntaxError /
+    # tokenize.TokenError), a sample of the rest
     headers = [i for i in range(len(data) - 3) if data[i:i + 4] in (b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06")]
     near = {o for h in headers for o in range(h, min(h + 46, len(data)))}
+    npy = [i for i in range(len(data) - 5) if data[i:i + 6] == b"\x93NUMPY"]
+    near |= {o for h in npy for o in range(h, min(h + 10 + int.from_bytes(data[h + 8:h + 10], "little"), len(data)))}
     for offset in sorted(near | set(range(0, len(data), max(len(data) // 150, 1)))):
         damaged = bytearray(data)
         damaged[offset] ^= 0x10

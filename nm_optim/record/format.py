@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -131,8 +132,10 @@ class RecordError(ValueError):
 
 
 # Errors numpy, zipfile and json raise on damaged or foreign files (NotImplementedError: zipfile,
-# for a compression method byte that a flip changed).
-_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error)
+# for a compression method byte that a flip changed; SyntaxError / TokenError: numpy parses a
+# member's .npy header before zipfile has checked the member's CRC-32).
+_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error,
+                SyntaxError, tokenize.TokenError)
 
 
 def _check_meta(meta: Any, fail: Callable[[str], NoReturn]) -> None:
