@@ -206,3 +206,25 @@ def run_in_child(code: str, **env: str) -> None:
     r = subprocess.run([sys.executable, "-c", prelude + code], env=dict(os.environ, **env), capture_output=True,
                        text=True, timeout=300, check=False)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def assert_same_record(a, b) -> None:
+    """Two records hold the same steps, statistics, hyper-parameters and first-step flags, bit
+    for bit."""
+    assert np.array_equal(a.steps, b.steps)
+    for t, x, y in zip(a.tracks, a.stats, b.stats):
+        assert np.array_equal(x, y), t["name"]
+    for k in a.hyper:
+        assert np.array_equal(a.hyper[k], b.hyper[k], equal_nan=True), k
+    assert np.array_equal(a.first, b.first)
+
+
+def load_example(name: str):
+    """The module examples/<name>.py, imported from its file (examples/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

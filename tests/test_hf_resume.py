@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nm_optim
+from helpers import assert_same_record
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tensorboard")
@@ -76,14 +77,6 @@ def events(folder) -> dict[str, list[tuple[int, float]]]:
                     v.tensor.float_val or [np.nan])[0])
                 out.setdefault(v.tag, []).append((event.step, value))
     return out
-
-
-def assert_same_record(a, b):
-    assert np.array_equal(a.steps, b.steps)
-    for t, x, y in zip(a.tracks, a.stats, b.stats):
-        assert np.array_equal(x, y), t["name"]
-    for k in a.hyper:
-        assert np.array_equal(a.hyper[k], b.hyper[k], equal_nan=True), k
 
 
 @pytest.fixture(autouse=True)

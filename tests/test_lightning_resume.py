@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import nm_optim
+from helpers import assert_same_record
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -69,15 +70,6 @@ def logged(tmp_path, name) -> dict[str, list[tuple[int, float]]]:
                     if key != "step" and value not in ("", None):
                         out.setdefault(key, []).append((int(row["step"]), float(value)))
     return out
-
-
-def assert_same_record(a, b):
-    assert np.array_equal(a.steps, b.steps)
-    for t, x, y in zip(a.tracks, a.stats, b.stats):
-        assert np.array_equal(x, y), t["name"]
-    for k in a.hyper:
-        assert np.array_equal(a.hyper[k], b.hyper[k], equal_nan=True), k
-    assert np.array_equal(a.first, b.first)
 
 
 def test_a_stopped_and_resumed_fit_has_the_uninterrupted_record_and_logs_each_step_once(tmp_path):

@@ -5,7 +5,6 @@ Trainer; FSDP2 with symmetries under torchrun (2 gloo processes)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,14 +15,9 @@ import pytest
 import torch
 
 import nm_optim
+from helpers import load_example as load
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_plain_loop_with_warmup_no_decay_groups_and_cosine_to_zero():

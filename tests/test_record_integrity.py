@@ -130,6 +130,28 @@ def refused(path, match, **kw):
     return str(e.value)
 
 
+def silent_flips(file, record, data, offsets, whole) -> list[int]:
+    """Flip one bit at each offset of `file` (holding `data`) and load `record`: the offsets whose
+    flip loaded a record other than `whole` without an error. Every error must be one line
+    naming the record."""
+    silent = []
+    for offset in offsets:
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x10
+        file.write_bytes(bytes(damaged))
+        try:
+            loaded = nm_optim.load_record(record)
+        except RecordError as e:
+            assert str(record) in str(e) and "\n" not in str(e)
+            continue
+        try:
+            same(loaded, whole)
+            assert loaded.meta == whole.meta and loaded.tracks == whole.tracks
+        except AssertionError:
+            silent.append(offset)
+    return silent
+
+
 def flip(file, offset):
     data = bytearray(file.read_bytes())
     data[offset] ^= 0x10
@@ -192,7 +214,6 @@ def test_every_single_byte_flip_of_a_saved_npz_is_refused_or_harmless(tmp_path):
     path = opt.recorder.save(tmp_path / "run.npz")
     whole = nm_optim.load_record(path)
     data = path.read_bytes()
-    silent = []
     # every byte of the zip's headers (where a flip gave raw zipfile errors) and of each member's
     # .npy header (numpy parses it before zipfile checks the member's CRC: raw SyntaxError /
     # tokenize.TokenError), a sample of the rest
@@ -200,20 +221,7 @@ def test_every_single_byte_flip_of_a_saved_npz_is_refused_or_harmless(tmp_path):
     near = {o for h in headers for o in range(h, min(h + 46, len(data)))}
     npy = [i for i in range(len(data) - 5) if data[i:i + 6] == b"\x93NUMPY"]
     near |= {o for h in npy for o in range(h, min(h + 10 + int.from_bytes(data[h + 8:h + 10], "little"), len(data)))}
-    for offset in sorted(near | set(range(0, len(data), max(len(data) // 150, 1)))):
-        damaged = bytearray(data)
-        damaged[offset] ^= 0x10
-        path.write_bytes(bytes(damaged))
-        try:
-            loaded = nm_optim.load_record(path)
-        except RecordError as e:
-            assert str(path) in str(e) and "\n" not in str(e)
-            continue
-        try:
-            same(loaded, whole)
-            assert loaded.meta == whole.meta and loaded.tracks == whole.tracks
-        except AssertionError:
-            silent.append(offset)
+    silent = silent_flips(path, path, data, sorted(near | set(range(0, len(data), max(len(data) // 150, 1)))), whole)
     assert not silent, f"flips at {silent} loaded a different record without an error"
 
 
@@ -393,21 +401,7 @@ def test_every_single_byte_flip_of_a_stream_is_refused_or_harmless(stream, name)
     file = stream / name
     data = file.read_bytes()
     offsets = sorted({*range(0, len(data), max(len(data) // 150, 1)), len(data) - 1})
-    silent = []
-    for offset in offsets:
-        damaged = bytearray(data)
-        damaged[offset] ^= 0x10
-        file.write_bytes(bytes(damaged))
-        try:
-            loaded = nm_optim.load_record(stream)
-        except RecordError as e:
-            assert str(stream) in str(e) and "\n" not in str(e)
-            continue
-        try:
-            same(loaded, whole)
-            assert loaded.meta == whole.meta and loaded.tracks == whole.tracks
-        except AssertionError:
-            silent.append(offset)
+    silent = silent_flips(file, stream, data, offsets, whole)
     file.write_bytes(data)
     assert not silent, f"flips at {silent} of {name} loaded a different record without an error"
 
