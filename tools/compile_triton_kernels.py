@@ -28,12 +28,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import nm_optim.ops.triton.kernels as T  # noqa: E402
 
-# Argument types as the launcher passes them (pointers to the tables, float64 hyper-parameters).
-ARG_TYPES = {
-    "ptrs": "*i64", "n_tensors": "i32", "tiles": "*i64", "lr": "fp64", "lr_ptr": "*fp32", "wd": "fp64",
-    "mom": "fp64", "one_minus_damp": "fp64", "gmul": "fp64", "scale_ptr": "*fp32", "inf_ptr": "*fp32",
-    "scratch": "*fp64", "out": "*fp64", "tasks": "*i64", "n_tasks": "i32",
-}
+# Argument types as the launches pass them (kernels.ARG_TYPES, checked against Triton's launch
+# binder by tests/test_triton_binder.py).
+ARG_TYPES = T.ARG_TYPES
 DTYPES = [(tl.float32, tl.int32, tl.float32, 4), (tl.float16, tl.int16, tl.float32, 8),
           (tl.bfloat16, tl.int16, tl.float32, 8), (tl.float64, tl.int64, tl.float64, 2)]
 # Structural variants: everything on (momentum, weight decay, tensor lr, AMP), and the plainest.

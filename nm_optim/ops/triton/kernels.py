@@ -26,9 +26,13 @@ for every dtype: with ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors
 CI tests them. Hyper-parameters are runtime arguments; only structural switches (momentum or
 not, nesterov, weight decay or not, lr from a tensor) are compile-time. Offsets are 64-bit
 throughout.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Triton reads a kernel's annotations to type its
+arguments, and under that import ``lr: tl.float64`` would reach it as a string; a quoted string
+(``lr: "fp64"``) even becomes ``'"fp64"'``, which Triton does not recognise, and it then binds a
+Python float as fp32 (tests/test_triton_binder.py builds the launch binder for sm_90 and checks
+every scalar's type).
+"""
 
 import torch
 import triton
@@ -66,6 +70,17 @@ REDUCE_CHUNK = 4
 NUM_WARPS = {"step": 8, "stats": 8, "reduce": 4}
 # Elements per 16 bytes: the vector width of the aligned paths.
 VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8, torch.float64: 2}
+
+# The type of each runtime argument of the kernels as Triton binds it at a launch (launch.py):
+# the address tables and scratch as pointers, counts as 32-bit ints, the hyper-parameters as
+# float64 (the annotations below), the AMP scalars and a tensor lr as float32 pointers.
+# tools/compile_triton_kernels.py compiles with these types; tests/test_triton_binder.py checks
+# that Triton's own launch binder agrees.
+ARG_TYPES = {
+    "ptrs": "*i64", "n_tensors": "i32", "tiles": "*i64", "lr": "fp64", "lr_ptr": "*fp32", "wd": "fp64",
+    "mom": "fp64", "one_minus_damp": "fp64", "gmul": "fp64", "scale_ptr": "*fp32", "inf_ptr": "*fp32",
+    "scratch": "*fp64", "out": "*fp64", "tasks": "*i64", "n_tasks": "i32",
+}
 
 BITS = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float64: tl.int64}
 FLOAT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
@@ -260,9 +275,9 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
 
 
 @triton.jit
-def step_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
-    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
-    gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
+def step_kernel(  # float64 scalars, as the C++ kernels and torch's fused kernel take them
+    ptrs, n_tensors, tiles, lr: tl.float64, lr_ptr, wd: tl.float64, mom: tl.float64, one_minus_damp: tl.float64,
+    gmul: tl.float64, scale_ptr, inf_ptr,
     scratch, out,
     BLOCK: tl.constexpr, VEC: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
@@ -409,9 +424,9 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
 
 
 @triton.jit
-def stats_kernel(  # noqa: F821 ("fp64" is Triton's type string: float64 scalars, as the C++ kernels take)
-    ptrs, n_tensors, tiles, lr: "fp64", lr_ptr, wd: "fp64", mom: "fp64", one_minus_damp: "fp64",  # noqa: F821
-    gmul: "fp64", scale_ptr, inf_ptr,  # noqa: F821
+def stats_kernel(  # float64 scalars, as the C++ kernels and torch's fused kernel take them
+    ptrs, n_tensors, tiles, lr: tl.float64, lr_ptr, wd: tl.float64, mom: tl.float64, one_minus_damp: tl.float64,
+    gmul: tl.float64, scale_ptr, inf_ptr,
     scratch,
     TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
