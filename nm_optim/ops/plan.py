@@ -49,6 +49,7 @@ LAYOUTS_PER_BUCKET = 4
 _tables: dict[int, dict[tuple, object]] = {}
 _layouts: dict[int, list[StatsLayout]] = {}
 _address_checks: dict[int, dict[torch.device, AddressCheck]] = {}
+_graph_tables: dict[int, list] = {}  # tables built under CUDA graph capture (`cached`), per owner
 _owners: dict[int, weakref.ref] = {}
 
 
@@ -57,6 +58,7 @@ def _forget(key: int) -> Callable[[weakref.ref], None]:
         _tables.pop(key, None)
         _layouts.pop(key, None)
         _address_checks.pop(key, None)
+        _graph_tables.pop(key, None)
         _owners.pop(key, None)
 
     return forget
@@ -75,21 +77,57 @@ def cached(owner: object, key: tuple, make: Callable[[], T]) -> T:
     """The plans and tables of one bucket, identified by `owner` (its first param): built once
     per layout, rebuilt when the bucket's layout changes. Per bucket rather than one global LRU,
     so that any number of buckets (per-layer param groups) never evict each other, and each
-    bucket's device tables are its own (no sharing across streams)."""
+    bucket's device tables are its own (no sharing across streams).
+
+    A table first needed under CUDA graph capture is built for that capture only (see
+    `_upload`: its device copy is written when the graph replays, so an eager step before the
+    first replay must not read it): kept alive with the owner, never cached."""
     per_owner = _tables.get(id(owner))
     if per_owner is None:
         _watch(owner)
         per_owner = _tables[id(owner)] = {}
     table = per_owner.get(key)
     if table is None:
+        device = key[1] if len(key) > 1 and isinstance(key[1], torch.device) else None
+        if device is not None and _capturing(device):
+            return _keep_for_graph(owner, make())
         if len(per_owner) >= LAYOUTS_PER_BUCKET:
             per_owner.pop(next(iter(per_owner)))  # the oldest layout
         table = per_owner[key] = make()
     return table  # type: ignore[return-value]
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work for `device` is being captured into a CUDA graph now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _keep_for_graph(owner: object, table: T) -> T:
+    """`table`, built under capture, kept alive as long as `owner`: the graph reads its memory at
+    every replay, and freed memory would go back to the capture's pool for later tensors."""
+    _watch(owner)
+    _graph_tables.setdefault(id(owner), []).append(table)
+    return table
+
+
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """An int64 host tensor on `device`. Under CUDA graph capture neither a pageable host->device
+    copy nor a pinned allocation is allowed (CUDA forbids both while a stream captures; torch's
+    graph docs: no host synchronisation in a capture): the values travel as kernel arguments
+    instead, torch._foreach_add_ of one value per element onto zeros (torch's multi-tensor kernels
+    carry a list of scalars in their launch arguments, as torch's capturable optimizers rely on).
+    The graph writes them again at every replay (the same values); nothing is written before the
+    first replay."""
+    if not _capturing(device):
+        return host.to(device)
+    out = torch.zeros(host.shape, dtype=torch.int64, device=device)
+    if out.numel():
+        torch._foreach_add_(list(out.view(-1).unbind()), host.view(-1).tolist())
+    return out
+
+
 def _int64(xs: Sequence[int], device: torch.device) -> Tensor:
-    return torch.tensor(list(xs) or [0], dtype=torch.int64).to(device)
+    return _upload(torch.tensor(list(xs) or [0], dtype=torch.int64), device)
 
 
 class PointerTable:
@@ -98,22 +136,20 @@ class PointerTable:
     grads of step k+1 often land where those of step k were).
 
     Under CUDA graph capture every upload gets tables of its own, kept alive as long as this
-    object: a replay reads the host copy the capture recorded and the device copy the captured
-    kernels read, which no later eager step (with other addresses) may overwrite."""
+    object: a replay writes and reads the copy the capture recorded, which no later eager step
+    (with other addresses) may overwrite; built without a host->device copy (`_upload`)."""
 
     def __init__(self) -> None:
         self.device_copy: Tensor | None = None
         self.host_copy: Tensor | None = None
         self.last: tuple[int, ...] | None = None
-        self.captured: list[tuple[Tensor, Tensor]] = []
+        self.captured: list[Tensor] = []
 
     def upload(self, ptrs: Sequence[int], device: torch.device) -> Tensor:
         key = tuple(ptrs)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            host = torch.tensor(key, dtype=torch.int64).pin_memory()
-            dev = torch.empty_like(host, device=device)
-            dev.copy_(host, non_blocking=True)
-            self.captured.append((host, dev))
+        if _capturing(device):
+            dev = _upload(torch.tensor(key, dtype=torch.int64), device)
+            self.captured.append(dev)
             return dev
         if key != self.last or self.device_copy is None:
             host = torch.tensor(key, dtype=torch.int64)
@@ -208,8 +244,8 @@ class TileTable:
         self.n_tensors = len(numels)
         self.n_tiles = n_tiles
         self.tile_size = int(step.max()) if len(numels) else tile_size
-        self.numel = numel.to(device)
-        self.tiles = tiles.to(device)
+        self.numel = _upload(numel, device)
+        self.tiles = _upload(tiles, device)
         self.pointers = PointerTable()
 
 
@@ -427,6 +463,7 @@ class StatsLayout:
             self.geom_array, self.offsets_array = array("q", geom), array("q", offsets)
         self.geom = geom
         self.plans: dict[tuple, StatsPlan] = {}
+        self.graph_plans: list[StatsPlan] = []
 
     def plan(self, device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None,
              reduce_chunk: int = REDUCE_CHUNK, align: int = 1) -> StatsPlan:
@@ -436,8 +473,12 @@ class StatsLayout:
         if plan is None:
             if self.cpu:
                 raise ValueError("a StatsPlan is for the GPU kernels: get the layout with cpu=False")
-            plan = self.plans[key] = StatsPlan(self.numels, self.geom, self.offsets_key, device, tile_rows, tile_cols,
-                                                flat_tile, reduce_chunk, align)
+            plan = StatsPlan(self.numels, self.geom, self.offsets_key, device, tile_rows, tile_cols,
+                             flat_tile, reduce_chunk, align)
+            if _capturing(device):  # for this capture only (see `cached`), kept as long as the layout
+                self.graph_plans.append(plan)
+                return plan
+            self.plans[key] = plan
         return plan
 
     def matches(self, params: Sequence[Tensor], numels: tuple[int, ...], offsets: list[int]) -> bool:
