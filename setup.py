@@ -5,6 +5,9 @@ Environment variables:
   NM_OPTIM_CUDA_ARCHS=...   CMake CUDA architectures (default "80-real;90": sm_80, sm_90 + PTX)
   NM_OPTIM_NATIVE=1         -march=native for the CPU kernel (not portable)
   NM_OPTIM_DEBUG=1          -O0 -g
+  NM_OPTIM_LTO=0            link without pybind11's link-time optimisation (-flto=auto), whose
+                            link of the CPU kernel runs on about one core: a faster build for
+                            bench/gpu_check.sh (the kernels are compiled with the same flags)
   CMAKE_BUILD_PARALLEL_LEVEL  build jobs
 """
 
@@ -49,6 +52,12 @@ class CMakeBuild(build_ext):
             f"-DNM_OPTIM_DEBUG={_cmake_bool('NM_OPTIM_DEBUG')}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        # pybind11_add_module adds its LTO flags only while CMAKE_INTERPROCEDURAL_OPTIMIZATION is
+        # undefined: OFF turns them off, -U forgets an OFF left in the build folder's cache.
+        if os.environ.get("NM_OPTIM_LTO", "1").lower() in ("0", "off", "false", "no"):
+            args.append("-DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF")
+        else:
+            args.append("-UCMAKE_INTERPROCEDURAL_OPTIMIZATION")
         if os.environ.get("NM_OPTIM_CUDA_ARCHS"):
             args.append(f"-DNM_OPTIM_CUDA_ARCHS={os.environ['NM_OPTIM_CUDA_ARCHS']}")
         if shutil.which("ninja") or _has_ninja_module():
