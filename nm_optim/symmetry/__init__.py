@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from nm_optim.names import KINDS
 from nm_optim.symmetry.base import Member, Rescale, Scale, Symmetry, Translation, symmetries_from_record
-from nm_optim.symmetry.detect import SymmetryDetectionError, find_symmetries, found_on
+from nm_optim.symmetry.detect import SymmetryDetectionError, find_symmetries, found_by, found_on
 from nm_optim.symmetry.verify import SymmetryCheck, SymmetryReport, verify_symmetries
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "SymmetryReport",
     "Translation",
     "find_symmetries",
+    "found_by",
     "found_on",
     "symmetries_from_record",
     "verify_symmetries",

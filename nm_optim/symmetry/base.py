@@ -30,8 +30,13 @@ class Member:
 
     `role` is "A" (translation, scale) or "A1" (incoming) / "A2" (outgoing) for a rescale.
     `block` (axis "cols" only): that many consecutive columns form one group, e.g. a conv channel's
-    H*W inputs of the Linear after a Flatten. `shape` is filled from `param`; it is needed only
-    when `param` is None (a member rebuilt from a record's description)."""
+    H*W inputs of the Linear after a Flatten. `index` (axis "rows" or "cols"): the symmetry group
+    of every row (column) of the track, -1 for one that is not a member: a slice of a fused
+    projection (the key rows E..2E-1 of nn.MultiheadAttention's in_proj_weight), the rows of one
+    attention head as one group, the two rotary dimensions of a pair, the query heads sharing one
+    key head. Groups are sums over the track's rows (columns): no new kernel work, the kernel
+    reduces every row and `group_stats` adds them up. `shape` is filled from `param`; it is needed
+    only when `param` is None (a member rebuilt from a record's description)."""
 
     param: Tensor | None
     name: str
@@ -39,6 +44,7 @@ class Member:
     role: str
     block: int = 1
     shape: tuple[int, ...] | None = None
+    index: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -67,6 +73,21 @@ class Member:
             raise ValueError(f"Member {self.name!r}: axis {self.axis!r} needs >= {need} dims, got shape {self.shape}")
         if self.axis == "cols" and self.shape[1] % self.block:
             raise ValueError(f"Member {self.name!r}: {self.shape[1]} columns do not split into blocks of {self.block}")
+        if self.index is not None:
+            self._check_index()
+
+    def _check_index(self) -> None:
+        if self.axis == "all" or self.block != 1:
+            raise ValueError(f"Member {self.name!r}: index applies to axis 'rows' or 'cols' without block")
+        index = tuple(int(i) for i in self.index)
+        length = self.shape[0] if self.axis == "rows" else self.shape[1]
+        if len(index) != length:
+            raise ValueError(f"Member {self.name!r}: index has {len(index)} entries, the track has {length} {self.axis}")
+        used = sorted({i for i in index if i != -1})
+        if any(i < -1 for i in index) or not used or used != list(range(len(used))):
+            raise ValueError(f"Member {self.name!r}: index must map every {self.axis[:-1]} to a group 0..n-1 (each "
+                             "used) or -1")
+        object.__setattr__(self, "index", index)
 
     @property
     def track(self) -> str:
@@ -77,7 +98,12 @@ class Member:
     def num_groups(self) -> int:
         if self.axis == "all":
             return 1
+        if self.index is not None:
+            return max(self.index) + 1
         return self.shape[0] if self.axis == "rows" else self.shape[1] // self.block
+
+    def _index_tensor(self, device: torch.device) -> Tensor:
+        return torch.tensor(self.index, dtype=torch.long, device=device)
 
     def reduce(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Per-group sums [num_groups] of an elementwise quantity `t` of the member's shape
@@ -86,26 +112,55 @@ class Member:
             return t.sum(dtype=dtype).reshape(1)
         d0, d1 = t.shape[0], t.shape[1] if t.dim() > 1 else 1
         if self.axis == "rows":
-            return t.reshape(d0, d1 * math.prod(t.shape[2:])).sum(1, dtype=dtype)
-        s = t.reshape(d0, d1, math.prod(t.shape[2:])).sum((0, 2), dtype=dtype)
+            s = t.reshape(d0, d1 * math.prod(t.shape[2:])).sum(1, dtype=dtype)
+        else:
+            s = t.reshape(d0, d1, math.prod(t.shape[2:])).sum((0, 2), dtype=dtype)
+        if self.index is not None:
+            idx = self._index_tensor(s.device)
+            keep = idx >= 0
+            return torch.zeros(self.num_groups, dtype=s.dtype, device=s.device).index_add_(0, idx[keep], s[keep])
         return s.reshape(-1, self.block).sum(1) if self.block > 1 else s
 
     def expand(self, c: Tensor) -> Tensor:
-        """Per-group values [num_groups] broadcast to the member's shape."""
+        """Per-group values [num_groups] broadcast to the member's shape (0 on the rows or
+        columns that `index` leaves out)."""
         dims = len(self.shape)
         if self.axis == "all":
             return c.reshape([1] * dims).expand(self.shape)
+        if self.index is not None:
+            idx = self._index_tensor(c.device)
+            c = torch.where(idx >= 0, c[idx.clamp_min(0)], torch.zeros((), dtype=c.dtype, device=c.device))
         if self.axis == "rows":
             return c.reshape(-1, *[1] * (dims - 1)).expand(self.shape)
         if self.block > 1:
             c = c.repeat_interleave(self.block)
         return c.reshape(1, -1, *[1] * (dims - 2)).expand(self.shape)
 
+    def fold(self, s: np.ndarray) -> np.ndarray:
+        """A record's per-row (per-column) statistics [steps, rows, 9] of the member's track
+        summed into its groups [steps, num_groups, 9]."""
+        steps = s.shape[0]
+        if self.index is not None:
+            idx = np.asarray(self.index)
+            keep = np.flatnonzero(idx >= 0)
+            order = keep[np.argsort(idx[keep], kind="stable")]
+            starts = np.flatnonzero(np.r_[True, np.diff(idx[order]) != 0])
+            return np.add.reduceat(s[:, order], starts, axis=1)
+        if self.axis == "cols" and self.block > 1:
+            return s.reshape(steps, self.num_groups, self.block, s.shape[-1]).sum(2)
+        return s
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "axis": self.axis, "role": self.role, "block": self.block, "shape": list(self.shape)}
+        out = {"name": self.name, "axis": self.axis, "role": self.role, "block": self.block, "shape": list(self.shape)}
+        if self.index is not None:
+            out["index"] = list(self.index)
+        return out
 
     def __repr__(self) -> str:
         block = f", block={self.block}" if self.block != 1 else ""
+        if self.index is not None:
+            used = sum(i >= 0 for i in self.index)
+            block += f", {used} of {len(self.index)} {self.axis} in {self.num_groups} groups"
         return f"Member({self.track}, role={self.role}, shape={self.shape}{block})"
 
 
@@ -147,6 +202,19 @@ class Symmetry:
             return [n if m.axis == "all" else 0 for m in self.members], n + 1
         return [0] * len(self.members), n
 
+    @classmethod
+    def from_members(cls, kind: str, name: str, members: Sequence[Member]) -> Symmetry:
+        """A symmetry of `kind` made of the given members: what the constructors build, for the
+        groups they do not spell (a slice of a fused projection, a group of rows per attention
+        head, several tensors scaled together), e.g. the key rows of a fused in_proj_weight
+        rescaled against the query rows (nm_optim.symmetry.structural builds these)."""
+        classes = {c.kind: c for c in (Translation, Scale, Rescale)}
+        if kind not in classes:
+            raise ValueError(f"unknown symmetry kind {kind!r} (expected one of {KINDS})")
+        sym = classes[kind].__new__(classes[kind])
+        sym._setup(name, members)
+        return sym
+
     # -- what the optimizer needs ----------------------------------------------------------------
     def tracks(self) -> list[tuple[Tensor, str]]:
         """(param, axis) pairs for nm_optim.SGD's track list, without duplicates."""
@@ -178,7 +246,8 @@ class Symmetry:
         if cls is not Symmetry and cls.kind != kind:
             raise ValueError(f"{cls.__name__}.from_description got a {kind} description")
         sym = classes[kind].__new__(classes[kind])
-        members = [Member(None, m["name"], m["axis"], m["role"], int(m.get("block", 1)), tuple(m["shape"]))
+        members = [Member(None, m["name"], m["axis"], m["role"], int(m.get("block", 1)), tuple(m["shape"]),
+                          tuple(m["index"]) if m.get("index") is not None else None)
                    for m in d["members"]]
         sym._setup(d["name"], members)
         if "num_groups" in d and int(d["num_groups"]) != sym.num_groups:
@@ -241,9 +310,7 @@ class Symmetry:
         for m, off, i, use in zip(self.members, self._offsets, self._track_indices(record), chosen):
             if not use:
                 continue
-            s = np.asarray(record.stats[i], dtype=np.float64)
-            if m.axis == "cols" and m.block > 1:
-                s = s.reshape(steps, m.num_groups, m.block, len(STAT_NAMES)).sum(2)
+            s = m.fold(np.asarray(record.stats[i], dtype=np.float64))
             out[m.role][:, off : off + m.num_groups] += s
         return out
 

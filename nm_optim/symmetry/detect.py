@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nm_optim.symmetry.base import Rescale, Scale, Symmetry, Translation
+from nm_optim.symmetry.structural import FOUND_BY_STRUCTURE, find_by_structure
 
-__all__ = ["SymmetryDetectionError", "find_symmetries", "found_on"]
+__all__ = ["FOUND_BY_FX", "FOUND_BY_STRUCTURE", "SymmetryDetectionError", "find_symmetries", "found_by", "found_on"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,10 @@ class _Traced:
             n = u
 
 
+class _Untraceable(SymmetryDetectionError):
+    """torch.fx could not trace the model (find_symmetries goes on by module structure)."""
+
+
 class _Graph(_Traced):
     """The traced model and the facts the patterns need."""
 
@@ -167,7 +172,7 @@ class _Graph(_Traced):
         try:
             super().__init__(torch.fx.symbolic_trace(model))
         except Exception as e:
-            raise SymmetryDetectionError(
+            raise _Untraceable(
                 f"find_symmetries: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}). Build its "
                 "symmetries by hand with nm_optim.Translation / Scale / Rescale, or call find_symmetries on a "
                 "traceable submodule (e.g. model.features) and combine the results"
@@ -449,6 +454,14 @@ class _ModelRef:
 
 
 _FOUND_ON = "_nm_found_on"  # the attribute of a Symmetry holding its _ModelRef
+FOUND_BY = "found_by"  # the attribute of a Symmetry saying how find_symmetries found it
+FOUND_BY_FX = "torch.fx graph"
+
+
+def found_by(sym: Symmetry) -> str | None:
+    """How find_symmetries found `sym`: FOUND_BY_FX (the traced graph: a chain of single uses) or
+    FOUND_BY_STRUCTURE (the module tree, confirmed by one gradient); None for one built by hand."""
+    return getattr(sym, FOUND_BY, None)
 
 
 def found_on(sym: Symmetry) -> nn.Module | None:
@@ -518,18 +531,49 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
     else:
         loss_dim = None
     inputs = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    g = _Graph(model, inputs)
     # the output layers left unclaimed because no loss is known (a warning says so)
     unknown: list[str] | None = [] if loss is None and declared is None else None
     found: list[Symmetry] = []
-    for n in list(g.gm.graph.nodes):
-        m = g.clean_layer(n)
-        if m is None:
-            continue
-        for sym in (_find_scale(g, n, m), _find_rescale(g, n, m), _find_translation(g, n, m, loss_dim, unknown)):
-            if sym is not None:
-                setattr(sym, _FOUND_ON, _ModelRef(model))
-                found.append(sym)
+    untraceable: SymmetryDetectionError | None = None
+    try:
+        g = _Graph(model, inputs)
+    except _Untraceable as e:
+        untraceable, g = e, None
+    if g is not None:
+        for n in list(g.gm.graph.nodes):
+            m = g.clean_layer(n)
+            if m is None:
+                continue
+            for sym in (_find_scale(g, n, m), _find_rescale(g, n, m), _find_translation(g, n, m, loss_dim, unknown)):
+                if sym is not None:
+                    setattr(sym, FOUND_BY, FOUND_BY_FX)
+                    found.append(sym)
+    refusals: list[str] = []
+    try:
+        structural = find_by_structure(model, inputs, loss_softmax=loss_dim is not None,
+                                       softmax_dim=loss_dim if loss_dim is not None else -1, refusals=refusals)
+    except Exception as e:
+        if untraceable is not None:
+            raise untraceable from e
+        raise SymmetryDetectionError(
+            f"find_symmetries: running {type(model).__name__} on the example inputs to confirm its attention / "
+            f"normalisation symmetries failed ({type(e).__name__}: {e}); pass example_inputs the model accepts"
+        ) from e
+    seen = {_signature(s) for s in found}
+    for sym in structural:
+        if _signature(sym) not in seen:
+            seen.add(_signature(sym))
+            setattr(sym, FOUND_BY, FOUND_BY_STRUCTURE)
+            found.append(sym)
+    if untraceable is not None and not found:
+        raise untraceable
+    if untraceable is not None:
+        log.info("find_symmetries: torch.fx cannot trace %s (%s); %d symmetries found by module structure",
+                 type(model).__name__, untraceable.__cause__, len(found))
+    for sym in found:
+        setattr(sym, _FOUND_ON, _ModelRef(model))
+    for message in refusals:
+        warnings.warn(f"find_symmetries: {message}", stacklevel=2)
     if unknown:
         warnings.warn(
             f"find_symmetries: no translation symmetry claimed on {', '.join(unknown)}, whose output is the output "
@@ -539,3 +583,8 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
             stacklevel=2,
         )
     return found
+
+
+def _signature(sym: Symmetry) -> tuple[Any, ...]:
+    """What makes two symmetries the same: kind and members (found by both ways: claimed once)."""
+    return (sym.kind, tuple(sorted((m.name, m.axis, m.role, m.block, m.index or ()) for m in sym.members)))
