@@ -15,7 +15,14 @@ import torch
 
 import nm_optim
 from nm_optim import theory
-from nm_optim.names import HYPER_NAMES
+from theory_helpers import (
+    HandSymmetry,
+    laplacian_quadratic,
+    run_sgd,
+    scale_invariant_loss,
+    softmax_loss,
+    two_layer_loss,
+)
 from nm_optim.theory import Schedule
 
 # ------------------------------------------------------------------------------------------------
@@ -67,15 +74,6 @@ def test_gradient_descent_on_a_quadratic():
     assert 3.5 < m1 / m2 < 4.5
 
 
-def laplacian_quadratic(n: int, seed: int = 0):
-    """L(θ) = ½ θᵀAθ with A a graph Laplacian: A·1 = 0, so translation θ ↦ θ + α1 is a symmetry."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.rand(n, n, generator=gen, dtype=torch.float64)
-    w = (w + w.T) / 2
-    A = torch.diag(w.sum(1)) - w
-    return lambda theta, k: 0.5 * theta.reshape(-1) @ A @ theta.reshape(-1)
-
-
 def test_gradient_descent_on_a_translation_invariant_quadratic():
     """Σθ of GD on a Laplacian quadratic with weight decay λ: exactly (1 - ηλ)^k Σθ0 (the exact
     recursion), e^{-λ(1+ηλ/2)t} in the paper's modified flow; without weight decay conserved (gradient flow)."""
@@ -96,64 +94,6 @@ def test_gradient_descent_on_a_translation_invariant_quadratic():
 # ------------------------------------------------------------------------------------------------
 # Real nm_optim.SGD runs on losses with a symmetry, in float64
 # ------------------------------------------------------------------------------------------------
-def run_sgd(loss_fn, shape, steps, *, axis="rows", params=None, tracks=None, scheduler=None, on_step=None,
-            skip=(), seed=0, backend="reference", **hyper):
-    """Train with nm_optim.SGD (float64; the pure-PyTorch reference backend by default: the theory
-    is under test here, and at these tiny sizes it is the fastest) and return (stats [S, G, 9], Schedule) of the
-    first track, or of all tracks when `tracks` is given."""
-    gen = torch.Generator().manual_seed(seed)
-    if params is None:
-        params = [torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64))]
-    tracks = tracks or [(params[0], axis)]
-    opt = nm_optim.SGD(params, backend=backend, track=tracks, **hyper)
-    sched = scheduler(opt) if scheduler else None
-    for k in range(steps):
-        if on_step:
-            on_step(opt, k)
-        opt.zero_grad()
-        loss_fn(*params, k).backward()
-        if k in skip:  # what GradScaler does on an inf: the step is skipped
-            opt.grad_scale, opt.found_inf = None, torch.ones((), dtype=torch.float32)
-        opt.step()
-        opt.__dict__.pop("found_inf", None)
-        opt.__dict__.pop("grad_scale", None)
-        if sched:
-            sched.step()
-    rec = opt.recorder.snapshot()
-    schedule = Schedule(*(rec.hyper[n][:, 0] for n in HYPER_NAMES), first=rec.first[:, 0],
-                        skipped=rec.skipped)
-    return (rec.stats[0] if len(tracks) == 1 else rec.stats), schedule
-
-
-def scale_invariant_loss(rows: int, cols: int, seed: int = 1):
-    """Per row, a noisy function of the direction θ_r/|θ_r| only (fresh noise every step, like a
-    minibatch): the gradient is orthogonal to θ_r, so |θ_r|² only moves by the finite step."""
-    gen = torch.Generator().manual_seed(seed)
-    target = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
-    noise = torch.randn(1000, rows, cols, generator=gen, dtype=torch.float64)
-
-    def loss(theta, k):
-        u = theta / theta.norm(dim=1, keepdim=True)
-        return -(u * target).sum() + 0.5 * ((u * noise[k % 1000]).sum(1) ** 2).sum()
-
-    return loss
-
-
-def softmax_loss(rows: int, classes: int, seed: int = 2):
-    """Cross-entropy of logits θ_r with random labels each step: translation of each row."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, classes, (1000, rows), generator=gen)
-    return lambda theta, k: torch.nn.functional.cross_entropy(theta, labels[k % 1000], reduction="sum")
-
-
-def two_layer_loss(seed: int = 3):
-    """A two-layer ReLU net: hidden unit c has the rescale symmetry (W1[c], b1[c]) ↦ α·, W2[:, c] ↦ /α."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1000, 16, 5, generator=gen, dtype=torch.float64)
-    y = torch.randn(1000, 16, 3, generator=gen, dtype=torch.float64)
-    return lambda w1, b1, w2, k: ((torch.relu(x[k % 1000] @ w1.T + b1) @ w2.T - y[k % 1000]) ** 2).mean()
-
-
 FEATURES = {
     "plain": {"lr": 0.05},
     "weight_decay": {"lr": 0.05, "weight_decay": 0.1},
@@ -380,26 +320,6 @@ def test_nesterov_is_reported_outside_the_paper_closed_form():
     assert pred.exact_error.max() < 1e-12
 
 
-class _HandSymmetry:
-    """The minimal duck type `predict`/`compare` need (kind, name, group_stats, hyper, first)."""
-
-    def __init__(self, kind, name, roles):
-        self.kind, self.name, self.roles, self.members = kind, name, roles, ()
-
-    def group_stats(self, record):
-        track = {t["name"]: i for i, t in enumerate(record.tracks)}
-        return {role: sum(record.stats[track[n]] for n in names) for role, names in self.roles.items()}
-
-    def hyper(self, record):
-        return {n: record.hyper[n][:, 0] for n in HYPER_NAMES}
-
-    def first(self, record):
-        return record.first[:, 0]
-
-    def describe(self):
-        return {"kind": self.kind, "name": self.name, "members": []}
-
-
 def test_compare_table_and_json():
     """compare() gives per symmetry and group the errors, a readable table and a JSON dict."""
     gen = torch.Generator().manual_seed(0)
@@ -413,7 +333,7 @@ def test_compare_table_and_json():
         loss(w1, b1, w2, k).backward()
         opt.step()
     record = opt.recorder.snapshot()
-    sym = _HandSymmetry("rescale", "hidden", {"A1": ["w1:rows", "b1:rows"], "A2": ["w2:cols"]})
+    sym = HandSymmetry("rescale", "hidden", {"A1": ["w1:rows", "b1:rows"], "A2": ["w2:cols"]})
     result = theory.compare(record, [sym])
     row = result.rows()[0]
     assert row["symmetry"] == "hidden" and row["groups"] == 6 and row["max_exact_error"] < 1e-12

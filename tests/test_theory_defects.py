@@ -1,16 +1,17 @@
-"""Issue 15: the paper's curves as the paper draws them, and errors reported honestly. Each test
-failed on the code before the fix (see the issue's report): the consistent initial velocity and
-its re-anchoring at segment boundaries, the stale buffer torch resumes after momentum-0 steps, a
+"""The paper's curves as the paper draws them, and errors that tell the truth at every step
+(docs/architecture.md, "The theory"; docs/theory.md): the consistent initial velocity and its
+re-anchoring at segment boundaries, the stale buffer torch resumes after momentum-0 steps, a
 GradScaler skip or an ungraded param at step 0, a diverged run, the β → 0 limit of the
-first-order rates, the validity of the continuous forms, and the error measures."""
+first-order rates, the validity of the continuous forms, the error against each quantity's
+natural scale, and Nesterov momentum's modified flow."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from test_theory import (
-    _HandSymmetry,
+from theory_helpers import (
+    HandSymmetry,
     run_sgd,
     scale_invariant_loss,
     softmax_loss,
@@ -114,7 +115,7 @@ def test_a_diverged_run_is_flagged():
         opt.step()
     record = opt.recorder.snapshot()
     assert not np.isfinite(record.stats[0][-1]).all()
-    sym = _HandSymmetry("scale", "w", {"A": ["w:rows"]})
+    sym = HandSymmetry("scale", "w", {"A": ["w:rows"]})
     with pytest.warns(RuntimeWarning, match="non-finite"):
         result = theory.compare(record, [sym])
     row = result.rows()[0]
@@ -147,17 +148,54 @@ def test_segments_flag_the_continuous_forms_assumptions():
     assert theory.predict_arrays("scale", stats, sched).paper_valid
 
 
-def test_late_error_and_floor_only_on_the_bias_group():
+def test_errors_are_measured_against_the_natural_scale_at_each_step():
+    """A hand-built case where the two normalisations disagree (docs/theory.md, "The error
+    measure"). A translation group of n = 4 elements whose sum crosses zero: |Σθ| peaks at 0.5,
+    while √n·|θ_A| = 2·|θ_A| is 2.0 at every step. A decaying scale norm: |θ|² falls from 100 to
+    1, and a prediction off by 0.5 at the end is off by half the norm then, not by 0.5%."""
+    S = 5
+    stats = np.zeros((S, 1, 9))
+    p, pp = nm_optim.STAT_NAMES.index("p"), nm_optim.STAT_NAMES.index("pp")
+    stats[:, 0, p] = [0.5, 0.2, 0.0, -0.2, -0.4]  # Σθ_A crosses zero
+    stats[:, 0, pp] = 1.0  # |θ_A| = 1 throughout
+    sched = Schedule.constant(S, lr=0.1)
+    pred = theory.predict_arrays("translation", stats, sched, group_size=4)
+    assert np.allclose(pred.scale, 2.0)  # √4 · 1
+    fake = np.array([0.5, 0.2, 0.1, -0.2, -0.4, 0.0])[:, None]  # off by 0.1 at step 2, where Σθ = 0
+    new = theory.scaled_error(fake, pred.measured, pred.scale)
+    old = theory.relative_error(fake, pred.measured)
+    assert new[0] == pytest.approx(0.1 / 2.0) and old[0] == pytest.approx(0.1 / 0.5)
+    # the residual the figures draw is the same quantity, signed, step by step
+    assert np.allclose(theory.step_error(fake, pred.measured, pred.scale)[:, 0], [0, 0, 0.05, 0, 0])
+
+    decay = np.zeros((S, 1, 9))
+    decay[:, 0, pp] = [100.0, 30.0, 10.0, 3.0, 1.0]
+    late_miss = np.array([100.0, 30.0, 10.0, 3.0, 1.5, 0.0])[:, None]
+    q = theory.predict_arrays("scale", decay, sched)
+    assert np.allclose(q.scale[:, 0], decay[:, 0, pp])
+    assert theory.scaled_error(late_miss, q.measured, q.scale)[0] == pytest.approx(0.5)
+    assert theory.scaled_error(late_miss, q.measured, q.scale, last=0.2)[0] == pytest.approx(0.5)
+    assert theory.relative_error(late_miss, q.measured)[0] == pytest.approx(0.005)  # the old measure hid it
+
+    # rescale: |θ_A1|² + |θ_A2|², from the two roles
+    a1, a2 = np.zeros((S, 1, 9)), np.zeros((S, 1, 9))
+    a1[:, 0, pp], a2[:, 0, pp] = [2.0, 1.5, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.5, 2.0]
+    r = theory.predict_arrays("rescale", {"A1": a1, "A2": a2}, sched)
+    assert np.allclose(r.scale[:, 0], [3.0, 2.5, 2.0, 2.5, 3.0])
+
+
+def test_the_late_error_is_the_last_tenth_against_the_size_then():
+    """A decaying column sum (weight decay 0.5, e^{-5} over the run): a prediction 10% off after
+    step 100 is 10% off late, and the run's error says so too (the per-step scale)."""
     stats, sched = run_sgd(softmax_loss(4, 7), (4, 7), 200, lr=0.05, weight_decay=0.5)
-    pred = theory.predict_arrays("translation", stats, sched, floor_groups=[3])
-    assert np.all(pred.floor[:3] == 0) and pred.floor[3] > 0
-    # the quantity decays by e^{-5}: the late window's error is measured against its own size
-    bad = pred.paper.copy()
+    pred = theory.predict_arrays("translation", stats, sched, group_size=7)
+    bad = pred.exact.copy()
     bad[100:] *= 1.1
-    early = theory.relative_error(bad, pred.measured).max()
-    late = theory.late_error(bad, pred.measured).max()
-    assert late > 0.09 and early < late / 10
-    assert pred.exact_breaking_error.max() < 1e-12
+    late = theory.scaled_error(bad, pred.measured, pred.scale, last=theory.LATE_FRACTION)
+    expected = np.max(0.1 * np.abs(pred.measured[-20:]) / pred.scale[-20:], axis=0)
+    assert np.allclose(late, expected, rtol=1e-3)
+    assert pred.exact_breaking_error.max() < 1e-12 and pred.exact_late_error.max() < 1e-12
+    assert pred.paper_late_error.shape == (4,)
 
 
 def test_residual_panels_and_the_per_layer_figure(tmp_path):

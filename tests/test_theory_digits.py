@@ -9,9 +9,9 @@ What must hold:
   (Σpg ≠ 0): with that recorded term put back the recursion is exact to float32 rounding.
   Translation in float32: a column sum Σp that cancels to ~1% of the column's norm (or the
   bias, whose sum stays at its initial value) carries the rounding of the parameters themselves
-  (~ε|θ_A| per step), which no recursion of the sums can predict: compare() measures the bias
-  group's error against max(|Σp|, |θ_A|) (`theory.error_floor`), and these tests the columns'
-  against |θ_A| as well. In float64 the recursion
+  (~ε|θ_A| per step), which no recursion of the sums can predict: compare() measures every
+  error against the quantity's natural scale at each step, √n·|θ_A| for a translation group of
+  n elements (`theory.natural_scale`, docs/theory.md). In float64 the recursion
   is exact to 1e-10 (the tests at the end);
 - `paper` within 2% where its assumptions hold: heavy-ball momentum or none, hyper-parameters
   constant, h = lr(1-δ) small against the time scales 1/γ and 1/ω (here γh ≤ 0.06, ωh ≤ 0.02)

@@ -44,19 +44,25 @@ def compare_record(record, symmetries=None):
 
 
 def compare_by_kind(comparison) -> dict[str, dict[str, Any]]:
-    """For each symmetry kind of a theory.Comparison: its groups and the largest relative errors
-    of the predictions against the measurement (per group, max over steps |prediction -
-    measured| / max over steps |measured|; see nm_optim.theory.relative_error), maxed over the
-    kind's symmetries and groups: the exact recursion, the same with the measured symmetry
-    breaking kept, the paper's closed form (NaN where it does not apply) over the run and over
-    its last half, and the conserved constant (gradient flow: no forcing, no decay). Also
-    whether the closed form's assumptions hold and the non-finite steps."""
+    """For each symmetry kind of a theory.Comparison: its groups and the largest errors of the
+    predictions against the measurement (per group, max over steps |prediction - measured| /
+    the quantity's natural scale at that step; see nm_optim.theory.errors), maxed over the
+    kind's symmetries and groups: the exact recursion over the run and its last tenth, the same
+    with the measured symmetry breaking kept, the paper's closed form (NaN where it does not
+    apply) over the run and its last tenth, and the conserved constant (gradient flow: no
+    forcing, no decay). Also whether the closed form's assumptions hold and the non-finite steps."""
     return theory_errors_by_kind(comparison.rows())
 
+
+# What every *_rel_err of summary.json measures (written into it, next to the numbers).
+ERROR_MEASURE = ("per group: max over steps |prediction - measured| / the quantity's natural scale at that step "
+                 "(translation sqrt(n)|theta_A|, scale |theta_A|^2, rescale |theta_A1|^2 + |theta_A2|^2); "
+                 "late: over the last 10% of the steps")
 
 # summary.json key -> theory.Comparison.rows() key
 ERROR_KEYS = {
     "exact_max_rel_err": "max_exact_error",
+    "exact_late_max_rel_err": "max_exact_late_error",
     "exact_with_breaking_max_rel_err": "max_exact_breaking_error",
     "paper_max_rel_err": "max_paper_error",
     "paper_late_max_rel_err": "max_paper_late_error",
@@ -172,7 +178,8 @@ def run_entry(
 
 def summary_dict(backend: str, device: str, experiments: list[dict[str, Any]]) -> dict[str, Any]:
     """The head of a summary.json; the caller adds "runs" (and "note" or "seconds")."""
-    return {"version": __version__, "backend": backend, "device": device, "experiments": experiments}
+    return {"version": __version__, "backend": backend, "device": device, "error_measure": ERROR_MEASURE,
+            "experiments": experiments}
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -258,16 +265,17 @@ def plot_record(path: str | os.PathLike, out: str | os.PathLike) -> list[dict[st
 
 
 def format_table(experiments: list[dict[str, Any]]) -> str:
-    """The short table the commands print: experiment, groups, and the max relative errors of the
-    exact recursion, of the recursion with the measured breaking kept, of the paper's closed
-    form (over the run and its last half; "!" where its assumptions fail) and of the conserved
-    constant (no forcing); "non-finite" steps when there are any."""
-    header = ["experiment", "groups", "exact", "exact+breaking", "paper", "paper late", "no forcing"]
+    """The short table the commands print: experiment, groups, and the max errors (against each
+    quantity's natural scale at each step) of the exact recursion (over the run and its last
+    tenth), of the recursion with the measured breaking kept, of the paper's closed form (over
+    the run and its last tenth; "!" where its assumptions fail) and of the conserved constant
+    (no forcing); "non-finite" steps when there are any."""
+    header = ["experiment", "groups", "exact", "exact late", "exact+breaking", "paper", "paper late", "no forcing"]
     nonfinite = any(e.get("nonfinite_steps") for e in experiments)
     rows = []
     for e in experiments:
         paper = _fmt(e.get("paper_max_rel_err")) + ("" if e.get("paper_valid", True) else " !")
-        row = [e["name"], str(e["num_groups"]), _fmt(e.get("exact_max_rel_err")),
+        row = [e["name"], str(e["num_groups"]), _fmt(e.get("exact_max_rel_err")), _fmt(e.get("exact_late_max_rel_err")),
                _fmt(e.get("exact_with_breaking_max_rel_err")), paper, _fmt(e.get("paper_late_max_rel_err")),
                _fmt(e.get("gradient_flow_max_rel_err"))]
         if nonfinite:
@@ -278,8 +286,9 @@ def format_table(experiments: list[dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(r, widths))) for r in (header, *rows)]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("(max over steps |prediction - measured| / max |measured|, per group; late: the last half "
-                 "of the run; no forcing: the conserved constant; ! the closed form's assumptions fail)")
+    lines.append("(per group, max over steps |prediction - measured| / the quantity's natural scale at that step: "
+                 "translation sqrt(n)|θ_A|, scale |θ_A|², rescale |θ_A1|² + |θ_A2|²; late: the last 10% of the "
+                 "steps; no forcing: the conserved constant; ! the closed form's assumptions fail)")
     return "\n".join(lines)
 
 

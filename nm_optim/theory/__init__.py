@@ -15,7 +15,8 @@ For every group of every symmetry the package builds trajectories over the recor
 
 Modules, one job each: `laws` (the quantities, the breaking terms, `Schedule` and the exact
 recursion), `continuous` (the paper's closed forms), `prediction` (every trajectory of a
-record's symmetry and its errors), `comparison` (the errors of all of them: a table, a dict). Numpy only: nm_optim.symmetry (torch) is imported only when a
+record's symmetry), `errors` (the error against each quantity's natural scale), `comparison` (the
+errors of all of them: a table, a dict). Numpy only: nm_optim.symmetry (torch) is imported only when a
 record's symmetry descriptions are rebuilt.
 
     from nm_optim import theory
@@ -43,6 +44,7 @@ from nm_optim.theory.continuous import (
     paper,
     regime,
 )
+from nm_optim.theory.errors import LATE_FRACTION, natural_scale, scaled_error, step_error
 from nm_optim.theory.laws import (
     VANISHING,
     Part,
@@ -76,6 +78,7 @@ from nm_optim.theory.prediction import (
 )
 
 __all__ = [
+    "LATE_FRACTION",
     "VALIDITY_LIMIT",
     "VANISHING",
     "Comparison",
@@ -100,6 +103,7 @@ __all__ = [
     "gradient_flow",
     "late_error",
     "measured",
+    "natural_scale",
     "nonfinite_steps",
     "oscillator_parameters",
     "oscillator_step",
@@ -111,7 +115,9 @@ __all__ = [
     "reference_parts",
     "regime",
     "relative_error",
+    "scaled_error",
     "schedule_of",
     "start_steps",
+    "step_error",
     "symmetries_of",
 ]

@@ -24,7 +24,9 @@ from nm_optim.theory.prediction import (
 
 @dataclass
 class Comparison:
-    """Per symmetry: its Prediction and errors per group (see `relative_error`)."""
+    """Per symmetry: its Prediction and errors per group: max over steps |prediction − measured|
+    / the quantity's natural scale at that step (`errors.natural_scale`), over the run and over
+    its last tenth ("late")."""
 
     predictions: list[Prediction]
 
@@ -37,6 +39,7 @@ class Comparison:
             out.append({
                 "symmetry": p.name, "kind": p.kind, "groups": p.num_groups, "steps": len(p.steps),
                 "max_exact_error": finite(p.exact_error),
+                "max_exact_late_error": finite(p.exact_late_error),
                 "max_exact_breaking_error": finite(p.exact_breaking_error),
                 "max_paper_error": finite(p.paper_error),
                 "max_paper_late_error": finite(p.paper_late_error),
@@ -53,23 +56,24 @@ class Comparison:
         return out
 
     def table(self) -> str:
-        """The summary table: symmetry, kind, groups; the max errors of the exact recursion, of
-        the recursion with the measured breaking term kept ("+breaking"), of the paper's closed
-        form over the run and over its last half ("paper late"), of the gradient-flow constant
+        """The summary table: symmetry, kind, groups; the max errors (against each quantity's
+        natural scale at each step) of the exact recursion over the run and over its last tenth
+        ("exact late"), of the recursion with the measured breaking term kept ("+breaking"), of
+        the paper's closed form over the run and its last tenth ("paper late"), of the gradient-flow constant
         (drift from conservation: the no-forcing baseline); "breaking": max_k |⟨g, generator⟩| /
         max_k |g||generator| (see `breaking_ratio`); "non-finite": steps of a group with
         non-finite statistics that GradScaler did not skip (errors are over finite steps only).
         "(n/a)": the closed form does not apply; "(!)": its assumptions fail on a segment or a
         group's members have different hyper-parameters ("mixed:" says how, and what the exact
         laws keep)."""
-        head = ("symmetry", "kind", "groups", "exact err", "+breaking", "paper err", "paper late", "flow err",
-                "breaking", "non-finite")
+        head = ("symmetry", "kind", "groups", "exact err", "exact late", "+breaking", "paper err", "paper late",
+                "flow err", "breaking", "non-finite")
         lines = []
         for r in self.rows():
             mark = "" if not r["paper_applies"] is False else " (n/a)"
             mark = mark or ("" if r["paper_valid"] else " (!)")
             lines.append((r["symmetry"], r["kind"], str(r["groups"]), f"{r['max_exact_error']:.2e}",
-                          f"{r['max_exact_breaking_error']:.2e}", f"{r['max_paper_error']:.2e}" + mark,
+                          f"{r['max_exact_late_error']:.2e}", f"{r['max_exact_breaking_error']:.2e}", f"{r['max_paper_error']:.2e}" + mark,
                           f"{r['max_paper_late_error']:.2e}", f"{r['max_gradient_flow_error']:.2e}",
                           f"{r['max_breaking_ratio']:.1e}", str(r["nonfinite_steps"])))
         widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(head)]
@@ -105,10 +109,11 @@ class Comparison:
         rows = self.rows()
         for r, p in zip(rows, self.predictions):
             r["exact_error"] = [_json_float(x) for x in p.exact_error]
+            r["exact_late_error"] = [_json_float(x) for x in p.exact_late_error]
             r["exact_breaking_error"] = [_json_float(x) for x in p.exact_breaking_error]
             r["paper_error"] = [_json_float(x) for x in p.paper_error]
             r["paper_late_error"] = [_json_float(x) for x in p.paper_late_error]
-            for k in ("max_exact_error", "max_exact_breaking_error", "max_paper_error", "max_paper_late_error",
+            for k in ("max_exact_error", "max_exact_late_error", "max_exact_breaking_error", "max_paper_error", "max_paper_late_error",
                       "max_gradient_flow_error", "max_breaking", "max_breaking_ratio", "max_mismatch_effect"):
                 r[k] = _json_float(r[k])
             for seg in r["segments"]:
@@ -135,9 +140,8 @@ def _json_float(x: float) -> float | None:
 
 def compare(record: RecordLike, symmetries: Sequence[Any] | None = None, *, start: str = "consistent") -> Comparison:
     """Errors of the `exact` and `paper` predictions against the measured trajectories, per
-    symmetry and group (max over steps |pred - meas| / max over steps |meas|; for the zero-sum
-    bias group of a translation symmetry the normaliser is at least its norm |θ_A|, see
-    `error_floor`), for every symmetry (default: those described in the record's meta, so a
+    symmetry and group (max over steps |pred - meas| / the quantity's natural scale at that step:
+    translation √n·|θ_A|, scale |θ_A|², rescale |θ_A1|² + |θ_A2|²; see `errors`), for every symmetry (default: those described in the record's meta, so a
     loaded file needs no model). ``print(compare(record))`` prints the summary table. Steps with
     non-finite statistics that were not GradScaler skips (a diverged run) are counted in the
     "non-finite" column and raise a RuntimeWarning. `start`: the paper curve's initial velocity

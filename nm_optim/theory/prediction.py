@@ -1,11 +1,11 @@
 """Predictions of a symmetry's groups in a record: every trajectory (`predict`, `predict_arrays`,
-`Prediction`) and its error against the measured one (`relative_error`, `error_floor`).
+`Prediction`) and its error against the measured one.
 
-Errors: max over steps |pred - meas| / max over steps |meas|, per group; for the zero-sum bias
-group of a translation symmetry the normaliser is at least the group's norm |θ_A| (`error_floor`:
-a sum that cancels to ~0 holds nothing but float rounding). The same measure over the last half
-of the run (`late_error`) shows late-time errors the headline hides once a quantity has decayed.
-Steps where a group's statistics are non-finite although the step was not skipped (a diverged
+Errors (`errors`): per group, max over steps |pred - meas| divided by the quantity's natural
+scale at that step (translation √n·|θ_A|, scale |θ_A|², rescale |θ_A1|² + |θ_A2|²), over the
+whole run and over its last tenth (``*_late_error``). `relative_error` and `late_error` (the
+normaliser max over steps |meas|, floored by `error_floor`) are the measure of earlier versions,
+kept for callers. Steps where a group's statistics are non-finite although the step was not skipped (a diverged
 run, a param that lost its grad) are counted (`nonfinite_steps`), never silently dropped.
 
 Records must hold consecutive steps (``record_every == 1``): the recursion needs every step.
@@ -22,6 +22,7 @@ import numpy as np
 
 from nm_optim.names import HYPER_NAMES, STAT_INDEX
 from nm_optim.theory.continuous import Segment, paper
+from nm_optim.theory.errors import LATE_FRACTION, natural_scale, scaled_error, step_error
 from nm_optim.theory.laws import (
     Part,
     Schedule,
@@ -130,10 +131,31 @@ class Prediction:
     mixed: np.ndarray | None = None  # [G] the group's members have different hyper-parameters
     mixed_note: str | None = None  # which differ, between which members, and what the laws do
     exact_mismatch_dropped: np.ndarray | None = None  # [S+1, G] exact without the hyper-mismatch term
+    scale: np.ndarray | None = None  # [S, G] the quantity's natural scale at each step (`errors.natural_scale`)
 
     def __post_init__(self) -> None:
         if self.mixed is None:
             self.mixed = np.zeros(self.measured.shape[1], bool)
+        if self.scale is None:  # built by hand without one: the largest |measured| (and the floor)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                top = np.nanmax(np.abs(self.measured), axis=0) if len(self.measured) else np.zeros(self.num_groups)
+            self.scale = np.broadcast_to(np.maximum(top, self.floor), self.measured.shape).copy()
+
+    def residual(self, theory: str = "exact") -> np.ndarray:
+        """[S, G]: (prediction − measured) / natural scale at every step, for `theory` "exact",
+        "exact_breaking", "paper" or "gradient_flow": the curve whose maximum is the error."""
+        if theory not in ("exact", "exact_breaking", "paper", "gradient_flow"):
+            raise ValueError(f"theory must be 'exact', 'exact_breaking', 'paper' or 'gradient_flow', got {theory!r}")
+        curve = getattr(self, theory)
+        if curve is None:
+            return np.full(self.measured.shape, np.nan)
+        return step_error(curve, self.measured, self.scale)
+
+    def _error(self, curve: np.ndarray | None, late: bool = False) -> np.ndarray:
+        if curve is None:
+            return np.full(self.num_groups, np.nan)
+        return scaled_error(curve, self.measured, self.scale, last=LATE_FRACTION if late else None)
 
     @property
     def num_groups(self) -> int:
@@ -145,8 +167,8 @@ class Prediction:
 
     @property
     def exact_error(self) -> np.ndarray:
-        """[G] max_k |exact - measured| / max(max_k |measured|, floor)."""
-        return relative_error(self.exact, self.measured, self.floor)
+        """[G] max_k |exact - measured| / natural scale at step k (`errors.scaled_error`)."""
+        return self._error(self.exact)
 
     @property
     def breaking_ratio(self) -> np.ndarray:
@@ -158,22 +180,23 @@ class Prediction:
     def exact_breaking_error(self) -> np.ndarray:
         """[G] the error of the recursion with the measured symmetry-breaking term kept: float
         rounding only (the rest of `exact_error` is the breaking, e.g. BatchNorm's eps)."""
-        if self.exact_breaking is None:
-            return np.full(self.num_groups, np.nan)
-        return relative_error(self.exact_breaking, self.measured, self.floor)
+        return self._error(self.exact_breaking)
 
     @property
     def paper_error(self) -> np.ndarray:
-        return relative_error(self.paper, self.measured, self.floor)
+        """[G] max_k |paper - measured| / natural scale at step k."""
+        return self._error(self.paper)
 
     @property
     def paper_late_error(self) -> np.ndarray:
-        """[G] the paper's error over the last half of the run (`late_error`)."""
-        return late_error(self.paper, self.measured, self.floor)
+        """[G] the paper's error over the last tenth of the run (`errors.LATE_FRACTION`): where a
+        slow drift of the continuous form from the discrete steps has grown largest."""
+        return self._error(self.paper, late=True)
 
     @property
     def exact_late_error(self) -> np.ndarray:
-        return late_error(self.exact, self.measured, self.floor)
+        """[G] the exact recursion's error over the last tenth of the run."""
+        return self._error(self.exact, late=True)
 
     @property
     def paper_valid(self) -> bool:
@@ -196,14 +219,14 @@ class Prediction:
 
     @property
     def mismatch_effect(self) -> np.ndarray:
-        """[G] max_k |exact without the hyper-mismatch term - exact| / max_k |measured|: what
-        dropping the measured Σ η_m⟨θ_m, g_m⟩ (and the other per-member terms of ⟨θ, g⟩) would
-        cost; 0 where the members share their hyper-parameters."""
+        """[G] max_k |exact without the hyper-mismatch term - exact| / natural scale at step k:
+        what dropping the measured Σ η_m⟨θ_m, g_m⟩ (and the other per-member terms of ⟨θ, g⟩)
+        would cost; 0 where the members share their hyper-parameters."""
         if self.exact_mismatch_dropped is None:
             return np.zeros(self.num_groups)
         S = len(self.measured)
         diff = np.asarray(self.exact_mismatch_dropped)[:S] - np.asarray(self.exact)[:S]
-        return relative_error(self.measured + diff, self.measured, self.floor)
+        return scaled_error(self.measured + diff, self.measured, self.scale)
 
     @property
     def nonfinite(self) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +239,7 @@ class Prediction:
     def gradient_flow_error(self) -> np.ndarray:
         """[G] how far the run is from conservation under gradient flow (the paper's
         section 4) in the same measure."""
-        return relative_error(self.gradient_flow, self.measured, self.floor)
+        return self._error(self.gradient_flow)
 
 
 def error_floor(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, groups: Any = None) -> np.ndarray:
@@ -305,6 +328,7 @@ def predict_parts(kind: str, parts: list[Part], *, name: str = "", steps: np.nda
         exact_breaking=exact_parts(kind, parts, vanishing=False), start=start_steps(s, schedule),
         mixed=mixed, mixed_note=note if mixed.any() else None,
         exact_mismatch_dropped=exact_parts(kind, parts, mismatch=False) if len(parts) > 1 else None,
+        scale=natural_scale(kind, total, group_size),
     )
 
 
