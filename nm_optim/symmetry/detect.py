@@ -162,7 +162,8 @@ class _Traced:
 
 
 class _Untraceable(SymmetryDetectionError):
-    """torch.fx could not trace the model (find_symmetries goes on by module structure)."""
+    """torch.fx could not trace the model, or run its graph on meta tensors (find_symmetries goes
+    on by module structure)."""
 
 
 class _Graph(_Traced):
@@ -180,7 +181,7 @@ class _Graph(_Traced):
         try:
             self.shapes = _propagate_shapes(self.gm, inputs)
         except Exception as e:
-            raise SymmetryDetectionError(
+            raise _Untraceable(
                 f"find_symmetries: running {type(model).__name__} on the example inputs failed ({type(e).__name__}: "
                 f"{e}); pass example_inputs the model accepts (a tensor or a tuple of positional arguments; a batch "
                 "of at least 2 for BatchNorm in training mode)"

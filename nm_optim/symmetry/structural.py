@@ -24,9 +24,9 @@ inputs decides which hold:
 
 The check (`_Gradients`): with a random linear read-out R of the model's output (of its log-softmax
 for a head's translation), a symmetry holds only if the gradient g of ⟨R, output⟩ is orthogonal to
-the generator ξ_A on every group A: |⟨g_A, ξ_A⟩| ≤ tol · |ξ_A| · max(|g_A|, √n_A · ḡ), with ḡ the
-RMS gradient of the whole model (a key bias's gradient vanishes identically, so its own norm is no
-scale). For each family the finest grouping that passes is claimed: per dimension before per
+the generator ξ_A on every group A: |⟨g_A, ξ_A⟩| ≤ tol · |ξ_A| · |g_A|, for translation
+≤ tol · |ξ_A| · max(|g_A|, √n_A · ḡ) with ḡ the RMS gradient of the whole model (a key bias's
+gradient vanishes identically, so its own norm is no scale). For each family the finest grouping that passes is claimed: per dimension before per
 rotary pair before per head. A scale group is broken by the norm's eps by about eps / (mean square
 of its input), so its tolerance is looser (SCALE_TOL); verify_symmetries and the record then
 measure that breaking. Candidates cost one forward and two backward passes of the example inputs
@@ -371,7 +371,8 @@ def _norm_candidate(label: str, norm: nn.Module, norm_name: str, consumers: Sequ
     a1 = [Member(norm.weight, names(norm.weight), "rows", "A1")]
     if isinstance(getattr(norm, "bias", None), Tensor):
         a1.append(Member(norm.bias, names(norm.bias), "rows", "A1"))
-    targets = "+".join(sorted({p.weight_name.rsplit(".", 1)[0] for p in consumers}))
+    block = norm_name.rsplit(".", 1)[0] + "." if "." in norm_name else ""
+    targets = "+".join(sorted({p.weight_name.rsplit(".", 1)[0].removeprefix(block) for p in consumers}))
     sym = _rescale(f"{norm_name}->{targets}", a1, _cols_of(consumers, width, "A2"))
     return Candidate(label, [("per feature", sym)])
 
@@ -546,8 +547,8 @@ class _Gradients:
             self.rms[key] = math.sqrt(total / max(count, 1))
 
     def residual(self, sym: Symmetry, softmax: bool) -> float:
-        """max over groups |⟨g_A, ξ_A⟩| / (|ξ_A| max(|g_A|, √n_A ḡ)); inf where a member gets no
-        gradient (it does not reach the output: nothing to confirm)."""
+        """max over groups |⟨g_A, ξ_A⟩| / (|ξ_A| |g_A|) (translation: / (|ξ_A| max(|g_A|, √n_A ḡ)));
+        inf where a member gets no gradient (it does not reach the output: nothing to confirm)."""
         grads, rms = (self.soft, self.rms["soft"]) if softmax else (self.plain, self.rms["plain"])
         G = sym.num_groups
         dot, gg, xx, nn_ = (torch.zeros(G, dtype=torch.float64) for _ in range(4))
@@ -563,7 +564,11 @@ class _Gradients:
             gg[sl] += m.reduce(g * g).double().cpu()
             xx[sl] += m.reduce(xi * xi).double().cpu()
             nn_[sl] += m.reduce(torch.ones_like(g)).double().cpu()
-        den = xx.sqrt() * torch.maximum(gg.sqrt(), nn_.sqrt() * rms)
+        # A translation group's gradient may vanish identically (a key bias): then it must be
+        # rounding small against the model's; elsewhere the cosine (a floor there would let a
+        # group with a small gradient, a GELU unit's, pass).
+        floor = nn_.sqrt() * rms if sym.kind == "translation" else torch.zeros_like(nn_)
+        den = xx.sqrt() * torch.maximum(gg.sqrt(), floor)
         res = torch.where(den > 0, dot.abs() / den.clamp_min(1e-300), torch.zeros_like(dot))
         return float(res.max()) if G else 0.0
 

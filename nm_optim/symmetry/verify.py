@@ -28,17 +28,16 @@ __all__ = ["SymmetryCheck", "SymmetryReport", "verify_symmetries"]
 class SymmetryCheck:
     """The constraints of one symmetry on one batch.
 
-    grad_residuals[A] = |⟨g, ξ_A⟩| / (|ξ_A| max(|g_A|, √n_A ḡ)) for every group A (ξ_A the
-    generator, g_A the gradient on A's n_A elements, ḡ the RMS gradient of the whole model; 0 where
-    the denominator vanishes): the cosine between g_A and ξ_A, except for a group whose gradient
-    is far below the model's typical size, which is measured against that size (a key bias's
-    gradient vanishes identically: its cosine would be rounding noise).
+    grad_residuals[A] = |⟨g, ξ_A⟩| / (|g_A| |ξ_A|) for every group A (ξ_A the generator, g_A the
+    gradient on A's n_A elements; 0 where either vanishes): the cosine between them. For
+    translation the denominator is at least |ξ_A| √n_A ḡ (ḡ the RMS gradient of the whole model):
+    a key bias's gradient vanishes identically, and the cosine of rounding noise means nothing.
 
     The Hessian constraint r_A = Hξ_A + ĝ_A = 0 (ĝ_A = 0 for translation, g_A for scale,
     g_A1 − g_A2 for rescale) is measured
       - with method "probe" per group, along random directions u: |u·r_A| relative to the sum of
         the absolute values of its terms, Σ_i |(Hu)_i ξ_i| + |ĝ_i u_i| (the size rounding is
-        measured against), at least Σ_i |ξ_i| rms(Hu) (H vanishing on the group: a key bias);
+        measured against; for translation at least Σ_i |ξ_i| rms(Hu): H vanishes on a key bias);
       - with method "exact" per symmetry: ‖Hξ + ĝ‖ / (‖Hξ‖ + ‖ĝ‖) for one HVP per group, or on a
         random combination of the groups, and for translation ‖Hξ‖ / ‖Hw‖ with w random on ξ's
         support with ξ's norm (the typical size of H there; at least ‖ξ‖ ‖Hr‖ / ‖r‖ for r
@@ -275,9 +274,11 @@ def verify_symmetries(
                 xx[off : off + m.num_groups] += _reduce64(m, xi * xi)
                 ax[off : off + m.num_groups] += _reduce64(m, xi.abs())
                 count[off : off + m.num_groups] += _reduce64(m, torch.ones_like(xi))
-            # A group whose gradient vanishes identically (a key bias) is measured against the
-            # model's typical gradient: its own is rounding noise, its cosine meaningless.
-            denom = xx.sqrt() * torch.maximum(gg.sqrt(), count.sqrt() * g_rms)
+            # A translation group whose gradient vanishes identically (a key bias) is measured
+            # against the model's typical gradient: its own is rounding noise, its cosine
+            # meaningless. Scale and rescale keep the cosine.
+            floor = count.sqrt() * g_rms if sym.kind == "translation" else torch.zeros_like(count)
+            denom = xx.sqrt() * torch.maximum(gg.sqrt(), floor)
             grad_res = torch.where(denom > 0, dot.abs() / denom.clamp_min(1e-300), torch.zeros_like(dot)).numpy()
             if hessian == "probe":
                 num, den = torch.zeros(G, dtype=torch.float64), torch.zeros(G, dtype=torch.float64)
@@ -292,7 +293,7 @@ def verify_symmetries(
                             signed[off : off + m.num_groups] += _reduce64(m, b)
                             size[off : off + m.num_groups] += _reduce64(m, b.abs())
                     num += signed.abs()
-                    den += torch.maximum(size, ax * _rms(hu.values()))
+                    den += torch.maximum(size, ax * _rms(hu.values())) if sym.kind == "translation" else size
                 hess_res = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).numpy()
                 checks.append(SymmetryCheck(sym, grad_res, hess_res, "probe", probes, tol))
                 continue
