@@ -35,9 +35,16 @@ dynamics it gives, section 6), predicted from the recorded statistics.
     closed form for constant hyper-parameters and only ever multiplies by decaying factors.
     Where the hyper-parameters change (an lr schedule, weight decay switched on...) the same
     propagation is the piecewise closed form: each segment starts from the state at the end of
-    the previous one (``Prediction.segments`` lists them). The closed form does not apply to
-    nesterov momentum (a different modified flow, at first order in h): ``paper_applies`` is
-    then False with the reason, and the heavy-ball curve is still returned for reference.
+    the previous one (``Prediction.segments`` lists them).
+
+    * nesterov momentum, u = d + βv': the same expansion of θ_{k+1} − (1+β)θ_k + βθ_{k−1} =
+      −η((1+β(1−δ))d_k − βd_{k−1}) gives the modified flow
+      ``(h(1+β)/2) θ̈ + (1-β) θ̇ = -c (g + λθ) - e h (ġ + λθ̇)`` with ``c = (1-βδ)/(1-δ)``,
+      ``e = β/(1-δ)`` (torch allows nesterov only with δ = 0: c = 1, e = β): the same
+      oscillators with ``γ = (1-β+eλh)/(h(1+β))``, ``ω² = 2cλ/(h(1+β))`` (translation) and
+      ``4cλ/(h(1+β))`` (scale, rescale), and for scale and rescale the forcing
+      ``2|θ̇|² + 4e⟨θ̇, g⟩/(1+β)`` (from ⟨θ, ġ⟩ = −⟨θ̇, g⟩), with θ̇ = −u/(1−δ) the step's
+      update. docs/theory.md derives it and compares it with the heavy-ball form.
 
 ``gradient_flow``
     Conservation under gradient flow (section 4): with ``lr → 0`` and no weight decay every
@@ -58,19 +65,20 @@ import numpy as np
 from nm_optim.names import STAT_INDEX
 from nm_optim.theory.laws import (
     Schedule,
-    buffer_norm_after_step,
     check_kind,
     combine,
     measured,
     start_steps,
+    update_sums_after_step,
 )
 
 
 def oscillator_parameters(lr: float, momentum: float, dampening: float, weight_decay: float,
-                          kind: str = "scale") -> tuple[float, float, float]:
+                          kind: str = "scale", nesterov: bool = False) -> tuple[float, float, float]:
     """(h, γ, ω²) of the paper's modified flow with momentum (section 5): h = lr(1-δ),
     γ = (1-β)/(h(1+β)), ω² = 2λ/(h(1+β)) for translation and 4λ/(h(1+β)) for scale and
-    rescale."""
+    rescale. With `nesterov` the flow of nesterov momentum (module docstring, docs/theory.md):
+    γ = (1-β+eλh)/(h(1+β)) and ω² times c, with c = (1-βδ)/(1-δ), e = β/(1-δ)."""
     check_kind(kind)
     if not 0 < momentum < 1:
         raise ValueError(f"momentum must be in (0, 1) for the oscillator, got {momentum!r}")
@@ -79,9 +87,15 @@ def oscillator_parameters(lr: float, momentum: float, dampening: float, weight_d
     h = lr * (1 - dampening)
     if h <= 0:
         raise ValueError(f"lr * (1 - dampening) must be positive, got lr={lr!r}, dampening={dampening!r}")
-    gamma = (1 - momentum) / (h * (1 + momentum))
-    omega2 = (2 if kind == "translation" else 4) * weight_decay / (h * (1 + momentum))
+    c, e = _nesterov_coefficients(momentum, dampening) if nesterov else (1.0, 0.0)
+    gamma = (1 - momentum + e * weight_decay * h) / (h * (1 + momentum))
+    omega2 = (2 if kind == "translation" else 4) * c * weight_decay / (h * (1 + momentum))
     return h, gamma, omega2
+
+
+def _nesterov_coefficients(momentum: float, dampening: float) -> tuple[float, float]:
+    """(c, e) of nesterov's modified flow: the update's −c·d − e·h·ḋ (module docstring)."""
+    return (1 - momentum * dampening) / (1 - dampening), momentum / (1 - dampening)
 
 
 def regime(gamma: float, omega2: float) -> str:
@@ -196,19 +210,31 @@ def first_order_rate(kind: str, lr: float, weight_decay: float) -> float:
     return lam * (1 + lr * lam / 2) if kind == "translation" else 2 * lam + lr * lam * lam
 
 
-def _velocity(c: float, momentum: float, rate_wd: float, U: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """θ̇ at a step time on the staggered grid: the mean of the buffer before and after the step,
-    -(u + u')/2 with u' = βu + d (u = v/(1-δ)); for the quantity, ẋ = -c((1+β)U + λx) with
-    (c, U) = (1/2, Σu) for translation and (1, Σθ·u) for scale and rescale (⟨θ, d⟩ = λ|θ|² and
-    Σd = λΣθ with the vanishing term dropped)."""
-    return -c * ((1 + momentum) * U + rate_wd * x)
+def _velocity_coefficients(momentum: float, dampening: float, nesterov: bool) -> tuple[float, float]:
+    """(A, B) of θ̇ = -(A·u + B·d)/2 at a step time, u = v/(1-δ) the pre-step buffer: the mean of
+    the updates before and after it. Heavy ball (update v'): (v + v')/(2(1-δ)), A = 1+β, B = 1.
+    Nesterov (update d + βv', the previous one ≈ d + βv): A = β(1+β), B = (2+β(1-δ))/(1-δ)."""
+    if nesterov:
+        return momentum * (1 + momentum), (2 + momentum * (1 - dampening)) / (1 - dampening)
+    return 1 + momentum, 1.0
+
+
+def _velocity(c: float, momentum: float, rate_wd: float, U: np.ndarray, x: np.ndarray,
+              coefficients: tuple[float, float] | None = None) -> np.ndarray:
+    """θ̇ at a step time on the staggered grid (`_velocity_coefficients`; default heavy ball);
+    for the quantity, ẋ = -c(A·U + B·λx) with (c, U) = (1/2, Σu) for translation and
+    (1, Σθ·u) for scale and rescale (⟨θ, d⟩ = λ|θ|² and Σd = λΣθ with the vanishing term
+    dropped)."""
+    A, B = coefficients if coefficients is not None else (1 + momentum, 1.0)
+    return -c * (A * U + B * rate_wd * x)
 
 
 def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Schedule, *, start: str = "consistent",
           ) -> tuple[np.ndarray, np.ndarray, list[Segment], str | None]:
     """The paper's continuous prediction (section 6): (values [S+1, G], time [S+1], segments, reason).
 
-    `reason` is None where the closed forms apply, else why they do not (nesterov). Time
+    `reason` is None where the closed forms apply, else why they do not (momentum or
+    dampening outside [0, 1)). Nesterov segments use nesterov's modified flow. Time
     t advances by h = lr (no momentum) or lr(1-δ) (momentum) per stepped step. Each group starts
     at its first stepped step with finite statistics (`laws.start_steps`; NaN before it).
 
@@ -232,9 +258,6 @@ def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
     reason = None
     if S == 0:
         return out, time, [], reason
-    if np.any(schedule.nesterov & (schedule.momentum != 0)):
-        reason = ("nesterov momentum: the paper's modified flow is for heavy-ball momentum; nesterov "
-                  "changes it at first order in h (the heavy-ball curve is shown for reference)")
     ok = np.isfinite(s).all(axis=2) & ~schedule.skipped[:, None]
     begin = start_steps(s, schedule)
     linear = kind == "translation"
@@ -243,12 +266,14 @@ def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
     buf = c("v") if linear else c("pv")  # Σv, Σθ·v before the step
     x, xdot = np.full(G, np.nan), np.zeros(G)
     started = np.zeros(G, bool)
-    kinetic = None if linear else buffer_norm_after_step(s, schedule)
+    # the update's Σu² and Σu·g (the forcing of scale and rescale)
+    kinetic, work = (None, None) if linear else update_sums_after_step(s, schedule)
     segments: list[Segment] = []
-    prev: tuple[float, float, float] | None = None  # (β, λ, 1-δ) of the last momentum segment run
+    # (λ, 1-δ, (A, B) of `_velocity_coefficients`) of the last momentum segment run
+    prev: tuple[float, float, tuple[float, float]] | None = None
     prev_momentum = False  # the previous segment had momentum (the velocity is a live state)
 
-    def from_record(k: int, mask: np.ndarray, m: float, damp: float, wd: float) -> None:
+    def from_record(k: int, mask: np.ndarray, m: float, damp: float, wd: float, vc: tuple[float, float]) -> None:
         """Anchor the velocity of the groups in `mask` at step k from the recorded buffer."""
         fresh = bool(schedule.first[k])
         if start == "rest":
@@ -258,7 +283,7 @@ def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
                 U = damp * wd * x / ((1 - damp) * m)
             else:
                 U = buf[k] / (1 - damp)
-            v = _velocity(cq, m, wd, U, x)
+            v = _velocity(cq, m, wd, U, x, vc)
         xdot[:] = np.where(mask, v, xdot)
 
     for seg_start, stop in schedule.segments():
@@ -301,25 +326,33 @@ def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
                 fx = lr * w * c("gg")[seg_start:stop]
             fv = np.zeros_like(fx)
         else:
-            h, gamma, omega2 = oscillator_parameters(lr, m, damp, wd, kind)
+            nesterov = bool(schedule.nesterov[seg_start])
+            vc = _velocity_coefficients(m, damp, nesterov)
+            h, gamma, omega2 = oscillator_parameters(lr, m, damp, wd, kind, nesterov)
             seg.model, seg.gamma, seg.omega2, seg.regime = "oscillator", gamma, omega2, regime(gamma, omega2)
             seg.h_gamma, seg.h_omega = h * gamma, h * math.sqrt(omega2)
             # Re-anchor the velocity of the running groups at the boundary.
             if prev_momentum and prev is not None:
-                b0, w0, c0 = prev
+                w0, c0, (A0, B0) = prev
                 if start == "rest":  # the buffer is continuous and θ̇ = -v/(1-δ)
                     xdot = xdot * c0 / (1 - damp)
                 else:  # recover the buffer from the old relation, the velocity from the new one
-                    U = (-xdot / cq - w0 * x) / (1 + b0) * c0 / (1 - damp)
-                    xdot = np.where(started, _velocity(cq, m, wd, U, x), xdot)
+                    U = (-xdot / cq - B0 * w0 * x) / A0 * c0 / (1 - damp)
+                    xdot = np.where(started, _velocity(cq, m, wd, U, x, vc), xdot)
             elif started.any():  # momentum (re)starts: the record holds the (fresh or stale) buffer
                 k0 = next((k for k in range(seg_start, stop) if not schedule.skipped[k]), None)
                 if k0 is not None:
-                    from_record(k0, started & ok[k0], m, damp, wd)
-            prev = (m, wd, 1 - damp)
+                    from_record(k0, started & ok[k0], m, damp, wd, vc)
+            prev = (wd, 1 - damp, vc)
             phi, psi = oscillator_step(gamma, omega2, h)
             (A, B), (C, D) = phi.tolist()
-            force = np.zeros((stop - seg_start, G)) if linear else 2 * kinetic[seg_start:stop] / (1 - damp) ** 2
+            if linear:
+                force = np.zeros((stop - seg_start, G))
+            else:  # 2|θ̇|² (+ nesterov's 4e⟨θ̇, g⟩/(1+β)) with θ̇ = -u/(1-δ)
+                force = 2 * kinetic[seg_start:stop] / (1 - damp) ** 2
+                if nesterov:
+                    e = _nesterov_coefficients(m, damp)[1]
+                    force = force - 4 * e * work[seg_start:stop] / ((1 + m) * (1 - damp))
             fx, fv = psi[0] * force, psi[1] * force
         seg.check_validity()
         segments.append(seg)
@@ -334,12 +367,12 @@ def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
                 out[k, new] = x[new]
                 started |= new
                 if m != 0:
-                    from_record(k, new, m, damp, wd)
+                    from_record(k, new, m, damp, wd, vc)
             if m != 0 and schedule.first[k]:  # a buffer created by this step
                 if start == "rest":
                     xdot = np.zeros(G)  # the flow starts at rest
                 else:
-                    from_record(k, started & ok[k] & ~new, m, damp, wd)
+                    from_record(k, started & ok[k] & ~new, m, damp, wd, vc)
             x1 = A * x + B * xdot + fx[k - seg_start]
             xdot1 = C * x + D * xdot + fv[k - seg_start]
             x, xdot = np.where(ok[k], x1, x), np.where(ok[k], xdot1, xdot)

@@ -365,3 +365,20 @@ def buffer_norm_after_step(stats: np.ndarray, schedule: Schedule) -> np.ndarray:
     vd = c("gv") + wd * c("pv")
     dd = c("gg") + 2 * wd * c("pg") + wd * wd * c("pp")
     return a * a * c("vv") + 2 * a * b * vd + b * b * dd
+
+
+def update_sums_after_step(stats: np.ndarray, schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
+    """([S, G] Σu², [S, G] Σu·g): the squared norm of each step's update u (θ' = θ − ηu) and its
+    product with the gradient, from that step's recorded sums (every term kept). For heavy-ball
+    momentum u = v' (Σu² is `buffer_norm_after_step`); for nesterov u = d + βv'."""
+    co = {n: v[:, None] for n, v in _coefficients(schedule).items()}
+    c = lambda name: stats[:, :, STAT_INDEX[name]]
+    a, b, e, f, wd = co["a"], co["b"], co["e"], co["f"], co["wd"]
+    vd = c("gv") + wd * c("pv")
+    dd = c("gg") + 2 * wd * c("pg") + wd * wd * c("pp")
+    dg = c("gg") + wd * c("pg")
+    vv1 = a * a * c("vv") + 2 * a * b * vd + b * b * dd  # Σ v'²
+    dv1 = a * vd + b * dd  # Σ d v'
+    gv1 = a * c("gv") + b * dg  # Σ g v'
+    return e * e * dd + 2 * e * f * dv1 + f * f * vv1, e * dg + f * gv1
+
