@@ -15,18 +15,26 @@
 # machine (the build stays): GPU_CHECK_ONLY=tests_kernels,bench bash bench/gpu_check.sh $OUT
 #
 # Stages, in order; each one's result goes into OUT/gpu_check.json as soon as it ends (status
-# ok / failed / skipped, seconds, its time limit, what it measured), and a failing stage never
-# stops the later ones:
+# ok / partial / failed / skipped, seconds, its time limit, what it measured), and a failing
+# stage never stops the later ones. `partial`: the stage ran out of time before its last case,
+# with no failure in the cases it ran (the report says how many ran): never `ok`, not `failed`.
 #   preflight      the interpreter ($PY, default python3: the one that holds torch there), torch,
-#                  torch.cuda, the GPU, triton, pybind11, expecttest, nvcc, cmake, ninja,
-#                  compute-sanitizer: lists what is missing.
-#   build          nm_optim._C for this GPU's architecture (NM_OPTIM_CUDA=1). Skipped when nvcc,
-#                  cmake or pybind11 is missing; when it fails the check goes on with Triton alone
-#                  (the package imports from the source tree: PYTHONPATH).
-#   tests_kernels  the kernel tests first: test_stats, test_layouts, test_plan, test_triton,
-#                  test_op, test_amp, test_bitwise, test_graphs (those present), the cases that
-#                  run our CUDA / Triton kernels: -k "(cuda or triton or graphs) and not
-#                  cuda-reference" (cuda-reference cases test torch, not us).
+#                  torch.cuda, the GPU, numpy (nm_optim imports it), triton, pybind11, expecttest,
+#                  pytest-xdist, nvcc, cmake, ninja, compute-sanitizer: lists what is missing.
+#   build          nm_optim._C for this GPU's architecture (NM_OPTIM_CUDA=1), without pybind11's
+#                  link-time optimisation (NM_OPTIM_LTO=0: its link of the CPU kernel runs on one
+#                  core for 1.5-2 minutes). Skipped when nvcc, cmake or pybind11 is missing; when it
+#                  fails the check goes on with Triton alone (the package imports from the source
+#                  tree: PYTHONPATH).
+#   tests_kernels  what only a GPU can tell, first: our CUDA and Triton kernels against torch's
+#                  fused CUDA SGD (test_amp), the statistics against float64 (test_stats), CUDA
+#                  graphs (test_graphs), the launch types Triton binds (test_triton_binder); then
+#                  test_triton, test_layouts, test_op. The cases that run our kernels: -k "(cuda
+#                  or triton or graphs) and not cuda-reference" (cuda-reference cases test torch,
+#                  not us). Left to the CPU, which checks them on every commit: the plan's tables
+#                  (test_plan), the interpreter's bitwise emulation (test_bitwise) and the
+#                  ahead-of-time compilation (test_triton's compile tests). With pytest-xdist, 4
+#                  workers (Triton compiles each kernel variant on first use, on the CPU).
 #   tests_more     the same selection in test_api, test_recorder, test_errors, test_parity.
 #                  Both test stages stop with SIGINT at their limit, so pytest still prints its
 #                  summary and writes its junit XML (digested into the report).
@@ -41,19 +49,38 @@
 #                  sums) on VGG-16 (a minute or more: off by default).
 #
 # Time: each stage ends by a deadline, the budgets below added up from the start (time a stage
-# leaves unused passes to the next): 30 + 110 + 105 + 40 + 75 + 35 + 65 = 460 s, plus at most
-# 15 s of grace per stage that ignores its SIGINT: the real run ends within 8 minutes, and the
-# device tool's 15 minutes leave room for a machine start and a partial rerun.
+# leaves unused passes to the next), and a stage that ignores its SIGINT is killed GRACE seconds
+# later. The real run's budgets plus every stage's grace add up to at most 480 s (printed at the
+# start): inside the device call's 540 s, with the device tool's 15 minutes leaving room for a
+# machine start and a partial rerun.
 # The dry run: CPU tensors, Triton's interpreter (TRITON_INTERPRET=1), no build (the package is
 # installed here), no compute-sanitizer (the same scripts run without it), tiny shapes and two
-# rounds; its test stages stop at their (short) limits by design.
+# rounds; its test stages stop at their (short) limits by design (reported `partial`).
 # The last line printed says what passed; the exit status is 1 if any stage failed.
 set -uo pipefail
 
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY=1
-  shift
+DRY=0 BUDGET_ONLY=0
+case "${1:-}" in
+  --dry-run) DRY=1; shift ;;
+  --budget) BUDGET_ONLY=1; shift ;;  # print the real run's budget line and stop
+esac
+ORDER=(preflight build tests_kernels tests_more memcheck racecheck bench)
+GRACE=5  # seconds between a stage's SIGINT and its SIGKILL
+if ((DRY)); then
+  declare -A BUDGET=([preflight]=90 [build]=60 [tests_kernels]=40 [tests_more]=25 [memcheck]=150
+                     [racecheck]=90 [bench]=120)
+else
+  declare -A BUDGET=([preflight]=25 [build]=100 [tests_kernels]=120 [tests_more]=30 [memcheck]=60
+                     [racecheck]=30 [bench]=65)
+fi
+TOTAL=0
+for s in "${ORDER[@]}"; do TOTAL=$((TOTAL + BUDGET[$s])); done
+BUDGET_LINE="gpu_check: budgets $(for s in "${ORDER[@]}"; do printf '%s %s + ' "$s" "${BUDGET[$s]}"; done | sed 's/ + $//')\
+ = $TOTAL s, + ${#ORDER[@]} x $GRACE s of grace = $((TOTAL + ${#ORDER[@]} * GRACE)) s\
+ $( ((DRY)) && echo "(dry run: each stage its own budget)" || echo "(at most 480 s)")"
+if ((BUDGET_ONLY)); then
+  echo "$BUDGET_LINE"
+  exit 0
 fi
 OUT=${1:-bench/out}
 mkdir -p "$OUT"
@@ -66,6 +93,7 @@ REPORT="$OUT/gpu_check.json"
 rm -f "$OUT/gpu_check.log" "$OUT/build.log" "$OUT/pytest.log" "$OUT/sanitizer.log" "$OUT/bench.json"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 TEE_PID=$!
+echo "$BUDGET_LINE"
 
 # The interpreter: $PY, else python3; here (the dry run) python3 may lack torch and the project's
 # virtual environment has it.
@@ -91,16 +119,11 @@ REP() { "$PY" "$REPO/bench/gpu_check_report.py" "$@"; }
 if ((DRY)); then
   export TRITON_INTERPRET=1
   DEVICE=cpu
-  declare -A BUDGET=([preflight]=90 [build]=60 [tests_kernels]=40 [tests_more]=25 [memcheck]=150
-                     [racecheck]=90 [bench]=120)
   REP init "$REPORT" --mode dry-run
 else
   DEVICE=cuda
-  declare -A BUDGET=([preflight]=30 [build]=110 [tests_kernels]=105 [tests_more]=40 [memcheck]=75
-                     [racecheck]=35 [bench]=65)
   REP init "$REPORT" --mode real
 fi
-ORDER=(preflight build tests_kernels tests_more memcheck racecheck bench)
 T0=$SECONDS
 
 # Seconds stage $1 may run: real run, its deadline (budgets summed from the start) minus now;
@@ -116,17 +139,17 @@ limit_for() {
     [[ $s == "$1" ]] && break
   done
   local left=$((T0 + cum - SECONDS))
-  ((left < 15)) && left=15
+  ((left < 10)) && left=10
   echo "$left"
 }
 
-# run_limited LIMIT LOG CMD...: CMD with SIGINT at LIMIT seconds (SIGKILL 15 s later), output
+# run_limited LIMIT LOG CMD...: CMD with SIGINT at LIMIT seconds (SIGKILL GRACE s later), output
 # appended to LOG; sets RC (124: stopped at the limit) and ELAPSED.
 run_limited() {
   local limit=$1 log=$2 t0=$SECONDS
   shift 2
   echo "+ $* (limit ${limit} s)" >> "$log"
-  timeout -s INT -k 15 "$limit" "$@" >> "$log" 2>&1
+  timeout -s INT -k "$GRACE" "$limit" "$@" >> "$log" 2>&1
   RC=$?
   ELAPSED=$((SECONDS - t0))
 }
@@ -143,8 +166,8 @@ jget() { "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); print(d.g
 # -- preflight ----------------------------------------------------------------------------------
 echo "gpu_check: $( ((DRY)) && echo dry run || echo real run ) in $REPO, interpreter $PY, output in $OUT"
 t0=$SECONDS
-LIMIT=$(( $(limit_for preflight) + 30 ))  # a probe that dies would cost every later stage its inputs
-timeout -k 5 "$LIMIT" "$PY" - "$WORK/preflight.json" "$DEVICE" <<'EOF'
+LIMIT=$(limit_for preflight)
+timeout -k "$GRACE" "$LIMIT" "$PY" - "$WORK/preflight.json" "$DEVICE" <<'EOF'
 import importlib, json, os, shutil, subprocess, sys
 out, device = sys.argv[1], sys.argv[2]
 info = dict(python=sys.executable, python_version=sys.version.split()[0], device=device, missing=[])
@@ -154,7 +177,7 @@ def tool(name, *extra):
     if path is None:
         info["missing"].append(name)
     return path
-for name in ("torch", "triton", "pybind11", "expecttest", "hypothesis", "pytest"):
+for name in ("numpy", "torch", "triton", "pybind11", "expecttest", "hypothesis", "pytest", "xdist"):
     try:
         mod = importlib.import_module(name)
         info[name] = getattr(mod, "__version__", "present")
@@ -216,8 +239,8 @@ has() {
 }
 
 # -- build ----------------------------------------------------------------------------------------
-build_info() {
-  timeout 60 "$PY" -c "import json, nm_optim; i = nm_optim.build_info(); i['backends_$DEVICE'] = nm_optim.available_backends('$DEVICE'); print(json.dumps(i))" \
+build_info() {  # at most 20 s, counted in the build's budget
+  timeout -k 2 18 "$PY" -c "import json, nm_optim; i = nm_optim.build_info(); i['backends_$DEVICE'] = nm_optim.available_backends('$DEVICE'); print(json.dumps(i))" \
     > "$WORK/build_info.json" 2>> "$OUT/build.log" || echo '{"error": "nm_optim.build_info() failed: see build.log"}' > "$WORK/build_info.json"
   cat "$WORK/build_info.json"
 }
@@ -235,9 +258,10 @@ else
       --measured "$WORK/build_info.json"
   else
     ARCHS=${CAP/./}
-    LIMIT=$(limit_for build)
+    LIMIT=$(( $(limit_for build) - 20 ))  # build_info's 20 s after it
+    ((LIMIT < 10)) && LIMIT=10
     export CUDACXX=${CUDACXX:-$(command -v nvcc)}
-    run_limited "$LIMIT" "$OUT/build.log" env NM_OPTIM_CUDA=1 NM_OPTIM_CUDA_ARCHS="${ARCHS:-native}" \
+    run_limited "$LIMIT" "$OUT/build.log" env NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0 NM_OPTIM_CUDA_ARCHS="${ARCHS:-native}" \
       CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" \
       "$PY" -m pip install --no-build-isolation --no-deps -e .
     build_info
@@ -254,13 +278,22 @@ fi
 
 # -- tests ----------------------------------------------------------------------------------------
 SELECT="(cuda or triton or graphs) and not cuda-reference"
+# GPU-first order (pytest keeps the order of its file arguments); the files the CPU alone can
+# check are left out (see the header), and so are test_triton's ahead-of-time compile tests.
 KERNEL_FILES=() MORE_FILES=()
-for f in stats layouts plan triton op amp bitwise graphs; do
+for f in amp stats graphs triton_binder triton layouts op; do
   [[ -f tests/test_$f.py ]] && KERNEL_FILES+=("tests/test_$f.py")
 done
 for f in api recorder errors parity; do
   [[ -f tests/test_$f.py ]] && MORE_FILES+=("tests/test_$f.py")
 done
+CPU_CHECKED=(--deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_spilling
+             --deselect tests/test_triton.py::test_every_kernel_variant_compiles_for_sm80_and_sm90)
+# pytest-xdist (on the GPU machine): 4 workers compile Triton's variants side by side.
+PARALLEL=()
+if ((!DRY)) && [[ "$(jget "$WORK/preflight.json" xdist)" != "" && "$(jget "$WORK/preflight.json" xdist)" != None ]]; then
+  PARALLEL=(-n 4)
+fi
 
 test_stage() {  # test_stage NAME FILES...
   local name=$1
@@ -274,9 +307,9 @@ test_stage() {  # test_stage NAME FILES...
     return
   fi
   LIMIT=$(limit_for "$name")
-  echo "gpu_check: $name: ${#@} files, -k \"$SELECT\", limit $LIMIT s"
+  echo "gpu_check: $name: ${#@} files, -k \"$SELECT\", ${PARALLEL[*]:-one process}, limit $LIMIT s"
   run_limited "$LIMIT" "$WORK/$name.log" "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=5 \
-    --junitxml="$WORK/junit_$name.xml" -k "$SELECT" "$@"
+    --junitxml="$WORK/junit_$name.xml" "${PARALLEL[@]}" -k "$SELECT" "${CPU_CHECKED[@]}" "$@"
   { echo "==== $name ===="; cat "$WORK/$name.log"; } >> "$OUT/pytest.log"
   REP pytest "$WORK/junit_$name.xml" "$WORK/$name.log" > "$WORK/$name.json"
   local summary failed errors passed
@@ -288,13 +321,10 @@ test_stage() {  # test_stage NAME FILES...
   local status=ok note="$summary"
   if ((${failed:-0} + ${errors:-0} > 0)); then
     status=failed
-  elif [[ $RC == 124 ]]; then
-    if ((DRY)); then
-      note="dry run: stopped at its $LIMIT s limit by design; $summary"
-    else
-      status=failed
-      note="cut at its $LIMIT s limit after $passed passed; $summary"
-    fi
+  elif [[ $RC == 124 || $RC == 137 ]]; then
+    # cut at the limit with no failure so far: the tests it reached passed, the others did not run
+    status=partial
+    note="cut at its $LIMIT s limit after ${passed:-0} passed$( ((DRY)) && echo " (dry run: by design)"); $summary"
   elif [[ $RC != 0 ]]; then
     status=failed
     note="pytest rc $RC; $summary"
@@ -318,7 +348,7 @@ sanitizer_stage() {  # sanitizer_stage NAME TOOL SCRIPT [ARGS...]
   local log="$WORK/$name.log"
   # the script starts no case after its time budget, so that it ends, and the sanitizer with it,
   # before the limit (the sanitizer's start and end take seconds)
-  set -- "$@" --time-budget $((LIMIT > 60 ? LIMIT - 30 : LIMIT / 2))
+  set -- "$@" --time-budget $((LIMIT > 40 ? LIMIT - 20 : LIMIT / 2))
   if ((DRY)); then
     run_limited "$LIMIT" "$log" "$PY" "$script" --device cpu "$@"
   elif [[ "$CUDA_OK" != True ]]; then
@@ -334,14 +364,20 @@ sanitizer_stage() {  # sanitizer_stage NAME TOOL SCRIPT [ARGS...]
   { echo "==== $name ===="; cat "$log"; } >> "$OUT/sanitizer.log"
   tail -4 "$log"
   REP sanitizer "$log" > "$WORK/$name.json"
-  local status=ok note summary
+  local status=ok note summary not_run
   summary=$(jget "$WORK/$name.json" script_summary)
+  not_run=$(jget "$WORK/$name.json" cases_not_run)
   case $RC in
     0) note="no errors" ;;
     9) status=failed note="compute-sanitizer $tool reported errors: $(jget "$WORK/$name.json" tool_summary)" ;;
-    124) status=failed note="cut at its $LIMIT s limit" ;;
+    124|137) status=failed note="cut at its $LIMIT s limit" ;;
     *) status=failed note="rc $RC (a case failed, or the script or the sanitizer broke): $(tail -1 "$log")" ;;
   esac
+  if [[ $status == ok ]] && [[ -z "$summary" || "${not_run:-0}" != 0 ]]; then
+    # no error in what ran, but not every case ran (or the script never said): never `ok`
+    status=partial
+    note="no errors in $(jget "$WORK/$name.json" cases_run) of $(jget "$WORK/$name.json" cases_total) cases (${not_run:-?} not run: time budget)"
+  fi
   note="$note; ${summary:-the script printed no summary}"
   ((DRY)) && note="dry run, without compute-sanitizer: $note"
   REP stage "$REPORT" "$name" $status $ELAPSED --limit "$LIMIT" --note "$note" --measured "$WORK/$name.json"
@@ -372,7 +408,7 @@ else
   REP bench "$OUT/bench.json" > "$WORK/bench_digest.json"
   case $RC in
     0) status=ok note="" ;;
-    124) status=failed note="cut at its $LIMIT s limit (bench.json holds the sections that ended)" ;;
+    124|137) status=partial note="cut at its $LIMIT s limit (bench.json holds the sections that ended)" ;;
     *) status=failed note="rc $RC (a section failed: see gpu_check.log)" ;;
   esac
   REP stage "$REPORT" bench $status $ELAPSED --limit "$LIMIT" --note "$note" --measured "$WORK/bench_digest.json"

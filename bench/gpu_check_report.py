@@ -20,7 +20,8 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
-STATUSES = ("ok", "failed", "skipped")
+# partial: no failure, but the stage stopped (its time limit, a case budget) before its last case
+STATUSES = ("ok", "partial", "failed", "skipped")
 
 
 def _load(path: str) -> dict:
@@ -108,7 +109,8 @@ def pytest_digest(junit: str, log: str) -> dict:
 
 
 def sanitizer_digest(log: str) -> dict:
-    out: dict = dict(tool_summary=None, script_summary=None, errors=None)
+    out: dict = dict(tool_summary=None, script_summary=None, errors=None, cases_run=None, cases_total=None,
+                     cases_not_run=None)
     try:
         with open(log, errors="replace") as f:
             lines = f.read().splitlines()
@@ -121,8 +123,14 @@ def sanitizer_digest(log: str) -> dict:
             n = re.search(r"SUMMARY: (\d+) (errors|hazards)", ln)
             if n:
                 out["errors"] = int(n.group(1))
-        if re.match(r"(sanitize_step|racecheck_stats): \d+ of \d+ cases ok", ln):
+        m = re.match(r"(sanitize_step|racecheck_stats): \d+ of (\d+) cases ok", ln)
+        if m:
             out["script_summary"] = ln
+            # "...; K not run (time budget B s)": the cases the script's budget left out
+            n = re.search(r"; (\d+) not run", ln)
+            out["cases_run"] = int(m.group(2))
+            out["cases_not_run"] = int(n.group(1)) if n else 0
+            out["cases_total"] = out["cases_run"] + out["cases_not_run"]
     out["failed_cases"] = [ln for ln in lines if re.match(r"(sanitize_step|racecheck_stats): FAIL", ln)][:20]
     return out
 
@@ -176,13 +184,21 @@ def final_line(doc: dict) -> str:
             words = _bitwise_words(m.get("bitwise_vs_torch_fused"))
             ref = m.get("bitwise_reference", "torch fused")
             parts.append(f"bench {status}" + (f" (bitwise vs {ref}: {words})" if words else ""))
+        elif name in ("memcheck", "racecheck") and status == "partial" and m.get("cases_total"):
+            parts.append(f"{name} partial ({m['cases_run']} of {m['cases_total']} cases)")
         elif name == "preflight" and m.get("missing"):
             parts.append(f"preflight {status} (missing: {', '.join(m['missing'])})")
         else:
             parts.append(f"{name} {status}")
     failed = [s["name"] for s in doc["stages"] if s["status"] == "failed"]
+    partial = [s["name"] for s in doc["stages"] if s["status"] == "partial"]
     head = "gpu_check" + (" (dry run)" if doc.get("mode") == "dry-run" else "")
-    tail = f" => FAILED: {', '.join(failed)}" if failed else " => all stages ok or skipped"
+    if failed:
+        tail = f" => FAILED: {', '.join(failed)}"
+    elif partial:
+        tail = f" => no stage failed; partial (not every case ran): {', '.join(partial)}"
+    else:
+        tail = " => all stages ok or skipped"
     return f"{head}: {', '.join(parts)}{tail}"
 
 
@@ -191,6 +207,7 @@ def cmd_final(a) -> int:
     line = final_line(doc)
     doc["final"] = line
     doc["ok"] = all(s["status"] != "failed" for s in doc["stages"])
+    doc["partial"] = [s["name"] for s in doc["stages"] if s["status"] == "partial"]
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _write(a.report, doc)
     print(line, flush=True)

@@ -216,19 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failures = n = not_run = 0
     t0 = time.perf_counter()
-    for dname in ("fp32", "bf16") if args.quick else tuple(DTYPES):
-        for name, check in cases(dname, args.quick):
-            for b in backends:
-                if args.time_budget and time.perf_counter() - t0 > args.time_budget:
-                    not_run += 1
-                    continue
-                n += 1
-                try:
-                    compare(check, f"{b} {name}", b, device)
-                    print(f"sanitize_step: ok   {b} {name}", flush=True)
-                except Exception as e:  # noqa: BLE001 (report every case, then fail)
-                    failures += 1
-                    print(f"sanitize_step: FAIL {b} {name}: {type(e).__name__}: {e}", flush=True)
+    # Round-robin over the dtypes (each one's layout cases first), so that a time budget that
+    # stops early still reaches every dtype, fp64 included.
+    per_dtype = [cases(dname, args.quick) for dname in (("fp32", "bf16") if args.quick else tuple(DTYPES))]
+    ordered = [c[i] for i in range(max(map(len, per_dtype))) for c in per_dtype if i < len(c)]
+    for name, check in ordered:
+        for b in backends:
+            if args.time_budget and time.perf_counter() - t0 > args.time_budget:
+                not_run += 1
+                continue
+            n += 1
+            try:
+                compare(check, f"{b} {name}", b, device)
+                print(f"sanitize_step: ok   {b} {name}", flush=True)
+            except Exception as e:  # noqa: BLE001 (report every case, then fail)
+                failures += 1
+                print(f"sanitize_step: FAIL {b} {name}: {type(e).__name__}: {e}", flush=True)
     dt = time.perf_counter() - t0
     tail = f"; {not_run} not run (time budget {args.time_budget:g} s)" if not_run else ""
     print(f"sanitize_step: {n - failures} of {n} cases ok on {device} ({', '.join(backends)}) in {dt:.1f} s{tail}")
