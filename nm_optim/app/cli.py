@@ -1,6 +1,6 @@
 """The `nm-optim` command line: `demo`, `train` and `plot`.
 
-    nm-optim demo [--out DIR] [--steps N] [--backend B] [--device D] [--full [--full-steps N]]
+    nm-optim demo [--out DIR] [--steps N] [--backend B] [--device D] [--full [--full-steps N]] [--transformer]
     nm-optim train --model vgg16_bn --data imagefolder:~/tiny-imagenet-200 --lr 0.1 --epochs 10 --out runs/vgg
     nm-optim train --out runs/vgg --resume            # continue from runs/vgg/checkpoint.pt
     nm-optim plot runs/vgg/record.npz --out figures/
@@ -50,13 +50,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, steps=args.steps, backend=args.backend, device=args.device, seed=args.seed,
+    if args.transformer:
+        return _demo_transformer(args)
+    summary = run_demo(args.out, steps=DEMO_STEPS if args.steps is None else args.steps, backend=args.backend, device=args.device, seed=args.seed,
                        progress=not args.no_progress, full=args.full, full_steps=args.full_steps)
     if not args.quiet:
         experiments = summary["experiments"]
         print(format_table(experiments))
         print(f"\n{len(experiments)} experiments in {summary['seconds']:.1f} s on {summary['device']} "
               f"(backend {summary['backend']}); figures, records and summary.json in {Path(args.out)}")
+    return 0
+
+
+def _demo_transformer(args: argparse.Namespace) -> int:
+    from nm_optim.app.demo_transformer import TRANSFORMER_STEPS, format_rows, run_transformer_demo
+
+    steps = TRANSFORMER_STEPS if args.steps is None else args.steps
+    summary = run_transformer_demo(args.out, steps=steps, backend=args.backend, seed=args.seed,
+                                   progress=not args.no_progress)
+    if not args.quiet:
+        print(format_rows(summary["symmetries"]))
+        print(f"\n{len(summary['symmetries'])} symmetries in {summary['seconds']:.1f} s; figure, record and "
+              f"summary.json in {Path(args.out)}")
     return 0
 
 
@@ -135,10 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train small VGG-style nets on scikit-learn's digits and draw the paper's "
                                       "theory-vs-experiment figures (translation, scale, rescale, momentum oscillation).")
     demo.add_argument("--out", default="nm_optim_demo", help="output folder (default: nm_optim_demo)")
-    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"steps per training run (default: {DEMO_STEPS})")
+    demo.add_argument("--steps", type=int, default=None, help=f"steps per training run (default: {DEMO_STEPS})")
     demo.add_argument("--full", action="store_true",
                       help="also VGG-16-BN on the digits at 32x32: per-layer norms over training, the paper's "
                            "first figure (minutes on a CPU)")
+    demo.add_argument("--transformer", action="store_true",
+                      help="instead: a char-level transformer on the standard library's source, the laws of its "
+                           "attention, MLP, norm and head symmetries (about a minute on a CPU)")
     demo.add_argument("--full-steps", type=int, default=FULL_STEPS, help=f"steps of the --full run (default: {FULL_STEPS})")
     common(demo, suppress=False)
     quiet(demo)
