@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nm_optim import _lazy
 from nm_optim._version import __version__
 from nm_optim.names import HYPER_NAMES, STAT_NAMES
 from nm_optim.names import RECORD_FORMAT as FORMAT
@@ -117,7 +118,7 @@ class Recorder:
     # -- called by SGD.step --------------------------------------------------------------------
     # Host bookkeeping (counters, lists, chunk flushes) that changes every step: under
     # torch.compile it runs eagerly, so the compiled step neither guards on it nor recompiles.
-    @torch.compiler.disable
+    @_lazy.disable
     def after_step(self, first_params: set[int], found_inf: Tensor | None) -> None:
         groups = self._param_groups()
         if _creating_torch_state(groups):
