@@ -506,6 +506,26 @@ def test_verification_of_a_bn_net_in_float32_and_it_changes_nothing():
     assert len(lines) == len(syms) + 2 and lines[0].split()[:3] == ["symmetry", "kind", "groups"]
 
 
+def test_default_tolerance_is_the_documented_one_and_float64_reports_batchnorm_eps_as_breaking():
+    """1e-6 in float64, 1e-3 otherwise (the docstring's numbers). BatchNorm's eps breaks scale by
+    about eps / channel variance: with channels of variance ~0.3 (eps 1e-5: ~3e-5) the float64
+    default reports it; with eps 1e-14 it is rounding and passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(0.3)
+    x, y = batch64((4,), 3)
+    syms = find_symmetries(model, x, loss=F.cross_entropy)
+    report = verify_symmetries(model, F.cross_entropy, (x, y), syms)
+    assert report.tol == 1e-6
+    assert [c.kind for c in report.failed] == ["scale"], report.table()
+    assert 1e-6 < report.failed[0].grad_residual < 1e-3, report.table()
+    model[1].eps = 1e-14
+    assert verify_symmetries(model, F.cross_entropy, (x, y), syms).passed
+    assert verify_symmetries(model.float(), F.cross_entropy, (x.float(), y), syms).tol == 1e-3
+    assert "default 1e-6 in float64, 1e-3 otherwise" in verify_symmetries.__doc__
+
+
 def test_dropout_sees_the_same_mask_in_every_evaluation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).double()

@@ -450,3 +450,38 @@ def test_resnet_scale_inside_residual_blocks_and_no_rescale_across_them():
         if isinstance(m, nn.BatchNorm2d):
             m.eps = 1e-14
     assert verify_symmetries(model, F.cross_entropy, (x, y), syms).passed
+
+
+# -- tracked by nm_optim.SGD: rows of existing tracks, summed after the step -----------------------------
+def test_sgd_tracks_fused_slices_once_and_the_laws_hold_to_rounding():
+    import nm_optim
+    from nm_optim import theory
+
+    torch.manual_seed(0)
+    model = MHA().double()
+    with torch.no_grad():  # torch starts in_proj_bias at 0, where the key bias's law is 0 = 0
+        model.attn.in_proj_bias.uniform_(-0.3, 0.3)
+    x = seq(4, 5, 8)
+    syms = find_symmetries(model, x)
+    W, b = model.attn.in_proj_weight, model.attn.in_proj_bias
+    w0, b0 = W.detach().clone(), b.detach().clone()
+    opt = nm_optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-2, symmetries=syms)
+    # one track per (param, axis): the query, key and value slices share in_proj_weight's rows
+    assert sorted(t.name for t in opt._tracks.tracks) == sorted({m.track for s in syms for m in s.members})
+    assert sum(t.name == "attn.in_proj_weight:rows" for t in opt._tracks.tracks) == 1
+    target = seq(4, 5, 8)
+    for _ in range(6):
+        opt.zero_grad()
+        readout_loss(model(x), target).backward()
+        opt.step()
+    record = opt.recorder.snapshot()
+    qk = by_name(syms)["attn[q->k per dimension]"].group_stats(record)
+    pp = nm_optim.STAT_NAMES.index("pp")
+    assert np.allclose(qk["A1"][0, :, pp], (w0[:8] ** 2).sum(1) + b0[:8] ** 2, rtol=1e-12)
+    assert np.allclose(qk["A2"][0, :, pp], (w0[8:16] ** 2).sum(1) + b0[8:16] ** 2, rtol=1e-12)
+    key_bias = by_name(syms)["attn[key bias]"].group_stats(record)["A"]
+    assert np.allclose(key_bias[0, :, nm_optim.STAT_NAMES.index("p")], b0[8:16], rtol=1e-12)
+    assert np.abs(key_bias[:, :, nm_optim.STAT_NAMES.index("g")]).max() < 1e-12  # the gradient vanishes
+    result = theory.compare(record)  # rebuilt from the record's descriptions (index maps included)
+    for p in result.predictions:
+        assert np.nanmax(p.exact_error) < 1e-12, (p.name, p.exact_error)
