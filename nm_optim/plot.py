@@ -1,8 +1,15 @@
-"""Figures in the style of the Neural Mechanics paper: the measured quantity of every group in
-colour (one colour per layer, i.e. per symmetry), the theory over it as dashed black lines; one
-panel each for translation, scale and rescale, and one for the oscillation momentum causes. With
-``residuals=True`` each panel gets a residual panel under it: (prediction - measured) / max
-|measured| per group, the quantity the reported errors are the maximum of.
+"""Figures in the style of the Neural Mechanics paper: the measured quantity of every group as
+solid coloured lines (one colour per layer, i.e. per symmetry), the theory over it as dashed
+black lines (told apart by line style, so a greyscale print keeps them apart too); one panel each
+for translation, scale and rescale, and one for the oscillation momentum causes. With
+``residuals=True`` each panel gets a residual panel under it: (prediction - measured) / the
+quantity's natural scale at each step (`theory.errors`), the quantity the reported errors are
+the maximum of. Every axis is labelled: the quantity, and time in steps k or, where the
+theory's continuous time is meant, t = η(1−δ)·k.
+
+``layer_norms`` draws one panel per layer with per-neuron curves (the paper's VGG figure);
+``translation_collapse`` draws runs at several learning rates and on shuffled labels collapsing
+onto e^{-λt} at matched t = η·k (translation does not depend on the data or, to O(ηλ), on η).
 
     from nm_optim import plot, theory
     fig = plot.figure(theory.compare(record), path="theory.png")
@@ -30,6 +37,16 @@ _TITLES = {
     "rescale": "rescale: |θ_A1|² − |θ_A2|²",
     "oscillation": "momentum: |θ_A|² / |θ_A(0)|²",
 }
+_YLABELS = {
+    "translation": "Σθ_A (sum over the group)",
+    "scale": "|θ_A|²",
+    "rescale": "|θ_A1|² − |θ_A2|²",
+}
+_RESIDUAL_LABEL = "{} − meas.\n/ natural scale"
+_TIME_LABEL = "t = η(1 − δ)·k  (continuous time)"
+# The theory: black, dashed; the measurement: coloured, solid and wider underneath.
+THEORY_STYLE = {"color": "black", "lw": 0.9, "ls": (0, (4, 2))}
+MEASURED_WIDTH = 1.6
 _OSCILLATION_TITLES = {
     "translation": "momentum: Σθ_A / Σθ_A(0)",
     "scale": "momentum: |θ_A|² / |θ_A(0)|²",
@@ -103,8 +120,9 @@ def plot_prediction(pred: Prediction, ax: Any, *, theory: str = "exact", color: 
     first = True
     for g, scale in _normalised_groups(pred, max_groups, normalize):
         meas, th = pred.measured[:, g] / scale, pred_curve[:, g] / scale
-        ax.plot(xs, meas, color=color, lw=1.2, alpha=0.8, label=(label or pred.name) if first else None)
-        ax.plot(xs, th, color="black", lw=0.9, ls="--", label=f"theory ({theory})" if first else None)
+        ax.plot(xs, meas, color=color, lw=MEASURED_WIDTH, alpha=0.85, solid_capstyle="butt",
+                label=(label or pred.name) + " (measured)" if first else None)
+        ax.plot(xs, th, **THEORY_STYLE, label=f"theory ({theory})" if first else None)
         if baseline:
             ax.plot(xs, pred.gradient_flow[:S, g] / scale, color="0.5", lw=0.9, ls=":",
                     label="conserved (gradient flow)" if first else None)
@@ -114,22 +132,18 @@ def plot_prediction(pred: Prediction, ax: Any, *, theory: str = "exact", color: 
 
 def plot_residual(pred: Prediction, ax: Any, *, theory: str = "exact", color: Any = None,
                   max_groups: int = 16, x: str = "step", label: str | None = None) -> Any:
-    """Draw (prediction - measured) / max_k max(|measured|, floor) per group: the residual whose
-    maximum over steps is the reported relative error."""
+    """Draw (prediction - measured) / the quantity's natural scale at each step, per group
+    (`theory.Prediction.residual`): the residual whose maximum over steps is the reported error."""
     if theory not in ("exact", "paper", "gradient_flow"):
         raise ValueError(f"theory must be 'exact', 'paper' or 'gradient_flow', got {theory!r}")
     S = len(pred.steps)
     xs = pred.time[:S] if x == "time" else np.asarray(pred.steps)
-    curve = getattr(pred, theory)[:S]
-    floor = np.broadcast_to(np.asarray(pred.floor, dtype=np.float64), (pred.num_groups,))
+    residual = pred.residual(theory)
     first = True
     for g in _groups(pred, max_groups):
-        meas = pred.measured[:, g]
-        if not np.isfinite(meas).any():
+        if not np.isfinite(residual[:, g]).any():
             continue
-        scale = max(float(np.nanmax(np.abs(meas))), float(floor[g]))
-        ax.plot(xs, (curve[:, g] - meas) / (scale or 1.0), color=color, lw=0.9, alpha=0.8,
-                label=(label or pred.name) if first else None)
+        ax.plot(xs, residual[:, g], color=color, lw=0.9, alpha=0.8, label=(label or pred.name) if first else None)
         first = False
     ax.axhline(0.0, color="black", lw=0.6)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
@@ -157,7 +171,7 @@ def figure(source: Any, *, oscillation: Any = None, theory: str = "exact", max_g
     of Predictions. oscillation: the same for the oscillation panel (e.g. an underdamped run),
     default `source`; oscillation_kind: the symmetry kind it shows (default: the best
     underdamped one, scale first). residuals: a second row with (prediction - measured) /
-    max |measured| under every panel. baseline: the conserved constant dotted grey. normalize:
+    natural scale under every panel. baseline: the conserved constant dotted grey. normalize:
     the symmetry panels divide every group by its initial value. Saves a PNG
     to `path` when given; returns the Figure."""
     _, Figure = _matplotlib()
@@ -185,18 +199,17 @@ def figure(source: Any, *, oscillation: Any = None, theory: str = "exact", max_g
             ax.set_title(_OSCILLATION_TITLES[osc.kind], fontsize=10)
             seg = next(s for s in osc.segments if s.model == "oscillator")
             plot_prediction(osc, ax, theory="paper", color="tab:red", max_groups=min(max_groups, 6), x="time",
-                            normalize=True, label=f"{osc.name} ({osc.kind})")
-            ax.text(0.02, 0.02 if osc.kind == "translation" else 0.98,
-                    f"β={seg.momentum:g}, λ={seg.weight_decay:g}\nγ={seg.gamma:.3g}, "
-                    f"ω²={seg.omega2:.3g} ({seg.regime})", transform=ax.transAxes, ha="left",
-                    va="bottom" if osc.kind == "translation" else "top", fontsize=8)
+                            normalize=True, label=f"{osc.name}, {osc.kind}")
+            ax.set_title(_OSCILLATION_TITLES[osc.kind] + f"\nβ={seg.momentum:g}, λ={seg.weight_decay:g}: "
+                         f"γ={seg.gamma:.3g}, ω={np.sqrt(seg.omega2):.3g} ({seg.regime})", fontsize=9)
+            ax.set_ylabel("value / value at t = 0")
             ax.legend(fontsize=7, loc="upper right")
             bottom = ax
             if res is not None:
                 plot_residual(osc, res, theory="paper", color="tab:red", max_groups=min(max_groups, 6), x="time")
-                res.set_ylabel("(paper − meas.) / max|meas.|", fontsize=7)
+                res.set_ylabel(_RESIDUAL_LABEL.format("paper"), fontsize=7)
                 bottom = res
-            bottom.set_xlabel("t = lr·(1 − dampening)·k")
+            bottom.set_xlabel(_TIME_LABEL)
             continue
         mine = [(p, c) for p, c in zip(preds, colors) if p.kind == panel]
         if not mine:
@@ -210,50 +223,118 @@ def figure(source: Any, *, oscillation: Any = None, theory: str = "exact", max_g
             if res is not None:
                 plot_residual(p, res, theory=theory, color=c, max_groups=max_groups, label=p.name)
         _dedupe_legend(ax)
+        ax.set_ylabel(_YLABELS[panel] + (" / value at step 0" if normalize else ""))
         if res is not None:
-            res.set_ylabel(f"({theory} − meas.) / max|meas.|", fontsize=7)
-            res.set_xlabel("step")
+            res.set_ylabel(_RESIDUAL_LABEL.format(theory), fontsize=7)
+            res.set_xlabel("step k")
         else:
-            ax.set_xlabel("step")
+            ax.set_xlabel("step k")
     if path is not None:
         save(fig, path, dpi=dpi)
     return fig
 
 
 def layer_norms(source: Any, *, theory: str = "paper", path: str | os.PathLike | None = None, dpi: int = 120,
-                title: str | None = None, residuals: bool = True) -> Any:
-    """Per-layer squared norms over training, in the style of the paper's first figure: for every
-    scale symmetry (a conv or linear layer before BatchNorm) the sum of |θ_A|² over its groups,
-    divided by its value at the first step, one colour per layer, the `theory` curve dashed
-    black; under it the residual (prediction - measured) / measured of each layer's norm."""
+                title: str | None = None, residuals: bool = True, neurons: int = 6, columns: int = 4,
+                kind: str = "scale") -> Any:
+    """Per-layer, per-neuron quantities over training, in the style of the paper's VGG figure: one
+    panel per symmetry of `kind` (for scale, a conv or linear layer before BatchNorm), each on
+    its own y scale, with up to `neurons` of its groups (evenly spread over the layer) measured
+    in colour and the `theory` curve dashed black over each. With `residuals` every panel's
+    title carries the layer's largest error against the natural scale (`Prediction.residual`)."""
     _, Figure = _matplotlib()
-    preds = [p for p in _predictions(source) if p.kind == "scale"]
-    rows = 2 if residuals else 1
-    fig = Figure(figsize=(6.4, 3.8 + 2.0 * (rows - 1)), layout="constrained")
-    axes = fig.subplots(rows, 1, squeeze=False, sharex="col", gridspec_kw={"height_ratios": [3, 1.6][:rows]})[:, 0]
-    ax = axes[0]
-    ax.set_title("per-layer |θ|² / value at step 0 (scale symmetries)", fontsize=10)
-    ax.set_yscale("log")
+    preds = [p for p in _predictions(source) if p.kind == kind]
+    n = max(len(preds), 1)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(3.0 * cols, 2.3 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     if not preds:
-        _empty(ax, "no scale symmetry")
-    colors = _colors(len(preds))
-    for i, (p, c) in enumerate(zip(preds, colors)):
-        S = len(p.steps)
-        meas = np.nansum(p.measured, axis=1)
-        th = np.nansum(getattr(p, theory)[:S], axis=1)
-        scale = meas[0] if meas[0] else 1.0
-        ax.plot(p.steps, meas / scale, color=c, lw=1.3, label=p.name)
-        ax.plot(p.steps, th / scale, color="black", lw=0.8, ls="--", label=f"theory ({theory})" if i == 0 else None)
+        _empty(axes[0][0], f"no {kind} symmetry")
+    matplotlib, _ = _matplotlib()
+    cmap = matplotlib.colormaps["viridis"]
+    for i, ax in enumerate(axes.flat):
+        if i >= len(preds):
+            ax.set_visible(False)
+            continue
+        p = preds[i]
+        groups = _groups(p, neurons)
+        xs = np.asarray(p.steps)
+        S = len(xs)
+        curve = getattr(p, theory)[:S]
+        for j, g in enumerate(groups):
+            # viridis without its darkest end: no measured curve looks like the black theory
+            colour = cmap(0.15 + 0.7 * j / max(len(groups) - 1, 1))
+            ax.plot(xs, p.measured[:, g], color=colour, lw=MEASURED_WIDTH, alpha=0.9,
+                    label="measured (per neuron)" if j == 0 else None)
+            ax.plot(xs, curve[:, g], **THEORY_STYLE, label=f"theory ({theory})" if j == 0 else None)
+        head = p.name
         if residuals:
-            axes[1].plot(p.steps, (th - meas) / np.where(meas != 0, meas, 1.0), color=c, lw=0.9)
-    ax.legend(fontsize=6, ncol=2)
-    if residuals:
-        axes[1].axhline(0.0, color="black", lw=0.6)
-        axes[1].set_ylabel(f"({theory} − meas.) / meas.", fontsize=7)
-        axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    axes[-1].set_xlabel("step")
+            err = np.nanmax(np.abs(p.residual(theory)[:, groups])) if len(groups) else float("nan")
+            head += f"  (max err {err:.1e})"
+        ax.set_title(head, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if i % cols == 0:
+            ax.set_ylabel(_YLABELS[kind], fontsize=8)
+        if i >= len(preds) - cols:
+            ax.set_xlabel("step k", fontsize=8)
+        if i == 0:
+            ax.legend(fontsize=6, loc="best")
     if title:
         fig.suptitle(title, fontsize=9)
+    if path is not None:
+        save(fig, path, dpi=dpi)
+    return fig
+
+
+def translation_collapse(runs: Sequence[tuple[str, Any]], *, path: str | os.PathLike | None = None, dpi: int = 120,
+                         title: str | None = None, max_groups: int = 8) -> Any:
+    """Translation's independence of the learning rate and of the data (the paper, section 5):
+    for each (label, source) in `runs` (a Record, Comparison or Prediction; plain SGD with the
+    same weight decay λ) the translation groups' Σθ_A / Σθ_A(0) against t = η·k, which all
+    collapse onto e^{-λt} (dashed black); under it, each run's gap to e^{-λt}, the O(ηλ²t)
+    finite-learning-rate term of (1 − ηλ)^k. Runs are told apart by colour and marker."""
+    _, Figure = _matplotlib()
+    fig = Figure(figsize=(6.4, 5.4), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.6]})
+    markers = ("o", "s", "^", "D", "v", "x")
+    colours = _colors(len(runs))
+    t_max, lam = 0.0, None
+    for i, (label, source) in enumerate(runs):
+        preds = [p for p in _predictions(source) if p.kind == "translation"]
+        if not preds:
+            raise ValueError(f"translation_collapse: run {label!r} has no translation symmetry")
+        p = preds[0]
+        seg = p.segments[0]
+        if seg.momentum != 0:
+            raise ValueError(f"translation_collapse: run {label!r} has momentum {seg.momentum:g}; the collapse "
+                             "onto e^(-λt) is for plain SGD")
+        lam = seg.weight_decay if lam is None else lam
+        S = len(p.steps)
+        t = p.time[:S]
+        t_max = max(t_max, float(t[-1]))
+        pairs = _normalised_groups(p, max_groups, True)
+        every = max(S // 12, 1)
+        for j, (g, q0) in enumerate(pairs):
+            ratio = p.measured[:, g] / q0
+            ax_label = f"{label} (η={seg.lr:g})" if j == 0 else None
+            top.plot(t, ratio, color=colours[i], lw=1.0, alpha=0.6, marker=markers[i % len(markers)],
+                     markevery=(i * every // len(runs), every), ms=4, label=ax_label)
+            bottom.plot(t, ratio - np.exp(-lam * t), color=colours[i], lw=0.9, alpha=0.7,
+                        marker=markers[i % len(markers)], markevery=(i * every // len(runs), every), ms=3)
+    ts = np.linspace(0, t_max, 200)
+    top.plot(ts, np.exp(-(lam or 0.0) * ts), **{**THEORY_STYLE, "lw": 1.4}, label=f"theory e^(−λt), λ={lam:g}")
+    top.set_ylabel("Σθ_A / Σθ_A(0)")
+    top.legend(fontsize=7)
+    bottom.axhline(0.0, color="black", lw=0.6)
+    bottom.set_ylabel("measured − e^(−λt)", fontsize=8)
+    bottom.set_xlabel("t = η·k  (continuous time)")
+    bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    import textwrap
+
+    top.set_title(textwrap.fill(title or "translation: the same e^(−λt) at every learning rate and on shuffled labels",
+                                80), fontsize=9)
     if path is not None:
         save(fig, path, dpi=dpi)
     return fig
@@ -269,9 +350,13 @@ def save(fig: Any, path: str | os.PathLike, dpi: int = 120) -> str:
 
 
 def _colors(n: int) -> list[Any]:
+    """n colours for measured curves; past ten, viridis without its darkest end (which a
+    greyscale print would not tell from the black theory)."""
     matplotlib, _ = _matplotlib()
-    cmap = matplotlib.colormaps["viridis" if n > 10 else "tab10"]
-    return [cmap(i / max(n - 1, 1)) if n > 10 else cmap(i) for i in range(n)]
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(0.15 + 0.75 * i / max(n - 1, 1)) for i in range(n)]
 
 
 def _empty(ax: Any, text: str) -> None:

@@ -206,7 +206,7 @@ def test_residual_panels_and_the_per_layer_figure(tmp_path):
     preds = [theory.predict_arrays("scale", stats, sched, name="toy")]
     fig = plot.figure(preds, panels=("scale", "oscillation"), residuals=True, baseline=True)
     axes = fig.get_axes()
-    assert len(axes) == 4 and "/ max|meas.|" in axes[2].get_ylabel()
+    assert len(axes) == 4 and "natural scale" in axes[2].get_ylabel()
     assert any(line.get_linestyle() == ":" for line in axes[0].get_lines())  # the conserved baseline
     fig = plot.layer_norms(preds, path=tmp_path / "layers.png")
     assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
