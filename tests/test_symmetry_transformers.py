@@ -485,3 +485,13 @@ def test_sgd_tracks_fused_slices_once_and_the_laws_hold_to_rounding():
     result = theory.compare(record)  # rebuilt from the record's descriptions (index maps included)
     for p in result.predictions:
         assert np.nanmax(p.exact_error) < 1e-12, (p.name, p.exact_error)
+
+
+def test_the_hugging_face_example_runs_and_its_laws_hold():
+    from helpers import load_example
+
+    result = load_example("transformer_hf").main(["--steps", "4"])
+    assert {p.name for p in result.predictions} >= {"lm_head", "transformer.h.0.attn[key bias]",
+                                                    "transformer.h.1.attn[q->k per dimension]"}
+    for p in result.predictions:
+        assert np.nanmax(p.exact_breaking_error) < 1e-4, (p.name, p.exact_breaking_error)
