@@ -9,6 +9,9 @@ digits and CIFAR-10 (stored as uint8 where the source is, normalised per batch),
 decoded files for ImageFolder trees, which may not fit in memory.
 
     train, test = nm_optim.app.data.load("cifar10:/data/cifar-10-batches-py")
+
+:func:`batches` reads a sequence of batches in order, with worker processes decoding ahead of the
+training step where the data set decodes files (:func:`default_workers`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -372,3 +375,45 @@ def load(spec: str, *, image_size: int | None = None) -> Split:
             return load_cifar10(path)
         return load_image_folder(path, 64 if image_size is None else image_size)
     raise DataError(f"unknown data set {spec!r}; expected one of: {', '.join(DATA_KINDS)}")
+
+
+# -- reading batches -------------------------------------------------------------------------------
+
+
+def default_workers(data: Any) -> int:
+    """How many processes decode `data`'s batches by default: the cores this process may use for
+    a data set decoded from files (ImageFolderData), none for one held in memory, whose batch is
+    a tensor index that a worker would only copy through shared memory."""
+    if not isinstance(data, ImageFolderData):
+        return 0
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _ByBatch(torch.utils.data.Dataset):
+    """`data` as a torch data set whose item `idx` (an index tensor) is the batch data.batch(idx)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __getitem__(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.data.batch(idx)
+
+
+def batches(data: Any, indices: Iterable[Tensor], *, workers: int = 0,
+            pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """``data.batch(idx)`` for each `idx` of `indices`, in that order: the same tensors whatever
+    `workers` is, so a run's data order (and a resume's) does not depend on it.
+
+    workers > 0: torch.utils.data.DataLoader with that many processes, each decoding whole
+    batches (a batch's images in one worker) a few batches ahead; the loader hands them back in
+    the order of `indices`. pin_memory: page-locked batches, for asynchronous copies to CUDA."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be a non-negative integer, got {workers!r}")
+    if workers == 0 and not pin_memory:
+        return (data.batch(idx) for idx in indices)
+    # batch_size=None: no automatic batching, the sampler's items (index tensors) are the keys.
+    return iter(torch.utils.data.DataLoader(_ByBatch(data), batch_size=None, sampler=indices, num_workers=workers,
+                                            pin_memory=pin_memory))

@@ -19,7 +19,8 @@ steps, seed) and an output folder. :func:`train` builds the model from the zoo
 
 Determinism: the weights are initialised from `seed`; epoch e visits the training set in the
 order of ``randperm(N)`` drawn from a generator seeded with (seed, e), so the data position is
-just the global step; a checkpoint holds the model, the optimizer state, the recorder state (the
+just the global step (and batches decoded ahead by worker processes, app.data.batches, arrive
+in that order); a checkpoint holds the model, the optimizer state, the recorder state (the
 record stream's length), the torch RNG states (dropout) and that step. Resuming from it continues
 bit-identically — the parameters and the record — on the same device, backend and thread count
 (on CUDA, cuDNN is put in deterministic mode for that).
@@ -35,7 +36,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from nm_optim.app.config import (
     resolve_backend,
     resolve_device,
 )
-from nm_optim.app.data import DataError, Split, load
+from nm_optim.app.data import DataError, Split, batches, default_workers, load
 from nm_optim.app.report import RECORD_NAME, write_run_outputs
 from nm_optim.symmetry import find_symmetries
 
@@ -108,6 +109,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=gen)
 
 
+def step_indices(n: int, batch_size: int, seed: int, start: int, total: int,
+                 d: dist_app.Distributed | None = None) -> Iterator[Tensor]:
+    """The examples of steps start .. total-1, one index tensor per step (this process's share
+    of the global batch in a distributed run): epoch e's epoch_order, batch after batch."""
+    per_epoch = n // batch_size
+    order, order_epoch = None, -1
+    for step in range(start, total):
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, seed, epoch), epoch
+        idx = order[pos * batch_size : (pos + 1) * batch_size]
+        yield idx if d is None else dist_app.local_indices(idx, d)  # this rank's share
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     """A tqdm bar on stderr when tqdm is installed and wanted; otherwise None."""
     if not enabled:
@@ -139,6 +154,7 @@ def train(
     tensorboard: str | os.PathLike | None = None,
     tensorboard_every: int = 10,
     distributed: dist_app.Distributed | None = None,
+    workers: int | None = None,
 ) -> TrainResult:
     """Train `config` and write its outputs to `out` (see the module docstring).
 
@@ -160,12 +176,17 @@ def train(
     distributed: this process's place in a run on several processes, inside
         app.distributed.process_group (see the module docstring there). Rank 0 writes `out`,
         the others only read its checkpoint on resume.
+    workers: processes that decode batches ahead of the step (app.data.batches; the data order
+        is the same with any number); None: app.data.default_workers (the cores available for
+        an ImageFolder, none for data held in memory).
     """
     started = time.perf_counter()
     d = distributed
     main = d is None or d.is_main
     if d is not None:
         dist_app.check_batch_size(config.batch_size, d)  # before anything is read or built
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UserError(f"--workers must be a non-negative integer, got {workers!r}")
     if out is None:
         out_dir = None
     else:
@@ -271,16 +292,12 @@ def train(
                 board.add_scalar("train/loss", value, logged_at)
 
     bar = _progress(total, step, desc or f"{config.model} on {config.data}", progress and main)
-    order, order_epoch = None, -1
+    n_workers = default_workers(train_set) if workers is None else workers
+    loader = batches(train_set, step_indices(n, config.batch_size, config.seed, step, total, d), workers=n_workers,
+                     pin_memory=device.type == "cuda" and n_workers > 0)
     try:
         while step < total:
-            epoch, pos = divmod(step, per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(n, config.seed, epoch), epoch
-            idx = order[pos * config.batch_size : (pos + 1) * config.batch_size]
-            if d is not None:
-                idx = dist_app.local_indices(idx, d)  # this rank's share of the global batch
-            x, y = train_set.batch(idx)
+            x, y = next(loader)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
@@ -312,6 +329,7 @@ def train(
             if on_step is not None:
                 on_step(step)
     finally:
+        loader = None  # the worker processes end now, not with a traceback that holds this frame
         if bar is not None:
             bar.close()
         if board is not None:
@@ -320,7 +338,9 @@ def train(
     # the mean loss of the last steps: those not yet in the log, else the last log entry
     final_loss = torch.stack(pending).mean().item() if pending else (losses[-1][1] if losses else None)
     # every rank evaluates (FSDP's forward is collective); DDP's module alone needs no peers
-    accuracy = evaluate(net, split.test, device, config.batch_size) if split.test is not None else None
+    accuracy = (evaluate(net, split.test, device, config.batch_size,
+                         workers=default_workers(split.test) if workers is None else workers)
+                if split.test is not None else None)
     record = _finish_record(opt, config, losses, accuracy, step, d)
     result = TrainResult(
         config=config, record=record, model=model, optimizer=opt, symmetries=symmetries, steps=step,
@@ -368,14 +388,15 @@ def _finish_record(opt, config: TrainConfig, losses: list[tuple[int, float]], ac
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, device: torch.device, batch_size: int) -> float:
-    """Top-1 accuracy on `data`, in eval mode (BatchNorm running statistics); restores train mode."""
+def evaluate(model: nn.Module, data, device: torch.device, batch_size: int, workers: int = 0) -> float:
+    """Top-1 accuracy on `data`, in eval mode (BatchNorm running statistics); restores train mode.
+    workers: processes decoding the batches ahead (app.data.batches)."""
     was_training = model.training
     model.eval()
     correct = 0
+    chunks = (torch.arange(start, min(start + batch_size, len(data))) for start in range(0, len(data), batch_size))
     try:
-        for start in range(0, len(data), batch_size):
-            x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        for x, y in batches(data, chunks, workers=workers):
             correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     finally:
         model.train(was_training)
