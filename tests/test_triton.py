@@ -12,6 +12,7 @@ On a GPU machine every test here runs on CUDA tensors, plus CUDA-graph capture (
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -346,6 +347,33 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     out = _compile_for_gpus(tmp_path, "--quick")
     compiled = [line for line in out.splitlines() if line.startswith("ok")]
     assert len(compiled) == 9 and all("STACK:0" in line for line in compiled), out
+
+
+def test_statistics_sub_blocks_keep_every_thread_busy():
+    """A sub-block of SUB_R rows x BLOCK_COLS elements has at least one element per thread: a
+    [1, 128] float64 sub-block left half of the 256 threads holding copies, and Triton 3.6's ptxas
+    spilled that variant (docs/kernel_resources.md)."""
+    from nm_optim.ops.triton import kernels as K
+
+    threads = 32 * K.NUM_WARPS["stats"]
+    for cols in (True, False):
+        for aligned in (True, False):
+            for float64 in (True, False):
+                assert K.sub_rows(cols, aligned, float64) * K.BLOCK_COLS >= threads, (cols, aligned, float64)
+
+
+def test_the_float64_statistics_variants_fit_two_blocks_per_sm_without_spilling(tmp_path):
+    """sm_90, the two float64 variants that were the heaviest: the statistics step with every
+    switch on (196 registers at BLOCK 1024, one block of 8 warps per SM) and the column-partials
+    tile without alignment (spilled on Triton 3.6): at most 128 registers, no stack."""
+    pytest.importorskip("triton.backends.nvidia")
+    out = _compile_for_gpus(tmp_path, "--arch", "90", "--match",
+                            r"^sm_90 (stats fp64 COLS|step fp64 HAS_LR_PTR.*WITH_STATS ALIGNED)$")
+    compiled = [line for line in out.splitlines() if line.startswith("ok")]
+    assert len(compiled) == 2, out
+    for line in compiled:
+        regs = int(re.search(r"REG:(\d+)", line).group(1))
+        assert regs <= 128 and "STACK:0" in line, line
 
 
 @pytest.mark.slow  # about 3 minutes: 4 dtypes x 2 switch sets x 8 variants + reductions, sm_90 and sm_80

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,8 @@ def variants(quick: bool):
             consts = dict(BITS=bits, DT=dt, CT=ct, VEC=vec, **flags)
             for aligned in (True,) if quick else (True, False):
                 for with_stats in (False, True):
-                    yield "step", T.step_kernel, dict(consts, BLOCK=T.FLAT_BLOCK, WITH_STATS=with_stats,
-                                                      ALIGNED=aligned)
+                    yield "step", T.step_kernel, dict(consts, BLOCK=T.flat_block(with_stats, dt == tl.float64),
+                                                      WITH_STATS=with_stats, ALIGNED=aligned)
                 for cols in (True, False):
                     sub = T.sub_rows(cols, aligned, dt == tl.float64)
                     yield "stats", T.stats_kernel, dict(consts, TILE_R=T.TILE_ROWS, SUB_R=sub, BLOCK_C=T.BLOCK_COLS,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, action="append", help="compute capability x 10 (default: 90 and 80)")
     ap.add_argument("--quick", action="store_true", help="float32 and bfloat16, every switch on, sm_90 only")
+    ap.add_argument("--match", help="only the variants whose description (as printed) matches this regex")
     args = ap.parse_args(argv)
     failures = 0
     for arch in args.arch or ([90] if args.quick else [90, 80]):
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             options = {"num_warps": num_warps(name, consts)}
             what = f"sm_{arch} {name} {consts.get('DT', '')} " + " ".join(
                 k for k, v in consts.items() if v is True)
+            if args.match and not re.search(args.match, what):
+                continue
             t0 = time.perf_counter()
             try:
                 kernel = triton.compile(src, target=target, options=options)

@@ -19,6 +19,11 @@ per SM, 228 KB (sm_80: 164 KB) of shared memory per SM with 1 KB reserved per bl
 every switch on (what a test can afford); without it every instantiation and variant.
 Needs nvcc for the CUDA half (skipped with a note when absent) and Triton's NVIDIA backend for
 the Triton half; TRITON_INTERPRET must be unset (the interpreter compiles nothing).
+
+Register use and spills change with the Triton version (its passes and its ptxas): each
+``--triton-python PY`` adds the Triton table of the Triton installed beside that interpreter (a
+subprocess of it), so one run reports every version side by side (docs/kernel_resources.md:
+the Triton of the GPU machine and the Triton of the project's environment).
 """
 
 from __future__ import annotations
@@ -198,10 +203,26 @@ def triton_table(arch: int, quick: bool) -> tuple[list[Usage], str]:
     return rows, f"Triton {triton.__version__}, sm_{arch}, {len(rows)} variants (flags: {legend})"
 
 
+def triton_elsewhere(python: str, arch: int, quick: bool) -> tuple[str, int]:
+    """The Triton table printed by this script under another interpreter (another Triton), and
+    its count of kernels that spill or failed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [python, str(Path(__file__).resolve()), "--triton-only", "--arch", str(arch), *(["--quick"] if quick else [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    text = r.stdout.rstrip()
+    m = re.search(r"\n(\d+) kernels spill or failed$", text)
+    if m is None:
+        return f"\nTriton under {python}: failed (rc {r.returncode}):\n{r.stderr[-2000:]}", 1
+    return text[: m.start()], int(m.group(1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SM))
     ap.add_argument("--quick", action="store_true", help="the float32 / bfloat16 variants with every switch on")
+    ap.add_argument("--triton-python", action="append", default=[], metavar="PY",
+                    help="also the Triton table of the Triton beside this interpreter (repeatable)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cuda-only", action="store_true")
     g.add_argument("--triton-only", action="store_true")
@@ -219,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                 bad += u.spill_st + u.spill_ld > 0
         elif "failed" in note:
             bad += 1
+    if not args.cuda_only:
+        for python in args.triton_python:
+            text, n = triton_elsewhere(python, args.arch, args.quick)
+            print(text)
+            bad += n
     print(f"\n{bad} kernels spill or failed")
     return 1 if bad else 0
 

@@ -57,8 +57,19 @@ SUB_ROWS = {(True, True): 8, (False, True): 8, (True, False): 2, (False, False):
 
 
 def sub_rows(cols: bool, aligned: bool, float64: bool) -> int:
-    """SUB_R of a statistics variant: SUB_ROWS, halved for float64 (twice the registers)."""
-    return SUB_ROWS[cols, aligned] // (2 if float64 else 1)
+    """SUB_R of a statistics variant: SUB_ROWS, halved for float64 (twice the registers), but
+    never below 2 rows: a [1, BLOCK_COLS] sub-block leaves half of the 256 threads holding
+    copies, and ptxas then spilled the float64 column-partials variant without alignment on
+    Triton 3.6 (128 registers, 8 bytes of stack; 2 rows: 122 registers, no spill; Triton 3.9:
+    78 -> 80 registers; docs/kernel_resources.md)."""
+    return max(SUB_ROWS[cols, aligned] // (2 if float64 else 1), 2)
+
+
+def flat_block(with_stats: bool, float64: bool) -> int:
+    """BLOCK of a step variant: FLAT_BLOCK, halved for the float64 statistics step, whose nine
+    float64 accumulators per element took 184-196 registers (one block of 8 warps per SM) on
+    Triton 3.6 and 3.9 alike at 1024; 106-108 at 512 (two blocks)."""
+    return FLAT_BLOCK // 2 if with_stats and float64 else FLAT_BLOCK
 
 
 # The reduction: tasks per program, partials per task and iteration (the plan's REDUCE_CHUNK, the
@@ -109,6 +120,21 @@ else:
         return tl.sum(x, axis=axis, keep_dims=keep_dims)
 
 
+if triton_interpreting():
+
+    def _bound(x):
+        """A loop bound computed from loaded values, as a Python int. Python's range() asks the
+        interpreter's tensor for __index__, which Triton 3.6 answers with int() of a 1-element
+        1-D array: numpy 2.4 and later refuse that ("only 0-dimensional arrays can be converted
+        to Python scalars"; Triton 3.9 squeezes the array first)."""
+        return int(x.handle.data.reshape(-1)[0]) if hasattr(x, "handle") else int(x)
+
+else:
+
+    @triton.jit
+    def _bound(x):
+        return x
+
 
 @_device_function
 def _pointer(base, BITS: tl.constexpr, ALIGNED: tl.constexpr):
@@ -150,7 +176,9 @@ def _update(p, g, v, first, lr, wd, mom, one_minus_damp,
     hyper-parameters float64 (_scalars), so every expression is evaluated in float64 and rounded
     to the compute type where torch assigns it to an opmath variable. nvcc contracts torch's
     a * b + c into one fma (the first product of a sum): the same contractions are written out
-    with tl.fma here, so the interpreter (whose tl.fma is a true fma) and the GPU agree."""
+    with tl.fma here, so the interpreter and the GPU agree where the interpreter's tl.fma is a
+    true fma (Triton 3.9: one rounding; Triton 3.6's interpreter multiplies and adds in float64,
+    two roundings, so there its float64 results may differ from the GPU's in the last bit)."""
     CT = p.dtype
     p64 = p.to(tl.float64)
     if HAS_WD:
@@ -243,7 +271,7 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
         a_pg = tl.zeros([BLOCK], CT)
         a_pv = tl.zeros([BLOCK], CT)
         a_gv = tl.zeros([BLOCK], CT)
-    for start in range(begin, end, BLOCK):
+    for start in range(_bound(begin), _bound(end), BLOCK):
         offs = start + lane
         mask = offs < end
         p = _load(p_base, offs, mask, BITS, DT, CT, ALIGNED)
@@ -352,7 +380,7 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
         c_gv = tl.zeros([SUB_R, BLOCK_C], CT)
     r_first = rb * TILE_R
     n_rows = tl.minimum(d0 - r_first, TILE_R)  # the last row block may be partial: no empty sub-blocks
-    for r0 in range(0, n_rows, SUB_R):
+    for r0 in range(0, _bound(n_rows), SUB_R):
         rows = r_first + r0 + tl.arange(0, SUB_R)[:, None]
         row_ok = rows < d0
         mask = row_ok & col_ok
@@ -485,7 +513,7 @@ def reduce_kernel(tasks, n_tasks, scratch, out, inf_ptr,
     row = tl.load(tasks + 5 * task + 4, mask=live, other=0)
     stat = tl.arange(0, 16)
     acc = tl.zeros([TASKS, CHUNK, 16], tl.float64)
-    for j0 in range(0, tl.max(count, axis=0), CHUNK):
+    for j0 in range(0, _bound(tl.max(count, axis=0)), CHUNK):
         j = j0 + tl.arange(0, CHUNK).to(tl.int64)
         idx = base[:, None] + (j[None, :] // inner[:, None]) * outer[:, None] + j[None, :] % inner[:, None]
         m = (j[None, :] < count[:, None])[:, :, None] & (stat < 9)[None, None, :]

@@ -72,7 +72,8 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
         for first, count, tracked, aligned in plan.flat_groups:
             K.step_kernel[(count,)](
                 table, n, plan.flat[5 * first :], *scalars, plan.scratch, out,
-                BLOCK=K.FLAT_BLOCK, VEC=K.VEC[dtype], WITH_STATS=tracked and with_stats,
+                BLOCK=K.flat_block(tracked and with_stats, dtype == torch.float64), VEC=K.VEC[dtype],
+                WITH_STATS=tracked and with_stats,
                 ALIGNED=aligned and addresses_aligned, num_warps=K.NUM_WARPS["step"], **flags,
             )
         # 2-D tiles: those with column partials (COLS), then the others (plan.tile_groups).
