@@ -67,8 +67,18 @@ def test_an_index_map_groups_rows_and_leaves_others_out():
     cols = Member(w, "w", "cols", "A2", index=(1, 1, 0, -1))
     assert cols.reduce(torch.ones_like(w)).tolist() == [6.0, 12.0]
     d = Symmetry.from_members("scale", "s", [m]).describe()
-    assert d["members"][0]["index"] == [-1, -1, 0, 1, 0, 1]
+    assert d["members"][0]["index_runs"] == [[-1, 2, 0], [0, 2, 1], [0, 2, 1]]
     assert Symmetry.from_description(d).members[0].index == m.index
+
+
+def test_a_fused_slice_is_described_in_a_few_runs():
+    E = 256
+    q = Member(torch.zeros(3 * E, E), "in_proj_weight", "rows", "A", index=tuple(range(E)) + (-1,) * (2 * E))
+    pairs = Member(torch.zeros(E, E), "k", "rows", "A", index=tuple(h * 16 + i % 16 for h in range(8) for i in range(32)))
+    for m, runs in ((q, 2), (pairs, 16)):
+        d = m.describe()
+        assert len(d["index_runs"]) <= runs
+        assert Symmetry.from_description({"kind": "scale", "name": "s", "members": [d]}).members[0].index == m.index
 
 
 @pytest.mark.parametrize("index, match", [((0, 1), "2 entries, the track has 3 rows"), ((0, 2, 2), "each used"), ((-2, 0, 0), "0..n-1"),

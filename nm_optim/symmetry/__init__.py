@@ -26,12 +26,19 @@ members to the sharded params by name.
 Layers the detector does not know can be described by hand, e.g. a BatchNorm's affine parameters
 feeding a conv through a ReLU: ``Rescale(bn.weight, conv.weight, bn.bias, name="bn1->conv2")``.
 
-The package has three modules, one job each:
+Transformers (attention, gated MLPs, pre-norm affine weights, embeddings into a LayerNorm, LM
+heads; Hugging Face models and nn.TransformerEncoderLayer, which torch.fx cannot trace) are found
+by module structure and confirmed by one gradient; their groups are rows or columns of ordinary
+tracks picked by `Member.index` (the query slice of a fused in_proj_weight, a rotary pair, a
+head). docs/transformers.md.
+
+The package has four modules, one job each:
 
 - `base`: the data model (`Member`, `Symmetry`, `Translation`, `Scale`, `Rescale`) and reading a
   record (`Symmetry.group_stats`, `symmetries_from_record`);
 - `detect`: `find_symmetries` on the torch.fx graph (and the loss's), conservative: it claims only
-  patterns it can prove; `found_on`, the model a symmetry was found on;
+  patterns it can prove; `found_on`, the model a symmetry was found on; `found_by`, how;
+- `structural`: the module-structure candidates and the gradient that confirms them;
 - `verify`: `verify_symmetries`, the gradient and Hessian constraints checked with torch.func.
 
 It imports nothing from the optimizer, the op or the recorder, so these may import it.

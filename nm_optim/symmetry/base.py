@@ -151,9 +151,11 @@ class Member:
         return s
 
     def describe(self) -> dict[str, Any]:
+        """JSON-able. An index map is written as runs [first, length, step] of arithmetic
+        progressions (a fused projection's slice is 2-3 runs, not 3E numbers)."""
         out = {"name": self.name, "axis": self.axis, "role": self.role, "block": self.block, "shape": list(self.shape)}
         if self.index is not None:
-            out["index"] = list(self.index)
+            out["index_runs"] = index_runs(self.index)
         return out
 
     def __repr__(self) -> str:
@@ -162,6 +164,31 @@ class Member:
             used = sum(i >= 0 for i in self.index)
             block += f", {used} of {len(self.index)} {self.axis} in {self.num_groups} groups"
         return f"Member({self.track}, role={self.role}, shape={self.shape}{block})"
+
+
+def index_runs(index: Sequence[int]) -> list[list[int]]:
+    """`index` as runs [first, length, step]: index[p + i] = first + i * step."""
+    runs: list[list[int]] = []
+    p = 0
+    while p < len(index):
+        step = index[p + 1] - index[p] if p + 1 < len(index) else 0
+        n = 1
+        while p + n < len(index) and index[p + n] - index[p + n - 1] == step:
+            n += 1
+        runs.append([int(index[p]), n, int(step) if n > 1 else 0])
+        p += n
+    return runs
+
+
+def index_from_runs(runs: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The index map `index_runs` wrote."""
+    out: list[int] = []
+    for run in runs:
+        if len(run) != 3 or int(run[1]) < 1:
+            raise ValueError(f"an index run must be [first, length >= 1, step], got {run!r}")
+        first, n, step = (int(v) for v in run)
+        out += [first + i * step for i in range(n)]
+    return tuple(out)
 
 
 class Symmetry:
@@ -247,7 +274,7 @@ class Symmetry:
             raise ValueError(f"{cls.__name__}.from_description got a {kind} description")
         sym = classes[kind].__new__(classes[kind])
         members = [Member(None, m["name"], m["axis"], m["role"], int(m.get("block", 1)), tuple(m["shape"]),
-                          tuple(m["index"]) if m.get("index") is not None else None)
+                          index_from_runs(m["index_runs"]) if m.get("index_runs") is not None else None)
                    for m in d["members"]]
         sym._setup(d["name"], members)
         if "num_groups" in d and int(d["num_groups"]) != sym.num_groups:

@@ -1,4 +1,5 @@
-"""Finding symmetries on a model's torch.fx graph: `find_symmetries`.
+"""Finding symmetries: `find_symmetries`, on a model's torch.fx graph and by module structure
+(nm_optim.symmetry.structural, for the transformers torch.fx cannot trace).
 
 The detector is conservative: it claims a symmetry only on a pattern it can prove from the traced
 graph (exact module types, each layer called once, no shared or functionally used parameters, no
@@ -475,7 +476,12 @@ def found_on(sym: Symmetry) -> nn.Module | None:
 
 
 def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[..., Any] | None = None) -> list[Symmetry]:
-    """The translation, scale and rescale symmetries of `model`, found on its torch.fx graph.
+    """The translation, scale and rescale symmetries of `model`, found two ways: on its torch.fx
+    graph where torch.fx traces it (the patterns below), and by module structure, confirmed by one
+    gradient on `example_inputs` (attention, gated and ReLU MLPs, pre-norm affine weights,
+    embeddings into a LayerNorm, LM and classifier heads: nm_optim.symmetry.structural; it works
+    on models torch.fx cannot trace, Hugging Face's and nn.TransformerEncoderLayer). `found_by`
+    says which way found each.
 
     Args:
         model: the network, in the mode it trains in (a BatchNorm in eval mode gives no scale
@@ -509,10 +515,19 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
     parametrizations, shared or functionally used parameters, and every value on the way must
     have one user (so a residual addition or a second use stops the pattern).
 
-    Returns the symmetries in graph order, each holding a weak reference to `model` (`found_on`).
-    Raises SymmetryDetectionError, with what to do, for a model torch.fx cannot trace (a sharded
-    one included), example inputs it does not accept or a loss it cannot trace; TypeError for a
-    `loss` that is no loss function.
+    Module structure (docs/architecture.md, "Transformers"): candidates from the module tree with
+    shape checks, finest grouping first (per dimension, per rotary pair, per head), each kept only
+    if the gradient of a random read-out of the output is orthogonal to its generator on every
+    group. A tied LM head, a classifier under an unknown loss and a model on the meta device get
+    no such symmetry, with a warning saying why. It runs the model forward and backward once on
+    `example_inputs` (nothing changes: BatchNorm's running statistics, the RNG and .grad are
+    left as they were), and only where the module tree has a candidate.
+
+    Returns the torch.fx symmetries in graph order, then the structural ones in module order
+    (one found both ways is listed once), each holding a weak reference to `model` (`found_on`).
+    Raises SymmetryDetectionError, with what to do, for a sharded model, for a model torch.fx
+    cannot trace whose module structure shows none of the patterns, for example inputs it does
+    not accept or a loss it cannot trace; TypeError for a `loss` that is no loss function.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_symmetries: model must be an nn.Module, got {type(model).__name__}")
