@@ -8,6 +8,9 @@ one fused kernel per (param group, device, dtype). `available_backends()` and `b
 what this build and machine can run.
 """
 
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 from nm_optim._version import __version__
 from nm_optim.names import AXES, STAT_NAMES
 from nm_optim.ops import available_backends, build_info, sgd_step_reference
@@ -18,6 +21,9 @@ from nm_optim.symmetry import Rescale, Scale, Symmetry, Translation, find_symmet
 from nm_optim import models  # noqa: E402
 from nm_optim import theory  # noqa: E402  (numpy only; nm_optim.plot imports matplotlib lazily)
 from nm_optim.tracks import Track  # noqa: E402
+
+if TYPE_CHECKING:  # what __getattr__ below imports on first use, declared for type checkers
+    from nm_optim import app, plot  # noqa: F401
 
 __all__ = [
     "AXES",
@@ -43,7 +49,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     """Documented submodules that import optional dependencies lazily are reachable as
     attributes (``nm_optim.plot.figure(...)`` after ``import nm_optim``)."""
     if name in ("plot", "app", "ops"):
