@@ -20,7 +20,7 @@
 # with no failure in the cases it ran (the report says how many ran): never `ok`, not `failed`.
 #   preflight      the interpreter ($PY, default python3: the one that holds torch there), torch,
 #                  torch.cuda, the GPU, numpy (nm_optim imports it), triton, pybind11, expecttest,
-#                  pytest-xdist, nvcc, cmake, ninja, compute-sanitizer: lists what is missing.
+#                  nvcc, cmake, ninja, compute-sanitizer: lists what is missing.
 #   build          nm_optim._C for this GPU's architecture (NM_OPTIM_CUDA=1), without pybind11's
 #                  link-time optimisation (NM_OPTIM_LTO=0: its link of the CPU kernel runs on one
 #                  core for 1.5-2 minutes). Skipped when nvcc, cmake or pybind11 is missing; when it
@@ -33,8 +33,8 @@
 #                  or triton or graphs) and not cuda-reference" (cuda-reference cases test torch,
 #                  not us). Left to the CPU, which checks them on every commit: the plan's tables
 #                  (test_plan), the interpreter's bitwise emulation (test_bitwise) and the
-#                  ahead-of-time compilation (test_triton's compile tests). With pytest-xdist, 4
-#                  workers (Triton compiles each kernel variant on first use, on the CPU).
+#                  ahead-of-time compilation (test_triton's compile tests). Three pytest processes
+#                  side by side (Triton compiles each kernel variant on first use, on the CPU).
 #   tests_more     the same selection in test_api, test_recorder, test_errors, test_parity.
 #                  Both test stages stop with SIGINT at their limit, so pytest still prints its
 #                  summary and writes its junit XML (digested into the report).
@@ -177,7 +177,7 @@ def tool(name, *extra):
     if path is None:
         info["missing"].append(name)
     return path
-for name in ("numpy", "torch", "triton", "pybind11", "expecttest", "hypothesis", "pytest", "xdist"):
+for name in ("numpy", "torch", "triton", "pybind11", "expecttest", "hypothesis", "pytest"):
     try:
         mod = importlib.import_module(name)
         info[name] = getattr(mod, "__version__", "present")
@@ -278,24 +278,23 @@ fi
 
 # -- tests ----------------------------------------------------------------------------------------
 SELECT="(cuda or triton or graphs) and not cuda-reference"
-# GPU-first order (pytest keeps the order of its file arguments); the files the CPU alone can
-# check are left out (see the header), and so are test_triton's ahead-of-time compile tests.
-KERNEL_FILES=() MORE_FILES=()
-for f in amp stats graphs triton_binder triton layouts op; do
-  [[ -f tests/test_$f.py ]] && KERNEL_FILES+=("tests/test_$f.py")
-done
-for f in api recorder errors parity; do
-  [[ -f tests/test_$f.py ]] && MORE_FILES+=("tests/test_$f.py")
-done
+# Shards: pytest processes run side by side (Triton compiles each kernel variant on first use, on
+# the CPU: three processes compile on three cores), each stopped with SIGINT at the stage's limit
+# (a single-process pytest then prints its summary and writes its junit XML; pytest-xdist's
+# workers do neither). The first shard holds what only a GPU can tell, in that order; the files
+# the CPU alone can check are left out (see the header), and so are test_triton's ahead-of-time
+# compile tests.
+shard() {  # the files of tests/test_NAME.py for each NAME that exists, on one line
+  local f out=()
+  for f in "$@"; do [[ -f tests/test_$f.py ]] && out+=("tests/test_$f.py"); done
+  echo "${out[*]}"
+}
+KERNEL_SHARDS=("$(shard amp stats graphs triton_binder)" "$(shard triton)" "$(shard layouts op)")
+MORE_SHARDS=("$(shard api recorder)" "$(shard errors parity)")
 CPU_CHECKED=(--deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_spilling
              --deselect tests/test_triton.py::test_every_kernel_variant_compiles_for_sm80_and_sm90)
-# pytest-xdist (on the GPU machine): 4 workers compile Triton's variants side by side.
-PARALLEL=()
-if ((!DRY)) && [[ "$(jget "$WORK/preflight.json" xdist)" != "" && "$(jget "$WORK/preflight.json" xdist)" != None ]]; then
-  PARALLEL=(-n 4)
-fi
 
-test_stage() {  # test_stage NAME FILES...
+test_stage() {  # test_stage NAME SHARD...
   local name=$1
   shift
   if ! wanted "$name"; then
@@ -307,11 +306,37 @@ test_stage() {  # test_stage NAME FILES...
     return
   fi
   LIMIT=$(limit_for "$name")
-  echo "gpu_check: $name: ${#@} files, -k \"$SELECT\", ${PARALLEL[*]:-one process}, limit $LIMIT s"
-  run_limited "$LIMIT" "$WORK/$name.log" "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=5 \
-    --junitxml="$WORK/junit_$name.xml" "${PARALLEL[@]}" -k "$SELECT" "${CPU_CHECKED[@]}" "$@"
-  { echo "==== $name ===="; cat "$WORK/$name.log"; } >> "$OUT/pytest.log"
-  REP pytest "$WORK/junit_$name.xml" "$WORK/$name.log" > "$WORK/$name.json"
+  echo "gpu_check: $name: ${#@} shards side by side ($*), -k \"$SELECT\", limit $LIMIT s"
+  local i=0 t0=$SECONDS pids=() pairs=() shard_files
+  for shard_files in "$@"; do
+    i=$((i + 1))
+    [[ -z "$shard_files" ]] && continue
+    # shellcheck disable=SC2086  # a shard is a list of files
+    {
+      run_limited "$LIMIT" "$WORK/${name}_$i.log" "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=5 \
+        --junitxml="$WORK/junit_${name}_$i.xml" -k "$SELECT" "${CPU_CHECKED[@]}" $shard_files
+      echo "$RC" > "$WORK/${name}_$i.rc"
+    } &
+    pids+=($!)
+    pairs+=("$WORK/junit_${name}_$i.xml" "$WORK/${name}_$i.log")
+  done
+  wait "${pids[@]}"
+  ELAPSED=$((SECONDS - t0))
+  # the stage's rc: 124 if a shard was cut, else the first other failure; pytest's 5 (nothing
+  # selected in a shard) is no failure
+  RC=0
+  local rc
+  for ((i = 1; i <= $#; i++)); do
+    [[ -f "$WORK/${name}_$i.rc" ]] || continue
+    rc=$(cat "$WORK/${name}_$i.rc")
+    { echo "==== $name, shard $i (rc $rc) ===="; cat "$WORK/${name}_$i.log"; } >> "$OUT/pytest.log"
+    if [[ $rc == 124 || $rc == 137 ]]; then
+      RC=124
+    elif [[ $rc != 0 && $rc != 5 && $RC == 0 ]]; then
+      RC=$rc
+    fi
+  done
+  REP pytest "${pairs[@]}" > "$WORK/$name.json"
   local summary failed errors passed
   summary=$(jget "$WORK/$name.json" summary_line)
   failed=$(jget "$WORK/$name.json" failed)
@@ -321,7 +346,7 @@ test_stage() {  # test_stage NAME FILES...
   local status=ok note="$summary"
   if ((${failed:-0} + ${errors:-0} > 0)); then
     status=failed
-  elif [[ $RC == 124 || $RC == 137 ]]; then
+  elif [[ $RC == 124 ]]; then
     # cut at the limit with no failure so far: the tests it reached passed, the others did not run
     status=partial
     note="cut at its $LIMIT s limit after ${passed:-0} passed$( ((DRY)) && echo " (dry run: by design)"); $summary"
@@ -332,8 +357,8 @@ test_stage() {  # test_stage NAME FILES...
   REP stage "$REPORT" "$name" $status $ELAPSED --limit "$LIMIT" --note "$note" --measured "$WORK/$name.json"
 }
 : > "$OUT/pytest.log"
-test_stage tests_kernels "${KERNEL_FILES[@]}"
-test_stage tests_more "${MORE_FILES[@]}"
+test_stage tests_kernels "${KERNEL_SHARDS[@]}"
+test_stage tests_more "${MORE_SHARDS[@]}"
 
 # -- compute-sanitizer ----------------------------------------------------------------------------
 : > "$OUT/sanitizer.log"

@@ -4,7 +4,8 @@ Standard library only: it runs even where torch does not import.
 
     gpu_check_report.py init    REPORT --mode real|dry-run
     gpu_check_report.py stage   REPORT NAME STATUS SECONDS [--note TEXT] [--measured FILE.json]
-    gpu_check_report.py pytest  JUNIT LOG            -> JSON of counts, failures, the summary line
+    gpu_check_report.py pytest  JUNIT LOG [JUNIT LOG ...]  -> JSON of counts, failures, the summary
+                                                       line (summed over pytest processes)
     gpu_check_report.py sanitizer LOG                -> JSON of the sanitizer's and the script's summaries
     gpu_check_report.py bench   BENCH_JSON           -> JSON digest of bench/gpu_bench.py's output
     gpu_check_report.py final   REPORT               -> prints the final line; exit 1 if a stage failed
@@ -135,6 +136,26 @@ def sanitizer_digest(log: str) -> dict:
     return out
 
 
+def pytest_digests(pairs: list[str]) -> dict:
+    """pytest_digest of each (junit, log) pair of the processes one stage ran side by side,
+    counts added up; the summary line is theirs joined by " | "."""
+    if len(pairs) % 2:
+        raise SystemExit("gpu_check_report.py pytest: JUNIT LOG pairs expected")
+    parts = [pytest_digest(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+    if len(parts) == 1:
+        return parts[0]
+    out: dict = {k: sum(p[k] for p in parts) for k in ("tests", "passed", "failed", "errors", "skipped")}
+    out["failures"] = [f for p in parts for f in p["failures"]][:40]
+    out["interrupted"] = any(p["interrupted"] for p in parts)
+    lines = [p["summary_line"] or "no summary" for p in parts]
+    out["summary_line"] = " | ".join(lines) if any(p["summary_line"] for p in parts) else None
+    for key in ("junit_error", "log_error"):
+        errs = [p[key] for p in parts if key in p]
+        if errs:
+            out[key] = "; ".join(errs)
+    return out
+
+
 def bench_digest(path: str) -> dict:
     doc = _read_json(path)
     if not isinstance(doc, dict) or "sections" not in doc:
@@ -229,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--measured")
     p = sub.add_parser("pytest")
-    p.add_argument("junit")
-    p.add_argument("log")
+    p.add_argument("pairs", nargs="+", metavar="JUNIT LOG")
     p = sub.add_parser("sanitizer")
     p.add_argument("log")
     p = sub.add_parser("bench")
@@ -243,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "stage":
         cmd_stage(a)
     elif a.cmd == "pytest":
-        print(json.dumps(pytest_digest(a.junit, a.log), indent=1))
+        print(json.dumps(pytest_digests(a.pairs), indent=1))
     elif a.cmd == "sanitizer":
         print(json.dumps(sanitizer_digest(a.log), indent=1))
     elif a.cmd == "bench":

@@ -60,10 +60,11 @@ def test_the_budget_line_adds_up_the_table():
 
 def test_the_tests_stage_runs_the_gpu_only_checks_first_and_leaves_the_cpu_ones_out():
     text = SCRIPT.read_text()
-    order = re.search(r"for f in ([a-z_ ]+); do\n  \[\[ -f tests/test_\$f.py \]\] && KERNEL_FILES", text).group(1).split()
-    assert order[:4] == ["amp", "stats", "graphs", "triton_binder"], order
-    assert "plan" not in order and "bitwise" not in order
-    assert all((ROOT / "tests" / f"test_{f}.py").exists() for f in order)
+    shards = [s.split() for s in re.findall(r'"\$\(shard ([a-z_ ]+)\)"', re.search(r"KERNEL_SHARDS=\((.*)\)", text).group(1))]
+    assert shards[0] == ["amp", "stats", "graphs", "triton_binder"], shards
+    names = [n for s in shards for n in s]
+    assert "plan" not in names and "bitwise" not in names
+    assert all((ROOT / "tests" / f"test_{f}.py").exists() for f in names)
     for name in re.findall(r"--deselect tests/test_triton.py::(\w+)", text):
         assert f"def {name}(" in (ROOT / "tests" / "test_triton.py").read_text(), name
 
@@ -94,6 +95,17 @@ def test_pytest_digest_counts_failures_and_reads_an_interrupted_summary(tmp_path
     assert d["failures"] == ["tests.test_stats::b[cuda-cuda]: boom"]
     missing = report.pytest_digest(str(tmp_path / "none.xml"), str(tmp_path / "none.log"))
     assert "junit_error" in missing and "log_error" in missing
+
+
+def test_the_digest_of_processes_side_by_side_adds_up_their_counts(tmp_path):
+    _junit(tmp_path / "a.xml", '<testcase classname="t.a" name="x"/><testcase classname="t.a" name="y"/>')
+    _junit(tmp_path / "b.xml", '<testcase classname="t.b" name="z"><failure message="bad"/></testcase>')
+    (tmp_path / "a.log").write_text("== 2 passed, 3 deselected in 4.00s ==\n")
+    (tmp_path / "b.log").write_text("!!! KeyboardInterrupt !!!\n== 1 failed in 9.00s ==\n")
+    d = report.pytest_digests([str(tmp_path / n) for n in ("a.xml", "a.log", "b.xml", "b.log")])
+    assert (d["passed"], d["failed"], d["tests"], d["interrupted"]) == (2, 1, 3, True)
+    assert d["summary_line"] == "2 passed, 3 deselected in 4.00s | 1 failed in 9.00s"
+    assert d["failures"] == ["t.b::z: bad"]
 
 
 def test_sanitizer_digest_reads_the_tool_and_script_summaries(tmp_path):
