@@ -23,7 +23,6 @@ from nm_optim.symmetry import (
     Member,
     Rescale,
     Symmetry,
-    SymmetryDetectionError,
     find_symmetries,
     found_by,
     verify_symmetries,

@@ -566,8 +566,7 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
                     found.append(sym)
     refusals: list[str] = []
     try:
-        structural = find_by_structure(model, inputs, loss_softmax=loss_dim is not None,
-                                       softmax_dim=loss_dim if loss_dim is not None else -1, refusals=refusals)
+        structural = find_by_structure(model, inputs, loss_dim=loss_dim, refusals=refusals)
     except Exception as e:
         if untraceable is not None:
             raise untraceable from e

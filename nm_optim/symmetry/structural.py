@@ -164,11 +164,12 @@ class _Names:
 @dataclass
 class Candidate:
     """One family's alternatives (finest grouping first): the first that passes is claimed.
-    `softmax`: checked on the log-softmax of the output (a head's translation)."""
+    `softmax`: the dim of the output whose log-softmax the check reads (a head's translation),
+    None: the output itself."""
 
     what: str
     alternatives: list[tuple[str, Symmetry]]
-    softmax: bool = False
+    softmax: int | None = None
 
 
 def _rescale(name: str, a1: Iterable[Member], a2: Iterable[Member]) -> Symmetry:
@@ -404,7 +405,7 @@ def _hf_loss(model: nn.Module) -> str | None:
     return "classes" if getattr(config, "problem_type", None) == "single_label_classification" else None
 
 
-def _candidates(model: nn.Module, names: _Names, loss_softmax: bool, refusals: list[str]) -> list[Candidate]:
+def _candidates(model: nn.Module, names: _Names, loss_dim: int | None, refusals: list[str]) -> list[Candidate]:
     out: list[Candidate] = []
     parents: dict[int, nn.Module] = {}
     for m in model.modules():
@@ -463,6 +464,7 @@ def _candidates(model: nn.Module, names: _Names, loss_softmax: bool, refusals: l
         hname, hm = head
         hf = _hf_loss(model)
         tied = id(hm.weight) in names.shared
+        loss_softmax = loss_dim is not None
         if tied and (hf is not None or loss_softmax):
             refusals.append(f"no translation symmetry claimed on {hname}: its weight is tied to the input embedding "
                             f"({names(hm.weight)}), so adding α to a column of the head also shifts every token's "
@@ -471,8 +473,10 @@ def _candidates(model: nn.Module, names: _Names, loss_softmax: bool, refusals: l
             members = [Member(hm.weight, names(hm.weight), "cols", "A")]
             if hm.bias is not None:
                 members.append(Member(hm.bias, names(hm.bias), "all", "A"))
+            # a Hugging Face head's logits put the vocabulary / classes last; else the loss's dim
             out.append(Candidate(f"{hname} softmax", [
-                ("per column", Symmetry.from_members("translation", hname, members))], softmax=True))
+                ("per column", Symmetry.from_members("translation", hname, members))],
+                softmax=-1 if hf is not None else loss_dim))
         elif getattr(model, "config", None) is not None and hm is getattr(model, "classifier", getattr(model, "score", None)):
             refusals.append(f"no translation symmetry claimed on {hname}: {type(model).__name__}'s config has "
                             f"problem_type {getattr(model.config, 'problem_type', None)!r}; it holds for "
@@ -517,10 +521,11 @@ def _output_tensors(out: Any) -> list[Tensor]:
 
 
 class _Gradients:
-    """The gradient of a random read-out of the output (and of its log-softmax over
-    `softmax_dim`), once, and each candidate's worst group residual against it."""
+    """The gradient of a random read-out of the output (and of its log-softmax over a dim, on
+    first use), and each candidate's worst group residual against it. `release()` frees the
+    graph."""
 
-    def __init__(self, model: nn.Module, inputs: tuple[Any, ...], softmax_dim: int) -> None:
+    def __init__(self, model: nn.Module, inputs: tuple[Any, ...]) -> None:
         from nm_optim.symmetry.verify import _no_running_stat_updates
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -533,23 +538,31 @@ class _Gradients:
             outs = _output_tensors(model(*inputs))
             if not outs:
                 raise ValueError(f"{type(model).__name__} returned no float tensor to check symmetries on")
-            read = lambda ts: sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
-                                  for t in ts)
-            plain = read(outs)
-            soft = read([torch.log_softmax(t, dim=softmax_dim) for t in outs if t.dim() >= 1])
-            self.plain = torch.autograd.grad(plain, params, retain_graph=True, allow_unused=True)
-            self.soft = torch.autograd.grad(soft, params, allow_unused=True)
+            self._read = lambda ts: sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
+                                        for t in ts)
+            self._outs, self._params = outs, params
+            self._grads: dict[int | None, tuple[tuple[Tensor | None, ...], float]] = {}
+            self._of(None)
         self.dtype = params[0].dtype if params else torch.float32
-        self.rms = {}
-        for key, grads in (("plain", self.plain), ("soft", self.soft)):
+
+    def _of(self, dim: int | None) -> tuple[tuple[Tensor | None, ...], float]:
+        """The gradient of the read-out of the output (of its log-softmax over `dim`) and its RMS."""
+        if dim not in self._grads:
+            outs = self._outs if dim is None else [torch.log_softmax(t, dim=dim) for t in self._outs if t.dim() >= 1]
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self._read(outs), self._params, retain_graph=True, allow_unused=True)
             total = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
             count = sum(g.numel() for g in grads if g is not None)
-            self.rms[key] = math.sqrt(total / max(count, 1))
+            self._grads[dim] = grads, math.sqrt(total / max(count, 1))
+        return self._grads[dim]
 
-    def residual(self, sym: Symmetry, softmax: bool) -> float:
+    def release(self) -> None:
+        self._outs, self._grads = [], {}
+
+    def residual(self, sym: Symmetry, softmax: int | None) -> float:
         """max over groups |⟨g_A, ξ_A⟩| / (|ξ_A| |g_A|) (translation: / (|ξ_A| max(|g_A|, √n_A ḡ)));
         inf where a member gets no gradient (it does not reach the output: nothing to confirm)."""
-        grads, rms = (self.soft, self.rms["soft"]) if softmax else (self.plain, self.rms["plain"])
+        grads, rms = self._of(softmax)
         G = sym.num_groups
         dot, gg, xx, nn_ = (torch.zeros(G, dtype=torch.float64) for _ in range(4))
         for m, off in zip(sym.members, sym._offsets):
@@ -573,15 +586,16 @@ class _Gradients:
         return float(res.max()) if G else 0.0
 
 
-def find_by_structure(model: nn.Module, inputs: tuple[Any, ...], *, loss_softmax: bool, softmax_dim: int = -1,
+def find_by_structure(model: nn.Module, inputs: tuple[Any, ...], *, loss_dim: int | None = None,
                       refusals: list[str] | None = None) -> list[Symmetry]:
     """The attention, MLP, normalisation, embedding and head symmetries the module tree proposes
-    and one gradient on `inputs` confirms (module docstring), in module order. `loss_softmax`:
-    the loss takes a softmax of the model's output over `softmax_dim` (decides a non-Hugging-Face
-    head's translation). Refusals worth a warning are appended to `refusals`; the rest is logged."""
+    and one gradient on `inputs` confirms (module docstring), in module order. `loss_dim`: the dim
+    of the model's output the loss takes a softmax over, None for none or unknown (decides a head's
+    translation outside Hugging Face models, whose own loss is known). Refusals worth a warning are
+    appended to `refusals`; the rest is logged."""
     names = _Names(model)
     refusals = [] if refusals is None else refusals
-    candidates = _candidates(model, names, loss_softmax, refusals)
+    candidates = _candidates(model, names, loss_dim, refusals)
     if not candidates:
         return []
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -591,7 +605,7 @@ def find_by_structure(model: nn.Module, inputs: tuple[Any, ...], *, loss_softmax
                         "structure and confirmed with one gradient on the example inputs, which needs real "
                         "tensors: call find_symmetries on the model before moving it to the meta device")
         return []
-    grads = _Gradients(model, inputs, softmax_dim)
+    grads = _Gradients(model, inputs)
     tol = structural_tolerance(grads.dtype)
     found = []
     for c in candidates:
@@ -607,4 +621,5 @@ def find_by_structure(model: nn.Module, inputs: tuple[Any, ...], *, loss_softmax
         else:
             log.info("no symmetry claimed for %s: the gradient breaks every grouping tried (%s)", c.what,
                      ", ".join(tried))
+    grads.release()
     return found
