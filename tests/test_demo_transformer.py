@@ -49,6 +49,7 @@ def test_float64_every_group_at_rounding(tmp_path):
     assert by["embeddings into LayerNorm (scale)"]["max_exact_error"] > 1e3 * by["embeddings into LayerNorm (scale)"][
         "max_exact_breaking_error"]
     assert by["queries / keys (rescale per dimension)"]["groups"] == Settings().dim
+    assert len(by["values / output (rescale per dimension)"]["exact_breaking_error_per_head"]) == Settings().heads
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["goal_met"] and saved["figure"] == "transformer.png"
     assert (tmp_path / "transformer.png").stat().st_size > 10_000

@@ -66,7 +66,7 @@ def _demo_transformer(args: argparse.Namespace) -> int:
     from nm_optim.app.demo_transformer import TRANSFORMER_STEPS, format_rows, run_transformer_demo
 
     steps = TRANSFORMER_STEPS if args.steps is None else args.steps
-    summary = run_transformer_demo(args.out, steps=steps, backend=args.backend, seed=args.seed,
+    summary = run_transformer_demo(args.out, steps=steps, backend=args.backend, device=args.device, seed=args.seed,
                                    progress=not args.no_progress)
     if not args.quiet:
         print(format_rows(summary["symmetries"]))

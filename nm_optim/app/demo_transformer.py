@@ -162,36 +162,36 @@ class CharTransformer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Training and the comparison
 # ------------------------------------------------------------------------------------------------
-def _batch(data: Tensor, s: Settings, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _batch(data: Tensor, s: Settings, gen: torch.Generator, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     start = torch.randint(0, len(data) - s.context - 1, (s.batch,), generator=gen)
-    window = torch.stack([data[i : i + s.context + 1] for i in start.tolist()])
+    window = torch.stack([data[i : i + s.context + 1] for i in start.tolist()]).to(device)
     return window[:, :-1], window[:, 1:].reshape(-1)
 
 
 def train_transformer(steps: int = TRANSFORMER_STEPS, *, settings: Settings = Settings(), dtype: torch.dtype = torch.float32,
-                      seed: int = 0, backend: str = "auto", text_chars: int = TEXT_CHARS,
+                      seed: int = 0, backend: str = "auto", device: str = "cpu", text_chars: int = TEXT_CHARS,
                       progress: bool = False) -> tuple[nn.Module, nm_optim.SGD, list[float]]:
     """Train CharTransformer with nm_optim.SGD tracking every symmetry find_symmetries finds;
     returns the model, the optimizer (its recorder holds the record) and the losses."""
     data = encode(stdlib_text(text_chars))
     torch.manual_seed(seed)
-    model = CharTransformer(len(ALPHABET) + 1, settings).to(dtype)
+    model = CharTransformer(len(ALPHABET) + 1, settings).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
-    x, _ = _batch(data, settings, torch.Generator().manual_seed(seed + 1))
+    x, _ = _batch(data, settings, torch.Generator().manual_seed(seed + 1), device)
     syms = nm_optim.find_symmetries(model, x, loss=F.cross_entropy)
     opt = nm_optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                        weight_decay=settings.weight_decay, backend=backend, symmetries=syms)
-    losses = []
+    losses = []  # kept on the device: reading one back every step would synchronise with it
     for k in range(steps):
-        x, y = _batch(data, settings, gen)
+        x, y = _batch(data, settings, gen, device)
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         if progress and (k + 1) % max(steps // 10, 1) == 0:
-            print(f"  step {k + 1}/{steps}: loss {losses[-1]:.3f}", flush=True)
-    return model, opt, losses
+            print(f"  step {k + 1}/{steps}: loss {float(losses[-1]):.3f}", flush=True)
+    return model, opt, torch.stack(losses).tolist() if losses else []
 
 
 def _finite_max(a: np.ndarray) -> float | None:
@@ -210,10 +210,11 @@ def _label(name: str) -> str:
     return "LM head softmax (translation)" if name == "lm_head" else name
 
 
-def summary_rows(comparison: theory.Comparison, goal: float) -> list[dict[str, Any]]:
+def summary_rows(comparison: theory.Comparison, goal: float, heads: int) -> list[dict[str, Any]]:
     """One row per symmetry: the errors per group (max over the run) of the exact law, of the
     exact law with the measured breaking kept (the goal), of the paper's continuous form; the
-    worst group per head for the attention laws."""
+    worst group of each head for the attention laws (their groups are the heads' dimensions in
+    order)."""
     out = []
     for p in comparison.predictions:
         exact, kept, paper = p.exact_error, p.exact_breaking_error, p.paper_error
@@ -224,6 +225,9 @@ def summary_rows(comparison: theory.Comparison, goal: float) -> list[dict[str, A
             "paper_caveats": p.paper_caveats, "max_breaking_ratio": _finite_max(p.breaking_ratio),
             "exact_breaking_error_per_group": [None if not math.isfinite(v) else float(v) for v in kept],
         }
+        if "attn[" in p.name and p.num_groups % heads == 0:
+            per_head = np.asarray(kept, dtype=np.float64).reshape(heads, -1)
+            row["exact_breaking_error_per_head"] = [_finite_max(h) for h in per_head]
         worst = row["max_exact_breaking_error"]
         row["goal"] = goal
         row["goal_met"] = worst is not None and worst <= goal
@@ -281,11 +285,15 @@ def draw(comparison: theory.Comparison, path: Path, title: str, goal: float, sho
 
 
 def run_transformer_demo(out: str | Path, *, steps: int = TRANSFORMER_STEPS, dtype: str = "float32",
-                         backend: str = "auto", seed: int = 0, progress: bool = True,
+                         backend: str = "auto", device: str = "auto", seed: int = 0, progress: bool = True,
                          settings: Settings = Settings()) -> dict[str, Any]:
     """Train, record, compare and draw; writes OUT/transformer.png, OUT/records/transformer.npz
-    and OUT/summary.json, and returns the summary."""
+    and OUT/summary.json, and returns the summary. `device`: "auto" is the CUDA device where
+    there is one (nm_optim.app.config.resolve_device)."""
+    from nm_optim.app.config import resolve_device
+
     out = Path(out)
+    where = resolve_device(device)
     (out / "records").mkdir(parents=True, exist_ok=True)
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     started = time.perf_counter()
@@ -295,7 +303,7 @@ def run_transformer_demo(out: str | Path, *, steps: int = TRANSFORMER_STEPS, dty
     torch.set_num_threads(1)
     try:
         model, opt, losses = train_transformer(steps, settings=settings, dtype=torch_dtype, seed=seed,
-                                               backend=backend, progress=progress)
+                                               backend=backend, device=where, progress=progress)
     finally:
         torch.set_num_threads(threads)
     trained = time.perf_counter() - started
@@ -303,14 +311,14 @@ def run_transformer_demo(out: str | Path, *, steps: int = TRANSFORMER_STEPS, dty
     record.save(out / "records" / "transformer.npz")
     comparison = theory.compare(record)
     goal = GOALS[torch_dtype]
-    rows = summary_rows(comparison, goal)
+    rows = summary_rows(comparison, goal, settings.heads)
     s = settings
     title = (f"char-level transformer on the standard library's source: {s.layers} layers, {s.heads} heads, "
              f"dim {s.dim}, {dtype}; lr {s.lr}, momentum {s.momentum}, weight decay {s.weight_decay}, {steps} steps")
     figure = draw(comparison, out / "transformer.png", title, goal)
     summary = {
         "experiment": "transformer", "figure": figure.name, "record": "records/transformer.npz",
-        "settings": {**s.__dict__, "steps": steps, "dtype": dtype, "seed": seed},
+        "settings": {**s.__dict__, "steps": steps, "dtype": dtype, "seed": seed, "device": str(where)},
         "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-20:])) if losses else None,
         "goal": goal, "goal_met": all(r["goal_met"] for r in rows), "symmetries": rows,
         "seconds_training": round(trained, 3), "seconds": round(time.perf_counter() - started, 3),
