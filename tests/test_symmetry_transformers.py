@@ -504,3 +504,31 @@ def test_the_hugging_face_example_runs_and_its_laws_hold():
                                                     "transformer.h.1.attn[q->k per dimension]"}
     for p in result.predictions:
         assert np.nanmax(p.exact_breaking_error) < 1e-4, (p.name, p.exact_breaking_error)
+
+
+def causal_lm(name, **kwargs):
+    torch.manual_seed(0)
+    common = dict(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=24, max_position_embeddings=16)
+    config = getattr(transformers, f"{name}Config")(**common, **kwargs)
+    return getattr(transformers, f"{name}ForCausalLM")(config).double()
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("Llama", {}, {"model.layers.0.self_attn[q->k per rotary pair (i, i + d/2)]", "model.layers.0.self_attn[v->o]",
+                   "model.layers.0.mlp.up_proj->model.layers.0.mlp.down_proj", "lm_head", "model.norm->lm_head"}),
+    # Phi-3: one qkv_proj (rows q | k | v) and one gate_up_proj (gate first, then up)
+    ("Phi3", {"pad_token_id": 0}, {"model.layers.0.self_attn[q->k per rotary pair (i, i + d/2)]",
+                                   "model.layers.0.mlp.gate_up_proj[second]->model.layers.0.mlp.down_proj",
+                                   "model.layers.0.input_layernorm->self_attn.qkv_proj"}),
+    # Qwen3: RMSNorm on each head's queries and keys; eps tiny so that the float64 check is exact
+    ("Qwen3", {"head_dim": 4, "rms_norm_eps": 1e-30}, {"model.layers.0.self_attn[q per head]",
+                                                      "model.layers.0.self_attn[k per head]"}),
+])
+def test_hugging_face_decoders(name, kwargs, expected):
+    model = causal_lm(name, **kwargs)
+    syms = find_symmetries(model, hf_ids())
+    assert expected <= set(names(syms)), names(syms)
+    loss = lambda out, y: F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+    report = verify_symmetries(model, loss, (hf_ids(), hf_ids()), syms, tol=1e-6)
+    assert report.passed, report.table()

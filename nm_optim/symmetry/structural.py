@@ -7,7 +7,7 @@ inputs decides which hold:
 
 - attention (nn.MultiheadAttention; modules with query/key/value and an output ``dense`` as in
   BERT; with GPT-2's fused ``c_attn`` / ``c_proj``; with q_proj/k_proj/v_proj/o_proj as in Llama,
-  grouped-query heads included): queries against keys per dimension, per rotary pair (both
+  or a fused qkv_proj as in Phi-3, grouped-query heads included): queries against keys per dimension, per rotary pair (both
   conventions), per head; values against the output projection per dimension; every key bias
   element (translation); with a norm on the queries and keys (``q_norm`` / ``k_norm``), the
   query and key rows of each head (scale) instead;
@@ -293,6 +293,20 @@ def _attention_of(mname: str, m: nn.Module, parent: nn.Module | None, names: _Na
             return None
         q, k, v = (names.proj(c, E, i * E) for i in range(3))
         return _Attention(mname, q, k, v, names.proj(children["c_proj"]), H, H, d)
+    if _linear(children.get("qkv_proj")) and _linear(children.get("o_proj")):  # Phi-3: rows q | k | v
+        fused = names.proj(children["qkv_proj"])
+        H = _attr(m, "num_heads", "num_attention_heads", "n_heads")
+        d = _attr(m, "head_dim") or (children["o_proj"].in_features // H if H else None)
+        if H is None or not d:
+            return None
+        Hk = _attr(m, "num_key_value_heads", "num_kv_heads") or (fused.n - H * d) // (2 * d)
+        sizes = (H * d, Hk * d, Hk * d)
+        if sum(sizes) != fused.n:
+            return None
+        starts = (0, H * d, H * d + Hk * d)
+        q, k, v = (Proj(fused.weight, fused.weight_name, fused.bias, fused.bias_name, n, lo, lo)
+                   for n, lo in zip(sizes, starts))
+        return _Attention(mname, q, k, v, names.proj(children["o_proj"]), H, Hk, d)
     if all(_linear(children.get(n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         q, k, v, o = (names.proj(children[n]) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         H = _attr(m, "num_heads", "num_attention_heads", "n_heads", "n_head")
