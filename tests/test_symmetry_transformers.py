@@ -532,3 +532,20 @@ def test_hugging_face_decoders(name, kwargs, expected):
     loss = lambda out, y: F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
     report = verify_symmetries(model, loss, (hf_ids(), hf_ids()), syms, tol=1e-6)
     assert report.passed, report.table()
+
+
+def test_a_head_torch_fx_already_found_is_not_checked_again_on_the_meta_device():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(F.relu(self.body(x)))
+
+    with torch.device("meta"):
+        model = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "needs real tensors": torch.fx claimed the head already
+        syms = find_symmetries(model, torch.zeros(2, 4), loss=F.cross_entropy)
+    assert [(s.name, found_by(s)) for s in syms] == [("body->head", FOUND_BY_FX), ("head", FOUND_BY_FX)]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nm_optim.symmetry.base import Rescale, Scale, Symmetry, Translation
-from nm_optim.symmetry.structural import FOUND_BY_STRUCTURE, find_by_structure
+from nm_optim.symmetry.structural import FOUND_BY_STRUCTURE, find_by_structure, signature
 
 __all__ = ["FOUND_BY_FX", "FOUND_BY_STRUCTURE", "SymmetryDetectionError", "find_symmetries", "found_by", "found_on"]
 
@@ -566,7 +566,8 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
                     found.append(sym)
     refusals: list[str] = []
     try:
-        structural = find_by_structure(model, inputs, loss_dim=loss_dim, refusals=refusals)
+        structural = find_by_structure(model, inputs, loss_dim=loss_dim, refusals=refusals,
+                                       known={signature(s) for s in found})
     except Exception as e:
         if untraceable is not None:
             raise untraceable from e
@@ -574,10 +575,10 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
             f"find_symmetries: running {type(model).__name__} on the example inputs to confirm its attention / "
             f"normalisation symmetries failed ({type(e).__name__}: {e}); pass example_inputs the model accepts"
         ) from e
-    seen = {_signature(s) for s in found}
+    seen = {signature(s) for s in found}
     for sym in structural:
-        if _signature(sym) not in seen:
-            seen.add(_signature(sym))
+        if signature(sym) not in seen:
+            seen.add(signature(sym))
             setattr(sym, FOUND_BY, FOUND_BY_STRUCTURE)
             found.append(sym)
     if untraceable is not None and not found:
@@ -598,8 +599,3 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
             stacklevel=2,
         )
     return found
-
-
-def _signature(sym: Symmetry) -> tuple[Any, ...]:
-    """What makes two symmetries the same: kind and members (found by both ways: claimed once)."""
-    return (sym.kind, tuple(sorted((m.name, m.axis, m.role, m.block, m.index or ()) for m in sym.members)))

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from nm_optim.symmetry.base import Member, Symmetry
 
-__all__ = ["SCALE_TOL", "FOUND_BY_STRUCTURE", "find_by_structure", "structural_tolerance"]
+__all__ = ["SCALE_TOL", "FOUND_BY_STRUCTURE", "find_by_structure", "signature", "structural_tolerance"]
 
 log = logging.getLogger(__name__)
 
@@ -600,16 +600,23 @@ class _Gradients:
         return float(res.max()) if G else 0.0
 
 
+def signature(sym: Symmetry) -> tuple[Any, ...]:
+    """What makes two symmetries the same: kind and members (one found both ways is one)."""
+    return (sym.kind, tuple(sorted((m.name, m.axis, m.role, m.block, m.index or ()) for m in sym.members)))
+
+
 def find_by_structure(model: nn.Module, inputs: tuple[Any, ...], *, loss_dim: int | None = None,
-                      refusals: list[str] | None = None) -> list[Symmetry]:
+                      refusals: list[str] | None = None, known: set[tuple[Any, ...]] = frozenset()) -> list[Symmetry]:
     """The attention, MLP, normalisation, embedding and head symmetries the module tree proposes
     and one gradient on `inputs` confirms (module docstring), in module order. `loss_dim`: the dim
     of the model's output the loss takes a softmax over, None for none or unknown (decides a head's
     translation outside Hugging Face models, whose own loss is known). Refusals worth a warning are
-    appended to `refusals`; the rest is logged."""
+    appended to `refusals`; the rest is logged. A family with an alternative among `known`
+    (signatures of symmetries torch.fx found) is left out: nothing to check."""
     names = _Names(model)
     refusals = [] if refusals is None else refusals
-    candidates = _candidates(model, names, loss_dim, refusals)
+    candidates = [c for c in _candidates(model, names, loss_dim, refusals)
+                  if not any(signature(sym) in known for _, sym in c.alternatives)]
     if not candidates:
         return []
     if any(p.device.type == "meta" for p in model.parameters()):
