@@ -582,7 +582,10 @@ def find_symmetries(model: nn.Module, example_inputs: Any, *, loss: Callable[...
             setattr(sym, FOUND_BY, FOUND_BY_STRUCTURE)
             found.append(sym)
     if untraceable is not None and not found:
-        raise untraceable
+        raise SymmetryDetectionError(
+            f"{untraceable}; its module structure shows none of the attention, MLP, normalisation, embedding or "
+            "head patterns either (docs/transformers.md)"
+        ) from untraceable.__cause__
     if untraceable is not None:
         log.info("find_symmetries: torch.fx cannot trace %s (%s); %d symmetries found by module structure",
                  type(model).__name__, untraceable.__cause__, len(found))
