@@ -235,7 +235,7 @@ def figure(source: Any, *, oscillation: Any = None, theory: str = "exact", max_g
 
 
 def layer_norms(source: Any, *, theory: str = "paper", path: str | os.PathLike | None = None, dpi: int = 120,
-                title: str | None = None, residuals: bool = True, neurons: int = 6, columns: int = 4,
+                title: str | None = None, residuals: bool = True, neurons: int = 6, columns: int = 5,
                 kind: str = "scale") -> Any:
     """Per-layer, per-neuron quantities over training, in the style of the paper's VGG figure: one
     panel per symmetry of `kind` (for scale, a conv or linear layer before BatchNorm), each on
@@ -248,7 +248,7 @@ def layer_norms(source: Any, *, theory: str = "paper", path: str | os.PathLike |
     cols = min(columns, n)
     rows = -(-n // cols)
     fig = Figure(figsize=(3.0 * cols, 2.3 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    axes = fig.subplots(rows, cols, squeeze=False)
     if not preds:
         _empty(axes[0][0], f"no {kind} symmetry")
     matplotlib, _ = _matplotlib()
@@ -263,8 +263,8 @@ def layer_norms(source: Any, *, theory: str = "paper", path: str | os.PathLike |
         S = len(xs)
         curve = getattr(p, theory)[:S]
         for j, g in enumerate(groups):
-            # viridis without its darkest end: no measured curve looks like the black theory
-            colour = cmap(0.15 + 0.7 * j / max(len(groups) - 1, 1))
+            # viridis without its dark end: no measured curve looks like the black theory in greyscale
+            colour = cmap(0.3 + 0.55 * j / max(len(groups) - 1, 1))
             ax.plot(xs, p.measured[:, g], color=colour, lw=MEASURED_WIDTH, alpha=0.9,
                     label="measured (per neuron)" if j == 0 else None)
             ax.plot(xs, curve[:, g], **THEORY_STYLE, label=f"theory ({theory})" if j == 0 else None)
@@ -277,7 +277,7 @@ def layer_norms(source: Any, *, theory: str = "paper", path: str | os.PathLike |
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         if i % cols == 0:
             ax.set_ylabel(_YLABELS[kind], fontsize=8)
-        if i >= len(preds) - cols:
+        if i + cols >= len(preds):  # nothing under it: the bottom of its column
             ax.set_xlabel("step k", fontsize=8)
         if i == 0:
             ax.legend(fontsize=6, loc="best")
@@ -350,13 +350,13 @@ def save(fig: Any, path: str | os.PathLike, dpi: int = 120) -> str:
 
 
 def _colors(n: int) -> list[Any]:
-    """n colours for measured curves; past ten, viridis without its darkest end (which a
-    greyscale print would not tell from the black theory)."""
+    """n colours for measured curves; past ten, viridis without its dark end (which a greyscale
+    print would not tell from the black theory)."""
     matplotlib, _ = _matplotlib()
     if n <= 10:
         return [matplotlib.colormaps["tab10"](i) for i in range(n)]
     cmap = matplotlib.colormaps["viridis"]
-    return [cmap(0.15 + 0.75 * i / max(n - 1, 1)) for i in range(n)]
+    return [cmap(0.3 + 0.55 * i / max(n - 1, 1)) for i in range(n)]
 
 
 def _empty(ax: Any, text: str) -> None:
