@@ -267,10 +267,6 @@ def _collapse_runs(digits: Split, out: Path, experiments: list[dict[str, Any]], 
     return entries
 
 
-def _full_models(device: str) -> list[tuple[DemoRun, int]]:
-    return [(FULL_RUN, FULL_BATCH_SIZE), (FULL_MOMENTUM_RUN, FULL_BATCH_SIZE)]
-
-
 def _print_estimate(full_steps: int, momentum_steps: int, device: str) -> float:
     """Time two steps of VGG-16-BN and of VGG-16 here (forward, backward, nm_optim.SGD with
     their symmetries tracked; the second step counts) and print what --full will take."""
@@ -278,7 +274,8 @@ def _print_estimate(full_steps: int, momentum_steps: int, device: str) -> float:
 
     dev = resolve_device(device)
     per_step = []
-    for run, batch in _full_models(device):
+    for run in (FULL_RUN, FULL_MOMENTUM_RUN):
+        batch = FULL_BATCH_SIZE
         torch.manual_seed(0)
         model = get_model(run.model, num_classes=10, in_channels=1, image_size=FULL_IMAGE_SIZE).to(dev)
         x = torch.randn(batch, 1, FULL_IMAGE_SIZE, FULL_IMAGE_SIZE, device=dev)
