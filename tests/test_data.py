@@ -180,6 +180,7 @@ def test_files_are_decoded_by_every_core_and_memory_in_process(tmp_path):
     files, _ = data.load(f"imagefolder:{tmp_path}", image_size=6)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert data.default_workers(files) == cores
+    assert data.default_workers(files, processes=2) == max(1, cores // 2), "torchrun's processes share the cores"
     memory = data.TensorData("t", torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.int64), ["a"], [0.0], [1.0])
     assert data.default_workers(memory) == 0
 

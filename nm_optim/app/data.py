@@ -380,16 +380,18 @@ def load(spec: str, *, image_size: int | None = None) -> Split:
 # -- reading batches -------------------------------------------------------------------------------
 
 
-def default_workers(data: Any) -> int:
-    """How many processes decode `data`'s batches by default: the cores this process may use for
-    a data set decoded from files (ImageFolderData), none for one held in memory, whose batch is
-    a tensor index that a worker would only copy through shared memory."""
+def default_workers(data: Any, processes: int = 1) -> int:
+    """How many processes decode `data`'s batches by default: for a data set decoded from files
+    (ImageFolderData), the cores this process may use, shared with the `processes` training
+    processes on this machine (torchrun's LOCAL_WORLD_SIZE), at least one; none for one held in
+    memory, whose batch is a tensor index that a worker would only copy through shared memory."""
     if not isinstance(data, ImageFolderData):
         return 0
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, processes))
 
 
 class _ByBatch(torch.utils.data.Dataset):

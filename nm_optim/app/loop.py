@@ -178,7 +178,8 @@ def train(
         the others only read its checkpoint on resume.
     workers: processes that decode batches ahead of the step (app.data.batches; the data order
         is the same with any number); None: app.data.default_workers (the cores available for
-        an ImageFolder, none for data held in memory).
+        an ImageFolder, shared by the processes of a distributed run on this machine; none for
+        data held in memory).
     """
     started = time.perf_counter()
     d = distributed
@@ -292,7 +293,9 @@ def train(
                 board.add_scalar("train/loss", value, logged_at)
 
     bar = _progress(total, step, desc or f"{config.model} on {config.data}", progress and main)
-    n_workers = default_workers(train_set) if workers is None else workers
+    # torchrun's processes on this machine share its cores
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d is not None else 1
+    n_workers = default_workers(train_set, local_processes) if workers is None else workers
     loader = batches(train_set, step_indices(n, config.batch_size, config.seed, step, total, d), workers=n_workers,
                      pin_memory=device.type == "cuda" and n_workers > 0)
     try:
@@ -339,7 +342,7 @@ def train(
     final_loss = torch.stack(pending).mean().item() if pending else (losses[-1][1] if losses else None)
     # every rank evaluates (FSDP's forward is collective); DDP's module alone needs no peers
     accuracy = (evaluate(net, split.test, device, config.batch_size,
-                         workers=default_workers(split.test) if workers is None else workers)
+                         workers=default_workers(split.test, local_processes) if workers is None else workers)
                 if split.test is not None else None)
     record = _finish_record(opt, config, losses, accuracy, step, d)
     result = TrainResult(
