@@ -15,9 +15,10 @@
 # 2. a copy of the repository's HEAD (what is committed; GPU_BOX_TREE=worktree: the working
 #    tree, tracked and untracked-but-not-ignored files) in a temporary folder, so that the
 #    editable build's nm_optim/_C*.so lands there and not in this checkout;
-# 3. the build with the GPU check's command (its build stage: NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0,
-#    sm_90, `pip install --no-build-isolation --no-deps -e .`), timed, each output line stamped
-#    with the seconds since the start; then nm_optim.build_info() (cuda_compiled must be true);
+# 3. the build with the GPU check's command (its build stage: NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0
+#    NM_OPTIM_DEBUG=1, sm_90, `pip install --no-build-isolation --no-deps -e .`), timed, each
+#    output line stamped with the seconds since the start (ninja prints a step when it ends);
+#    then nm_optim.build_info() (cuda_compiled must be true);
 # 4. tests/test_triton_binder.py (the types Triton's launch binder gives the kernels' arguments
 #    for sm_90, on this Triton);
 # 5. `bash bench/gpu_check.sh --dry-run` with the simulated interpreter;
@@ -92,16 +93,18 @@ echo "$(find "$WORK/repo" -type f | wc -l) files"
 cd "$WORK/repo" || exit 2
 
 # -- 3. the build, as the GPU check's build stage runs it ----------------------------------------
-step "3. build: NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0 NM_OPTIM_CUDA_ARCHS=90 pip install --no-build-isolation --no-deps -e ."
+step "3. build: NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0 NM_OPTIM_DEBUG=1 NM_OPTIM_CUDA_ARCHS=90 pip install --no-build-isolation --no-deps -e ."
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 t0=$SECONDS
-env PATH="$VENV/bin:$PATH:/usr/local/cuda/bin" CUDACXX="$NVCC" NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0 NM_OPTIM_CUDA_ARCHS=90 \
+env PATH="$VENV/bin:$PATH:/usr/local/cuda/bin" CUDACXX="$NVCC" NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0 NM_OPTIM_DEBUG=1 \
+  NM_OPTIM_CUDA_ARCHS=90 \
   CMAKE_BUILD_PARALLEL_LEVEL=16 "$PY" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 \
   | grep --line-buffered -E "\[[0-9]+/[0-9]+\]|error|Error|Successfully|nm_optim:|CUDA" | stamp "$t0"
 BUILD_RC=${PIPESTATUS[0]}
 BUILD_S=$((SECONDS - t0))
 INFO=$("$PY" -c "import json, nm_optim; print(json.dumps(nm_optim.build_info()))" 2>&1 | tail -1)
-echo "build: rc $BUILD_RC in $BUILD_S s (the real run's build budget: 100 s, on 16 cores); build_info: $INFO"
+echo "build: rc $BUILD_RC in $BUILD_S s on $(nproc) cores at load $(cut -d' ' -f1 /proc/loadavg) (the real run's build" \
+  "budget: 100 s, 20 of them for build_info, on 16 cores); build_info: $INFO"
 [[ $BUILD_RC == 0 && $INFO == *'"cuda_compiled": true'* ]] || FAILED+=(build)
 
 # -- 4. the launch binder ------------------------------------------------------------------------

@@ -21,11 +21,15 @@
 #   preflight      the interpreter ($PY, default python3: the one that holds torch there), torch,
 #                  torch.cuda, the GPU, numpy (nm_optim imports it), triton, pybind11, expecttest,
 #                  nvcc, cmake, ninja, compute-sanitizer: lists what is missing.
-#   build          nm_optim._C for this GPU's architecture (NM_OPTIM_CUDA=1), without pybind11's
-#                  link-time optimisation (NM_OPTIM_LTO=0: its link of the CPU kernel runs on one
-#                  core for 1.5-2 minutes). Skipped when nvcc, cmake or pybind11 is missing; when it
-#                  fails the check goes on with Triton alone (the package imports from the source
-#                  tree: PYTHONPATH).
+#   build          nm_optim._C for this GPU's architecture (NM_OPTIM_CUDA=1), the CUDA kernel as
+#                  always (nvcc -O3), the CPU kernel at -O0 (NM_OPTIM_DEBUG=1) and without
+#                  pybind11's link-time optimisation (NM_OPTIM_LTO=0): its one translation unit
+#                  takes about 180 s of CPU time to compile at -O3 (or to link under -flto), 15 s
+#                  at -O0, on one core whatever the machine; the check runs no CPU kernel on the
+#                  GPU machine (its cases select CUDA and Triton; the references are torch's and
+#                  the Python reference backend's). Skipped when nvcc, cmake or pybind11 is
+#                  missing; when it fails the check goes on with Triton alone (the package imports
+#                  from the source tree: PYTHONPATH).
 #   tests_kernels  what only a GPU can tell, first: our CUDA and Triton kernels against torch's
 #                  fused CUDA SGD (test_amp), the statistics against float64 (test_stats), CUDA
 #                  graphs (test_graphs), the launch types Triton binds (test_triton_binder); then
@@ -66,6 +70,7 @@ case "${1:-}" in
 esac
 ORDER=(preflight build tests_kernels tests_more memcheck racecheck bench)
 GRACE=5  # seconds between a stage's SIGINT and its SIGKILL
+((DRY)) && GRACE=15  # the dry run's interpreter unwinds slowly on 2 busy cores
 if ((DRY)); then
   declare -A BUDGET=([preflight]=90 [build]=60 [tests_kernels]=40 [tests_more]=25 [memcheck]=150
                      [racecheck]=90 [bench]=120)
@@ -261,7 +266,8 @@ else
     LIMIT=$(( $(limit_for build) - 20 ))  # build_info's 20 s after it
     ((LIMIT < 10)) && LIMIT=10
     export CUDACXX=${CUDACXX:-$(command -v nvcc)}
-    run_limited "$LIMIT" "$OUT/build.log" env NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0 NM_OPTIM_CUDA_ARCHS="${ARCHS:-native}" \
+    run_limited "$LIMIT" "$OUT/build.log" env NM_OPTIM_CUDA=1 NM_OPTIM_LTO=0 NM_OPTIM_DEBUG=1 \
+      NM_OPTIM_CUDA_ARCHS="${ARCHS:-native}" \
       CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" \
       "$PY" -m pip install --no-build-isolation --no-deps -e .
     build_info

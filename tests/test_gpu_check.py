@@ -42,7 +42,8 @@ def test_script_parses_and_its_real_run_fits_in_480_seconds_with_grace():
     assert sum(budget.values()) + grace * len(STAGES) <= 480, (budget, grace)
     assert 'timeout -s INT -k "$GRACE"' in text and "+ 30" not in text  # no stage gets more than its budget
     assert 'run(command="bash bench/gpu_check.sh $OUT", timeout_s=540)' in text
-    assert "-m pip install --no-build-isolation --no-deps -e ." in text and "NM_OPTIM_LTO=0" in text
+    assert "-m pip install --no-build-isolation --no-deps -e ." in text
+    assert "NM_OPTIM_LTO=0 NM_OPTIM_DEBUG=1" in text  # the CPU kernel's -O3 compile alone takes ~3 CPU-minutes
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in text
 
 
