@@ -53,8 +53,8 @@ def child(code: str, cwd: Path | None = None, env: dict[str, str] | None = None)
 
 @pytest.fixture(scope="module")
 def import_runs() -> list[dict]:
-    """Three fresh interpreters timing the imports, after one that warms the bytecode caches."""
-    child(TIME_IMPORTS)
+    """Three fresh interpreters timing the imports (this process imported both: the bytecode
+    caches are written and the files in the page cache)."""
     return [json.loads(child(TIME_IMPORTS)) for _ in range(3)]
 
 
