@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
         if config.steps is None and config.epochs is None:
             config.epochs = 1
     run = {"resume": args.resume, "progress": not args.no_progress, "record_dtype": args.record_dtype,
-           "tensorboard": args.tensorboard, "tensorboard_every": args.tensorboard_every}
+           "tensorboard": args.tensorboard, "tensorboard_every": args.tensorboard_every, "workers": args.workers}
     if d is None:
         result = train(config, args.out, **run)
     else:
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--record-dtype", choices=("float64", "float32"), default="float64",
                     help="how OUT/record/ stores the sums; float32 halves it, each sum rounded to ~6e-8 relative "
                          "(default: float64; a resumed run keeps its record's)")
+    tr.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="processes decoding batches ahead of the step (default: the cores available for "
+                         "imagefolder:DIR, 0 for data held in memory); the data order is the same with any N")
     tr.add_argument("--tensorboard", metavar="DIR", default=None,
                     help="write TensorBoard scalars to DIR: norms of params, gradients and momentum, each "
                          "symmetry's conserved quantity, hyper-parameters, loss (pip install 'nm_optim[tensorboard]')")
