@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import is_
 from typing import Any
 
@@ -13,7 +13,9 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from nm_optim.distributed import check_not_zero_partition, has_dtensors, local_tensors
 from nm_optim.names import check_backend_name
-from nm_optim.ops import resolve_backend, sgd_step_
+from nm_optim.ops import plan as _ops_plan
+from nm_optim.ops import resolve_backend
+from nm_optim.ops.op import sgd_step as sgd_step_  # the op; straight to its implementation where that is the same
 from nm_optim.recorder import Recorder
 from nm_optim.symmetry import Symmetry
 from nm_optim.tracks import Track, TrackTable, track_pairs
@@ -300,17 +302,26 @@ class SGD(Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         calls = []
+        guards = []
         new_buffers: list[tuple[Tensor, Tensor]] = []
+        every_param_guarded = True
         for gi, group in enumerate(self.param_groups):
-            for device, bucket in self._buckets(gi, group, new_buffers):
+            buckets, guarded = self._buckets(gi, group, new_buffers)
+            every_param_guarded &= guarded
+            for device, bucket, guard in buckets:
                 calls.append((group, device, *bucket))
-        if self._tracks:
+                guards.append(guard)
+        if self._tracks and not every_param_guarded:
             # Before anything is written: a tracked param whose shape or device changed would
             # have its groups reduced into rows laid out for the old shape. After the groups are
             # read: Dynamo guards a param's identity only where it first meets it, so a compiled
             # step must meet the params in the groups (which the plan follows), not in this
-            # check's list, or a param replaced in a group would reuse the old graph.
+            # check's list, or a param replaced in a group would reuse the old graph. Not needed
+            # when every param of the optimizer passed a guard made after this check passed
+            # (_steady_buckets: then no shape or device changed since).
             self._tracks.check_unchanged()
+        if not (all(guards) or self._nm_dtensors or torch.compiler.is_compiling()):
+            self._remember_checked(calls, guards)
 
         # A step that would create momentum buffers while GradScaler found an inf or nan: skip
         # it before any state exists. This reads found_inf on the host, once, and only on the
@@ -324,7 +335,8 @@ class SGD(Optimizer):
         tracks = self._tracks
         if tracks:
             tracks.begin_step()
-        for group, device, params, grads, bufs, is_first, offsets in calls:
+        vouch = _ops_plan.vouch
+        for (group, device, params, grads, bufs, is_first, offsets), guard in zip(calls, guards):
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
             backend = resolve_backend(group["backend"], device)
@@ -337,6 +349,8 @@ class SGD(Optimizer):
                 # tensor as the float64 it holds (CUDA and Triton read a tensor lr as float32).
                 lr_tensor = torch.scalar_tensor(lr, dtype=torch.float64)
             wd = group["weight_decay"]
+            if guard is not None:  # checked above, just now: the op need not check again
+                vouch(guard[0], params, grads, bufs, guard[1])
             sgd_step_(
                 params,
                 grads,
@@ -355,6 +369,8 @@ class SGD(Optimizer):
                 tracks.stats(device) if offsets else None,
                 offsets,
             )
+        if any(guards):
+            vouch(None)  # a voucher the op did not use (a spy) must not outlive the step
         for p, buf in new_buffers:
             self.state[p]["momentum_buffer"] = buf
         if tracks:
@@ -363,10 +379,12 @@ class SGD(Optimizer):
             self.recorder.after_step({id(p) for p, _ in new_buffers}, found_inf)
         return loss
 
-    def _buckets(self, gi: int, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> list:
-        """(device, bucket) for each kernel call, in order: params with a grad, split by (device,
-        dtype), with their buffers, is_first flags and statistics offsets (empty when no param of
-        the bucket is tracked). A param listed k times in the group is in k successive calls."""
+    def _buckets(self, gi: int, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> tuple[list, bool]:
+        """(device, bucket, guard) for each kernel call, in order: params with a grad, split by
+        (device, dtype), with their buffers, is_first flags and statistics offsets (empty when no
+        param of the bucket is tracked); and whether every param of the group is in a bucket that
+        passed its guard (see _steady_buckets; guard None: checked in full here, not yet guarded).
+        A param listed k times in the group is in k successive calls."""
         all_params = group["params"]
         # Comprehensions rather than map(attrgetter): as fast eagerly, and torch.compile traces them.
         grads = [p.grad for p in all_params]
@@ -376,6 +394,10 @@ class SGD(Optimizer):
             index = [i for i, g in enumerate(grads) if g is not None]
             params = [all_params[i] for i in index]
             grads = [grads[i] for i in index]
+        if not (self._nm_dtensors or torch.compiler.is_compiling()):
+            steady = self._steady_buckets(group, params, grads)
+            if steady is not None:
+                return steady, index is None
         sparse = [g.is_sparse for g in grads]
         if any(sparse):
             i = sparse.index(True)
@@ -412,8 +434,82 @@ class SGD(Optimizer):
                 self._check_buffers((gi, k), plan, group, bparams, bufs, members, index)
             if self._nm_dtensors:  # the op steps the local shards; the state keeps the DTensors
                 bparams, bgrads, bufs = local_tensors(bparams, bgrads, bufs)
-            buckets.append((device, (bparams, bgrads, bufs, is_first, offsets)))
-        return buckets
+            buckets.append((device, (bparams, bgrads, bufs, is_first, offsets), None))
+        return buckets, False
+
+    def _steady_buckets(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list | None:
+        """_buckets' result without its checks, when nothing they read changed since a step that
+        made them all (None otherwise: check in full).
+
+        That step's plan is found again (the same params with a grad, at the same addresses:
+        _plan), and for each of its calls a TensorGuard (ops/plan.py), made after every check of
+        that step passed, holds for the call's params, grads and momentum buffers (read from the
+        state again: a buffer replaced, or loaded by load_state_dict, is what is stepped). It
+        compares each tensor's type, dispatch keys, dtype, device, requires_grad, sizes and strides:
+        a grad that is None or sparse, a param or buffer of another dtype, device or shape (also
+        one reshaped in place, with its element count and address unchanged), a missing buffer or
+        momentum turned on or off (another number of tensors) fails it. Every check of the full
+        path depends on those only, so it would pass again: the sparse grads (_check_param), the
+        dtypes (_build_plan), each buffer against its param (_check_buffers: _buffer_ok), each
+        tracked param's shape and device (TrackTable.check_unchanged, which step() skips when
+        every param of the optimizer is in such a call). Buffers all exist: is_first is all False.
+        The calls' tuples are what the guard held for, so the op need not check them again
+        (ops/plan.py, vouch)."""
+        found = self._cached_plan(group, params)
+        steady = self.__dict__.get("_nm_steady", {}).get(id(group))
+        if found is None or steady is None or steady.group is not group or steady.plan is not found[0]:
+            return None
+        plan, where = found
+        momentum = group["momentum"] != 0
+        if momentum:
+            state_dicts = steady.state_dicts(self.state, params)
+            if state_dicts is None:
+                return None
+        out = []
+        for k, ((device, members, offsets), guard) in enumerate(zip(plan, steady.guards)):
+            bparams = tuple(params) if members is None else tuple([params[i] for i in members])
+            bgrads = tuple(grads) if members is None else tuple([grads[i] for i in members])
+            bufs: tuple = ()
+            if momentum:
+                try:
+                    bufs = tuple([st["momentum_buffer"] for st in state_dicts[k]])
+                except KeyError:  # no buffer yet: this step creates it
+                    return None
+            if not guard.holds((*bparams, *bgrads, *bufs)):
+                return None
+            ptrs = where if members is None else [where[i] for i in members]  # type: ignore[index]
+            out.append((device, (bparams, bgrads, bufs, guard.facts["is_first"], offsets), (guard, ptrs)))
+        return out
+
+    def _remember_checked(self, calls: list, guards: list) -> None:
+        """After the full checks of a step passed: a TensorGuard for each call's tensors, which
+        later steps check instead (_steady_buckets); the calls become tuples, for the op's voucher.
+        Only when every call of a param group has one, with the group's cached plan."""
+        plans = self.__dict__.get("_nm_plans", {})
+        by_group: dict[int, list[int]] = {}
+        for i, call in enumerate(calls):
+            by_group.setdefault(id(call[0]), []).append(i)
+        store = self.__dict__.setdefault("_nm_steady", {})
+        for gid, idx in by_group.items():
+            if any(guards[i] is not None for i in idx):
+                continue  # the group's steady calls: guarded already
+            cached = plans.get(gid)
+            group = calls[idx[0]][0]
+            store.pop(gid, None)
+            if cached is None or cached[0] is not group or len(cached[2]) != len(idx):
+                continue
+            made = []
+            for i in idx:
+                group, device, params, grads, bufs, is_first, offsets = calls[i]
+                call = (group, device, tuple(params), tuple(grads), tuple(bufs), tuple(is_first), offsets)
+                guard = _ops_plan.tensor_guard((*call[2], *call[3], *call[4]))
+                if guard is None:
+                    break
+                guard.facts["is_first"] = (False,) * len(call[5])  # later steps: every buffer exists
+                calls[i], guards[i] = call, (guard, None)
+                made.append(guard)
+            if len(made) == len(idx):
+                store[gid] = _Steady(group, cached[2], made)
 
     def _check_buffers(self, key: tuple[int, int], plan: list, group: dict[str, Any], params: list[Tensor],
                        bufs: list[Any], members: list[int] | None, index: list[int] | None) -> None:
@@ -424,21 +520,25 @@ class SGD(Optimizer):
         already stepped the params before the bad one, and scaled the bad buffer by momentum).
         A buffer of another floating dtype is valid, as in torch (e.g. after ``model.double()``).
 
-        Eagerly the check runs when a call's buffers are not the very objects checked last time
-        for the same plan (the plan is rebuilt when a param's memory is re-pointed): a steady
-        step compares object identities, one C-level pass (1000 buffers: about 20 us). Under
-        torch.compile the metadata comparisons are traced (Dynamo guards what they read)."""
+        Eagerly (where _steady_buckets' guards did not hold) the check runs when a call's buffers
+        are not the very objects checked last time for the same plan (the plan is rebuilt when a
+        param's memory is re-pointed), or a param's shape changed since (a param reshaped in
+        place keeps its plan, and a buffer of its old shape must fail as in torch): identities
+        and shapes, two C-level passes. Under torch.compile the metadata comparisons are traced
+        (Dynamo guards what they read)."""
         if torch.compiler.is_compiling():
             bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not _buffer_ok(p, b)]
         else:
             checked = self.__dict__.setdefault("_nm_checked_buffers", {})
             last = checked.get(key)
-            if last is not None and last[0] is plan and len(last[1]) == len(bufs) and all(map(is_, bufs, last[1])):
+            shapes = [p.shape for p in params]
+            if (last is not None and last[0] is plan and len(last[1]) == len(bufs) and all(map(is_, bufs, last[1]))
+                    and last[2] == shapes):
                 return
             bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not _buffer_ok(p, b)]
             if not bad:
                 # Holds the buffers, so an id cannot be reused by another object while cached.
-                checked[key] = (plan, list(bufs))
+                checked[key] = (plan, list(bufs), shapes)
         if bad and self._tracks:
             self._tracks.check_unchanged()  # a tracked param's new shape: its own, more useful error
         for i in bad:
@@ -466,17 +566,27 @@ class SGD(Optimizer):
         that overlap one after the other. Nor is a param reshaped in place (``p.data =
         p.data.view(...)``) re-planned, so its momentum buffer is not checked again against the
         new shape (a tracked param's is: TrackTable.check_unchanged)."""
-        plans = self.__dict__.setdefault("_nm_plans", {})
-        ids = list(map(id, params))
-        # A DTensor has no address of its own here (the op steps its local shard; _memory_span).
-        where = None if self._nm_dtensors else list(map(_data_ptr, params))
-        cached = plans.get(id(group))
-        if cached is not None and cached[0] is group and cached[1] == ids and cached[4] == where:
-            return cached[2]
+        found = self._cached_plan(group, params)
+        if found is not None:
+            return found[0]
         result = self._build_plan(group, params, index)
         # The plan holds the group and its params, so their ids cannot be reused while cached.
-        plans[id(group)] = (group, ids, result, list(params), where)
+        where = None if self._nm_dtensors else list(map(_data_ptr, params))
+        self.__dict__.setdefault("_nm_plans", {})[id(group)] = (group, list(params), result, where)
         return result
+
+    def _cached_plan(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list, list[int] | None] | None:
+        """_plan's cached result for these params (the same objects, in order, at the same
+        addresses) and the params' addresses (None for DTensors), or None."""
+        cached = self.__dict__.get("_nm_plans", {}).get(id(group))
+        if cached is None or cached[0] is not group:
+            return None
+        known = cached[1]
+        if len(known) != len(params) or not all(map(is_, params, known)):
+            return None
+        # A DTensor has no address of its own here (the op steps its local shard; _memory_span).
+        where = None if self._nm_dtensors else list(map(_data_ptr, params))
+        return (cached[2], where) if cached[3] == where else None
 
     def _build_plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
         """_plan's result, built afresh (eagerly _plan caches it; under torch.compile it is built
@@ -512,6 +622,64 @@ class SGD(Optimizer):
         if all(o is None for o in found):
             return []
         return [x for o in found for x in (o if o is not None else _UNTRACKED)]
+
+
+class _Steady:
+    """A param group's calls as a step that checked them in full made them (SGD._steady_buckets):
+    its cached plan, a TensorGuard per call, and the param's state dicts per call, read again from
+    ``opt.state`` only when that dict changed.
+
+    A lookup ``state.get(p)`` costs a Python call of Tensor.__hash__ per param (about 90 us for
+    1000 params); the state dicts are found again instead where the state is the same dict object
+    with the same version (PEP 509's version tag, which CPython changes on every insertion,
+    replacement or deletion: torch._C._dynamo.guards.dict_version reads it). A buffer replaced in
+    a param's own state dict is read from it every step."""
+
+    __slots__ = ("group", "plan", "guards", "_state", "_version", "_dicts")
+
+    def __init__(self, group: dict[str, Any], plan: list, guards: list) -> None:
+        self.group, self.plan, self.guards = group, plan, guards
+        self._state: Any = None
+        self._version = -1
+        self._dicts: list[tuple[dict, ...]] = []
+
+    def state_dicts(self, state: dict, params: list[Tensor]) -> list[tuple[dict, ...]] | None:
+        """Each call's params' state dicts, or None where a param has none."""
+        version = _dict_version(state) if _dict_version is not None else -1
+        if state is self._state and version == self._version and version >= 0:
+            return self._dicts
+        dicts = []
+        for _, members, _ in self.plan:
+            found = tuple(map(state.get, params if members is None else [params[i] for i in members]))
+            if None in found:
+                return None
+            dicts.append(found)
+        self._state, self._version, self._dicts = state, version, dicts
+        return dicts
+
+
+def _version_tag() -> Callable[[dict], int] | None:
+    """torch's reader of a dict's version tag, where it works on this Python: the tag must change
+    on every kind of change (CPython 3.12 deprecated it; a Python without it gets None)."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+    except ImportError:
+        return None
+    try:
+        d: dict = {}
+        seen = [dict_version(d)]
+        d[0] = 0
+        seen.append(dict_version(d))
+        d[0] = 1
+        seen.append(dict_version(d))
+        del d[0]
+        seen.append(dict_version(d))
+    except Exception:
+        return None
+    return dict_version if len(set(seen)) == len(seen) else None
+
+
+_dict_version = _version_tag()
 
 
 # Under torch.compile the plan is computed on the host, with the real tensors, while Dynamo traces

@@ -32,7 +32,8 @@ from nm_optim.ops.layout import (
     storage_view,
     uniform_dense,
 )
-from nm_optim.ops.plan import StatsLayout, rows_needed, stats_layout
+from nm_optim._lazy import disable
+from nm_optim.ops.plan import StatsLayout, TensorGuard, owner_guard, rows_needed, stats_layout, vouched
 from nm_optim.ops.registry import backend_step, require_backend
 
 SCHEMA = (
@@ -52,10 +53,12 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
     """The list lengths and the statistics rows, checked before any kernel reads a pointer.
     `numels` and the result: see _check_stats."""
     n = len(params)
-    torch._check(len(grads) == n, lambda: f"sgd_step_: got {n} params but {len(grads)} grads")
-    if args.has_momentum:
+    # torch._check only on failure: it costs microseconds per call, and these hold on every step.
+    if len(grads) != n:
+        torch._check(False, lambda: f"sgd_step_: got {n} params but {len(grads)} grads")
+    if args.has_momentum and (len(momentum_buffers) != n or len(is_first) != n):
         torch._check(
-            len(momentum_buffers) == n and len(is_first) == n,
+            False,
             lambda: "sgd_step_: momentum != 0 needs one momentum buffer and one is_first flag per param, "
             f"got {n} params, {len(momentum_buffers)} buffers, {len(is_first)} flags",
         )
@@ -64,26 +67,26 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
     return _check_stats(params, args.stats, args.stats_offsets, numels)
 
 
-# The implementation runs as eager code even inside torch.compile (the compiled graph calls the op
-# as one node, and the dispatcher calls this function): Dynamo must not try to compile its frames
-# (tables, raw pointers, the pybind call), which would only add graph breaks and recompiles.
-@torch.compiler.disable
-def _sgd_step_impl(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-                   is_first: Sequence[bool], *rest) -> None:
+def _step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+          is_first: Sequence[bool], rest: tuple, guard: TensorGuard | None) -> None:
+    """The op's implementation. `guard`: a TensorGuard that holds for ``(*params, *grads,
+    *momentum_buffers)`` now (from the caller, ops/plan.py `vouched`), or None: then the op's own
+    per-bucket guard finds the metadata checks' result when nothing changed since the last call."""
     args = StepArgs(*rest)
-    dtype = params[0].dtype if params else None
+    if not params:
+        _check_lists(params, grads, momentum_buffers, is_first, args)
+        return
+    dtype = params[0].dtype
     native = args.backend != "reference" and dtype in DTYPE_CODES
-    bufs = momentum_buffers if args.has_momentum else []
+    bufs = momentum_buffers if args.has_momentum else ()
     # Metadata only, nothing read through a pointer: when every tensor is dense on params[0]'s
     # device (the common case), the checks below compare lists against the bucket's cached layout.
-    numels = uniform_dense(params, grads, bufs, dtype, params[0].get_device()) if native else None
+    numels = _dense_numels(params, grads, bufs, dtype, guard) if native else None
     layout = _check_lists(params, grads, momentum_buffers, is_first, args, numels)
     if not (layout.tracked if layout is not None else args.with_stats):
         layout = None
         if args.stats_offsets:
             args = args.subset(())
-    if not params:
-        return
     if not native:
         backend_step("reference")(Bucket(params, grads, momentum_buffers, is_first), args)
         return
@@ -109,6 +112,104 @@ def _sgd_step_impl(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_b
         if idx:
             run = step if want else backend_step("reference")
             run(bucket.subset(idx, args.has_momentum), args.subset(idx))
+
+
+def _dense_numels(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], dtype: torch.dtype,
+                  guard: TensorGuard | None) -> tuple[int, ...] | None:
+    """uniform_dense (ops/layout.py): the element counts when every tensor is contiguous, of
+    `dtype`, on params[0]'s device, with its param's element count; else None. A function of the
+    tensors' metadata only, so it is kept with a TensorGuard (`guard`, or the bucket's own) and
+    computed again only when the metadata changed."""
+    def derive() -> tuple[int, ...] | None:
+        return uniform_dense(params, grads, bufs, dtype, params[0].get_device())
+
+    if guard is None:
+        return owner_guard(params[0], (*params, *grads, *bufs), len(params), len(bufs), derive)
+    facts = guard.facts
+    if "dense" not in facts:
+        facts["dense"] = derive()
+    return facts["dense"]  # type: ignore[return-value]
+
+
+# The implementation runs as eager code even inside torch.compile (the compiled graph calls the op
+# as one node, and the dispatcher calls this function): Dynamo must not try to compile its frames
+# (tables, raw pointers, the pybind call), which would only add graph breaks and recompiles.
+@disable
+def _sgd_step_impl(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                   is_first: Sequence[bool], *rest) -> None:
+    _step(params, grads, momentum_buffers, is_first, rest, None)
+
+
+# The same, called by sgd_step without the dispatcher (eager code, as above).
+_step_eagerly = disable(_step)
+
+
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+             is_first: Sequence[bool], *rest) -> None:
+    """``torch.ops.nm_optim.sgd_step_`` with the same arguments, for nm_optim.SGD's step: when
+    the dispatcher would only hand the arguments to the implementation, the implementation is
+    called directly, else the op.
+
+    Through the dispatcher a call converts every tensor of the lists to C++ and back to Python
+    (about 0.5 ms for 1000 params with grads and buffers: a third of a step of 1000 small
+    tensors). The dispatcher runs nothing else for this op where (ops/plan.py, TensorGuard, for
+    the lists; checked here for the rest): every tensor is a plain Tensor or Parameter whose
+    dispatch keys are those of a dense CPU or CUDA tensor (no subclass, Python key, sparse,
+    conjugate, inference, functionalization or vmap wrapper), no torch function or dispatch mode
+    is active, no functorch transform, no JIT trace, no profiler (which records the op), and grad
+    mode is off (autograd's fallback for ops without an autograd kernel then does nothing). Its
+    in-place semantics are the implementation's own: it bumps the version counters of what it
+    writes, the dispatcher bumps none for this op (tests/test_op.py). Only for lists that
+    nm_optim.SGD checked against a guard just before (ops/plan.py, `vouch`); under torch.compile
+    the op, always (Dynamo traces through this function to the op)."""
+    if torch.compiler.is_compiling():
+        return sgd_step_(params, grads, momentum_buffers, is_first, *rest)
+    guard = vouched(params, grads, momentum_buffers)
+    if guard is None or not _dispatch_free(guard, params, grads, momentum_buffers, rest):
+        return sgd_step_(params, grads, momentum_buffers, is_first, *rest)
+    _step_eagerly(params, grads, momentum_buffers, is_first, rest, guard)
+
+
+# The optional tensors among the arguments after the lists (StepArgs' fields).
+_OPTIONAL_TENSORS = tuple(FIELDS.index(f) for f in ("lr_tensor", "grad_scale", "found_inf", "stats"))
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_plain_keys: dict[str, int] = {}
+# Thread-local dispatch keys that leave the dispatch of a dense tensor's op as it is: BackendSelect
+# and ADInplaceOrView are in the default included set (c10/core/impl/LocalDispatchKeySet.h).
+_DEFAULT_INCLUDED = (torch._C.DispatchKeySet(torch._C.DispatchKey.BackendSelect)
+                     .add(torch._C.DispatchKey.ADInplaceOrView).raw_repr())
+
+
+def _plain(t: object) -> bool:
+    """Whether `t` is a Tensor or Parameter with the dispatch keys of a dense CPU or CUDA tensor."""
+    if type(t) not in _PLAIN_TYPES:
+        return False
+    kind = t.device.type  # type: ignore[attr-defined]
+    if kind not in ("cpu", "cuda"):
+        return False
+    keys = _plain_keys.get(kind)
+    if keys is None:
+        keys = _plain_keys[kind] = torch._C._dispatch_keys(torch.empty(0, device=kind)).raw_repr()
+    return torch._C._dispatch_keys(t).raw_repr() == keys
+
+
+def _dispatch_free(guard: TensorGuard, params: Sequence[Tensor], grads: Sequence[Tensor],
+                   bufs: Sequence[Tensor], rest: tuple) -> bool:
+    """Whether the dispatcher would call the implementation with these arguments and do nothing
+    else (see sgd_step). `guard` holds for the lists."""
+    facts = guard.facts
+    plain = facts.get("plain")
+    if plain is None:  # once per guard: a function of the guarded metadata (type and keys)
+        plain = facts["plain"] = all(map(_plain, (*params, *grads, *bufs)))
+    if not plain or torch.is_grad_enabled() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state() is not None:
+        return False
+    if torch.autograd._profiler_enabled():
+        return False
+    if torch._C._dispatch_tls_local_include_set().raw_repr() & ~_DEFAULT_INCLUDED:
+        return False  # a functorch transform, the Python dispatcher, ...
+    return all(rest[i] is None or _plain(rest[i]) for i in _OPTIONAL_TENSORS if i < len(rest))
 
 
 def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
