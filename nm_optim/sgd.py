@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from nm_optim._lazy import assume_constant_result, disable
 from nm_optim.distributed import check_not_zero_partition, has_dtensors, local_tensors
 from nm_optim.names import check_backend_name
 from nm_optim.ops import plan as _ops_plan
@@ -697,7 +698,7 @@ _dict_version = _version_tag()
 # plan cache (keyed on addresses too: SGD._plan) plans afresh. The op guards that case itself:
 # params of one call that share memory are stepped in successive calls, in order
 # (ops/plan.py, AddressCheck), so the compiled step stays torch's.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _plan_at_trace_time(opt: SGD, gi: int) -> list | None:
     """SGD._plan's result for param group `gi` (the group as the traced step sees it), or None if
     planning raised (a param of an unsupported dtype): then _plan_eagerly raises it."""
@@ -714,7 +715,7 @@ def _plan_at_trace_time(opt: SGD, gi: int) -> list | None:
 
 # An exception raised inside assume_constant_result reaches the user as an internal Dynamo error;
 # raised by eager code (a graph break, on this failing path only) it is the one eager code raises.
-@torch.compiler.disable
+@disable
 def _plan_eagerly(opt: SGD, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
     return opt._build_plan(group, params, index)
 
@@ -804,7 +805,7 @@ def _buffer_error(group: dict[str, Any], i: int, p: Tensor, buf: Any) -> Excepti
 
 # Eager code: under torch.compile a graph break on this failing path only (the stand-in ops and
 # the exception are not traced).
-@torch.compiler.disable
+@disable
 def _raise_buffer_error(group: dict[str, Any], i: int, p: Tensor, buf: Any) -> None:
     error = _buffer_error(group, i, p, buf)
     if error is not None:

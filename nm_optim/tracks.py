@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nm_optim._lazy import disable
 from nm_optim.distributed import all_reduce_sum, group_ranks, shard_layout
 from nm_optim.names import AXES, STAT_NAMES
 from nm_optim.ops.layout import group_counts
@@ -206,7 +207,7 @@ class TrackTable:
             for device, lo in self._shard_lo.items():
                 self.stats(device)[lo:].zero_()
 
-    @torch.compiler.disable
+    @disable
     def reduce_across_ranks(self) -> None:
         """After the kernels of a step: the sharded params' statistics of the whole tensors, the
         same on every rank. A sharded param this rank did not step (no grad) makes its groups NaN

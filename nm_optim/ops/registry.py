@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nm_optim._lazy import assume_constant_result, disable
 from nm_optim.names import BACKENDS
 from nm_optim.ops.extension import cuda_compiled, extension
 
@@ -189,7 +190,7 @@ def _resolve(backend: str, device: torch.device) -> str:
 # The answer depends only on the two arguments (Dynamo guards them: the param group's setting and
 # the params' device are read by the traced step) and on what this process can run, which does
 # not change while it lives, so it may be assumed constant.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _backend_at_trace_time(backend: str, device: torch.device) -> str | None:
     try:
         return _resolve(backend, device)
@@ -200,7 +201,7 @@ def _backend_at_trace_time(backend: str, device: torch.device) -> str | None:
 # Errors: an exception raised inside assume_constant_result reaches the user as an internal
 # Dynamo error; raised by eager code (a graph break, on this failing path only) it is the one
 # eager code raises.
-_resolve_eagerly = torch.compiler.disable(_resolve)
+_resolve_eagerly = disable(_resolve)
 
 
 def backend_step(name: str) -> Callable:
