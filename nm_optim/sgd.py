@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from operator import is_
+from itertools import repeat
+from operator import is_, is_not
 from typing import Any
 
 import torch
@@ -284,7 +285,10 @@ class SGD(Optimizer):
                 {k: v for k, v in g.items() if k != "backend"} if isinstance(g, dict) else g for g in groups
             ])
         super().load_state_dict(state_dict)
-        self.__dict__.pop("_nm_checked_buffers", None)  # new buffers: let the old ones go now
+        # New buffers and param group dicts: let the old ones go now (the checked buffers, the
+        # steady calls' state dicts).
+        self.__dict__.pop("_nm_checked_buffers", None)
+        self.__dict__.pop("_nm_steady", None)
         for group, backend in zip(self.param_groups, backends):
             group["backend"] = backend
 
@@ -387,15 +391,16 @@ class SGD(Optimizer):
         passed its guard (see _steady_buckets; guard None: checked in full here, not yet guarded).
         A param listed k times in the group is in k successive calls."""
         all_params = group["params"]
+        compiling = torch.compiler.is_compiling()
         # Comprehensions rather than map(attrgetter): as fast eagerly, and torch.compile traces them.
         grads = [p.grad for p in all_params]
-        if all(g is not None for g in grads):
+        if all(g is not None for g in grads) if compiling else all(map(is_not, grads, repeat(None))):
             params, index = all_params, None
         else:
             index = [i for i, g in enumerate(grads) if g is not None]
             params = [all_params[i] for i in index]
             grads = [grads[i] for i in index]
-        if not (self._nm_dtensors or torch.compiler.is_compiling()):
+        if not (self._nm_dtensors or compiling):
             steady = self._steady_buckets(group, params, grads)
             if steady is not None:
                 return steady, index is None
@@ -456,18 +461,19 @@ class SGD(Optimizer):
         every param of the optimizer is in such a call). Buffers all exist: is_first is all False.
         The calls' tuples are what the guard held for, so the op need not check them again
         (ops/plan.py, vouch)."""
-        found = self._cached_plan(group, params)
+        plan = self._plan_of(group, params)
         steady = self.__dict__.get("_nm_steady", {}).get(id(group))
-        if found is None or steady is None or steady.group is not group or steady.plan is not found[0]:
+        if plan is None or steady is None or steady.group is not group or steady.plan is not plan[0]:
             return None
-        plan, where = found
         momentum = group["momentum"] != 0
         if momentum:
             state_dicts = steady.state_dicts(self.state, params)
             if state_dicts is None:
                 return None
         out = []
-        for k, ((device, members, offsets), guard) in enumerate(zip(plan, steady.guards)):
+        where: list[int] = []
+        placed: list[tuple[int, int]] = []  # (position in params, address) of calls with members
+        for k, ((device, members, offsets), guard) in enumerate(zip(plan[0], steady.guards)):
             bparams = tuple(params) if members is None else tuple([params[i] for i in members])
             bgrads = tuple(grads) if members is None else tuple([grads[i] for i in members])
             bufs: tuple = ()
@@ -476,11 +482,19 @@ class SGD(Optimizer):
                     bufs = tuple([st["momentum_buffer"] for st in state_dicts[k]])
                 except KeyError:  # no buffer yet: this step creates it
                     return None
-            if not guard.holds((*bparams, *bgrads, *bufs)):
+            if not guard.holds(bparams, bgrads, bufs):
                 return None
-            ptrs = where if members is None else [where[i] for i in members]  # type: ignore[index]
+            # The addresses right after the guard read the same tensors (in the cache now); the
+            # op gets them with the voucher.
+            ptrs = (list(map(_data_ptr, bparams)), list(map(_data_ptr, bgrads)), list(map(_data_ptr, bufs)))
+            if members is None:
+                where = ptrs[0]
+            else:
+                placed += zip(members, ptrs[0])
             out.append((device, (bparams, bgrads, bufs, guard.facts["is_first"], offsets), (guard, ptrs)))
-        return out
+        if placed:  # the params' addresses in the group's order, as _plan keys them
+            where = [ptr for _, ptr in sorted(placed)]
+        return out if where == plan[1] else None
 
     def _remember_checked(self, calls: list, guards: list) -> None:
         """After the full checks of a step passed: a TensorGuard for each call's tensors, which
@@ -491,6 +505,9 @@ class SGD(Optimizer):
         for i, call in enumerate(calls):
             by_group.setdefault(id(call[0]), []).append(i)
         store = self.__dict__.setdefault("_nm_steady", {})
+        live = {id(g) for g in self.param_groups}
+        for gid in [gid for gid in store if gid not in live]:  # groups replaced since
+            del store[gid]
         for gid, idx in by_group.items():
             if any(guards[i] is not None for i in idx):
                 continue  # the group's steady calls: guarded already
@@ -503,7 +520,7 @@ class SGD(Optimizer):
             for i in idx:
                 group, device, params, grads, bufs, is_first, offsets = calls[i]
                 call = (group, device, tuple(params), tuple(grads), tuple(bufs), tuple(is_first), offsets)
-                guard = _ops_plan.tensor_guard((*call[2], *call[3], *call[4]))
+                guard = _ops_plan.tensor_guard(call[2], call[3], call[4])
                 if guard is None:
                     break
                 guard.facts["is_first"] = (False,) * len(call[5])  # later steps: every buffer exists
@@ -567,27 +584,33 @@ class SGD(Optimizer):
         that overlap one after the other. Nor is a param reshaped in place (``p.data =
         p.data.view(...)``) re-planned, so its momentum buffer is not checked again against the
         new shape (a tracked param's is: TrackTable.check_unchanged)."""
-        found = self._cached_plan(group, params)
-        if found is not None:
-            return found[0]
+        result = self._cached_plan(group, params)
+        if result is not None:
+            return result
         result = self._build_plan(group, params, index)
         # The plan holds the group and its params, so their ids cannot be reused while cached.
         where = None if self._nm_dtensors else list(map(_data_ptr, params))
         self.__dict__.setdefault("_nm_plans", {})[id(group)] = (group, list(params), result, where)
         return result
 
-    def _cached_plan(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list, list[int] | None] | None:
+    def _cached_plan(self, group: dict[str, Any], params: list[Tensor]) -> list | None:
         """_plan's cached result for these params (the same objects, in order, at the same
-        addresses) and the params' addresses (None for DTensors), or None."""
+        addresses), or None."""
+        found = self._plan_of(group, params)
+        # A DTensor has no address of its own here (the op steps its local shard; _memory_span).
+        where = None if self._nm_dtensors else list(map(_data_ptr, params))
+        return found[0] if found is not None and found[1] == where else None
+
+    def _plan_of(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list, list[int] | None] | None:
+        """_plan's cached result for these params (the same objects, in order) and the params'
+        addresses it was built for; the caller compares those."""
         cached = self.__dict__.get("_nm_plans", {}).get(id(group))
         if cached is None or cached[0] is not group:
             return None
         known = cached[1]
         if len(known) != len(params) or not all(map(is_, params, known)):
             return None
-        # A DTensor has no address of its own here (the op steps its local shard; _memory_span).
-        where = None if self._nm_dtensors else list(map(_data_ptr, params))
-        return (cached[2], where) if cached[3] == where else None
+        return cached[2], cached[3]
 
     def _build_plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
         """_plan's result, built afresh (eagerly _plan caches it; under torch.compile it is built
@@ -600,7 +623,7 @@ class SGD(Optimizer):
                 _check_param(group, i if index is None else index[i], p, p)
             occurrence.append(seen[id(p)])
             seen[id(p)] += 1
-        repeat = [k > 0 for k in occurrence]
+        repeated = [k > 0 for k in occurrence]
         # The k-th occurrence of a param goes to call k or later even where its memory span is
         # unknown (a DTensor: _memory_span), so that no call sees one tensor twice.
         for i, (p, level) in enumerate(zip(params, _call_levels(params))):
@@ -608,7 +631,7 @@ class SGD(Optimizer):
         # All calls of level 0, then of level 1, ...; a stable sort keeps the group's order within
         # each (params of one level are independent, so only overlapping params' order matters).
         result = [(device, None if len(v) == len(params) else v,
-                   self._offsets([params[i] for i in v], [repeat[i] for i in v]))
+                   self._offsets([params[i] for i in v], [repeated[i] for i in v]))
                   for (_, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
         return result
 

@@ -6,7 +6,6 @@ table, the AMP scalars, the learning rate.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Sequence
 
 import torch
@@ -33,17 +32,26 @@ _numel = Tensor.numel
 def address_table(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
                   is_first: Sequence[bool], has_momentum: bool) -> list[int]:
     """[4, n] int64: the addresses of params, grads, buffers (0 without momentum), is_first (the
-    flags as they are: a bool is the int 0 or 1). The params' addresses come from the caller where
-    it read them just before the call (ops/plan.py, vouched_addresses)."""
-    known = P.vouched_addresses(params)
-    ptrs = list(known) if known is not None else list(map(_data_ptr, params))
-    ptrs += map(_data_ptr, grads)
+    flags as they are: a bool is the int 0 or 1)."""
+    param_ptrs, grad_ptrs, buf_ptrs = addresses(params, grads, momentum_buffers, has_momentum)
+    ptrs = [*param_ptrs, *grad_ptrs]
     if has_momentum:
-        ptrs += map(_data_ptr, momentum_buffers)
+        ptrs += buf_ptrs
         ptrs += is_first
     else:
         ptrs += [0] * (2 * len(params))
     return ptrs
+
+
+def addresses(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+              has_momentum: bool) -> tuple[list[int], list[int], list[int]]:
+    """The data_ptr() of params, grads and buffers (none without momentum): from the caller where
+    it read them just before the call (ops/plan.py, vouched_addresses), else read here."""
+    known = P.vouched_addresses(params, grads, momentum_buffers)
+    if known is not None:
+        return known
+    return (list(map(_data_ptr, params)), list(map(_data_ptr, grads)),
+            list(map(_data_ptr, momentum_buffers)) if has_momentum else [])
 
 
 def amp_scalar(t: Tensor, device: torch.device, name: str) -> Tensor:
@@ -77,8 +85,8 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     has_momentum = args.has_momentum
     owner = owner if owner is not None else params[0]
     numels = numels if numels is not None else tuple(map(_numel, params))
-    ptrs = address_table(params, grads, momentum_buffers, is_first, has_momentum)
-    if stepped_in_levels(sgd_step_native, bucket, args, ptrs, numels, owner):
+    param_ptrs, grad_ptrs, buf_ptrs = addresses(params, grads, momentum_buffers, has_momentum)
+    if stepped_in_levels(sgd_step_native, bucket, args, param_ptrs, numels, owner):
         return
     if layout is None and args.with_stats:
         layout = stats_layout(owner, params, numels, args.stats_offsets, device)
@@ -92,11 +100,12 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     if table.n_tiles == 0 and not with_stats:
         return
     if device.type == "cpu":
-        # All the CPU kernel needs; it lives until the call returns. Unsigned: the same 64 bits
-        # for addresses and 0 / 1 flags, and CPython converts them a third faster than to "q".
-        host = array("Q", ptrs)
-        table_ptr = host.buffer_info()[0]
+        # All the CPU kernel needs: the bucket's host table, rewritten where an address changed.
+        table_ptr = table.host.address((param_ptrs, grad_ptrs, buf_ptrs if has_momentum else None,
+                                        is_first if has_momentum else None))
     else:
+        ptrs = [*param_ptrs, *grad_ptrs, *buf_ptrs, *is_first] if has_momentum else [
+            *param_ptrs, *grad_ptrs, *[0] * (2 * len(params))]
         table_ptr = table.pointers.upload(ptrs, device).data_ptr()
 
     scale_ptr = inf_ptr = 0
@@ -164,4 +173,4 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     written = [*params, *momentum_buffers] if has_momentum else list(params)
     if args.grad_scale is not None:
         written += grads
-    torch.autograd.graph.increment_version(written)
+    torch._C._increment_version(written)  # torch.autograd.graph.increment_version, without its wrapper

@@ -69,8 +69,8 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
 
 def _step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
           is_first: Sequence[bool], rest: tuple, guard: TensorGuard | None) -> None:
-    """The op's implementation. `guard`: a TensorGuard that holds for ``(*params, *grads,
-    *momentum_buffers)`` now (from the caller, ops/plan.py `vouched`), or None: then the op's own
+    """The op's implementation. `guard`: a TensorGuard that holds for params, grads and
+    momentum_buffers now (from the caller, ops/plan.py `vouched`), or None: then the op's own
     per-bucket guard finds the metadata checks' result when nothing changed since the last call."""
     args = StepArgs(*rest)
     if not params:
@@ -124,7 +124,7 @@ def _dense_numels(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Seque
         return uniform_dense(params, grads, bufs, dtype, params[0].get_device())
 
     if guard is None:
-        return owner_guard(params[0], (*params, *grads, *bufs), len(params), len(bufs), derive)
+        return owner_guard(params[0], params, grads, bufs, derive)
     facts = guard.facts
     if "dense" not in facts:
         facts["dense"] = derive()
@@ -255,16 +255,13 @@ def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]
     `numels`: the element counts from uniform_dense (every tensor dense on params[0]'s device),
     when the real op found them; then the result is the bucket's StatsLayout (ops/plan.py),
     checked here and handed to the kernels, else None."""
-    torch._check(
-        len(offsets) in (0, 3 * len(params)),
-        lambda: f"sgd_step_: stats_offsets needs 3 entries per param, got {len(offsets)} for {len(params)}",
-    )
-    torch._check(
-        stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == len(STAT_NAMES)
-        and stats.is_contiguous(),
-        lambda: f"sgd_step_: stats must be a contiguous float64 [rows, 9] tensor, got {stats.dtype} "
-        f"{tuple(stats.shape)}",
-    )
+    if len(offsets) not in (0, 3 * len(params)):
+        torch._check(
+            False, lambda: f"sgd_step_: stats_offsets needs 3 entries per param, got {len(offsets)} for {len(params)}")
+    if not (stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == len(STAT_NAMES)
+            and stats.is_contiguous()):
+        torch._check(False, lambda: f"sgd_step_: stats must be a contiguous float64 [rows, 9] tensor, got "
+                                    f"{stats.dtype} {tuple(stats.shape)}")
     if not offsets:
         return None
     # The common case in a few C-level passes: every step checks every tracked tensor, and 1000

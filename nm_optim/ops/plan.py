@@ -172,6 +172,34 @@ class PointerTable:
         return self.device_copy
 
 
+class HostTable:
+    """The CPU kernel's address table [4, n] (params, grads, buffers, is_first) in one uint64
+    array, which the kernel reads by address. Converting 4000 Python ints costs about 75 us; each
+    quarter is converted again only when it differs from what the array holds (the params'
+    addresses and the buffers' rarely change, the flags only on the step that creates the
+    buffers; grads often land where the last ones were). None for a quarter: zeros."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.array = array("Q", bytes(32 * n))
+        self._held: list[Sequence[int] | None] = [None] * 4
+
+    def address(self, parts: Sequence[Sequence[int] | None]) -> int:
+        """The array's address after writing `parts` (4 sequences of n ints, or None: zeros)."""
+        n = self.n
+        for k, part in enumerate(parts):
+            held = self._held[k]
+            if part is None:
+                if held is not None:
+                    self.array[k * n : (k + 1) * n] = array("Q", bytes(8 * n))
+                    self._held[k] = None
+            elif held is None or (part is not held and part != held):
+                self.array[k * n : (k + 1) * n] = array("Q", part)
+                # A copy of the caller's sequence: what the array holds cannot change behind it.
+                self._held[k] = tuple(part) if isinstance(part, tuple) else list(part)
+        return self.array.buffer_info()[0]
+
+
 class AddressCheck:
     """Whether the params of a bucket share memory, checked again only when an address changed.
 
@@ -190,7 +218,7 @@ class AddressCheck:
         past the call of every earlier param whose memory overlaps it (as sgd.py's plan).
         `ptrs` starts with the params' addresses; the tensors are dense (numel * itemsize bytes)."""
         n = len(numels)
-        key = (ptrs[:n], numels)
+        key = (ptrs if len(ptrs) == n else ptrs[:n], numels)
         if key == self.disjoint:
             return None
         spans = sorted((ptrs[i], ptrs[i] + numels[i] * itemsize, i) for i in range(n) if numels[i])
@@ -201,7 +229,7 @@ class AddressCheck:
                 break
             end = max(end, hi)
         if not overlap:
-            self.disjoint = key
+            self.disjoint = (list(key[0]), numels)  # a copy: the caller's list is not ours to keep
             return None
         levels = [0] * n
         by_order = sorted(spans, key=lambda s: s[2])
@@ -225,60 +253,67 @@ def address_check(owner: object, device: torch.device) -> AddressCheck:
 
 
 class TensorGuard:
-    """The metadata of a bucket's tensors as last checked in full, and what was derived from it.
+    """The metadata of a bucket's params, grads and momentum buffers as last checked in full, and
+    what was derived from it.
 
     With many small tensors a step's host time goes to reading tensor properties from Python
     (dtype, device, contiguity, element count, shape: 50-60 ns a read, four or five reads for each
-    of 3000 params, grads and buffers). They rarely change, so they are compared instead, in one
-    C++ pass: torch's TensorGuards (torch/csrc/dynamo/guards.cpp, the tensor check of
-    torch.compile's guards, in torch._C: no torch._dynamo import) compares each tensor's Python
-    type, dispatch keys (device type, layout, sparse, conjugate, inference), dtype, device index,
-    requires_grad, sizes and strides with those recorded at construction: about 60 ns a tensor,
-    against 200 ns for the reads. A None where a tensor was, or one tensor twice, fails it.
+    of 3000 params, grads and buffers). They rarely change, so they are compared instead, in C++:
+    torch's TensorGuards (torch/csrc/dynamo/guards.cpp, the tensor check of torch.compile's
+    guards, in torch._C: no torch._dynamo import) compares each tensor's Python type, dispatch
+    keys (device type, layout, sparse, conjugate, inference), dtype, device index, requires_grad,
+    sizes and strides with those recorded at construction: about 60 ns a tensor, against 200 ns
+    for the reads. A None where a tensor was, or one tensor twice in a part, fails it. One
+    TensorGuards per part: no tuple of all of them to build, and a smaller table of the objects
+    seen (it checks that they are distinct) per call.
 
     `facts` holds what callers derived from the tensors while the guard held: each fact must be
     a function of the compared metadata only (the element counts of dense tensors, that every
     tensor is a plain one, that each momentum buffer fits its param), so it stays true for any
-    tensors the guard holds for. Not compared: where the memory is (the address table is read
-    every step) and the values."""
+    tensors the guard holds for. Not compared: where the memory is (the addresses are read every
+    step) and the values."""
 
-    __slots__ = ("_check", "size", "facts")
+    __slots__ = ("_checks", "_sizes", "facts")
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self._check = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
-        self.size = len(tensors)
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
+        parts = (params, grads, buffers)
+        self._checks = tuple(_TensorGuards(*part, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+                             for part in parts)
+        self._sizes = tuple(map(len, parts))
         self.facts: dict[str, object] = {}
 
-    def holds(self, tensors: Sequence[Tensor]) -> bool:
-        """Whether `tensors` have, one for one, the metadata recorded (and are distinct objects)."""
-        return len(tensors) == self.size and self._check(*tensors)
+    def holds(self, params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> bool:
+        """Whether the tensors have, one for one, the metadata recorded."""
+        check_p, check_g, check_b = self._checks
+        return ((len(params), len(grads), len(buffers)) == self._sizes
+                and check_p(*params) and check_g(*grads) and check_b(*buffers))
 
 
-def tensor_guard(tensors: Sequence[Tensor]) -> TensorGuard | None:
-    """A TensorGuard of `tensors` (all tensors), or None where this torch has no TensorGuards."""
+def tensor_guard(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> TensorGuard | None:
+    """A TensorGuard of these tensors, or None where this torch has no TensorGuards."""
     if _TensorGuards is None:
         return None
     try:
-        return TensorGuard(tensors)
-    except (TypeError, RuntimeError):  # a torch whose TensorGuards takes other arguments
+        return TensorGuard(params, grads, buffers)
+    except (TypeError, RuntimeError):  # not all tensors; a torch whose TensorGuards takes other arguments
         return None
 
 
-def owner_guard(owner: object, tensors: Sequence[Tensor], n_params: int, n_buffers: int,
+def owner_guard(owner: object, params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor],
                 derive: Callable[[], T]) -> T:
-    """`derive()` (a function of the metadata of `tensors` only), computed again only when the
+    """`derive()` (a function of the metadata of the tensors only), computed again only when the
     metadata changed since the last call for `owner`'s bucket with as many params and buffers:
     the op's own cache, for calls that come without a guard (`vouched`)."""
     per_owner = _guards.get(id(owner))
     if per_owner is None:
         _watch(owner)
         per_owner = _guards[id(owner)] = {}
-    key = (n_params, n_buffers)
+    key = (len(params), len(buffers))
     guard = per_owner.get(key)
-    if guard is not None and guard.holds(tensors):
+    if guard is not None and guard.holds(params, grads, buffers):
         return guard.facts["derived"]  # type: ignore[return-value]
     value = derive()
-    guard = tensor_guard(tensors)
+    guard = tensor_guard(params, grads, buffers)
     if guard is not None:
         guard.facts["derived"] = value
         if key not in per_owner and len(per_owner) >= LAYOUTS_PER_BUCKET:
@@ -287,20 +322,19 @@ def owner_guard(owner: object, tensors: Sequence[Tensor], n_params: int, n_buffe
     return value
 
 
-# What a caller checked last (`vouch`): (guard, params, grads, buffers, the params' addresses).
+# What a caller checked last (`vouch`): (guard, params, grads, buffers, addresses).
 _vouched: list[tuple | None] = [None]
 
 
 def vouch(guard: TensorGuard | None, params: tuple = (), grads: tuple = (), buffers: tuple = (),
-          param_ptrs: list[int] | None = None) -> None:
-    """Tell the op, called next with these very tuples, that `guard` held for ``(*params, *grads,
-    *buffers)`` just now and, when given, that the params' data_ptr() are `param_ptrs` (nm_optim.SGD
-    reads both before it calls the op): the op then uses the guard's facts and these addresses
-    without reading them again. The tuples are compared by identity: a tuple cannot change, and
-    the op meets these very objects only when its caller passes them on; between the caller's
-    check and the op only the caller's code runs. ``vouch(None)`` forgets (the caller does, after
-    its calls)."""
-    _vouched[0] = None if guard is None else (guard, params, grads, buffers, param_ptrs)
+          addresses: tuple[list[int], list[int], list[int]] | None = None) -> None:
+    """Tell the op, called next with these very tuples, that `guard` held for them just now and, when given, that `addresses` are the data_ptr() of the params, the
+    grads and the buffers (nm_optim.SGD reads them right after the guard, while those tensors are
+    in the cache): the op then uses the guard's facts and these addresses without reading them
+    again. The tuples are compared by identity: a tuple cannot change, and the op meets these very
+    objects only when its caller passes them on; between the caller's check and the op only the
+    caller's code runs. ``vouch(None)`` forgets (the caller does, after its calls)."""
+    _vouched[0] = None if guard is None else (guard, params, grads, buffers, addresses)
 
 
 def vouched(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> TensorGuard | None:
@@ -311,10 +345,11 @@ def vouched(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence
     return v[0]
 
 
-def vouched_addresses(params: Sequence[Tensor]) -> list[int] | None:
-    """The params' addresses vouched for with exactly this params object, else None."""
+def vouched_addresses(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]
+                      ) -> tuple[list[int], list[int], list[int]] | None:
+    """The addresses vouched for with exactly these objects, else None."""
     v = _vouched[0]
-    return v[4] if v is not None and v[1] is params else None
+    return v[4] if v is not None and v[1] is params and v[2] is grads and v[3] is buffers else None
 
 
 class TileTable:
@@ -347,6 +382,7 @@ class TileTable:
         self.numel = _upload(numel, device)
         self.tiles = _upload(tiles, device)
         self.pointers = PointerTable()
+        self.host = HostTable(len(numels))
 
 
 def tile_table(owner: object, numels: tuple[int, ...], device: torch.device,
