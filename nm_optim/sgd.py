@@ -307,15 +307,15 @@ class SGD(Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         calls = []
-        guards = []
+        checked = []  # per call: (TensorGuard, addresses) where _steady_buckets checked it, else None
         new_buffers: list[tuple[Tensor, Tensor]] = []
         every_param_guarded = True
         for gi, group in enumerate(self.param_groups):
             buckets, guarded = self._buckets(gi, group, new_buffers)
             every_param_guarded &= guarded
-            for device, bucket, guard in buckets:
+            for device, bucket, check in buckets:
                 calls.append((group, device, *bucket))
-                guards.append(guard)
+                checked.append(check)
         if self._tracks and not every_param_guarded:
             # Before anything is written: a tracked param whose shape or device changed would
             # have its groups reduced into rows laid out for the old shape. After the groups are
@@ -325,8 +325,8 @@ class SGD(Optimizer):
             # when every param of the optimizer passed a guard made after this check passed
             # (_steady_buckets: then no shape or device changed since).
             self._tracks.check_unchanged()
-        if not (all(guards) or self._nm_dtensors or torch.compiler.is_compiling()):
-            self._remember_checked(calls, guards)
+        if not (all(checked) or self._nm_dtensors or torch.compiler.is_compiling()):
+            self._remember_checked(calls, checked)
 
         # A step that would create momentum buffers while GradScaler found an inf or nan: skip
         # it before any state exists. This reads found_inf on the host, once, and only on the
@@ -341,7 +341,7 @@ class SGD(Optimizer):
         if tracks:
             tracks.begin_step()
         vouch = _ops_plan.vouch
-        for (group, device, params, grads, bufs, is_first, offsets), guard in zip(calls, guards):
+        for (group, device, params, grads, bufs, is_first, offsets), check in zip(calls, checked):
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
             backend = resolve_backend(group["backend"], device)
@@ -354,8 +354,8 @@ class SGD(Optimizer):
                 # tensor as the float64 it holds (CUDA and Triton read a tensor lr as float32).
                 lr_tensor = torch.scalar_tensor(lr, dtype=torch.float64)
             wd = group["weight_decay"]
-            if guard is not None:  # checked above, just now: the op need not check again
-                vouch(guard[0], params, grads, bufs, guard[1])
+            if check is not None:  # checked above, just now: the op need not check again
+                vouch(check[0], params, grads, bufs, check[1])
             sgd_step_(
                 params,
                 grads,
@@ -374,7 +374,7 @@ class SGD(Optimizer):
                 tracks.stats(device) if offsets else None,
                 offsets,
             )
-        if any(guards):
+        if any(checked):
             vouch(None)  # a voucher the op did not use (a spy) must not outlive the step
         for p, buf in new_buffers:
             self.state[p]["momentum_buffer"] = buf
@@ -385,10 +385,11 @@ class SGD(Optimizer):
         return loss
 
     def _buckets(self, gi: int, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> tuple[list, bool]:
-        """(device, bucket, guard) for each kernel call, in order: params with a grad, split by
+        """(device, bucket, check) for each kernel call, in order: params with a grad, split by
         (device, dtype), with their buffers, is_first flags and statistics offsets (empty when no
         param of the bucket is tracked); and whether every param of the group is in a bucket that
-        passed its guard (see _steady_buckets; guard None: checked in full here, not yet guarded).
+        passed its guard (see _steady_buckets: check is its (TensorGuard, addresses); None:
+        checked in full here, not yet guarded).
         A param listed k times in the group is in k successive calls."""
         all_params = group["params"]
         compiling = torch.compiler.is_compiling()
@@ -447,20 +448,23 @@ class SGD(Optimizer):
         """_buckets' result without its checks, when nothing they read changed since a step that
         made them all (None otherwise: check in full).
 
-        That step's plan is found again (the same params with a grad, at the same addresses:
-        _plan), and for each of its calls a TensorGuard (ops/plan.py), made after every check of
-        that step passed, holds for the call's params, grads and momentum buffers (read from the
-        state again: a buffer replaced, or loaded by load_state_dict, is what is stepped). It
-        compares each tensor's type, dispatch keys, dtype, device, requires_grad, sizes and strides:
-        a grad that is None or sparse, a param or buffer of another dtype, device or shape (also
-        one reshaped in place, with its element count and address unchanged), a missing buffer or
-        momentum turned on or off (another number of tensors) fails it. Every check of the full
-        path depends on those only, so it would pass again: the sparse grads (_check_param), the
-        dtypes (_build_plan), each buffer against its param (_check_buffers: _buffer_ok), each
+        That step's plan is found again (the same params with a grad, in order, at the same
+        addresses: _plan's key), and for each of its calls a TensorGuard (ops/plan.py), made after
+        every check of that step passed, holds for the call's params, grads and momentum buffers
+        (read from the state again: a buffer replaced, or loaded by load_state_dict, is what is
+        stepped). It compares each tensor's type, dispatch keys, dtype, device, requires_grad,
+        sizes and strides: a grad that is None or sparse, a param or buffer of another dtype,
+        device or shape (also one reshaped in place, its element count and address unchanged), a
+        missing buffer, momentum turned on or off (buffers or none) fails it. Every check of the
+        full path depends on those only, so it would pass again: the sparse grads (_check_param),
+        the dtypes (_build_plan), each buffer against its param (_check_buffers: _buffer_ok), each
         tracked param's shape and device (TrackTable.check_unchanged, which step() skips when
         every param of the optimizer is in such a call). Buffers all exist: is_first is all False.
-        The calls' tuples are what the guard held for, so the op need not check them again
-        (ops/plan.py, vouch)."""
+
+        The op is vouched these very tuples with their addresses (ops/plan.py, vouch), read here
+        right after the guard while those tensors are in the cache: it neither checks nor reads
+        them again. The guards are this optimizer's own: another optimizer over the same params
+        has other tracks to check."""
         plan = self._plan_of(group, params)
         steady = self.__dict__.get("_nm_steady", {}).get(id(group))
         if plan is None or steady is None or steady.group is not group or steady.plan is not plan[0]:
@@ -496,7 +500,7 @@ class SGD(Optimizer):
             where = [ptr for _, ptr in sorted(placed)]
         return out if where == plan[1] else None
 
-    def _remember_checked(self, calls: list, guards: list) -> None:
+    def _remember_checked(self, calls: list, checked: list) -> None:
         """After the full checks of a step passed: a TensorGuard for each call's tensors, which
         later steps check instead (_steady_buckets); the calls become tuples, for the op's voucher.
         Only when every call of a param group has one, with the group's cached plan."""
@@ -509,7 +513,7 @@ class SGD(Optimizer):
         for gid in [gid for gid in store if gid not in live]:  # groups replaced since
             del store[gid]
         for gid, idx in by_group.items():
-            if any(guards[i] is not None for i in idx):
+            if any(checked[i] is not None for i in idx):
                 continue  # the group's steady calls: guarded already
             cached = plans.get(gid)
             group = calls[idx[0]][0]
@@ -524,7 +528,7 @@ class SGD(Optimizer):
                 if guard is None:
                     break
                 guard.facts["is_first"] = (False,) * len(call[5])  # later steps: every buffer exists
-                calls[i], guards[i] = call, (guard, None)
+                calls[i], checked[i] = call, (guard, None)
                 made.append(guard)
             if len(made) == len(idx):
                 store[gid] = _Steady(group, cached[2], made)
@@ -577,13 +581,12 @@ class SGD(Optimizer):
         The cache is keyed on the params' identities and on where their memory starts, so that
         memory re-pointed after the plan was built (late weight tying, ``b.data = a.data``; a
         partial overlap; ``p.data = p.data.double()``, which moves it) is planned afresh. Two
-        C-level passes (1000 params: about 65 us, against 20-30 us for the identities alone; their
-        shapes too would cost 85 us more). Memory that grows or shrinks where it starts (``p.data
-        = base[:2 * n]`` after ``base[:n]``) keeps the plan: the op checks every call's memory
-        spans itself when an address or size changed (ops/plan.py, AddressCheck), and steps params
-        that overlap one after the other. Nor is a param reshaped in place (``p.data =
-        p.data.view(...)``) re-planned, so its momentum buffer is not checked again against the
-        new shape (a tracked param's is: TrackTable.check_unchanged)."""
+        C-level passes (1000 params: about 65 us). Memory that grows or shrinks where it starts
+        (``p.data = base[:2 * n]`` after ``base[:n]``) keeps the plan: the op checks every call's
+        memory spans itself when an address or size changed (ops/plan.py, AddressCheck), and steps
+        params that overlap one after the other. A param reshaped in place (``p.data =
+        p.data.view(...)``) keeps the plan too; its momentum buffer is checked again against the
+        new shape (_check_buffers compares the shapes)."""
         result = self._cached_plan(group, params)
         if result is not None:
             return result

@@ -285,8 +285,12 @@ class TensorGuard:
     def holds(self, params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> bool:
         """Whether the tensors have, one for one, the metadata recorded."""
         check_p, check_g, check_b = self._checks
-        return ((len(params), len(grads), len(buffers)) == self._sizes
-                and check_p(*params) and check_g(*grads) and check_b(*buffers))
+        if (len(params), len(grads), len(buffers)) != self._sizes:
+            return False
+        try:
+            return check_p(*params) and check_g(*grads) and check_b(*buffers)
+        except Exception:  # a tensor it cannot read (e.g. a sparse one's strides): not the same
+            return False
 
 
 def tensor_guard(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> TensorGuard | None:
