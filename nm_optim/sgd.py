@@ -475,7 +475,7 @@ class SGD(Optimizer):
             if state_dicts is None:
                 return None
         out = []
-        where: list[int] = []
+        where: tuple[int, ...] = ()
         placed: list[tuple[int, int]] = []  # (position in params, address) of calls with members
         for k, ((device, members, offsets), guard) in enumerate(zip(plan[0], steady.guards)):
             bparams = tuple(params) if members is None else tuple([params[i] for i in members])
@@ -490,14 +490,17 @@ class SGD(Optimizer):
                 return None
             # The addresses right after the guard read the same tensors (in the cache now); the
             # op gets them with the voucher.
-            ptrs = (list(map(_data_ptr, bparams)), list(map(_data_ptr, bgrads)), list(map(_data_ptr, bufs)))
+            # A tuple of the params' addresses: where it equals the plan's, the plan's own tuple
+            # goes to the op, the same object every step (the op compares it by identity then).
+            param_ptrs = tuple(map(_data_ptr, bparams))
             if members is None:
-                where = ptrs[0]
+                where = param_ptrs = plan[1] if param_ptrs == plan[1] else param_ptrs
             else:
-                placed += zip(members, ptrs[0])
+                placed += zip(members, param_ptrs)
+            ptrs = (param_ptrs, list(map(_data_ptr, bgrads)), list(map(_data_ptr, bufs)))
             out.append((device, (bparams, bgrads, bufs, guard.facts["is_first"], offsets), (guard, ptrs)))
         if placed:  # the params' addresses in the group's order, as _plan keys them
-            where = [ptr for _, ptr in sorted(placed)]
+            where = tuple(ptr for _, ptr in sorted(placed))
         return out if where == plan[1] else None
 
     def _remember_checked(self, calls: list, checked: list) -> None:
@@ -592,7 +595,7 @@ class SGD(Optimizer):
             return result
         result = self._build_plan(group, params, index)
         # The plan holds the group and its params, so their ids cannot be reused while cached.
-        where = None if self._nm_dtensors else list(map(_data_ptr, params))
+        where = None if self._nm_dtensors else tuple(map(_data_ptr, params))
         self.__dict__.setdefault("_nm_plans", {})[id(group)] = (group, list(params), result, where)
         return result
 
@@ -601,7 +604,7 @@ class SGD(Optimizer):
         addresses), or None."""
         found = self._plan_of(group, params)
         # A DTensor has no address of its own here (the op steps its local shard; _memory_span).
-        where = None if self._nm_dtensors else list(map(_data_ptr, params))
+        where = None if self._nm_dtensors else tuple(map(_data_ptr, params))
         return found[0] if found is not None and found[1] == where else None
 
     def _plan_of(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list, list[int] | None] | None:

@@ -218,7 +218,9 @@ class AddressCheck:
         past the call of every earlier param whose memory overlaps it (as sgd.py's plan).
         `ptrs` starts with the params' addresses; the tensors are dense (numel * itemsize bytes)."""
         n = len(numels)
-        key = (ptrs if len(ptrs) == n else ptrs[:n], numels)
+        # A tuple: the same object as last time where the caller passes the one it keeps (then
+        # the comparison is one identity test), and a copy nobody can change behind this check.
+        key = (ptrs if len(ptrs) == n and isinstance(ptrs, tuple) else tuple(ptrs[:n]), numels)
         if key == self.disjoint:
             return None
         spans = sorted((ptrs[i], ptrs[i] + numels[i] * itemsize, i) for i in range(n) if numels[i])
@@ -229,7 +231,7 @@ class AddressCheck:
                 break
             end = max(end, hi)
         if not overlap:
-            self.disjoint = (list(key[0]), numels)  # a copy: the caller's list is not ours to keep
+            self.disjoint = key
             return None
         levels = [0] * n
         by_order = sorted(spans, key=lambda s: s[2])
