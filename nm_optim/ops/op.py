@@ -167,7 +167,18 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers
     guard = vouched(params, grads, momentum_buffers)
     if guard is None or not _dispatch_free(guard, params, grads, momentum_buffers, rest):
         return sgd_step_(params, grads, momentum_buffers, is_first, *rest)
-    _step_eagerly(params, grads, momentum_buffers, is_first, rest, guard)
+    if _frame_callback is not None and _frame_callback() is None:
+        # No Dynamo frame hook is set (outside torch.compile's regions): the disabled wrapper
+        # would only replace no hook by none, and costs microseconds a call.
+        _step(params, grads, momentum_buffers, is_first, rest, guard)
+    else:
+        _step_eagerly(params, grads, momentum_buffers, is_first, rest, guard)
+
+
+try:  # reads the hook Dynamo sets for the frames of compiled code; part of torch._C
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _frame_callback
+except ImportError:  # a torch without it: always through the disabled wrapper
+    _frame_callback = None
 
 
 # The optional tensors among the arguments after the lists (StepArgs' fields).
@@ -209,7 +220,10 @@ def _dispatch_free(guard: TensorGuard, params: Sequence[Tensor], grads: Sequence
         return False
     if torch._C._dispatch_tls_local_include_set().raw_repr() & ~_DEFAULT_INCLUDED:
         return False  # a functorch transform, the Python dispatcher, ...
-    return all(rest[i] is None or _plain(rest[i]) for i in _OPTIONAL_TENSORS if i < len(rest))
+    for i in _OPTIONAL_TENSORS:
+        if i < len(rest) and rest[i] is not None and not _plain(rest[i]):
+            return False
+    return True
 
 
 def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
