@@ -6,9 +6,19 @@ GB/s counted as 20 bytes per param (read p, g, v; write p, v: the floor for SGD 
 and the ratio to torch.optim.SGD(fused=True): of the medians ("vs torch fused"), and the median of
 the rounds' own ratios ("paired": every provider steps once per round, one after another).
 
-    python bench/bench_step.py                       # both shape sets, CPU
+    python bench/bench_step.py                       # every shape set, CPU
     python bench/bench_step.py --shapes many --json out.json
+    python bench/bench_step.py --shapes tiny --stats no --json bench/results/cpu_bench_step.json --merge
     python bench/bench_step.py --device cuda         # on a GPU machine (CUDA-event timing)
+
+"tiny" (1000 tensors of 8 elements) times the host's cost of a step: the kernels have nothing to
+do, so what is measured is Python and dispatch, the cost every GPU step pays on a model with many
+small tensors. It times torch's foreach and fused steps and nm_optim's compiled backends, plain
+and with track="layers" (see providers), over at least TINY_ROUNDS rounds (a step is about a
+millisecond, and the spread of a loaded machine is larger than that), and reports the 10th and
+90th percentiles of the paired ratios beside their median.
+--merge replaces the JSON's results of the shape sets run and keeps the others; each result
+records when, on which machine and under what load it was measured.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import statistics
 import sys
@@ -46,7 +57,12 @@ def vgg16_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
 SHAPE_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "vgg16": vgg16_shapes,
     "many": lambda: [(4096,)] * 1000,
+    "tiny": lambda: [(8,)] * 1000,
 }
+# Shape sets whose step is host cost only: nm_optim with track="layers" is timed beside the plain
+# step, over at least TINY_ROUNDS rounds.
+HOST_BOUND = ("tiny",)
+TINY_ROUNDS = 300
 
 
 def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
@@ -76,14 +92,24 @@ def make_params(shapes, device, dtype) -> list[torch.Tensor]:
     return params
 
 
-def providers(params, device: str) -> dict[str, torch.optim.Optimizer]:
-    out: dict[str, torch.optim.Optimizer] = {
-        "torch for-loop": torch.optim.SGD(params, foreach=False, **HYPER),
-        "torch foreach": torch.optim.SGD(params, foreach=True, **HYPER),
-        "torch fused": torch.optim.SGD(params, fused=True, **HYPER),
-    }
+def providers(params, device: str, host_bound: bool = False) -> dict[str, torch.optim.Optimizer]:
+    """Every torch.optim.SGD implementation and every nm_optim backend; for a host-bound set
+    torch's foreach and fused steps and nm_optim's compiled backends, plain and with
+    track="layers": the for-loop and the reference (5-15 ms of per-tensor torch ops on 1000 tiny
+    tensors) say nothing about host cost, and each round would time the others right after
+    them, on caches and an allocator they churned."""
+    out: dict[str, torch.optim.Optimizer] = {}
+    if not host_bound:
+        out["torch for-loop"] = torch.optim.SGD(params, foreach=False, **HYPER)
+    out["torch foreach"] = torch.optim.SGD(params, foreach=True, **HYPER)
+    out["torch fused"] = torch.optim.SGD(params, fused=True, **HYPER)
     for backend in nm_optim.available_backends(device):
+        if host_bound and backend == "reference":
+            continue
         out[f"nm_optim {backend}"] = nm_optim.SGD(params, backend=backend, **HYPER)
+        if host_bound:
+            out[f"nm_optim {backend} track=layers"] = _quiet(
+                nm_optim.SGD(params, backend=backend, track="layers", **HYPER))
     return out
 
 
@@ -112,7 +138,11 @@ def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: 
     shapes = SHAPE_SETS[shape_set]()
     params = make_params(shapes, device, dtype)
     n = sum(p.numel() for p in params)
-    opts = providers(params, device)
+    host_bound = shape_set in HOST_BOUND
+    if host_bound:
+        rounds = max(rounds, TINY_ROUNDS)
+        warmup = max(warmup, 20)
+    opts = providers(params, device, host_bound)
     timer_ = timer(device)
     for opt in opts.values():
         for _ in range(warmup):
@@ -124,17 +154,29 @@ def bench(shape_set: str, device: str, dtype: torch.dtype, rounds: int, warmup: 
     rows = []
     for name, ts in times.items():
         ms = statistics.median(ts)
-        rows.append(
-            dict(
-                provider=name,
-                ms=ms,
-                gbps=n * BYTES_PER_PARAM / (ms * 1e-3) / 1e9,
-                ratio_to_torch_fused=ms / fused,
-                paired_ratio=paired_ratio(ts, times["torch fused"]),
-                samples=len(ts),
-            )
+        row = dict(
+            provider=name,
+            ms=ms,
+            gbps=n * BYTES_PER_PARAM / (ms * 1e-3) / 1e9,
+            ratio_to_torch_fused=ms / fused,
+            paired_ratio=paired_ratio(ts, times["torch fused"]),
+            samples=len(ts),
         )
+        if host_bound:
+            row.update(spread_of(ts, times["torch fused"]))
+        rows.append(row)
     return dict(shape_set=shape_set, n_tensors=len(params), n_params=n, dtype=str(dtype), rows=rows)
+
+
+def spread_of(ts: list[float], base: list[float]) -> dict[str, float]:
+    """The spread of a provider's times and of its paired ratios: 10th and 90th percentiles."""
+    ratios = sorted(t / b for t, b in zip(ts, base, strict=True))
+    ts = sorted(ts)
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    return dict(ms_p10=pct(ts, 0.1), ms_p90=pct(ts, 0.9), paired_p10=pct(ratios, 0.1), paired_p90=pct(ratios, 0.9))
 
 
 def rotated(names: list[str], rounds: int) -> list[str]:
@@ -288,8 +330,23 @@ def print_table(result: dict) -> None:
     print(f"{'provider':<36}{'ms/step':>10}{'GB/s':>9}{'vs torch fused':>16}{'paired':>9}{'spread':>8}")
     for r in result["rows"]:
         spread = f"{r['spread']:>7.0%}" if "spread" in r else ""
+        if "paired_p10" in r:
+            spread = f"  paired p10-p90 {r['paired_p10']:.3f}-{r['paired_p90']:.3f}"
         print(f"{r['provider']:<36}{r['ms']:>10.3f}{r['gbps']:>9.2f}{r['ratio_to_torch_fused']:>15.3f}x"
               f"{r['paired_ratio']:>8.3f}x {spread}")
+
+
+def measured_on() -> dict:
+    """When, where and under what load a result was measured (the 1-minute load average of a
+    shared machine tells how much its numbers may move)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cpu_model=model, cores=os.cpu_count(),
+                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--note", default="", help="a word on the machine's state, kept with each result measured")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --json: replace that file's results of the shape sets run, keep the others")
     ap.add_argument("--stats", choices=["yes", "no", "only"], default="yes",
                     help="also time the statistics: VGG-16 with rows/cols, rows, layers tracks; 1000 small "
                          "tensors with track=layers; find_symmetries(vgg16 / vgg16_bn)")
@@ -314,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if args.stats != "only":
         for s in sets:
+            before = measured_on()
             res = bench(s, args.device, dtype, args.rounds, args.warmup)
+            res["measured"] = dict(before, load_average_after=measured_on()["load_average"])
+            if args.note:
+                res["measured"]["note"] = args.note
             print_table(res)
             results.append(res)
     if args.stats != "no":
@@ -330,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
             python=sys.version.split()[0],
             nm_optim=nm_optim.build_info(),
         )
+        if args.merge and os.path.exists(args.json):
+            with open(args.json) as f:
+                old = json.load(f)
+            ran = {r["shape_set"] for r in results}
+            kept = [r for r in old.get("results", []) if r["shape_set"] not in ran]
+            results = [*kept, *results]
+            meta = dict(old.get("meta", {}), **meta) if not kept else old.get("meta", meta)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=2)
         print(f"\nwrote {args.json}")
