@@ -182,3 +182,46 @@ def test_cpu_cols_tiles_are_whole_rows_in_whole_fold_periods(shape):
         assert int(rows[0]) == 30
     flat = tiles[tiles[:, 0] == 1]
     assert (flat[:, 2] - flat[:, 1]).max() == 32768
+
+
+def test_the_host_table_holds_what_it_was_given_last_whatever_the_caller_does_with_its_lists():
+    """The CPU kernel's address table (ops/plan.py, HostTable) rewrites a quarter only where it
+    differs from what it holds: after any sequence of calls it must hold the last parts given, also
+    when the caller changes a list it passed before, or passes the same tuple again."""
+    from array import array
+
+    from nm_optim.ops.plan import HostTable
+
+    rng = np.random.default_rng(0)
+    n = 5
+    table = HostTable(n)
+    params = tuple(int(x) for x in rng.integers(1, 1 << 40, n))
+    grads = list(params)
+    for _ in range(50):
+        if rng.random() < 0.5:  # a new list; else the last one again, changed in place below
+            grads = [int(x) for x in rng.integers(1, 1 << 40, n)]
+        bufs = None if rng.random() < 0.2 else [int(x) for x in rng.integers(1, 1 << 40, n)]
+        flags = None if bufs is None else tuple(bool(x) for x in rng.integers(0, 2, n))
+        if rng.random() < 0.2:
+            params = tuple(int(x) for x in rng.integers(1, 1 << 40, n))
+        address = table.address((params, grads, bufs, flags))
+        want = [*params, *grads, *(bufs or [0] * n), *(flags or [0] * n)]
+        got = array("Q", bytes(32 * n))
+        assert address == table.array.buffer_info()[0]
+        got[:] = table.array
+        assert list(got) == [int(x) for x in want]
+        grads[0] += 8  # the caller reuses its list: the next call must not take it for unchanged
+        if bufs is not None:
+            bufs[-1] += 8
+
+
+def test_the_address_check_is_not_fooled_by_a_list_changed_after_it_was_checked():
+    """AddressCheck remembers the addresses it found disjoint; the caller's list changed in place
+    afterwards (to addresses that overlap) must be checked again."""
+    from nm_optim.ops.plan import AddressCheck
+
+    check = AddressCheck()
+    ptrs = [0, 4096]
+    assert check.levels(ptrs, (8, 8), 4) is None  # [0, 32) and [4096, 4128): disjoint
+    ptrs[1] = 16  # now [16, 48) overlaps [0, 32)
+    assert check.levels(ptrs, (8, 8), 4) == [0, 1]
