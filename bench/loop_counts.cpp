@@ -2,8 +2,9 @@
 // count (instructions per element: what the issue-13 bound is made of). Each wrapper runs one
 // loop exactly as the extension compiles it (the kernel's source is included; float32, momentum
 // 0.9 after the first step, weight decay): the plain step (AVX2 + FMA variant), a row segment
-// with the 9 statistics (Stats512::row_seg: "rows" and "all" tracks), and the two passes of two
-// rows with column partials (Stats512::pass: "rows" + "cols").
+// with the 9 statistics (Stats512::row_seg: "rows" and "all" tracks), the two passes of two
+// rows with column partials (Stats512::pass: "rows" + "cols") and the range check before each
+// chunk of either (chunk_in_range).
 #include "cpu/sgd_step_cpu.cpp"
 
 using namespace nm_optim;
@@ -40,6 +41,12 @@ NM_AVX512_TARGET __attribute__((noinline, flatten)) void loop_cols_pass2(float* 
                                                                 V (&lane)[kColRows][kNumStats], float* colf,
                                                                 int64_t stride) {
   S512::pass<kColRows, true, kV, kVV, kPV, kGV>(p, g, v, rowlen, nv, minimize(s), lane, colf, stride);
+}
+// The range check that precedes each chunk of a float32 statistics loop (product_range.h): p, g and
+// v's magnitudes, read again from L1 by the loops above.
+NM_AVX512_TARGET __attribute__((noinline, flatten)) bool loop_range(const float* p, const float* g, const float* v,
+                                                           int64_t n, const ProductRange& r) {
+  return chunk_in_range<float, true, false>(p, g, v, 0, n, r, r);
 }
 #else
 #error "bench/loop_counts.cpp counts the x86-64 two-variant build's loops (GCC, without NM_OPTIM_NATIVE)"

@@ -29,6 +29,7 @@ LOOPS = {
     "plain step (AVX2)": (["loop_plain"], 1),
     '"rows" / "all" (AVX-512 row segment)': (["loop_rows"], 1),
     '"rows" + "cols" (two rows, two passes)': (["loop_cols_pass1", "loop_cols_pass2"], 2),
+    "float32 range check (per row)": (["loop_range"], 1),
 }
 ZEN4 = dict(fma=1.0, add=1.0, load_bytes=64.0, store_bytes=32.0)  # per cycle, 512-bit units
 
@@ -43,13 +44,20 @@ def disassemble(workdir: str) -> dict[str, list[tuple[int, str, str]]]:
     cur = None
     for line in text.splitlines():
         m = re.match(r"^[0-9a-f]+ <(\w+)\(", line)
+        if m and "[clone" in line:  # e.g. the cold part GCC splits off (the float64 path of out-of-range chunks)
+            cur = None
+            continue
         if m:
             cur = m.group(1)
             funcs[cur] = []
             continue
         m = re.match(r"^\s+([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
         if m and cur is not None:
-            funcs[cur].append((int(m.group(1), 16), m.group(2), m.group(3)))
+            op, arg = m.group(2), m.group(3)
+            if op.startswith("{"):  # an encoding prefix ({evex}, {vex}): the mnemonic follows
+                op, _, arg = arg.partition(" ")
+                arg = arg.strip()
+            funcs[cur].append((int(m.group(1), 16), op, arg))
     return funcs
 
 

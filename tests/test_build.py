@@ -95,7 +95,7 @@ def test_the_statistics_loops_move_the_bytes_the_design_says():
     finally:
         sys.path.remove(str(ROOT / "bench"))
     loops = loop_counts.count()
-    plain, rows, cols = (loops[name] for name in loop_counts.LOOPS)
+    plain, rows, cols, check = (loops[name] for name in loop_counts.LOOPS)
     assert plain["store_bytes"] == 8
     assert (rows["load_bytes"], rows["store_bytes"]) == (12, 8)
     assert cols["store_bytes"] == 8 + 18
@@ -107,3 +107,7 @@ def test_the_statistics_loops_move_the_bytes_the_design_says():
     # (weight decay, buf * momentum, + (1 - dampening) * d, the step); the maximize sign is an
     # integer xor in a copy of the loop of its own, not a multiply
     assert (rows["fma"] * 16, rows["add"] * 16) == (6 + 4, 3)
+    # the float32 range check before each chunk (csrc/cpu/product_range.h) reads p, g, v once more
+    # (from L1) and does four integer operations per vector and input: no float work, no stores
+    assert (check["load_bytes"], check["store_bytes"], check["fma"], check["add"]) == (12, 0, 0, 0)
+    assert check["vector_other"] * 8 == 3 * 4  # per vector of 8 elements: 4 per input (the load folded in)

@@ -29,6 +29,7 @@
 #include "../sgd_math.h"
 #include "../sgd_step.h"
 #include "numeric.h"
+#include "product_range.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NM_OPTIM_NATIVE)
 #define NM_TWO_VARIANTS 1
@@ -144,6 +145,45 @@ inline __attribute__((always_inline)) C grad_in(const T* g, const StepScalars<C>
   return signed_grad(x, s);
 }
 
+// Column sums of a cols track for elements reduced outside the column partials (wide_chunk):
+// element i of a segment is row element e0 + i, in column (e0 + i) / rest, whose float64 sums
+// are cols[k * d1 + column]. cols == nullptr: no cols track.
+struct ColSums {
+  double* cols = nullptr;
+  int64_t d1 = 0, rest = 1, e0 = 0;
+  ColSums at(int64_t i) const { return ColSums{cols, d1, rest, e0 + i}; }
+};
+
+// Elements [0, n) of ROWS rows (row q at p + q * rowlen), one at a time: the statistics from
+// float64 products (exact for float32 inputs, and never out of float64's range) to
+// acc[q * 9 + k] and the column sums, and the update with the scalar op sequence the vector
+// kernels' tails use (the same bits as their vector bodies). Runs the chunks whose magnitudes
+// float32 products cannot hold (product_range.h) and the scalar tails of segments.
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE, int ROWS = 1>
+inline __attribute__((always_inline)) void wide_chunk(T* p, const T* g, T* v, int64_t rowlen, int64_t n,
+                                                      const ScalarsOf<T>& s, double* acc, const ColSums& cs) {
+  using S = Storage<T>;
+  using C = typename S::compute;
+  for (int q = 0; q < ROWS; ++q) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = q * rowlen + i;
+      C pi = S::load(p[at]);
+      const C gi = grad_in<UNSCALE>(g + at, s);
+      C vi = (MOM && !FIRST) ? S::load(v[at]) : C(0);
+      const double pd = pi, gd = gi, vd = vi;
+      const double t[kNumStats] = {pd, gd, vd, pd * pd, gd * gd, vd * vd, pd * gd, pd * vd, gd * vd};
+      for (int k = 0; k < kNumStats; ++k) acc[q * kNumStats + k] += t[k];
+      if (cs.cols != nullptr) {
+        double* col = cs.cols + (cs.e0 + i) / cs.rest;
+        for (int k = 0; k < kNumStats; ++k) col[k * cs.d1] += t[k];
+      }
+      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+      p[at] = S::store(pi);
+      if (MOM) v[at] = S::store(vi);
+    }
+  }
+}
+
 // The hot loop without statistics: flags are template arguments so every variant is branch-free
 // and vectorises.
 
@@ -208,6 +248,41 @@ inline __attribute__((always_inline)) void store_vec(T* x, const V& r) {
   }
 }
 
+// wide_chunk for a whole chunk outside the range: rare, so kept out of the hot loops' code (inlined
+// there it cost the AVX-512 cols kernel registers and time). Compiled for the baseline ISA: FUSED
+// multiply-adds then call the C library's fma, which rounds once as the instruction does.
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE, int ROWS = 1>
+__attribute__((noinline, cold)) void wide_chunk_cold(T* p, const T* g, T* v, int64_t rowlen, int64_t n,
+                                                     const ScalarsOf<T>& s, double* acc, ColSums cs) {
+  wide_chunk<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE, ROWS>(p, g, v, rowlen, n, s, acc, cs);
+}
+
+// Whether the products of a chunk (n elements of ROWS rows, n a multiple of 8) stay in float32's
+// safe range (product_range.h), read from storage before anything is written. Only where the
+// compute type is float32 and the storage can leave the range (not fp16: 65504^2 and its
+// smallest subnormal's square are normal floats).
+template <typename T>
+#ifdef NM_NO_RANGE_CHECK
+constexpr bool kRangeChecked = false;
+#else
+constexpr bool kRangeChecked = std::is_same_v<typename Storage<T>::compute, float> && !std::is_same_v<T, Half>;
+#endif
+
+template <typename T, bool LOAD_V, bool UNSCALE, int ROWS = 1>
+inline __attribute__((always_inline)) bool chunk_in_range(const T* p, const T* g, const T* v, int64_t rowlen,
+                                                          int64_t n, const ProductRange& range,
+                                                          const ProductRange& g_range) {
+  RangeScan pv, gs;
+  for (int q = 0; q < ROWS; ++q) {
+    for (int64_t i = 0; i < n; i += 8) {
+      pv.add(load_vec(p + q * rowlen + i));
+      (UNSCALE ? gs : pv).add(load_vec(g + q * rowlen + i));
+      if (LOAD_V) pv.add(load_vec(v + q * rowlen + i));
+    }
+  }
+  return pv.within(range) && (!UNSCALE || gs.within(g_range));
+}
+
 template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS, bool UNSCALE>
 struct StatsSegment {
   using S = Storage<T>;
@@ -228,50 +303,51 @@ struct StatsSegment {
     *reinterpret_cast<typename Vec<C>::unaligned*>(x) += t;
   }
 
+  // Chunks of kFlushBlocks vectors: each checked for float32 products' range first where that
+  // can fail (kRangeChecked; a chunk outside goes to wide_chunk), then its sums in the lanes,
+  // flushed to float64 at the chunk's end; the scalar tail in float64 (wide_chunk).
   static inline __attribute__((always_inline)) void run(T* __restrict p, const T* __restrict g,
                                                         T* __restrict v, int64_t n,
                                                         const ScalarsOf<T>& s, double* acc,
-                                                        C* __restrict colf, int64_t rowlen) {
-    V lane[kNumStats] = {};
+                                                        C* __restrict colf, int64_t rowlen, const ColSums& cs) {
     int64_t i = 0;
-    int blocks = 0;
-    for (; i + N <= n; i += N) {
-      V pi = load_vec(p + i);
-      V gi = load_vec(g + i);
-      if constexpr (UNSCALE) {  // as grad_in
-        gi = gi / s.grad_scale;
-        store_vec(grad_out(g + i), gi);
-      }
-      gi = signed_grad_vec(gi, s);
-      V vi = V{};
-      if (MOM && !FIRST) vi = load_vec(v + i);
-      const V t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
-      for (int k = 0; k < kNumStats; ++k) lane[k] += t[k];
-      if (COLS) {
-        for (int k = 0; k < kNumStats; ++k) add_to(colf + k * rowlen + i, t[k]);
-      }
-      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
-      store_vec(p + i, pi);
-      if (MOM) store_vec(v + i, vi);
-      if (++blocks == kFlushBlocks) {
+    if (n >= N) {
+      const ProductRange range = product_range(), g_range = product_range(UNSCALE ? s.grad_scale : 1.0);
+      for (; i + N <= n;) {
+        const int64_t stop = i + std::min<int64_t>(kFlushBlocks, (n - i) / N) * N;
+        if constexpr (kRangeChecked<T>) {
+          if (!chunk_in_range<T, MOM && !FIRST, UNSCALE>(p + i, g + i, MOM ? v + i : nullptr, 0, stop - i, range,
+                                                            g_range)) {
+            wide_chunk_cold<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE>(p + i, g + i, MOM ? v + i : nullptr, 0, stop - i, s,
+                                                                             acc, cs.at(i));
+            i = stop;
+            continue;
+          }
+        }
+        V lane[kNumStats] = {};
+        for (; i < stop; i += N) {
+          V pi = load_vec(p + i);
+          V gi = load_vec(g + i);
+          if constexpr (UNSCALE) {  // as grad_in
+            gi = gi / s.grad_scale;
+            store_vec(grad_out(g + i), gi);
+          }
+          gi = signed_grad_vec(gi, s);
+          V vi = V{};
+          if (MOM && !FIRST) vi = load_vec(v + i);
+          const V t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
+          for (int k = 0; k < kNumStats; ++k) lane[k] += t[k];
+          if (COLS) {
+            for (int k = 0; k < kNumStats; ++k) add_to(colf + k * rowlen + i, t[k]);
+          }
+          sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+          store_vec(p + i, pi);
+          if (MOM) store_vec(v + i, vi);
+        }
         flush(lane, acc);
-        blocks = 0;
       }
     }
-    flush(lane, acc);
-    for (; i < n; ++i) {
-      C pi = S::load(p[i]);
-      const C gi = grad_in<UNSCALE>(g + i, s);
-      C vi = (MOM && !FIRST) ? S::load(v[i]) : C(0);
-      const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
-      for (int k = 0; k < kNumStats; ++k) acc[k] += static_cast<double>(t[k]);
-      if (COLS) {
-        for (int k = 0; k < kNumStats; ++k) colf[k * rowlen + i] += t[k];
-      }
-      sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
-      p[i] = S::store(pi);
-      if (MOM) v[i] = S::store(vi);
-    }
+    wide_chunk<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE>(p + i, g + i, MOM ? v + i : nullptr, 0, n - i, s, acc, cs.at(i));
   }
 };
 
@@ -374,7 +450,7 @@ struct StatsTile {
         const int64_t r = idx / rowlen;
         const int64_t row_end = std::min(end, (r + 1) * rowlen);
         double seg[kNumStats] = {};
-        Whole::run(p + idx, g + idx, v != nullptr ? v + idx : nullptr, row_end - idx, s, seg, nullptr, 0);
+        Whole::run(p + idx, g + idx, v != nullptr ? v + idx : nullptr, row_end - idx, s, seg, nullptr, 0, ColSums{});
         add_row(r, seg);
         idx = row_end;
       }
@@ -390,7 +466,8 @@ struct StatsTile {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at = r * rowlen + c0;
         double seg[kNumStats] = {};
-        PerCol::run(p + at, g + at, v != nullptr ? v + at : nullptr, c1 - c0, s, seg, colf, stride);
+        PerCol::run(p + at, g + at, v != nullptr ? v + at : nullptr, c1 - c0, s, seg, colf, stride,
+                    ColSums{ts.cols, ts.d1, ts.rest, c0});
         add_row(r, seg);
         if (++rows_in == kColFoldRows || r + 1 == r1) {
           fold_cols<C>(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
@@ -509,32 +586,6 @@ struct Stats512 {
     }
   }
 
-  // One element of ROWS rows (a segment's scalar tail; row q at p + q * rowlen): each row's
-  // terms to its sums acc[q * 9 + k] (float64) and, with a cols track (colf not null), the rows'
-  // sum of each term to colf (as the vectors: the rows summed first).
-  template <int ROWS>
-  static inline __attribute__((always_inline)) void one(C* p, const C* g, C* v, int64_t rowlen,
-                                                        const StepScalars<C>& s, double* acc, C* colf,
-                                                        int64_t stride) {
-    C blk[kNumStats];
-    for (int q = 0; q < ROWS; ++q) {
-      C pi = p[q * rowlen];
-      const C gi = grad_in<UNSCALE>(g + q * rowlen, s);
-      C vi = (MOM && !FIRST) ? v[q * rowlen] : C(0);
-      const C t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
-      for (int k = 0; k < kNumStats; ++k) {
-        acc[q * kNumStats + k] += static_cast<double>(t[k]);
-        blk[k] = q == 0 ? t[k] : blk[k] + t[k];
-      }
-      sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
-      p[q * rowlen] = pi;
-      if (MOM) v[q * rowlen] = vi;
-    }
-    if (colf != nullptr) {
-      for (int k = 0; k < kNumStats; ++k) colf[k * stride] += blk[k];
-    }
-  }
-
   // Statistic K of ROWS rows: each row's term to its row sum acc[q][j]; the rows' terms of a
   // column summed first (the block's sum), then added to its partial at colf (one load, one
   // store). Summing the block first rounds each term at most 1 + ROWS times before the partial
@@ -632,25 +683,40 @@ struct Stats512 {
 
   // Elements [0, n) of ROWS rows (row q at p + q * rowlen): acc[q * 9 + k] gets row q's sums,
   // colf[k * stride + i] the column terms of all rows. Chunks of kFlushBlocks vectors: each
-  // chunk's sums go to float64 lanes (a float partial holds at most kFlushBlocks terms).
+  // chunk's sums go to float64 lanes (a float partial holds at most kFlushBlocks terms); a float
+  // chunk outside float32 products' range (product_range.h) and the scalar tail go to wide_chunk
+  // (float64 products, straight to the row and column sums).
   template <int ROWS>
   static inline __attribute__((always_inline)) void seg(C* __restrict p, const C* __restrict g, C* __restrict v,
                                                         int64_t rowlen, int64_t n, const StepScalars<C>& s,
-                                                        double* acc, C* __restrict colf, int64_t stride) {
+                                                        double* acc, C* __restrict colf, int64_t stride,
+                                                        const ColSums& cs) {
     RowLanes<C> rl[ROWS] = {};
     int64_t i = 0;
-    for (; i + N <= n;) {
-      const int64_t nv = std::min<int64_t>(kFlushBlocks, (n - i) / N);
-      V lane[ROWS][kNumStats];
-      C* vi = MOM ? v + i : nullptr;
-      pass<ROWS, false, kP, kG, kPP, kGG, kPG>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
-      pass<ROWS, true, kV, kVV, kPV, kGV>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+    if (n >= N) {
+      const ProductRange range = product_range(), g_range = product_range(UNSCALE ? s.grad_scale : 1.0);
+      for (; i + N <= n;) {
+        const int64_t nv = std::min<int64_t>(kFlushBlocks, (n - i) / N);
+        C* vi = MOM ? v + i : nullptr;
+        if constexpr (kRangeChecked<C>) {
+          if (!chunk_in_range<C, MOM && !FIRST, UNSCALE, ROWS>(p + i, g + i, vi, rowlen, nv * N, range, g_range)) {
+            wide_chunk_cold<C, true, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE, ROWS>(p + i, g + i, vi, rowlen, nv * N,
+                                                                                 s, acc, cs.at(i));
+            i += nv * N;
+            continue;
+          }
+        }
+        V lane[ROWS][kNumStats];
+        pass<ROWS, false, kP, kG, kPP, kGG, kPG>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+        pass<ROWS, true, kV, kVV, kPV, kGV>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
 #pragma GCC unroll 4
-      for (int q = 0; q < ROWS; ++q) flush(lane[q], rl[q]);
-      i += nv * N;
+        for (int q = 0; q < ROWS; ++q) flush(lane[q], rl[q]);
+        i += nv * N;
+      }
     }
     for (int q = 0; q < ROWS; ++q) finish(rl[q], acc + q * kNumStats);
-    for (; i < n; ++i) one<ROWS>(p + i, g + i, MOM ? v + i : nullptr, rowlen, s, acc, colf + i, stride);
+    wide_chunk<C, true, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE, ROWS>(p + i, g + i, MOM ? v + i : nullptr, rowlen,
+                                                                    n - i, s, acc, cs.at(i));
   }
 
   // A tile of a tensor without a cols track (rows and / or all): row segment by row segment,
@@ -676,41 +742,55 @@ struct Stats512 {
   }
 
   // Elements [0, n) of one row: their 9 sums added to acc (float64; each lane's partial in the
-  // compute type holds at most kFlushBlocks terms).
+  // compute type holds at most kFlushBlocks terms). A float chunk outside float32 products' range
+  // and the scalar tail: wide_chunk.
   static inline __attribute__((always_inline)) void row_seg(C* __restrict p, const C* __restrict g, C* __restrict v,
                                                             int64_t n, const StepScalars<C>& s, double* acc) {
     RowLanes<C> rl = {};
     int64_t i = 0;
-    while (i + N <= n) {
-      const int64_t stop = i + std::min<int64_t>(kFlushBlocks, (n - i) / N) * N;
-      V lane[kNumStats] = {};
-      for (; i < stop; i += N) {
-        V pi = ld(p + i);
-        V gi = ld(g + i);
-        if constexpr (UNSCALE) {  // as grad_in
-          gi = gi / s.grad_scale;
-          st(grad_out(g + i), gi);
+    if (n >= N) {
+      const ProductRange range = product_range(), g_range = product_range(UNSCALE ? s.grad_scale : 1.0);
+      while (i + N <= n) {
+        const int64_t stop = i + std::min<int64_t>(kFlushBlocks, (n - i) / N) * N;
+        if constexpr (kRangeChecked<C>) {
+          if (!chunk_in_range<C, MOM && !FIRST, UNSCALE>(p + i, g + i, MOM ? v + i : nullptr, 0, stop - i, range,
+                                                         g_range)) {
+            wide_chunk_cold<C, true, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE>(p + i, g + i, MOM ? v + i : nullptr, 0,
+                                                                           stop - i, s, acc, ColSums{});
+            i = stop;
+            continue;
+          }
         }
-        gi = signed_grad_vec(gi, s);
-        V vi = V{};
-        if (MOM && !FIRST) vi = ld(v + i);
-        lane[kP] += pi;
-        lane[kG] += gi;
-        lane[kV] += vi;
-        lane[kPP] = vfma(pi, pi, lane[kPP]);
-        lane[kGG] = vfma(gi, gi, lane[kGG]);
-        lane[kVV] = vfma(vi, vi, lane[kVV]);
-        lane[kPG] = vfma(pi, gi, lane[kPG]);
-        lane[kPV] = vfma(pi, vi, lane[kPV]);
-        lane[kGV] = vfma(gi, vi, lane[kGV]);
-        sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
-        st(p + i, pi);
-        if (MOM) st(v + i, vi);
+        V lane[kNumStats] = {};
+        for (; i < stop; i += N) {
+          V pi = ld(p + i);
+          V gi = ld(g + i);
+          if constexpr (UNSCALE) {  // as grad_in
+            gi = gi / s.grad_scale;
+            st(grad_out(g + i), gi);
+          }
+          gi = signed_grad_vec(gi, s);
+          V vi = V{};
+          if (MOM && !FIRST) vi = ld(v + i);
+          lane[kP] += pi;
+          lane[kG] += gi;
+          lane[kV] += vi;
+          lane[kPP] = vfma(pi, pi, lane[kPP]);
+          lane[kGG] = vfma(gi, gi, lane[kGG]);
+          lane[kVV] = vfma(vi, vi, lane[kVV]);
+          lane[kPG] = vfma(pi, gi, lane[kPG]);
+          lane[kPV] = vfma(pi, vi, lane[kPV]);
+          lane[kGV] = vfma(gi, vi, lane[kGV]);
+          sgd_update_cpu<C, true, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
+          st(p + i, pi);
+          if (MOM) st(v + i, vi);
+        }
+        flush(lane, rl);
       }
-      flush(lane, rl);
     }
     finish(rl, acc);
-    for (; i < n; ++i) one<1>(p + i, g + i, MOM ? v + i : nullptr, 0, s, acc, nullptr, 0);
+    wide_chunk<C, true, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE>(p + i, g + i, MOM ? v + i : nullptr, 0, n - i, s, acc,
+                                                              ColSums{});
   }
 
   static inline __attribute__((always_inline)) void run(C* p, const C* g, C* v, int64_t begin, int64_t end,
@@ -734,11 +814,12 @@ struct Stats512 {
       for (int64_t r = r0; r < r1;) {
         const int rows = r + kColRows <= r1 && rows_in + kColRows <= kColFold512Rows ? kColRows : 1;
         const int64_t at = r * rowlen + c0;
+        const ColSums cs{ts.cols, ts.d1, ts.rest, c0};
         std::fill_n(row_acc, kNumStats * kColRows, 0.0);
         if (rows == kColRows) {
-          seg<kColRows>(p + at, g + at, MOM ? v + at : nullptr, rowlen, c1 - c0, s, row_acc, colf, stride);
+          seg<kColRows>(p + at, g + at, MOM ? v + at : nullptr, rowlen, c1 - c0, s, row_acc, colf, stride, cs);
         } else {
-          seg<1>(p + at, g + at, MOM ? v + at : nullptr, rowlen, c1 - c0, s, row_acc, colf, stride);
+          seg<1>(p + at, g + at, MOM ? v + at : nullptr, rowlen, c1 - c0, s, row_acc, colf, stride, cs);
         }
         for (int q = 0; q < rows; ++q) {
           const double* seg_sums = row_acc + q * kNumStats;
