@@ -73,7 +73,7 @@ def test_demo_writes_the_summary_schema(demo_dir):
     for e in experiments:
         assert_experiment_schema(e, steps=12)
     oscillation = next(e for e in experiments if e["name"] == "momentum_oscillation")
-    assert oscillation["optimizer"]["momentum"] == 0.99 and oscillation["symmetry"] == "scale"
+    assert oscillation["optimizer"]["momentum"] == 0.995 and oscillation["symmetry"] == "scale"
     # the underdamped setting is underdamped: gamma < omega for the scale oscillator
     o = oscillation["optimizer"]
     h = o["lr"] * (1 - o["dampening"])
