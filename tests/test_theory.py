@@ -382,3 +382,18 @@ def test_plot_figure_has_the_four_panels(tmp_path):
     assert "underdamped" in axes[3].get_title()
     with pytest.raises(ValueError, match="theory must be"):
         plot.plot_prediction(preds[0], axes[0], theory="wrong")
+
+
+def test_translation_group_size_of_a_key_bias_is_one_element():
+    """A key bias is a translation whose every element is its own group (its gradient vanishes:
+    softmax ignores a shift of every key): the group holds 1 element, not the bias's length; a
+    classifier's column groups hold one element per output row."""
+    from types import SimpleNamespace
+
+    from nm_optim.symmetry.base import Member
+    from nm_optim.theory.prediction import _group_size
+
+    key_bias = Member(None, "attn.in_proj_bias", "rows", "A", shape=(48,), index=tuple([-1] * 16 + list(range(16)) + [-1] * 16))
+    assert _group_size(SimpleNamespace(kind="translation", members=(key_bias,))) == 1
+    head = Member(None, "fc.weight", "cols", "A", shape=(10, 32))
+    assert _group_size(SimpleNamespace(kind="translation", members=(head,))) == 10

@@ -13,6 +13,8 @@ Records must hold consecutive steps (``record_every == 1``): the recursion needs
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -421,6 +423,8 @@ def _group_size(symmetry: Any) -> int | None:
         return None
     for m in getattr(symmetry, "members", ()):
         shape = getattr(m, "shape", None) or (tuple(m.param.shape) if getattr(m, "param", None) is not None else None)
+        if shape and getattr(m, "axis", None) == "rows":  # every row its own group (a key bias)
+            return int(math.prod(shape[1:])) if len(shape) > 1 else 1
         if shape:
             return int(shape[0])
     return None
