@@ -142,7 +142,7 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
             stats_geom=geom_ptr,
             stats_offsets=offsets_ptr,
             stats_out=out_ptr,
-            num_threads=1 if sum(numels) < SERIAL_BELOW else torch.get_num_threads(),
+            num_threads=1 if table.numel_total < SERIAL_BELOW else torch.get_num_threads(),
             **common,
         )
     else:
@@ -170,7 +170,10 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would, so
     # that a backward through a stale saved param raises instead of using the new values. With
     # a grad scale the kernels also wrote the unscaled grads back.
-    written = [*params, *momentum_buffers] if has_momentum else list(params)
+    # torch.autograd.graph.increment_version without its wrapper, one list at a time (no list of
+    # all of them to build).
+    torch._C._increment_version(params)
+    if has_momentum:
+        torch._C._increment_version(momentum_buffers)
     if args.grad_scale is not None:
-        written += grads
-    torch._C._increment_version(written)  # torch.autograd.graph.increment_version, without its wrapper
+        torch._C._increment_version(grads)

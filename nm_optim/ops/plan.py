@@ -383,6 +383,7 @@ class TileTable:
         end = torch.minimum(start + tile_step, torch.repeat_interleave(numel, counts))
         tiles = torch.stack([tensor_index, start, end], dim=1).reshape(-1).contiguous()
         self.n_tensors = len(numels)
+        self.numel_total = sum(numels)
         self.n_tiles = n_tiles
         self.tile_size = int(step.max()) if len(numels) else tile_size
         self.numel = _upload(numel, device)
