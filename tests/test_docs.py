@@ -146,7 +146,7 @@ def test_markers_are_known_and_give_reasons():
     for b in ALL_BLOCKS:
         for m in b.markers:
             key = m.split(":", 1)[0].strip()
-            assert key in {"not run", "setup", "slow", "demo table", "benchmark"}, f"{b.id}: unknown marker <!-- {m} -->"
+            assert key in {"not run", "setup", "slow", "demo table", "benchmark", "benchmark tiny"}, f"{b.id}: unknown marker <!-- {m} -->"
         reason = b.marker("not run")
         assert reason is None or reason, f"{b.id}: <!-- not run: --> needs its reason"
         setup = b.marker("setup")
@@ -306,3 +306,27 @@ def test_readme_benchmark_is_bench_results_cpu_bench_step_json():
                 assert int(m.group(3)) == round(measured["gbps"]), f"{row[0]} / {h}: {cell}"
             cells += 1
     assert cells >= 9
+
+
+_TINY_PROVIDERS = {"torch foreach": "torch foreach", "torch fused": "torch fused", "**nm_optim cpu**": "nm_optim cpu",
+                   '**nm_optim cpu, `track="layers"`**': "nm_optim cpu track=layers"}
+
+
+def test_performance_host_cost_table_is_bench_results_cpu_bench_step_json():
+    """docs/performance.md's 1000 x 8 table: each provider's median step and its paired ratio to
+    torch fused with the 10th-90th percentiles, as bench/bench_step.py --shapes tiny recorded them."""
+    results = json.loads((ROOT / "bench" / "results" / "cpu_bench_step.json").read_text(encoding="utf-8"))
+    tiny = next(r for r in results["results"] if r["shape_set"] == "tiny")
+    rows = {row["provider"]: row for row in tiny["rows"]}
+    (header, *table), = _tables_after(ROOT / "docs" / "performance.md", "benchmark tiny: bench/results/cpu_bench_step.json")
+    assert {r[0] for r in table} == set(_TINY_PROVIDERS)
+    for label, step, ratio in table:
+        measured = rows[_TINY_PROVIDERS[label]]
+        assert step.strip("*") == f"{measured['ms']:.3g} ms", f"{label}: {step}"
+        want = f"{measured['paired_ratio']:.2f}×"
+        if measured["provider"] != "torch fused":
+            want += f" ({measured['paired_p10']:.2f}–{measured['paired_p90']:.2f})"
+        assert ratio.strip("*") == want, f"{label}: {ratio} vs {want}"
+    date = tiny["measured"]["date"].split()[0]
+    for page in ("README.md", "docs/performance.md"):
+        assert f"measured {date}" in (ROOT / page).read_text(encoding="utf-8"), f"{page}: the date of the tiny run"
