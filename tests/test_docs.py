@@ -156,7 +156,7 @@ def test_markers_are_known_and_give_reasons():
 @pytest.mark.parametrize("block", [_param(b) for b in CODE_BLOCKS if b.language == "python"])
 def test_python_block_runs(block: Block, tmp_path, monkeypatch):
     if (reason := block.marker("not run")) is not None:
-        pytest.skip(f"not run: {reason}")
+        pytest.skip(f"{block.id} not run: {reason}")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace: dict = {"__name__": "__docs__"}
@@ -168,7 +168,7 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch):
 @pytest.mark.parametrize("block", [_param(b) for b in CODE_BLOCKS if b.language == "bash"])
 def test_bash_block_runs(block: Block):
     if (reason := block.marker("not run")) is not None:
-        pytest.skip(f"not run: {reason}")
+        pytest.skip(f"{block.id} not run: {reason}")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
