@@ -1,7 +1,8 @@
 // The CPU kernel's hot loops, one function each, for bench/loop_counts.py to disassemble and
-// count (instructions per element: what the issue-13 bound is made of). Each wrapper runs one
-// loop exactly as the extension compiles it (the kernel's source is included; float32, momentum
-// 0.9 after the first step, weight decay): the plain step (AVX2 + FMA variant), a row segment
+// count (instructions per element: what the bound in docs/architecture.md, "The CPU statistics:
+// what bounds them", is made of). Each wrapper runs one loop exactly as the extension compiles
+// it (the kernel's source is included; float32, momentum 0.9 after the first step, weight
+// decay): the plain step (AVX2 + FMA variant), a row segment
 // with the 9 statistics (Stats512::row_seg: "rows" and "all" tracks), the two passes of two
 // rows with column partials (Stats512::pass: "rows" + "cols") and the range check before each
 // chunk of either (chunk_in_range).

@@ -32,7 +32,7 @@
 //   kernels (csrc/cpu/sgd_step_cpu.cpp). madd() below is the only multiply-add; the CPU sources
 //   are compiled with -ffp-contract=off so that the compiler contracts nothing else (a
 //   contraction the compiler chooses is what made the statistics path differ from the plain
-//   path, issue 12).
+//   path, once).
 //
 // * sgd_update_cuda: torch's fused CUDA kernel (SGD(fused=True), _fused_sgd_kernel_cuda_ in
 //   aten/src/ATen/native/cuda/FusedSgdKernel.cu, sgd_math), expression by expression. There the

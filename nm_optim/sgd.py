@@ -293,7 +293,7 @@ class SGD(Optimizer):
             group["backend"] = backend
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform a single optimization step.
 
         Args:

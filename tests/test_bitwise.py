@@ -1,4 +1,4 @@
-"""The update is torch's, bit for bit (issue 12).
+"""The update is torch's, bit for bit (docs/architecture.md, "The update").
 
 - "cpu" and "reference" against torch.optim.SGD with its defaults on the CPU (the for-loop path,
   `_single_tensor_sgd`): fp32 / fp64 params and momentum buffers are bitwise equal, for every
@@ -121,7 +121,7 @@ def run_side_by_side(shapes, dtype, groups, lr_kind, steps, backend, seed=0, non
     return ours, opt_o
 
 
-# -- regression tests for issue 12, defects 2 and 3 ------------------------------------------------
+# -- regression tests: defects once found here ------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

@@ -1,4 +1,4 @@
-"""nm_optim.SGD under torch.distributed (issue 16): two CPU processes, gloo on loopback.
+"""nm_optim.SGD under torch.distributed (docs/architecture.md, "Distributed"): two CPU processes, gloo on loopback.
 
 One launch of two worker processes (this file run as a script) runs every scenario and saves what
 each rank saw; the tests compare. Scenarios:

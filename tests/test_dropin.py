@@ -1,4 +1,4 @@
-"""nm_optim.SGD is a drop-in torch.optim.SGD at the edges too (issue 12, defects 4-8): duplicate
+"""nm_optim.SGD is a drop-in torch.optim.SGD at the edges too: duplicate
 params, torch's constructor arguments and state-dict keys, tracked params that change shape, file
 modes under threads, and small argument / message details."""
 

@@ -113,7 +113,7 @@ def test_a_channels_last_model_records_what_the_contiguous_model_records():
         assert abs(s0 - s1).max() <= 1e-6 * abs(s0).max(), t["name"]
 
 
-# -- a property test over layouts (issue 12): update bitwise torch's, statistics exact ---------------
+# -- a property test over layouts: update bitwise torch's, statistics exact ---------------
 
 
 def _layout(draw_perm, base_shape, kind, dtype):

@@ -1,4 +1,4 @@
-"""README's "Recipes" run and do what they say: a plain loop with warmup from lr 0, no-decay
+"""docs/recipes.md's "Recipes" run and do what they say: a plain loop with warmup from lr 0, no-decay
 groups and a cosine schedule to 0; Lightning with bf16-mixed and clipping; the Hugging Face
 Trainer; FSDP2 with symmetries under torchrun (2 gloo processes)."""
 

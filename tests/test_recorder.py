@@ -1,6 +1,6 @@
 """The recorder keeps every record_every-th step's statistics with the hyper-parameters that step
 used, in bounded device memory, and saves them atomically to one self-describing file. On a real
-network the records obey the one-step identities of ARCHITECTURE.md exactly (to rounding)."""
+network the records obey the one-step identities of docs/architecture.md ("The theory") exactly (to rounding)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_load_rejects_other_files(tmp_path):
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
 def test_one_step_identities_predict_the_next_record(device, backend, nesterov):
-    """ARCHITECTURE.md's identities, per group, 120 steps of a real MLP with momentum, dampening
+    """docs/architecture.md's one-step identities, per group, 120 steps of a real MLP with momentum, dampening
     and weight decay: Σv', Σp', Σp'², Σp'v', Σv'² computed from record k match record k+1.
 
     Errors are relative to the size of the terms that form each new value: the kernel computes

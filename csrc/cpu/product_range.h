@@ -14,10 +14,11 @@
 // terms reaches float32's largest value (2^128). Zeros are exact and always safe (a zero grad, a
 // first step's buffer). NaN and infinity are outside, so their chunks give float64's NaN / inf.
 //
-// The check reads the chunk once more (from L1: the chunk is 16 vectors, and the statistics pass
-// that follows reads it again) with four integer operations per vector and input: the magnitude
-// bits a = bits << 1 (the sign shifted out), their maximum, and the minimum of a - 1 (a zero
-// wraps to the top and drops out).
+// The check is the first pass over a chunk (16 vectors of a row; the statistics loop that follows
+// reads it again from L1, and the check prefetches ahead), four integer operations per vector and
+// input: the magnitude bits a = bits << 1 (the sign shifted out), their maximum, and the minimum
+// of a - 1 (a zero wraps to the top and drops out). Measured: docs/architecture.md, "The CPU
+// statistics: what bounds them".
 #pragma once
 
 #include <algorithm>

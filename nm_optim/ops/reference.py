@@ -11,6 +11,7 @@ the kernels do. Every backend is tested against it and against torch.optim.SGD.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,7 @@ def reduce_stats(p: Tensor, g: Tensor, v: Tensor, offsets: Sequence[int], stats:
 
 
 def sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-                       is_first: Sequence[bool], **hyper) -> None:
+                       is_first: Sequence[bool], **hyper: Any) -> None:
     """The reference step with the hyper-parameters by keyword (StepArgs' fields), e.g.
     ``sgd_step_reference(params, grads, bufs, is_first, lr=0.1, momentum=0.9)``."""
     step_reference(Bucket(params, grads, momentum_buffers, is_first), StepArgs(**hyper))
