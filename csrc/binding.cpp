@@ -56,24 +56,24 @@ AmpView to_amp(std::uintptr_t grad_scale, std::uintptr_t found_inf) {
   return AmpView{reinterpret_cast<const float*>(grad_scale), reinterpret_cast<const float*>(found_inf)};
 }
 
-StatsView to_stats(std::uintptr_t geom, std::uintptr_t offsets, std::uintptr_t out) {
+StatsView to_stats(std::uintptr_t geom, std::uintptr_t offsets, std::uintptr_t out, std::uintptr_t sums) {
   if (out != 0 && (geom == 0 || offsets == 0)) {
     throw std::invalid_argument("nm_optim._C: statistics need geom and offsets tables");
   }
   return StatsView{reinterpret_cast<const int64_t*>(geom), reinterpret_cast<const int64_t*>(offsets),
-                   reinterpret_cast<double*>(out)};
+                   reinterpret_cast<double*>(out), reinterpret_cast<const int64_t*>(sums)};
 }
 
 void step_cpu(int dtype, int64_t n_tensors, std::uintptr_t numel, std::uintptr_t table, int64_t n_tiles,
               std::uintptr_t tiles, int64_t tile_size, double lr, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, std::uintptr_t grad_scale,
               std::uintptr_t found_inf, std::uintptr_t stats_geom, std::uintptr_t stats_offsets,
-              std::uintptr_t stats_out, int num_threads) {
+              std::uintptr_t stats_out, int num_threads, std::uintptr_t stats_sums) {
   const DType dt = to_dtype(dtype);
   const BucketView b = to_bucket(n_tensors, numel, table, n_tiles, tiles, tile_size);
   const SGDHyper h = to_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize);
   const AmpView amp = to_amp(grad_scale, found_inf);
-  const StatsView st = to_stats(stats_geom, stats_offsets, stats_out);
+  const StatsView st = to_stats(stats_geom, stats_offsets, stats_out, stats_sums);
   py::gil_scoped_release release;
   sgd_step_cpu(dt, b, h, amp, st, num_threads);
 }
@@ -142,7 +142,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tile_size"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
         py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale"),
         py::arg("found_inf"), py::arg("stats_geom"), py::arg("stats_offsets"), py::arg("stats_out"),
-        py::arg("num_threads"));
+        py::arg("num_threads"), py::arg("stats_sums") = 0);
 #ifdef NM_OPTIM_WITH_CUDA
   m.def("sgd_step_cuda", &step_cuda, "Fused SGD step over one CUDA bucket (one launch)",
         py::arg("dtype"), py::arg("n_tensors"), py::arg("numel"), py::arg("table"), py::arg("n_tiles"),

@@ -150,4 +150,9 @@ NM_HD void sgd_update_cuda(O& p, O g, O& v, const FusedScalars& s) {
 // The 9 statistics of the pre-step values, in nm_optim.STAT_NAMES order.
 enum Stat { kP = 0, kG, kV, kPP, kGG, kVV, kPG, kPV, kGV, kNumStats };
 
+// The sets of sums a track may reduce (nm_optim/names.py, SUM_MASKS): all 9, or the 6 products
+// (the scale and rescale laws' sums).
+constexpr unsigned kAllSums = (1u << kNumStats) - 1;
+constexpr unsigned kProductSums = (1u << kPP) | (1u << kGG) | (1u << kVV) | (1u << kPG) | (1u << kPV) | (1u << kGV);
+
 }  // namespace nm_optim

@@ -55,12 +55,16 @@ struct AmpView {
 //   offsets[3 * i + 0..2]  first output group of its "rows" (d0 groups), "cols" (d1 groups) and
 //                          "all" (1 group) track, -1 when the tensor has no track of that axis
 //   out[group * 9 + k]     the 9 sums (Stat order, sgd_math.h) of the pre-step p, g, v, float64.
+//   sums[i]                which of them tensor i's groups hold: a bit mask (bit k: Stat k), all
+//                          9 (0x1ff) or the 6 products (kProductSums); the other columns of its
+//                          groups are written NaN. nullptr: all 9 for every tensor.
 // Only the groups of tracked tensors are written; reductions are deterministic for a given
 // thread count (per-thread partials combined in a fixed order, no atomics).
 struct StatsView {
   const int64_t* geom;
   const int64_t* offsets;
   double* out;  // nullptr: no statistics
+  const int64_t* sums = nullptr;
 };
 
 // CPU (OpenMP + SIMD). num_threads <= 0 means the OpenMP default.

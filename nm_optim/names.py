@@ -14,6 +14,42 @@ from __future__ import annotations
 STAT_NAMES = ("p", "g", "v", "pp", "gg", "vv", "pg", "pv", "gv")
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 
+# Statistics by need. A track reduces one of these sets of sums, the smallest holding what it was
+# asked for: all 9, or the 6 products (the sums the scale and rescale laws read); the columns of
+# the other sums read NaN. The op takes a set as a bit mask (bit k: STAT_NAMES[k]).
+PRODUCT_SUMS = ("pp", "gg", "vv", "pg", "pv", "gv")
+SUM_SETS = (PRODUCT_SUMS, STAT_NAMES)  # smallest first
+ALL_SUMS_MASK = (1 << len(STAT_NAMES)) - 1
+PRODUCT_SUMS_MASK = sum(1 << STAT_INDEX[name] for name in PRODUCT_SUMS)
+SUM_MASKS = (PRODUCT_SUMS_MASK, ALL_SUMS_MASK)
+
+# The sums each kind of law reads: its exact and continuous forms, its error measure (the natural
+# scale: Σp² for every kind) and its breaking ratio (Σg², Σp² and the vanishing term).
+LAW_SUMS = {
+    "translation": ("p", "g", "v", "pp", "gg"),
+    "scale": PRODUCT_SUMS,
+    "rescale": PRODUCT_SUMS,
+}
+
+
+def sums_mask(names: "tuple[str, ...] | list[str]") -> int:
+    """The bit mask of these sums (bit k: STAT_NAMES[k]); ValueError for a name not in STAT_NAMES."""
+    bad = [n for n in names if n not in STAT_INDEX]
+    if bad:
+        raise ValueError(f"unknown statistics {bad}: the sums are {STAT_NAMES}")
+    return sum(1 << STAT_INDEX[n] for n in set(names))
+
+
+def mask_sums(mask: int) -> tuple[str, ...]:
+    """The sums of a bit mask, in STAT_NAMES order."""
+    return tuple(n for k, n in enumerate(STAT_NAMES) if mask >> k & 1)
+
+
+def sum_set(names: "tuple[str, ...] | list[str]") -> tuple[str, ...]:
+    """The smallest of SUM_SETS holding `names` (the sums a track asking for them reduces)."""
+    want = sums_mask(names)
+    return next(mask_sums(m) for m in SUM_MASKS if want & ~m == 0)
+
 # A track's axis: one group per index of dim 0, one per index of dim 1 (reducing over dim 0 and
 # dims >= 2), or the whole tensor as one group.
 AXES = ("rows", "cols", "all")

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
+from nm_optim.names import ALL_SUMS_MASK
+
 if TYPE_CHECKING:
     from nm_optim.ops.plan import StatsLayout
 
@@ -49,7 +51,9 @@ class StepArgs:
     lr_tensor, when given, overrides lr (read on the device: no host sync). grad_scale / found_inf
     are torch.amp.GradScaler's scale (the gradient is divided by it) and its inf flag (a
     non-zero value skips the step). With stats (float64 [rows, 9]), param i's statistics go to
-    the rows stats_offsets[3i : 3i + 3] of its rows / cols / all tracks (-1: none).
+    the rows stats_offsets[3i : 3i + 3] of its rows / cols / all tracks (-1: none), and
+    stats_sums[i] says which sums they hold: a bit mask (bit k: names.STAT_NAMES[k]), one of
+    names.SUM_MASKS; the other columns of its groups are written NaN. Empty: all 9 for every param.
     """
 
     lr: float
@@ -64,6 +68,7 @@ class StepArgs:
     backend: str = "reference"
     stats: Tensor | None = None
     stats_offsets: Sequence[int] = ()
+    stats_sums: Sequence[int] = ()
 
     @property
     def has_momentum(self) -> bool:
@@ -78,12 +83,19 @@ class StepArgs:
         """Param i's rows / cols / all statistics rows (-1: none)."""
         return self.stats_offsets[3 * i : 3 * i + 3] if self.stats_offsets else (-1, -1, -1)
 
+    def sums_of(self, i: int) -> int:
+        """The bit mask of the sums param i's groups hold (names.ALL_SUMS_MASK: all 9)."""
+        return self.stats_sums[i] if self.stats_sums else ALL_SUMS_MASK
+
     def subset(self, index: Sequence[int]) -> StepArgs:
-        """The same step for the params at `index` (their statistics rows follow them)."""
+        """The same step for the params at `index` (their statistics rows and sums follow them)."""
         if not self.stats_offsets:
             return self
         offsets = [o for i in index for o in self.stats_offsets[3 * i : 3 * i + 3]]
-        return dataclasses.replace(self, stats_offsets=offsets if any(o >= 0 for o in offsets) else ())
+        if not any(o >= 0 for o in offsets):
+            return dataclasses.replace(self, stats_offsets=(), stats_sums=())
+        sums = [self.stats_sums[i] for i in index] if self.stats_sums else ()
+        return dataclasses.replace(self, stats_offsets=offsets, stats_sums=sums)
 
 
 # The op's schema lists these fields after the four tensor lists, in this order (a test checks).

@@ -44,7 +44,7 @@ SCHEMA = (
     "sgd_step_(Tensor(a!)[] params, Tensor(d!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
     "float lr, Tensor? lr_tensor, float weight_decay, float momentum, float dampening, "
     "bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, str backend, "
-    "Tensor(c!)? stats=None, int[] stats_offsets=[]) -> ()"
+    "Tensor(c!)? stats=None, int[] stats_offsets=[], int[] stats_sums=[]) -> ()"
 )
 
 _lib = torch.library.Library("nm_optim", "DEF")  # noqa: TOR901 (the op is defined once, here)
