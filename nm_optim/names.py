@@ -50,6 +50,13 @@ def sum_set(names: "tuple[str, ...] | list[str]") -> tuple[str, ...]:
     want = sums_mask(names)
     return next(mask_sums(m) for m in SUM_MASKS if want & ~m == 0)
 
+def track_sums(track: "dict[str, object]") -> tuple[str, ...]:
+    """The sums a record's track holds (its meta entry's "sums"): all 9 for a record written
+    before tracks said which (every track reduced all 9 then)."""
+    sums = track.get("sums")
+    return STAT_NAMES if sums is None else tuple(sums)  # type: ignore[arg-type]
+
+
 # A track's axis: one group per index of dim 0, one per index of dim 1 (reducing over dim 0 and
 # dims >= 2), or the whole tensor as one group.
 AXES = ("rows", "cols", "all")

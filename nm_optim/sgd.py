@@ -14,13 +14,13 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from nm_optim._lazy import assume_constant_result, disable
 from nm_optim.distributed import check_not_zero_partition, has_dtensors, local_tensors
-from nm_optim.names import check_backend_name
+from nm_optim.names import ALL_SUMS_MASK, LAW_SUMS, STAT_INDEX, check_backend_name
 from nm_optim.ops import plan as _ops_plan
 from nm_optim.ops import resolve_backend
 from nm_optim.ops.op import sgd_step as sgd_step_  # the op; straight to its implementation where that is the same
 from nm_optim.recorder import Recorder
 from nm_optim.symmetry import Symmetry
-from nm_optim.tracks import Track, TrackTable, track_pairs
+from nm_optim.tracks import Track, TrackTable, track_asks
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _data_ptr = Tensor.data_ptr
@@ -62,7 +62,11 @@ class SGD(Optimizer):
             "rows", "cols" or "all", or "layers" (an "all" track for every param). For each
             group of each track the step emits the 9 sums of ``nm_optim.STAT_NAMES`` of the
             pre-step p, g (grad after unscaling and the maximize sign, before weight decay) and
-            v (the momentum buffer before the step); read them with :meth:`last_stats`.
+            v (the momentum buffer before the step); read them with :meth:`last_stats`. A
+            triple ``(param, axis, sums)`` asks for only some of them (names of STAT_NAMES):
+            the track reduces the smallest of ``nm_optim.names.SUM_SETS`` holding them (the 6
+            products, or all 9), the same set for every track of one param (the union of their
+            asks), and its other columns read NaN (see nm_optim.tracks).
         foreach (bool, optional): accepted for drop-in compatibility and kept in the param groups
             (and state dicts) as torch.optim.SGD keeps it; it chooses nothing here: every step is
             one fused kernel per bucket (``backend`` chooses the implementation).
@@ -85,7 +89,9 @@ class SGD(Optimizer):
             ``fully_shard`` replaces the Parameter objects, keeping the names), then pass
             ``model.parameters()`` (matched through the model the symmetries were found on) or
             ``model.named_parameters()``; the shapes must agree (a DTensor's is the whole
-            tensor's), and the tracks then report whole-tensor statistics.
+            tensor's), and the tracks then report whole-tensor statistics. A symmetry's tracks
+            ask for the sums its law reads (``nm_optim.names.LAW_SUMS``): the 6 products for
+            scale and rescale, all 9 for translation (joined with any other ask of the param).
 
     The state dict has torch.optim.SGD's format and keys exactly (``momentum_buffer`` per param;
     no ``backend``, which is a choice of this process, not training state), so state moves between
@@ -151,7 +157,7 @@ class SGD(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
-        track: str | Iterable[tuple[Tensor, str]] | None = None,
+        track: str | Iterable[tuple[Tensor, str] | tuple[Tensor, str, Sequence[str]]] | None = None,
         record_every: int = 1,
         symmetries: Iterable[Symmetry] | None = None,
     ) -> None:
@@ -224,7 +230,7 @@ class SGD(Optimizer):
         # Tracks survive deepcopy / pickling (their params map to the copies); the recorded
         # history does not: save it with opt.recorder.save(path).
         state = super().__getstate__()
-        state["_track_spec"] = [(t.param, t.axis) for t in self._tracks.tracks]
+        state["_track_spec"] = [(t.param, t.axis, t.sums) for t in self._tracks.tracks]
         state["_record_every"] = self.recorder.record_every
         state["_symmetries"] = list(self.symmetries)
         return state
@@ -341,7 +347,7 @@ class SGD(Optimizer):
         if tracks:
             tracks.begin_step()
         vouch = _ops_plan.vouch
-        for (group, device, params, grads, bufs, is_first, offsets), check in zip(calls, checked):
+        for (group, device, params, grads, bufs, is_first, offsets, sums), check in zip(calls, checked):
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
             backend = resolve_backend(group["backend"], device)
@@ -373,6 +379,7 @@ class SGD(Optimizer):
                 backend,
                 tracks.stats(device) if offsets else None,
                 offsets,
+                sums,
             )
         if any(checked):
             vouch(None)  # a voucher the op did not use (a spy) must not outlive the step
@@ -386,8 +393,8 @@ class SGD(Optimizer):
 
     def _buckets(self, gi: int, group: dict[str, Any], new_buffers: list[tuple[Tensor, Tensor]]) -> tuple[list, bool]:
         """(device, bucket, check) for each kernel call, in order: params with a grad, split by
-        (device, dtype), with their buffers, is_first flags and statistics offsets (empty when no
-        param of the bucket is tracked); and whether every param of the group is in a bucket that
+        (device, dtype), with their buffers, is_first flags, statistics offsets and sums masks
+        (both empty when no param of the bucket is tracked); and whether every param of the group is in a bucket that
         passed its guard (see _steady_buckets: check is its (TensorGuard, addresses); None:
         checked in full here, not yet guarded).
         A param listed k times in the group is in k successive calls."""
@@ -417,7 +424,7 @@ class SGD(Optimizer):
                 plan = _plan_eagerly(self, group, params, index)
         else:
             plan = self._plan(group, params, index)
-        for k, (device, members, offsets) in enumerate(plan):
+        for k, (device, members, offsets, sums) in enumerate(plan):
             if members is None:
                 bparams, bgrads = params, grads
             else:
@@ -441,7 +448,7 @@ class SGD(Optimizer):
                 self._check_buffers((gi, k), plan, group, bparams, bufs, members, index)
             if self._nm_dtensors:  # the op steps the local shards; the state keeps the DTensors
                 bparams, bgrads, bufs = local_tensors(bparams, bgrads, bufs)
-            buckets.append((device, (bparams, bgrads, bufs, is_first, offsets), None))
+            buckets.append((device, (bparams, bgrads, bufs, is_first, offsets, sums), None))
         return buckets, False
 
     def _steady_buckets(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list | None:
@@ -477,7 +484,7 @@ class SGD(Optimizer):
         out = []
         where: tuple[int, ...] = ()
         placed: list[tuple[int, int]] = []  # (position in params, address) of calls with members
-        for k, ((device, members, offsets), guard) in enumerate(zip(plan[0], steady.guards)):
+        for k, ((device, members, offsets, sums), guard) in enumerate(zip(plan[0], steady.guards)):
             bparams = tuple(params) if members is None else tuple([params[i] for i in members])
             bgrads = tuple(grads) if members is None else tuple([grads[i] for i in members])
             bufs: tuple = ()
@@ -498,7 +505,7 @@ class SGD(Optimizer):
             else:
                 placed += zip(members, param_ptrs)
             ptrs = (param_ptrs, list(map(_data_ptr, bgrads)), list(map(_data_ptr, bufs)))
-            out.append((device, (bparams, bgrads, bufs, guard.facts["is_first"], offsets), (guard, ptrs)))
+            out.append((device, (bparams, bgrads, bufs, guard.facts["is_first"], offsets, sums), (guard, ptrs)))
         if placed:  # the params' addresses in the group's order, as _plan keys them
             where = tuple(ptr for _, ptr in sorted(placed))
         return out if where == plan[1] else None
@@ -525,8 +532,8 @@ class SGD(Optimizer):
                 continue
             made = []
             for i in idx:
-                group, device, params, grads, bufs, is_first, offsets = calls[i]
-                call = (group, device, tuple(params), tuple(grads), tuple(bufs), tuple(is_first), offsets)
+                group, device, params, grads, bufs, is_first, offsets, sums = calls[i]
+                call = (group, device, tuple(params), tuple(grads), tuple(bufs), tuple(is_first), offsets, sums)
                 guard = _ops_plan.tensor_guard(call[2], call[3], call[4])
                 if guard is None:
                     break
@@ -572,8 +579,9 @@ class SGD(Optimizer):
 
     def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
         """The kernel calls of a group: (device, positions in `params` or None for all, statistics
-        offsets), one per (device, dtype), in order; cached per param group and rebuilt when the set
-        of params with a grad changes (the offsets are fixed with the tracks, at construction).
+        offsets, sums masks), one per (device, dtype), in order; cached per param group and rebuilt
+        when the set of params with a grad changes (offsets and sums are fixed with the tracks, at
+        construction).
 
         A param listed several times (torch warns, and steps it once per occurrence, in order)
         goes into one call per occurrence: in one call the kernel's threads would step the same
@@ -637,21 +645,23 @@ class SGD(Optimizer):
         # All calls of level 0, then of level 1, ...; a stable sort keeps the group's order within
         # each (params of one level are independent, so only overlapping params' order matters).
         result = [(device, None if len(v) == len(params) else v,
-                   self._offsets([params[i] for i in v], [repeated[i] for i in v]))
+                   *self._offsets([params[i] for i in v], [repeated[i] for i in v]))
                   for (_, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
         return result
 
-
-    def _offsets(self, params: list[Tensor], repeats: list[bool]) -> list[int]:
-        """The op's stats_offsets for one call: 3 per param (rows, cols, all; -1 untracked), or
-        empty when no param of the call is tracked. A repeated occurrence (repeats[i]) is stepped
-        untracked: the statistics are of the pre-step values."""
+    def _offsets(self, params: list[Tensor], repeats: list[bool]) -> tuple[list[int], list[int]]:
+        """The op's stats_offsets and stats_sums for one call: 3 offsets per param (rows, cols,
+        all; -1 untracked) and one mask per param (the sums its tracks reduce; all 9 for an
+        untracked one, which the kernels do not read), or both empty when no param of the call is
+        tracked. A repeated occurrence (repeats[i]) is stepped untracked: the statistics are of
+        the pre-step values."""
         if not self._tracks:
-            return []
+            return [], []
         found = [None if again else self._tracks.offsets(p) for p, again in zip(params, repeats)]
         if all(o is None for o in found):
-            return []
-        return [x for o in found for x in (o if o is not None else _UNTRACKED)]
+            return [], []
+        masks = [ALL_SUMS_MASK if o is None else self._tracks.sums_mask(p) for p, o in zip(params, found)]
+        return [x for o in found for x in (o if o is not None else _UNTRACKED)], masks  # type: ignore[misc]
 
 
 class _Steady:
@@ -679,7 +689,7 @@ class _Steady:
         if state is self._state and version == self._version and version >= 0:
             return self._dicts
         dicts = []
-        for _, members, _ in self.plan:
+        for _, members, _, _ in self.plan:
             found = tuple(map(state.get, params if members is None else [params[i] for i in members]))
             if None in found:
                 return None
@@ -949,14 +959,22 @@ def _with_symmetries(
                 for m in sym.members
             )
             syms[i] = bound
-    pairs: list[Any] = track_pairs(track, param_groups)
-    seen = {(id(p), axis) for p, axis in pairs}
+    asks: list[Any] = track_asks(track, param_groups)
+    # A symmetry's track asks for the sums its law reads; one already asked for (by `track` or
+    # another symmetry) keeps its place and asks for the union.
+    at: dict[tuple[int, str], int] = {}
+    for i, (p, axis, _) in enumerate(asks):
+        at.setdefault((id(p), axis), i)
     names: dict[int, str] = {}
     for sym in syms:
         for p, axis in sym.tracks():
-            if (id(p), axis) not in seen:
-                seen.add((id(p), axis))
-                pairs.append((p, axis))
+            law = LAW_SUMS[sym.kind]
+            i = at.get((id(p), axis))
+            if i is None:
+                at[(id(p), axis)] = len(asks)
+                asks.append((p, axis, law))
+            elif _names_only(asks[i][2]):  # None: all 9 already; a bad ask stays, for TrackTable to name
+                asks[i] = (p, axis, tuple(dict.fromkeys((*asks[i][2], *law))))
         for m in sym.members:
             if names.setdefault(id(m.param), m.name) != m.name:
                 raise ValueError(f"{sym.kind} {sym.name!r}: one parameter is named both {names[id(m.param)]!r} and "
@@ -965,7 +983,13 @@ def _with_symmetries(
     if any(k > 1 for k in taken.values()):
         twice = sorted(n for n, k in taken.items() if k > 1)
         raise ValueError(f"symmetries give different parameters the same name: {twice}")
-    return pairs, names, syms
+    return asks, names, syms
+
+
+def _names_only(sums: Any) -> bool:
+    """Whether a track's `sums` is a non-empty sequence of STAT_NAMES (not None, not a str)."""
+    return (isinstance(sums, Sequence) and not isinstance(sums, str) and len(sums) > 0
+            and all(isinstance(n, str) and n in STAT_INDEX for n in sums))
 
 
 def _check_differentiable(differentiable: Any) -> None:

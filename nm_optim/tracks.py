@@ -2,9 +2,16 @@
 
 A track is (param, axis): "rows" gives one group per index of dim 0 (an output neuron or channel),
 "cols" one per index of dim 1 (an input neuron or channel), "all" one group for the whole tensor.
-For every group the kernel emits the 9 sums of the pre-step values (STAT_NAMES): g is the gradient
+For every group the kernel emits sums of the pre-step values (STAT_NAMES): g is the gradient
 after AMP unscaling and the maximize sign, before weight decay; v is the momentum buffer before
 the step (zeros on the first step and when momentum is 0).
+
+Statistics by need: a track (param, axis, sums) asks for some of the 9 sums; (param, axis) asks
+for all 9. A track reduces one of names.SUM_SETS (all 9, or the 6 products that the scale and
+rescale laws read), the smallest holding what was asked; the columns of the other sums read NaN.
+The kernels pick one variant per tensor, so every track of one param reduces the same set: the
+union of the asks of all its tracks, rounded up to a set (names.sum_set). Fewer sums are less
+work where the column partials' traffic bounds the kernel (docs/architecture.md).
 
 Each distinct (param, axis) owns a fixed block of rows in a float64 [rows, 9] tensor on its
 param's device; the kernel writes it in place every step, so nothing moves to the host in
@@ -28,7 +35,7 @@ from torch import Tensor
 
 from nm_optim._lazy import disable
 from nm_optim.distributed import all_reduce_sum, group_ranks, shard_layout
-from nm_optim.names import AXES, STAT_NAMES
+from nm_optim.names import AXES, STAT_NAMES, sum_set, sums_mask
 from nm_optim.ops.layout import group_counts
 
 
@@ -47,27 +54,45 @@ def num_groups(shape: Sequence[int], axis: str) -> int:
     return group_counts(shape)[AXES.index(axis)]
 
 
-def track_pairs(spec: Any, param_groups: Sequence[dict[str, Any]]) -> list[tuple[Tensor, str]]:
-    """The (param, axis) pairs of a `track` argument: None, "layers" (an "all" track for every
-    param) or an iterable of (param, axis) pairs."""
+def track_asks(spec: Any, param_groups: Sequence[dict[str, Any]]) -> list[tuple[Tensor, Any, Any]]:
+    """The (param, axis, sums) asks of a `track` argument: None, "layers" (an "all" track of all
+    9 sums for every param) or an iterable of (param, axis) pairs (all 9 sums) and (param, axis,
+    sums) triples. `sums` is as given (None: all 9); TrackTable checks it, naming the track."""
     if spec is None:
         return []
     if isinstance(spec, str):
         if spec != "layers":
             raise ValueError(f"track must be 'layers' or a list of (param, axis) pairs, got {spec!r}")
-        return [(p, "all") for group in param_groups for p in group["params"]]
-    pairs = []
+        return [(p, "all", None) for group in param_groups for p in group["params"]]
+    asks = []
     for item in spec:
-        if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], Tensor)):
-            raise TypeError(f"each track must be a (param, axis) pair, got {describe_value(item)}")
-        pairs.append((item[0], item[1]))
-    return pairs
+        if not (isinstance(item, tuple | list) and len(item) in (2, 3) and isinstance(item[0], Tensor)):
+            raise TypeError(f"each track must be a (param, axis) pair or a (param, axis, sums) triple, got "
+                            f"{describe_value(item)}")
+        asks.append((item[0], item[1], item[2] if len(item) == 3 else None))
+    return asks
+
+
+def _check_sums(name: str, axis: str, sums: Any) -> tuple[str, ...]:
+    """The sums a track asks for, as a tuple of names (None: all 9); ValueError naming the track
+    and the bad name otherwise."""
+    if sums is None:
+        return STAT_NAMES
+    if isinstance(sums, str) or not isinstance(sums, Sequence) or not sums:
+        raise ValueError(f"track {name}:{axis}: sums must be a non-empty sequence of names from {STAT_NAMES}, "
+                         f"e.g. ('pp', 'gg'), got {describe_value(sums)}")
+    bad = [s for s in sums if not isinstance(s, str) or s not in STAT_NAMES]
+    if bad:
+        raise ValueError(f"track {name}:{axis}: unknown sum {describe_value(bad[0])} in sums {describe_value(sums)}; "
+                         f"the sums are {STAT_NAMES}")
+    return tuple(sums)
 
 
 @dataclass(frozen=True)
 class Track:
     """One resolved track: a block of `num_groups` rows starting at `row` in the stats tensor of
-    `device`."""
+    `device`. `sums`: the names of the sums its groups hold (one of names.SUM_SETS; the other
+    columns read NaN), the same for every track of its param."""
 
     name: str
     param: Tensor
@@ -76,14 +101,18 @@ class Track:
     num_groups: int
     device: torch.device
     row: int
+    sums: tuple[str, ...] = STAT_NAMES
 
     def describe(self) -> dict[str, Any]:
+        """The track in a record's meta: "sums" names the columns that hold sums (names.track_sums
+        reads a record written before it as all 9)."""
         return {
             "name": self.name,
             "axis": self.axis,
             "shape": list(self.shape),
             "num_groups": self.num_groups,
             "dtype": str(self.param.dtype).removeprefix("torch."),
+            "sums": list(self.sums),
         }
 
 
@@ -116,10 +145,10 @@ class TrackTable:
     """The optimizer's tracks, their rows in the per-device stats tensors, and the lookup the
     step uses (param -> the first row of its rows / cols / all track, -1 where absent)."""
 
-    def __init__(self, spec: str | Iterable[tuple[Tensor, str]] | None, param_groups: Sequence[dict[str, Any]],
+    def __init__(self, spec: str | Iterable[tuple[Any, ...]] | None, param_groups: Sequence[dict[str, Any]],
                  names: dict[int, str] | None = None):
         self._names = names = _param_names(param_groups, names)
-        pairs = track_pairs(spec, param_groups)
+        asks = track_asks(spec, param_groups)
         self._shard_lo: dict[torch.device, int] = {}
 
         self.tracks: list[Track] = []
@@ -127,16 +156,23 @@ class TrackTable:
         self._rows_used: dict[torch.device, int] = {}
         # Sharded DTensor params: id -> (global offset of this rank's shard, process group).
         shards: dict[int, tuple[tuple[int, ...], Any]] = {}
-        for p, axis in pairs:
+        # The sums each param's tracks reduce: the union of all its asks, rounded up to a set.
+        wanted: dict[int, set[str]] = {}
+        pairs: list[tuple[Tensor, str]] = []
+        for p, axis, sums in asks:
             if id(p) not in names:
                 raise ValueError(
                     f"track on a tensor of shape {tuple(p.shape)} that is not a parameter of this optimizer"
                 )
             name = names[id(p)]
             _check_axis(name, tuple(p.shape), axis)
+            wanted.setdefault(id(p), set()).update(_check_sums(name, axis, sums))
+            pairs.append((p, axis))
             layout = shard_layout(p, name)
             if layout is not None:
                 shards[id(p)] = layout
+        self._sums = {pid: sum_set(sorted(want)) for pid, want in wanted.items()}
+        self._masks = {pid: sums_mask(sums) for pid, sums in self._sums.items()}
         # Rows: first the tracks of unsharded params, then one block per device of the sharded
         # ones (the block the all-reduce sums); the track list keeps the order of `pairs`.
         for sharded in (False, True):
@@ -148,7 +184,8 @@ class TrackTable:
                 row = self._rows_used.get(p.device, 0)
                 shape = tuple(p.shape)
                 n = num_groups(shape, axis)
-                self._slots[(id(p), axis)] = Track(f"{names[id(p)]}:{axis}", p, axis, shape, n, p.device, row)
+                self._slots[(id(p), axis)] = Track(f"{names[id(p)]}:{axis}", p, axis, shape, n, p.device, row,
+                                                   self._sums[id(p)])
                 self._rows_used[p.device] = row + n
         self.tracks = [self._slots[(id(p), axis)] for p, axis in pairs]
         # The op's rows for each param: a shard's "rows" / "cols" groups start at its global
@@ -188,6 +225,10 @@ class TrackTable:
     def offsets(self, p: Tensor) -> tuple[int, int, int] | None:
         return self._offsets.get(id(p))
 
+    def sums_mask(self, p: Tensor) -> int | None:
+        """The op's bit mask of the sums `p`'s tracks reduce (names.SUM_MASKS), None if untracked."""
+        return self._masks.get(id(p))
+
     def stats(self, device: torch.device) -> Tensor:
         """The float64 [rows, 9] tensor the kernel writes for params on `device`."""
         t = self._stats.get(device)
@@ -226,7 +267,8 @@ class TrackTable:
         return list(self._rows_used)
 
     def last_stats(self) -> list[Tensor]:
-        """One float64 CPU tensor [num_groups, 9] per track, aligned with the track list."""
+        """One float64 CPU tensor [num_groups, 9] per track, aligned with the track list (NaN in
+        the columns of the sums the track does not reduce)."""
         host = {d: self.stats(d).cpu() for d in self._rows_used}
         return [host[t.device][t.row : t.row + t.num_groups].clone() for t in self.tracks]
 

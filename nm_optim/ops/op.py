@@ -26,7 +26,7 @@ from operator import attrgetter, eq
 import torch
 from torch import Tensor
 
-from nm_optim.names import STAT_NAMES
+from nm_optim.names import STAT_NAMES, SUM_MASKS
 from nm_optim.ops.args import FIELDS, Bucket, StepArgs
 from nm_optim.ops.layout import (
     DTYPE_CODES,
@@ -66,9 +66,28 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
             lambda: "sgd_step_: momentum != 0 needs one momentum buffer and one is_first flag per param, "
             f"got {n} params, {len(momentum_buffers)} buffers, {len(is_first)} flags",
         )
+    if args.stats_sums:
+        _check_sums(n, args.stats_sums)
     if args.stats is None:
         return None
     return _check_stats(params, args.stats, args.stats_offsets, numels)
+
+
+_SUM_MASK_SET = frozenset(SUM_MASKS)
+
+
+def _check_sums(n: int, sums: Sequence[int]) -> None:
+    """stats_sums: empty (all 9 for every param) or one mask per param, each one of
+    names.SUM_MASKS (the sets the kernels have variants for)."""
+    # One C-level pass on every step; the loop runs only to name the culprit.
+    if len(sums) == n and _SUM_MASK_SET.issuperset(sums):
+        return
+    if len(sums) != n:
+        torch._check(False, lambda: f"sgd_step_: stats_sums needs one mask per param, got {len(sums)} for {n}")
+    for i, m in enumerate(sums):
+        if m not in _SUM_MASK_SET:
+            torch._check(False, lambda: f"sgd_step_: stats_sums[{i}] (param {i}) is {m!r}, not one of the sum sets' "
+                                        f"masks {SUM_MASKS} (nm_optim.names.SUM_MASKS)")
 
 
 def _step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -234,7 +253,9 @@ def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
     """Dense tracked tensors whose memory is not in row-major order (channels_last, ``.t()``):
     the kernel steps their row-major storage views and reduces the views' groups into a
     temporary block, and each logical group is the sum of its view groups (ops/layout.py,
-    StorageView). The update itself is element-wise, so it is the same in any order."""
+    StorageView). The update itself is element-wise, so it is the same in any order. The views
+    keep their params' sums masks (args.stats_sums): a column the kernel leaves NaN in the
+    temporary block sums to NaN."""
     views: list[StorageView] = [storage_view(p) for p in bucket.params]
     tmp_offsets: list[int] = []
     folds: list[tuple[int, int, int, int]] = []  # (stats row, groups, tmp row, view groups)
@@ -347,9 +368,10 @@ torch.library.register_fake("nm_optim::sgd_step_", _sgd_step_fake, lib=_lib)
 
 sgd_step_ = torch.ops.nm_optim.sgd_step_
 """``sgd_step_(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum,
-dampening, nesterov, maximize, grad_scale, found_inf, backend, stats=None, stats_offsets=[])``: one
-fused SGD step, in place, over tensors of one device and dtype (the arguments after the lists are
-StepArgs' fields). ``momentum_buffers`` and ``is_first`` are empty when momentum == 0; otherwise
+dampening, nesterov, maximize, grad_scale, found_inf, backend, stats=None, stats_offsets=[],
+stats_sums=[])``: one fused SGD step, in place, over tensors of one device and dtype (the
+arguments after the lists are StepArgs' fields; stats_sums[i] is the bit mask of the sums param
+i's tracks hold, the other columns written NaN: see nm_optim.names.SUM_MASKS). ``momentum_buffers`` and ``is_first`` are empty when momentum == 0; otherwise
 ``is_first[i]`` says buffer i is created by this step (v' = d, its old contents unread).
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nm_optim.names import STAT_NAMES
+from nm_optim.names import ALL_SUMS_MASK, STAT_NAMES
 from nm_optim.ops.args import Bucket, StepArgs
 from nm_optim.ops.layout import geometry, group_counts
 
@@ -26,15 +26,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reduce_stats(p: Tensor, g: Tensor, v: Tensor, offsets: Sequence[int], stats: Tensor) -> None:
-    """Writes the 9 sums (STAT_NAMES order) of one tensor's pre-step float64 values into the rows
-    of `stats` that its rows / cols / all tracks own (offsets[k] < 0: no such track)."""
+def reduce_stats(p: Tensor, g: Tensor, v: Tensor, offsets: Sequence[int], stats: Tensor,
+                 sums: int = ALL_SUMS_MASK) -> None:
+    """Writes the sums (STAT_NAMES order) of one tensor's pre-step float64 values into the rows
+    of `stats` that its rows / cols / all tracks own (offsets[k] < 0: no such track): the columns
+    of the bit mask `sums` (bit k: STAT_NAMES[k]), NaN in the others, as every backend does.
+
+    All 9 are computed the same way whatever the mask, so a column holds the same bits under
+    every mask (the oracle for the kernels' variants, which reduce only the columns they keep)."""
     d0, d1, rest = geometry(p.shape)
     terms = torch.stack([p, g, v, p * p, g * g, v * v, p * g, p * v, g * v], dim=-1)
     terms = terms.reshape(d0, d1, rest, len(STAT_NAMES))
+    absent = [k for k in range(len(STAT_NAMES)) if not sums >> k & 1]
     for offset, dims, n in ((offsets[0], (1, 2), d0), (offsets[1], (0, 2), d1), (offsets[2], (0, 1, 2), 1)):
         if offset >= 0:
-            stats[offset : offset + n] = terms.sum(dims).reshape(n, len(STAT_NAMES)).to(stats.device)
+            block = terms.sum(dims).reshape(n, len(STAT_NAMES))
+            if absent:
+                block[:, absent] = float("nan")
+            stats[offset : offset + n] = block.to(stats.device)
 
 
 def sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -60,7 +69,8 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
 
     With `stats`, tensor i's statistics of the pre-step values (p, g, v in float64; g as above,
     v = 0 on the first step and without momentum) go to the rows stats_offsets[3i : 3i + 3] of
-    its rows / cols / all tracks (see nm_optim/tracks.py); a skipped step writes NaN there.
+    its rows / cols / all tracks (see nm_optim/tracks.py), in the columns of its mask
+    stats_sums[i] (NaN in the others); a skipped step writes NaN there.
     """
     params, grads, momentum_buffers, is_first = bucket[:4]
     a = args
@@ -88,7 +98,7 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
                 else torch.zeros_like(p, dtype=torch.float64)
             )
             g64 = g.double()
-            reduce_stats(p.detach().double(), g64, v64, stats_offsets[3 * i : 3 * i + 3], stats)
+            reduce_stats(p.detach().double(), g64, v64, stats_offsets[3 * i : 3 * i + 3], stats, a.sums_of(i))
             if skip is not None:
                 for off, n in zip(stats_offsets[3 * i : 3 * i + 3], group_counts(p.shape)):
                     if off >= 0:

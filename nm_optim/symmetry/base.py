@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nm_optim.names import AXES, HYPER_NAMES, KINDS, ROLES, STAT_NAMES
+from nm_optim.names import AXES, HYPER_NAMES, KINDS, LAW_SUMS, ROLES, STAT_NAMES, track_sums
 
 __all__ = ["Member", "Rescale", "Scale", "Symmetry", "Translation", "symmetries_from_record"]
 
@@ -330,16 +330,37 @@ class Symmetry:
 
         `param_group`: only the members in that optimizer param group (the others count 0), so
         that members with different hyper-parameters can be stepped each with its own
-        (nm_optim.theory.parts_of)."""
+        (nm_optim.theory.parts_of).
+
+        The record's tracks must hold the sums the symmetry's law reads (names.LAW_SUMS): a
+        track that reduced only some (nm_optim.tracks, "statistics by need") holds NaN in the
+        others, and a ValueError names the track and the missing sums rather than let the law run
+        on NaN."""
         steps = len(record.steps)
         out = {role: np.zeros((steps, self.num_groups, len(STAT_NAMES))) for role in ROLES[self.kind]}
         chosen = self._in_group(record, param_group)
-        for m, off, i, use in zip(self.members, self._offsets, self._track_indices(record), chosen):
+        indices = self._track_indices(record)
+        self.check_sums(record, indices)
+        for m, off, i, use in zip(self.members, self._offsets, indices, chosen):
             if not use:
                 continue
             s = m.fold(np.asarray(record.stats[i], dtype=np.float64))
             out[m.role][:, off : off + m.num_groups] += s
         return out
+
+    def check_sums(self, record: Any, indices: list[int] | None = None) -> None:
+        """ValueError unless every member's track in `record` holds the sums this kind's law reads
+        (names.LAW_SUMS; names.track_sums: a record written before tracks said so holds all 9)."""
+        need = LAW_SUMS[self.kind]
+        for m, i in zip(self.members, self._track_indices(record) if indices is None else indices):
+            have = track_sums(record.tracks[i])
+            missing = [n for n in need if n not in have]
+            if missing:
+                raise ValueError(
+                    f"{self.kind} {self.name!r}: track {m.track!r} recorded only the sums {list(have)}, and the "
+                    f"{self.kind} law needs {list(need)}: missing {missing}. Track it with those sums (nm_optim.SGD("
+                    f"..., symmetries=[...]) asks for them, or track=[(param, {m.axis!r}, sums)])"
+                )
 
     def hyper(self, record: Any, param_group: int | None = None) -> dict[str, np.ndarray]:
         """Hyper-parameter name -> [steps]: those of the param group holding the members, or of

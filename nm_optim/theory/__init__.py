@@ -56,6 +56,7 @@ from nm_optim.theory.laws import (
     combine,
     exact,
     exact_parts,
+    finite_sums,
     measured,
     reference_parts,
     start_steps,
@@ -118,6 +119,7 @@ __all__ = [
     "scaled_error",
     "schedule_of",
     "start_steps",
+    "finite_sums",
     "step_error",
     "symmetries_of",
 ]

@@ -67,6 +67,7 @@ from nm_optim.theory.laws import (
     Schedule,
     check_kind,
     combine,
+    finite_sums,
     measured,
     start_steps,
     update_sums_after_step,
@@ -258,8 +259,8 @@ def paper(kind: str, stats: Mapping[str, np.ndarray] | np.ndarray, schedule: Sch
     reason = None
     if S == 0:
         return out, time, [], reason
-    ok = np.isfinite(s).all(axis=2) & ~schedule.skipped[:, None]
-    begin = start_steps(s, schedule)
+    ok = finite_sums(s, kind) & ~schedule.skipped[:, None]  # the sums the law reads (a track may hold no others)
+    begin = start_steps(s, schedule, kind)
     linear = kind == "translation"
     cq = 0.5 if linear else 1.0
     meas = c("p") if linear else c("pp")

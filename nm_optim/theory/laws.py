@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nm_optim.names import HYPER_NAMES, KINDS, ROLES, STAT_INDEX, STAT_NAMES
+from nm_optim.names import HYPER_NAMES, KINDS, LAW_SUMS, ROLES, STAT_INDEX, STAT_NAMES, sum_set
 
 # The term each symmetry makes vanish, in the combined (rescale: A1 - A2) statistics.
 VANISHING = {"translation": "g", "scale": "pg", "rescale": "pg"}
@@ -183,12 +183,21 @@ def _coefficients(s: Schedule) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------------
 # exact: the discrete recursion
 # ------------------------------------------------------------------------------------------------
-def start_steps(stats: np.ndarray, schedule: Schedule) -> np.ndarray:
-    """[G] the first step at which each group was stepped with finite statistics (its prediction
-    starts there, from the recorded value); S where it never was. A GradScaler skip or a param
-    without a grad (NaN statistics) before it are simply not part of the group's trajectory."""
+def finite_sums(stats: np.ndarray, kind: str | None = None) -> np.ndarray:
+    """[S, G]: whether each group's sums are finite at each step: those the law of `kind` reads
+    (names.LAW_SUMS), or all 9 (kind None). A track that reduced only the sums its law needs
+    holds NaN in the others (nm_optim.tracks): those say nothing of the step."""
+    cols = slice(None) if kind is None else [STAT_INDEX[n] for n in LAW_SUMS[kind]]
+    return np.isfinite(stats[..., cols]).all(axis=2)
+
+
+def start_steps(stats: np.ndarray, schedule: Schedule, kind: str | None = None) -> np.ndarray:
+    """[G] the first step at which each group was stepped with finite statistics (those the law
+    of `kind` reads, all 9 if None: `finite_sums`); its prediction starts there, from the
+    recorded value; S where it never was. A GradScaler skip or a param without a grad (NaN
+    statistics) before it are simply not part of the group's trajectory."""
     S, G = stats.shape[:2]
-    ok = np.isfinite(stats).all(axis=2) & ~np.asarray(schedule.skipped, bool)[:, None]
+    ok = finite_sums(stats, kind) & ~np.asarray(schedule.skipped, bool)[:, None]
     return np.where(ok.any(axis=0), np.argmax(ok, axis=0), S) if S else np.zeros(G, int)
 
 
@@ -207,7 +216,9 @@ class Part:
 def reference_parts(kind: str, parts: list[Part]) -> tuple[np.ndarray, np.ndarray]:
     """([G] int, [J, G] bool): for every group the part whose hyper-parameters drive the carried
     state (the one holding most of the group's |θ|², max over steps), and which parts have a
-    member in the group (nonzero statistics at some step)."""
+    member in the group (nonzero statistics at some step: among the set of sums the law's tracks
+    reduce, names.sum_set(LAW_SUMS[kind]); the others may be NaN)."""
+    cols = [STAT_INDEX[n] for n in sum_set(LAW_SUMS[kind])]
     sizes, present = [], []
     for part in parts:
         roles = part.stats if isinstance(part.stats, Mapping) else {"A": part.stats}
@@ -215,7 +226,7 @@ def reference_parts(kind: str, parts: list[Part]) -> tuple[np.ndarray, np.ndarra
         with np.errstate(invalid="ignore"):
             pp = sum(np.abs(a[..., STAT_INDEX["pp"]]) for a in arrays)
             sizes.append(np.nanmax(pp, axis=0) if len(pp) and np.isfinite(pp).any() else np.zeros(pp.shape[1]))
-        present.append(np.any([np.any(a != 0, axis=(0, 2)) for a in arrays], axis=0))
+        present.append(np.any([np.any(a[..., cols] != 0, axis=(0, 2)) for a in arrays], axis=0))
     return np.argmax(np.nan_to_num(np.stack(sizes), nan=-1.0), axis=0), np.stack(present)
 
 
@@ -322,8 +333,8 @@ def exact_parts(kind: str, parts: list[Part], vanishing: bool = True, mismatch: 
             b = np.where(fresh, 1.0, b)
         return (c["lr"][k], c["wd"][k], c["a"][k], b, c["e"][k], c["f"][k]), c["nobuf"][k]
 
-    ok = np.isfinite(s).all(axis=2) & ~skipped[:, None]  # groups stepped with finite sums
-    start = start_steps(s, parts[0].schedule)
+    ok = finite_sums(s, kind) & ~skipped[:, None]  # groups stepped with finite sums (those the law reads)
+    start = start_steps(s, parts[0].schedule, kind)
     state = [np.full(G, np.nan) for _ in names]
     prev_nobuf = np.zeros(G, bool)  # the group's last step ran without momentum (stale buffer kept)
     for k in range(S):

@@ -327,7 +327,7 @@ def predict_parts(kind: str, parts: list[Part], *, name: str = "", steps: np.nda
         breaking_bound=breaking_bound(kind, total, group_size),
         segments=segments, paper_reason="; ".join(reasons) or None, schedule=schedule,
         floor=error_floor(kind, s, floor_groups),
-        exact_breaking=exact_parts(kind, parts, vanishing=False), start=start_steps(s, schedule),
+        exact_breaking=exact_parts(kind, parts, vanishing=False), start=start_steps(s, schedule, kind),
         mixed=mixed, mixed_note=note if mixed.any() else None,
         exact_mismatch_dropped=exact_parts(kind, parts, mismatch=False) if len(parts) > 1 else None,
         scale=natural_scale(kind, total, group_size),
@@ -338,7 +338,7 @@ def _conserved(kind: str, s: np.ndarray, schedule: Schedule) -> np.ndarray:
     """`continuous.gradient_flow` (the initial value, constant), each group from its first valid
     step (NaN before it)."""
     m = measured(kind, s)
-    start = start_steps(s, schedule)
+    start = start_steps(s, schedule, kind)
     S, G = m.shape
     first = np.array([m[start[g], g] if start[g] < S else np.nan for g in range(G)])
     out = np.broadcast_to(first, (S + 1, G)).copy()
