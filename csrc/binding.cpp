@@ -84,18 +84,20 @@ void step_cuda(int dtype, int64_t n_tensors, std::uintptr_t numel, std::uintptr_
                double weight_decay, bool nesterov, bool maximize, std::uintptr_t grad_scale,
                std::uintptr_t found_inf, std::uintptr_t lr_device, std::uintptr_t stats_tiles,
                int64_t n_stats_tiles, std::uintptr_t stats_scratch, std::uintptr_t stats_tasks,
-               int64_t n_stats_tasks, std::uintptr_t stats_out, std::uintptr_t stream) {
+               int64_t n_stats_tasks, std::uintptr_t stats_out, std::uintptr_t stream,
+               std::uintptr_t stats_runs, int64_t n_stats_runs) {
   const DType dt = to_dtype(dtype);
   const BucketView b = to_bucket(n_tensors, numel, table, n_tiles, tiles, tile_size);
   const SGDHyper h = to_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize);
   const AmpView amp = to_amp(grad_scale, found_inf);
-  if (stats_out != 0 && (stats_scratch == 0 || (n_stats_tiles > 0 && stats_tiles == 0) ||
-                         (n_stats_tasks > 0 && stats_tasks == 0))) {
-    throw std::invalid_argument("nm_optim._C: CUDA statistics need tiles, scratch and tasks tables");
+  if (stats_out != 0 && (stats_scratch == 0 || (n_stats_tiles > 0 && (stats_tiles == 0 || stats_runs == 0)) ||
+                         (n_stats_tasks > 0 && stats_tasks == 0) || n_stats_runs < 0)) {
+    throw std::invalid_argument("nm_optim._C: CUDA statistics need tiles, runs, scratch and tasks tables");
   }
   const CudaStatsView st{reinterpret_cast<const int64_t*>(stats_tiles), n_stats_tiles,
                          reinterpret_cast<double*>(stats_scratch), reinterpret_cast<const int64_t*>(stats_tasks),
-                         n_stats_tasks, reinterpret_cast<double*>(stats_out)};
+                         n_stats_tasks, reinterpret_cast<double*>(stats_out),
+                         reinterpret_cast<const int64_t*>(stats_runs), n_stats_runs};
   const char* err = sgd_step_cuda(dt, b, h, amp, reinterpret_cast<const float*>(lr_device), st, stream);
   if (err[0] != '\0') throw std::runtime_error(std::string("nm_optim CUDA kernel failed: ") + err);
 }
@@ -150,7 +152,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
         py::arg("grad_scale"), py::arg("found_inf"), py::arg("lr_device"),
         py::arg("stats_tiles") = 0, py::arg("n_stats_tiles") = 0, py::arg("stats_scratch") = 0, py::arg("stats_tasks") = 0, py::arg("n_stats_tasks") = 0,
-        py::arg("stats_out") = 0, py::arg("stream") = 0);
+        py::arg("stats_out") = 0, py::arg("stream") = 0, py::arg("stats_runs") = 0, py::arg("n_stats_runs") = 0);
   m.def("cuda_device_count", &cuda_device_count);
 #else
   m.def("cuda_device_count", []() { return 0; });

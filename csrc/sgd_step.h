@@ -87,11 +87,18 @@ bool sgd_cpu_avx512_stats();
 //                        row partial of (row r, cb) is at row_base + cb * d0 + r, the column
 //                        partial of (rb, column c) at col_base + rb * rowlen + c, the tile's
 //                        total at slot.
-//   tasks[5 * n_tasks]   (base, count, inner, outer, output row): partial j of the task is at
-//                        base + (j / inner) * outer + j % inner; the sum of its `count` partials
-//                        is the group's row of `out`.
+//   runs[3 * n_runs]     (first tile, count, variant) in HOST memory: the tiles in runs of one
+//                        kernel variant each (one launch per run), variant = kRunCols (the
+//                        tiles write column partials) | kRunProducts (their tensors' groups hold
+//                        only the 6 product sums, kProductSums: the tiles reduce and write those).
+//   tasks[6 * n_tasks]   (base, count, inner, outer, output row, sums): partial j of the task is
+//                        at base + (j / inner) * outer + j % inner; the sum of its `count`
+//                        partials is the group's row of `out`, in the columns of the bit mask
+//                        `sums` (bit k: Stat k); the other columns are written NaN.
 constexpr int kStatsTileRows = 128;
 constexpr int kStatsTileCols = 128;
+constexpr int64_t kRunCols = 1;
+constexpr int64_t kRunProducts = 2;
 
 struct CudaStatsView {
   const int64_t* tiles;
@@ -100,6 +107,8 @@ struct CudaStatsView {
   const int64_t* tasks;
   int64_t n_tasks;
   double* out;  // nullptr: no statistics
+  const int64_t* runs = nullptr;  // host memory
+  int64_t n_runs = 0;
 };
 
 #ifdef NM_OPTIM_WITH_CUDA

@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <cstdint>
 
@@ -171,10 +172,21 @@ __global__ void __launch_bounds__(kThreads)
 // - COLS is a template switch: tiles with column partials come first in the plan and run the
 //   variant with column accumulators; the others run the one without (fewer registers, more
 //   blocks per SM, V = 8 elements per lane). Only the partials a track needs are written.
+// - PRODUCTS is a template switch too: the tiles of tensors whose groups hold only the 6 product
+//   sums (kProductSums: what the scale and rescale laws read) keep 6 row sums, 6 column
+//   accumulators per element and 6 totals instead of 9 (Stats<PRODUCTS> below), and write only
+//   those partials; the reduction writes the other columns NaN. The plan orders the tiles in
+//   runs of one (COLS, PRODUCTS) variant each, one launch per run.
 // Partial sums in the compute type: float64 params keep float64 statistics.
 constexpr int kTR = kStatsTileRows;
 constexpr int kTC = kStatsTileCols;
 constexpr int kWarps = kThreads / 32;
+
+// The statistics a variant reduces: kCount of them, Stat kFirst + k for k < kCount.
+template <bool PRODUCTS> struct Stats {
+  static constexpr int kFirst = PRODUCTS ? kPP : 0;
+  static constexpr int kCount = kNumStats - kFirst;
+};
 
 template <typename T, bool COLS> struct TileLanes {
   static constexpr int V = (sizeof(T) == 8 || COLS) ? 4 : 8;  // elements per lane
@@ -232,10 +244,13 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 }
 
 // Blocks per SM the register allocation must allow (ptxas: at most 65536 / (256 * this) registers
-// per thread), checked without spills by tools/kernel_resources.py.
-template <typename T, bool COLS> constexpr int kTileMinBlocks = (COLS && sizeof(T) == 8) ? 1 : 2;
+// per thread), checked without spills by tools/kernel_resources.py. The same for the PRODUCTS
+// variants (nvcc 13, sm_90: float64 with column partials spills 180 bytes at 2 blocks, 148-174
+// registers at 1; the 32-bit variants spill 14-48 bytes at 3 blocks, 96-122 registers at 2).
+template <typename T, bool COLS>
+constexpr int kTileMinBlocks = (COLS && sizeof(T) == 8) ? 1 : 2;
 
-template <typename T, bool HAS_WD, bool MOM, bool NESTEROV, bool COLS>
+template <typename T, bool HAS_WD, bool MOM, bool NESTEROV, bool COLS, bool PRODUCTS>
 __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
     sgd_stats_tile_kernel(BucketView b, SGDHyper h, AmpView amp, const float* lr_device,
                           CudaStatsView st, const int64_t* __restrict__ tiles) {
@@ -244,9 +259,11 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
   using A = C;
   using L = TileLanes<T, COLS>;
   constexpr int V = L::V;
+  // The statistics reduced: Stat kS0 + k for k < kNS (arrays below are indexed by k).
+  constexpr int kS0 = Stats<PRODUCTS>::kFirst, kNS = Stats<PRODUCTS>::kCount;
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;
   const CudaScalars s = step_scalars(h, amp, lr_device);
-  __shared__ double total_sm[kWarps][kNumStats];
+  __shared__ double total_sm[kWarps][kNS];
 
   const int64_t* tile = tiles + 8 * static_cast<int64_t>(blockIdx.x);
   const int64_t t = tile[0], rb = tile[1], cb = tile[2], d0 = tile[3], rowlen = tile[4];
@@ -265,12 +282,12 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
   const int64_t r_begin = rb * kTR;
   const int64_t n_rows = d0 - r_begin < kTR ? d0 - r_begin : kTR;
 
-  double tot[kNumStats] = {};  // !COLS: the first lane of each row, the sum of its row sums
-  A col_acc[COLS ? V : 1][kNumStats];
+  double tot[kNS] = {};  // !COLS: the first lane of each row, the sum of its row sums
+  A col_acc[COLS ? V : 1][kNS];
 #pragma unroll
   for (int e = 0; e < (COLS ? V : 1); ++e) {
 #pragma unroll
-    for (int k = 0; k < kNumStats; ++k) col_acc[e][k] = A(0);
+    for (int k = 0; k < kNS; ++k) col_acc[e][k] = A(0);
   }
   // Warp-uniform loop (the butterfly needs every lane): rows past the tile load nothing.
 #pragma unroll 1
@@ -293,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
 #pragma unroll
       for (int e = 0; e < V; ++e) vv[e] = C(0);
     }
-    A rs[kNumStats] = {};
+    A rs[kNS] = {};
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       C pi = pv[e], vi = vv[e];
@@ -301,9 +318,9 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
       const A tq[kNumStats] = {A(pi),      A(gi),      A(vi),      A(pi * pi), A(gi * gi),
                                A(vi * vi), A(pi * gi), A(pi * vi), A(gi * vi)};
 #pragma unroll
-      for (int k = 0; k < kNumStats; ++k) {
-        rs[k] += tq[k];
-        if (COLS) col_acc[COLS ? e : 0][k] += tq[k];
+      for (int k = 0; k < kNS; ++k) {
+        rs[k] += tq[kS0 + k];
+        if (COLS) col_acc[COLS ? e : 0][k] += tq[kS0 + k];
       }
       if (first) {
         sgd_update_cuda<C, HAS_WD, MOM, true, NESTEROV>(pi, gi, vi, s.f);
@@ -317,17 +334,17 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
     if (MOM) store_lane<T, V, L::kChunk>(v, i0, valid, vec, vv);
     // The row's sums over its kLanes lanes (xor offsets below kLanes stay within the row).
 #pragma unroll
-    for (int k = 0; k < kNumStats; ++k) {
+    for (int k = 0; k < kNS; ++k) {
 #pragma unroll
       for (int off = L::kLanes / 2; off > 0; off /= 2) rs[k] += __shfl_xor_sync(0xffffffffu, rs[k], off);
     }
     if (q == 0 && row_ok) {
       const int64_t r = r_begin + rr;
 #pragma unroll
-      for (int k = 0; k < kNumStats; ++k) {
+      for (int k = 0; k < kNS; ++k) {
         const double x = static_cast<double>(rs[k]);
         if (!COLS) tot[k] += x;  // COLS: the total comes from the column sums
-        if (row_base >= 0) st.scratch[(row_base + cb * d0 + r) * kNumStats + k] = x;
+        if (row_base >= 0) st.scratch[(row_base + cb * d0 + r) * kNumStats + kS0 + k] = x;
       }
     }
   }
@@ -338,20 +355,20 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
 #pragma unroll
     for (int e = 0; e < V; ++e) {
 #pragma unroll
-      for (int k = 0; k < kNumStats; ++k) {
+      for (int k = 0; k < kNS; ++k) {
 #pragma unroll
         for (int off = 16; off >= L::kLanes; off /= 2) col_acc[e][k] += __shfl_xor_sync(0xffffffffu, col_acc[e][k], off);
       }
     }
     constexpr int kRound = sizeof(A) == 8 ? 2 : 4;
-    __shared__ A col_sm[kRound][kTC][kNumStats];
-    double col_x[kNumStats] = {};  // thread threadIdx.x < kTC: its column's sum over the warps
+    __shared__ A col_sm[kRound][kTC][kNS];
+    double col_x[kNS] = {};  // thread threadIdx.x < kTC: its column's sum over the warps
     for (int w0 = 0; w0 < kWarps; w0 += kRound) {
       if (warp >= w0 && warp < w0 + kRound && sub == 0) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
 #pragma unroll
-          for (int k = 0; k < kNumStats; ++k) col_sm[warp - w0][q * V + e][k] = col_acc[e][k];
+          for (int k = 0; k < kNS; ++k) col_sm[warp - w0][q * V + e][k] = col_acc[e][k];
         }
       }
       __syncthreads();
@@ -359,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
 #pragma unroll
         for (int w = 0; w < kRound; ++w) {
 #pragma unroll
-          for (int k = 0; k < kNumStats; ++k) col_x[k] += static_cast<double>(col_sm[w][threadIdx.x][k]);
+          for (int k = 0; k < kNS; ++k) col_x[k] += static_cast<double>(col_sm[w][threadIdx.x][k]);
         }
       }
       __syncthreads();
@@ -367,35 +384,38 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<T, COLS>)
     const int64_t c = cb * kTC + threadIdx.x;
     if (threadIdx.x < kTC && c < rowlen) {
 #pragma unroll
-      for (int k = 0; k < kNumStats; ++k) st.scratch[(col_base + rb * rowlen + c) * kNumStats + k] = col_x[k];
+      for (int k = 0; k < kNS; ++k) st.scratch[(col_base + rb * rowlen + c) * kNumStats + kS0 + k] = col_x[k];
     }
 #pragma unroll
-    for (int k = 0; k < kNumStats; ++k) tot[k] = col_x[k];  // columns past the row: zeros
+    for (int k = 0; k < kNS; ++k) tot[k] = col_x[k];  // columns past the row: zeros
   }
   if (slot >= 0) {  // uniform: the tile's total, lanes of a warp, then the warps, in order
 #pragma unroll
-    for (int k = 0; k < kNumStats; ++k) {
+    for (int k = 0; k < kNS; ++k) {
 #pragma unroll
       for (int off = 16; off >= (COLS ? 1 : L::kLanes); off /= 2) tot[k] += __shfl_xor_sync(0xffffffffu, tot[k], off);
     }
     if (lane == 0) {
 #pragma unroll
-      for (int k = 0; k < kNumStats; ++k) total_sm[warp][k] = tot[k];
+      for (int k = 0; k < kNS; ++k) total_sm[warp][k] = tot[k];
     }
     __syncthreads();
-    if (threadIdx.x < kNumStats) {
+    if (threadIdx.x < kNS) {
       double x = 0.0;
       for (int w = 0; w < kWarps; ++w) x += total_sm[w][threadIdx.x];
-      st.scratch[slot * kNumStats + threadIdx.x] = x;
+      st.scratch[slot * kNumStats + kS0 + threadIdx.x] = x;
     }
   }
 }
 
 // One warp per reduction task (one output group, or one chunk of a long group's partials):
 // lane l adds partials l, l + 32, ... in float64, a fixed xor butterfly adds the lanes, and lane
-// 0 writes the 9 sums to dst[row]. The plan's two levels are two launches: chunks of long groups
-// into scratch slots (dst = scratch), then every group (dst = the stats). Fixed order: bitwise
-// reproducible, no atomics.
+// 0 writes the 9 sums to dst[row]: the sums in the task's mask (the statistics its tensor's
+// groups hold), NaN for the others, whose partials the tiles did not write and which are not
+// read. The plan's two levels are two launches: chunks of long groups into scratch slots
+// (dst = scratch), then every group (dst = the stats). Fixed order: bitwise reproducible, no
+// atomics.
+constexpr int kTaskFields = 6;  // base, count, inner, outer, output row, sums mask
 constexpr int kReduceThreads = 256;
 constexpr int kReduceWarps = kReduceThreads / 32;
 
@@ -406,13 +426,16 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int lane = threadIdx.x % 32;
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kReduceWarps + threadIdx.x / 32;
   if (k >= n_tasks) return;  // warp-uniform; no block-wide barrier below
-  const int64_t* task = tasks + 5 * k;
+  const int64_t* task = tasks + kTaskFields * k;
   const int64_t base = task[0], count = task[1], inner = task[2], outer = task[3], out_row = task[4];
+  const int64_t sums = task[5];
   double acc[kNumStats] = {};
   for (int64_t j = lane; j < count; j += 32) {
     const double* part = src + (base + (j / inner) * outer + j % inner) * kNumStats;
 #pragma unroll
-    for (int q = 0; q < kNumStats; ++q) acc[q] += part[q];
+    for (int q = 0; q < kNumStats; ++q) {
+      if ((sums >> q) & 1) acc[q] += part[q];  // warp-uniform
+    }
   }
 #pragma unroll
   for (int q = 0; q < kNumStats; ++q) {
@@ -421,15 +444,22 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
   if (lane == 0) {
 #pragma unroll
-    for (int q = 0; q < kNumStats; ++q) dst[out_row * kNumStats + q] = acc[q];
+    for (int q = 0; q < kNumStats; ++q) dst[out_row * kNumStats + q] = ((sums >> q) & 1) ? acc[q] : CUDART_NAN;
   }
 }
 
-// The Python side (nm_optim/ops/native.py) packs two counts into each of CudaStatsView's counts
-// (the binding passes them through unchanged): n_tiles = all tiles | tiles with column partials
-// (the first ones) << 32; n_tasks = all tasks | first-level tasks (the first ones) << 32.
+// The Python side (nm_optim/ops/native.py) packs two counts into CudaStatsView's n_tasks (the
+// binding passes it through unchanged): all tasks | first-level tasks (the first ones) << 32.
 constexpr int kCountBits = 32;
 constexpr int64_t kCountMask = (int64_t{1} << kCountBits) - 1;
+
+// One launch of the statistics tile kernel's variant for a run of n alike tiles.
+template <typename T, bool HAS_WD, bool MOM, bool NESTEROV, bool COLS, bool PRODUCTS>
+void launch_tiles(const BucketView& b, const SGDHyper& h, const AmpView& amp, const float* lr_device,
+                  const CudaStatsView& st, const int64_t* tiles, int64_t n, cudaStream_t stream) {
+  sgd_stats_tile_kernel<T, HAS_WD, MOM, NESTEROV, COLS, PRODUCTS>
+      <<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(b, h, amp, lr_device, st, tiles);
+}
 
 template <typename T, bool HAS_WD, bool MOM, bool NESTEROV>
 void launch(const BucketView& b, const SGDHyper& h, const AmpView& amp, const float* lr_device,
@@ -439,16 +469,18 @@ void launch(const BucketView& b, const SGDHyper& h, const AmpView& amp, const fl
         <<<static_cast<unsigned int>(b.n_tiles), kThreads, 0, stream>>>(b, h, amp, lr_device);
   }
   if (st.out == nullptr) return;
-  const int64_t n_tiles = st.n_tiles & kCountMask, n_cols = st.n_tiles >> kCountBits;
   const int64_t n_tasks = st.n_tasks & kCountMask, n_pre = st.n_tasks >> kCountBits;
-  if (n_cols > 0) {
-    sgd_stats_tile_kernel<T, HAS_WD, MOM, NESTEROV, true>
-        <<<static_cast<unsigned int>(n_cols), kThreads, 0, stream>>>(b, h, amp, lr_device, st, st.tiles);
-  }
-  if (n_tiles > n_cols) {
-    sgd_stats_tile_kernel<T, HAS_WD, MOM, NESTEROV, false>
-        <<<static_cast<unsigned int>(n_tiles - n_cols), kThreads, 0, stream>>>(b, h, amp, lr_device, st,
-                                                                               st.tiles + 8 * n_cols);
+  // The plan's runs of alike tiles (host memory: first, count, variant = kRunCols | kRunProducts).
+  for (int64_t r = 0; r < st.n_runs; ++r) {
+    const int64_t first = st.runs[3 * r], count = st.runs[3 * r + 1], variant = st.runs[3 * r + 2];
+    if (count <= 0) continue;
+    const int64_t* tiles = st.tiles + 8 * first;
+    switch (variant) {
+      case 0: launch_tiles<T, HAS_WD, MOM, NESTEROV, false, false>(b, h, amp, lr_device, st, tiles, count, stream); break;
+      case kRunCols: launch_tiles<T, HAS_WD, MOM, NESTEROV, true, false>(b, h, amp, lr_device, st, tiles, count, stream); break;
+      case kRunProducts: launch_tiles<T, HAS_WD, MOM, NESTEROV, false, true>(b, h, amp, lr_device, st, tiles, count, stream); break;
+      default: launch_tiles<T, HAS_WD, MOM, NESTEROV, true, true>(b, h, amp, lr_device, st, tiles, count, stream); break;
+    }
   }
   if (n_pre > 0) {
     sgd_stats_reduce_kernel<<<static_cast<unsigned int>((n_pre + kReduceWarps - 1) / kReduceWarps),
@@ -457,8 +489,8 @@ void launch(const BucketView& b, const SGDHyper& h, const AmpView& amp, const fl
   }
   if (n_tasks > n_pre) {
     sgd_stats_reduce_kernel<<<static_cast<unsigned int>((n_tasks - n_pre + kReduceWarps - 1) / kReduceWarps),
-                              kReduceThreads, 0, stream>>>(st.tasks + 5 * n_pre, n_tasks - n_pre, st.scratch,
-                                                           st.out, amp.found_inf);
+                              kReduceThreads, 0, stream>>>(st.tasks + kTaskFields * n_pre, n_tasks - n_pre,
+                                                           st.scratch, st.out, amp.found_inf);
   }
 }
 
@@ -482,9 +514,17 @@ const char* sgd_step_cuda(DType dtype, const BucketView& bucket, const SGDHyper&
                           const AmpView& amp, const float* lr_device, const CudaStatsView& stats,
                           std::uintptr_t stream_handle) {
   if (bucket.n_tiles <= 0 && stats.out == nullptr) return "";
-  if (bucket.n_tiles > 0x7fffffffLL || (stats.n_tiles & kCountMask) > 0x7fffffffLL ||
-      (stats.n_tasks & kCountMask) > 0x7fffffffLL) {
+  if (bucket.n_tiles > 0x7fffffffLL || stats.n_tiles > 0x7fffffffLL || (stats.n_tasks & kCountMask) > 0x7fffffffLL) {
     return "nm_optim: too many tiles for one launch";
+  }
+  if (stats.out != nullptr) {  // every run within the tile table, of a known variant
+    for (int64_t r = 0; r < stats.n_runs; ++r) {
+      const int64_t first = stats.runs[3 * r], count = stats.runs[3 * r + 1], variant = stats.runs[3 * r + 2];
+      if (first < 0 || count < 0 || first + count > stats.n_tiles || variant < 0 ||
+          variant > (kRunCols | kRunProducts)) {
+        return "nm_optim: a statistics run outside the tile table";
+      }
+    }
   }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const CudaStatsView& st = stats;

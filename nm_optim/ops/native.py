@@ -21,8 +21,8 @@ from nm_optim.ops.plan import stats_layout, tile_table
 # more than the work there, and 10-20x more when the machine is oversubscribed (spinning
 # workers: 3.7-17 ms vs 0.8 ms per step measured on the digits nets under load).
 SERIAL_BELOW = 1 << 16
-# CUDA statistics: a second count rides in the high bits of n_stats_tiles / n_stats_tasks
-# (kCountBits in csrc/cuda/sgd_step_cuda.cu).
+# CUDA statistics: a second count rides in the high bits of n_stats_tasks (kCountBits in
+# csrc/cuda/sgd_step_cuda.cu).
 CUDA_COUNT_BITS = 32
 
 _data_ptr = Tensor.data_ptr
@@ -88,8 +88,9 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     param_ptrs, grad_ptrs, buf_ptrs = addresses(params, grads, momentum_buffers, has_momentum)
     if stepped_in_levels(sgd_step_native, bucket, args, param_ptrs, numels, owner):
         return
-    if layout is None and args.with_stats:
-        layout = stats_layout(owner, params, numels, args.stats_offsets, device)
+    if args.with_stats and (layout is None or not layout.has_sums(args.stats_sums)):
+        # (a layout found without the sums masks: the one of these masks, one list comparison)
+        layout = stats_layout(owner, params, numels, args.stats_offsets, device, sums=args.stats_sums)
     with_stats = layout is not None
     row_lengths = None
     if with_stats:
@@ -134,27 +135,34 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     if device.type == "cpu":
         lr_value = float(args.lr_tensor) if args.lr_tensor is not None else float(args.lr)
         geom_ptr = offsets_ptr = out_ptr = 0
+        sums = {}  # all 9 sums everywhere: the binding's default (0: no mask table)
         if with_stats:  # the layout (held here) keeps its arrays alive through the call
             geom_ptr, offsets_ptr = layout.geom_array.buffer_info()[0], layout.offsets_array.buffer_info()[0]
             out_ptr = args.stats.data_ptr()
+            if layout.sums_array is not None:
+                sums = dict(stats_sums=layout.sums_array.buffer_info()[0])
         C.sgd_step_cpu(
             lr=lr_value,
             stats_geom=geom_ptr,
             stats_offsets=offsets_ptr,
             stats_out=out_ptr,
             num_threads=1 if table.numel_total < SERIAL_BELOW else torch.get_num_threads(),
+            **sums,
             **common,
         )
     else:
         stats_args = {}
         if with_stats:
             plan = layout.plan(device, C.STATS_TILE_ROWS, C.STATS_TILE_COLS, reduce_chunk=P.REDUCE_CHUNK)
-            # Two counts in each (csrc/cuda/sgd_step_cuda.cu, launch): the tiles with column
-            # partials (first in the plan) and the first-level reduction tasks (first too) in
-            # the high 32 bits; the binding passes them through.
+            # The runs of alike tiles, one launch of their kernel variant each (column partials
+            # or not, all 9 sums or the 6 products: csrc/cuda/sgd_step_cuda.cu, launch), from a
+            # host array the plan keeps; the first-level reduction tasks (first in the plan)
+            # counted in the high 32 bits of n_stats_tasks. The binding passes both through.
             stats_args = dict(
                 stats_tiles=plan.tiles2d.data_ptr(),
-                n_stats_tiles=plan.n_tiles2d | plan.n_tiles2d_cols << CUDA_COUNT_BITS,
+                n_stats_tiles=plan.n_tiles2d,
+                stats_runs=plan.tile_runs.buffer_info()[0],
+                n_stats_runs=plan.n_tile_runs,
                 stats_scratch=plan.scratch.data_ptr(),
                 stats_tasks=plan.tasks.data_ptr(),
                 n_stats_tasks=plan.n_tasks | plan.n_pre_tasks << CUDA_COUNT_BITS,

@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from nm_optim.names import ALL_SUMS_MASK, PRODUCT_SUMS_MASK, STAT_NAMES, SUM_MASKS
 from nm_optim.ops.layout import geometry, group_counts
 
 try:  # torch's C++ tensor-metadata check (TensorGuard); part of torch._C, so no torch._dynamo import
@@ -411,11 +412,19 @@ class StatsPlan:
       tile's total at its slot. The first ``n_tiles2d_cols`` tiles are those with column
       partials (col_base >= 0), the others follow: the kernels launch a variant with column
       accumulators only for the first (the register-hungry one), one without for the rest.
+      Within each kind the tiles of tensors whose groups hold all 9 sums come first, then those
+      of tensors that need only the 6 products (`sums`): their variant keeps 6 accumulators per
+      row and column instead of 9 and writes 6 of the 9 partials (fewer registers in the column
+      variants, a third less partial traffic).
     - Flat tiles (``flat``, 5 int64 each: tensor, begin, end, tile slot, first per-element
       output row), only when `flat_tile` is given (Triton): untracked tensors, and tracked
       tensors whose rows are single elements (1-D biases), whose "rows" groups are the elements
       themselves. The first ``n_flat_plain`` tiles write no statistics (untracked tensors): the
-      plain step variant runs them; the statistics variant runs only the tracked ones.
+      plain step variant runs them; the statistics variant runs only the tracked ones (all 9
+      sums first, then the product-only ones, as above; the product-only variant writes NaN for
+      Σp, Σg, Σv where it writes an element's own sums).
+    - `sums`: one bit mask per tensor (bit k: names.STAT_NAMES[k]), one of names.SUM_MASKS;
+      empty: all 9 for every tensor.
     - `align` (elements; Triton: 16 bytes): within each kind, tiles whose rows (flat tiles: bounds)
       are multiples of it come first, so that they run a variant with 16-byte vector accesses
       (``flat_groups`` and ``tile_groups`` list the runs: first, count, statistics / column
@@ -433,10 +442,12 @@ class StatsPlan:
 
     def __init__(self, numels: Sequence[int], geom: Sequence[int], offsets: Sequence[int],
                  device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None,
-                 reduce_chunk: int = REDUCE_CHUNK, align: int = 1) -> None:
+                 reduce_chunk: int = REDUCE_CHUNK, align: int = 1, sums: Sequence[int] = ()) -> None:
         flat: list[tuple[int, int, int, int, int]] = []
+        flat_products: list[bool] = []  # per flat tile: its tensor needs only the 6 products
         tiles2d: list[tuple[int, ...]] = []
-        tasks: list[tuple[int, int, int, int, int]] = []
+        tiles_products: list[bool] = []
+        tasks: list[tuple[int, int, int, int, int, int]] = []
         scratch = 0
 
         def alloc(n: int) -> int:
@@ -448,12 +459,14 @@ class StatsPlan:
             at = offsets[3 * i : 3 * i + 3] if offsets else (-1, -1, -1)
             rows_at, cols_at, all_at = at
             tracked = max(at) >= 0
+            mask = sums_mask_of(sums, i) if tracked else ALL_SUMS_MASK
+            products = mask == PRODUCT_SUMS_MASK
             d0, d1, rest = geom[3 * i : 3 * i + 3] if tracked else (numel, 1, 1)
             rowlen = d1 * rest
             if tracked and numel == 0:  # every group of an empty tensor sums nothing: zeros
                 for at_row, n_groups in ((rows_at, d0), (cols_at, d1), (all_at, 1)):
                     if at_row >= 0:
-                        tasks += [(0, 0, 1, 1, at_row + k) for k in range(n_groups)]
+                        tasks += [(0, 0, 1, 1, at_row + k, mask) for k in range(n_groups)]
                 continue
             if flat_tile is not None and (not tracked or rowlen == 1):
                 n_tiles = -(-numel // flat_tile)
@@ -461,9 +474,10 @@ class StatsPlan:
                 for k in range(n_tiles):
                     flat.append((i, k * flat_tile, min(numel, (k + 1) * flat_tile),
                                  first_slot + k if first_slot >= 0 else -1, rows_at if tracked else -1))
+                flat_products += [products] * n_tiles
                 for at_row in (cols_at, all_at):
                     if at_row >= 0:
-                        tasks.append((first_slot, n_tiles, 1, 1, at_row))
+                        tasks.append((first_slot, n_tiles, 1, 1, at_row, mask))
                 continue
             if not tracked:
                 continue  # stepped by the caller's flat kernel
@@ -475,43 +489,59 @@ class StatsPlan:
                 for cb in range(n_cb):
                     slot = first_slot + rb * n_cb + cb if first_slot >= 0 else -1
                     tiles2d.append((i, rb, cb, d0, rowlen, row_base, col_base, slot))
+            tiles_products += [products] * (n_rb * n_cb)
             if rows_at >= 0:  # row r: its n_cb partials, stride d0
-                tasks += [(row_base + r, n_cb, 1, d0, rows_at + r) for r in range(d0)]
+                tasks += [(row_base + r, n_cb, 1, d0, rows_at + r, mask) for r in range(d0)]
             if cols_at >= 0:  # column j: rest consecutive partials in each of n_rb row blocks
-                tasks += [(col_base + j * rest, n_rb * rest, rest, rowlen, cols_at + j) for j in range(d1)]
+                tasks += [(col_base + j * rest, n_rb * rest, rest, rowlen, cols_at + j, mask) for j in range(d1)]
             if all_at >= 0:
-                tasks.append((first_slot, n_rb * n_cb, 1, 1, all_at))
+                tasks.append((first_slot, n_rb * n_cb, 1, 1, all_at, mask))
 
         # Two-level reduction of long tasks: chunks of a multiple of `inner` partials, so chunk k
-        # starts at partial k * size, i.e. at base + (k * size // inner) * outer.
-        pre: list[tuple[int, int, int, int, int]] = []
-        final: list[tuple[int, int, int, int, int]] = []
-        for base, count, inner, outer, row in tasks:
+        # starts at partial k * size, i.e. at base + (k * size // inner) * outer. A chunk keeps
+        # its group's mask (its unreduced sums are NaN in its slot, and again in the group's row).
+        pre: list[tuple[int, int, int, int, int, int]] = []
+        final: list[tuple[int, int, int, int, int, int]] = []
+        for base, count, inner, outer, row, mask in tasks:
             if count <= 2 * reduce_chunk:
-                final.append((base, count, inner, outer, row))
+                final.append((base, count, inner, outer, row, mask))
                 continue
             size = inner * -(-reduce_chunk // inner)
             n_chunks = -(-count // size)
             first = alloc(n_chunks)
             for k in range(n_chunks):
-                pre.append((base + (k * size // inner) * outer, min(size, count - k * size), inner, outer, first + k))
-            final.append((first, n_chunks, 1, 1, row))
+                pre.append((base + (k * size // inner) * outer, min(size, count - k * size), inner, outer, first + k,
+                            mask))
+            final.append((first, n_chunks, 1, 1, row, mask))
         pre.sort(key=lambda task: -task[1])
         final.sort(key=lambda task: -task[1])
-        # Plain flat tiles first, 2-D tiles with column partials first; within each kind the
+        # Plain flat tiles first, 2-D tiles with column partials first; within each kind those
+        # of tensors that need all 9 sums first, then the product-only ones; within those the
         # tiles whose rows (flat: bounds) are multiples of `align` elements first (stable: tile
         # order kept otherwise). Each run of alike tiles is one launch (`flat_groups`,
-        # `tile_groups`: first tile, count, statistics / column partials, aligned).
-        flat.sort(key=lambda tile: (tile[3] >= 0 or tile[4] >= 0, (tile[2] - tile[1]) % align != 0))
-        tiles2d.sort(key=lambda tile: (tile[6] < 0, tile[4] % align != 0))
-        self.flat_groups = _groups([(tile[3] >= 0 or tile[4] >= 0, (tile[2] - tile[1]) % align == 0) for tile in flat])
-        self.tile_groups = _groups([(tile[6] >= 0, tile[4] % align == 0) for tile in tiles2d])
+        # `tile_groups`: first tile, count, statistics / column partials, products only, aligned).
+        flat_keys = [(tile[3] >= 0 or tile[4] >= 0, prod, (tile[2] - tile[1]) % align == 0)
+                     for tile, prod in zip(flat, flat_products)]
+        tile_keys = [(tile[6] >= 0, prod, tile[4] % align == 0) for tile, prod in zip(tiles2d, tiles_products)]
+        flat_order = sorted(range(len(flat)), key=lambda k: (flat_keys[k][0], flat_keys[k][1], not flat_keys[k][2]))
+        tile_order = sorted(range(len(tiles2d)), key=lambda k: (not tile_keys[k][0], tile_keys[k][1], not tile_keys[k][2]))
+        flat = [flat[k] for k in flat_order]
+        tiles2d = [tiles2d[k] for k in tile_order]
+        self.flat_groups = _groups([flat_keys[k] for k in flat_order])
+        self.tile_groups = _groups([tile_keys[k] for k in tile_order])
+        # CUDA's launches (csrc/cuda/sgd_step_cuda.cu, launch): the runs of 2-D tiles as (first,
+        # count, variant: 1 column partials | 2 products only), a host array read by address when
+        # the kernels are launched (no device copy: the launch configuration lives on the host).
+        self.tile_runs = array("q", [x for first, count, cols, prod, _ in self.tile_groups
+                                     for x in (first, count, int(cols) | int(prod) << 1)])
+        self.n_tile_runs = len(self.tile_groups)
         self.flat = _int64([x for tile in flat for x in tile], device)
         self.n_flat = len(flat)
         self.n_flat_plain = sum(1 for tile in flat if tile[3] < 0 and tile[4] < 0)
         self.tiles2d = _int64([x for tile in tiles2d for x in tile], device)
         self.n_tiles2d = len(tiles2d)
         self.n_tiles2d_cols = sum(1 for tile in tiles2d if tile[6] >= 0)
+        self.n_tiles2d_products = sum(1 for k in tile_order if tile_keys[k][1])
         self.tasks = _int64([x for task in pre + final for x in task], device)
         self.n_pre_tasks = len(pre)
         self.n_tasks = len(pre) + len(final)
@@ -519,23 +549,41 @@ class StatsPlan:
         self.pointers = PointerTable()
 
 
-def _groups(keys: list[tuple[bool, bool]]) -> list[tuple[int, int, bool, bool]]:
+# Int64 per reduction task (StatsPlan): base, count, inner, outer, destination row, sums.
+TASK_FIELDS = 6
+
+
+def _groups(keys: list[tuple[bool, ...]]) -> list[tuple]:
     """Runs of equal keys: (first, count, *key)."""
-    out: list[tuple[int, int, bool, bool]] = []
+    out: list[tuple] = []
     for i, key in enumerate(keys):
-        if out and (out[-1][2], out[-1][3]) == key:
+        if out and out[-1][2:] == key:
             out[-1] = (out[-1][0], out[-1][1] + 1, *key)
         else:
             out.append((i, 1, *key))
     return out
 
 
+def sums_mask_of(sums: Sequence[int], i: int) -> int:
+    """Tensor i's sums mask (all 9 where `sums` is empty); ValueError for a mask that is not one
+    of names.SUM_MASKS (the kernels have a variant for each of those only)."""
+    if not sums:
+        return ALL_SUMS_MASK
+    mask = sums[i]
+    if mask not in SUM_MASKS:
+        raise ValueError(f"stats_sums[{i}] = {mask:#x}: the sums a tensor's groups hold are one of "
+                         f"{[hex(m) for m in SUM_MASKS]} (bit k: {STAT_NAMES}[k])")
+    return mask
+
+
 def stats_plan(owner: object, numels: tuple[int, ...], geom: tuple[int, ...], offsets: tuple[int, ...],
                device: torch.device, tile_rows: int, tile_cols: int, flat_tile: int | None = None,
-               reduce_chunk: int = REDUCE_CHUNK, align: int = 1) -> StatsPlan:
+               reduce_chunk: int = REDUCE_CHUNK, align: int = 1, sums: tuple[int, ...] = ()) -> StatsPlan:
     """The StatsPlan of `owner`'s bucket for this layout (see `cached`)."""
-    return cached(owner, ("stats", device, numels, geom, offsets, tile_rows, tile_cols, flat_tile, reduce_chunk, align),
-                  lambda: StatsPlan(numels, geom, offsets, device, tile_rows, tile_cols, flat_tile, reduce_chunk, align))
+    return cached(owner, ("stats", device, numels, geom, offsets, tile_rows, tile_cols, flat_tile, reduce_chunk, align,
+                          sums),
+                  lambda: StatsPlan(numels, geom, offsets, device, tile_rows, tile_cols, flat_tile, reduce_chunk, align,
+                                    sums))
 
 
 def stats_geometry(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> tuple[int, ...]:
@@ -574,21 +622,32 @@ class StatsLayout:
       tensors, which the statistics kernel steps.
     - geom_array, offsets_array (CPU): int64 copies of geom and the offsets, which the kernel
       reads by address (built once: 3000 ints cost 50-75 us per step to convert).
+    - sums: the sums masks as given (one per tensor, names.SUM_MASKS; empty: all 9), part of the
+      layout; sums_array (CPU): their int64 copy for the kernel (StatsView.sums in
+      csrc/sgd_step.h), None where every tracked tensor's groups hold all 9 (the kernel's
+      default: the address 0).
     - plan() (off the CPU kernel: CUDA, Triton): the layout's StatsPlan, built once per device
       and tiling, so a step neither rebuilds the geometry nor hashes a key of 7 ints per tensor.
 
     `cpu`: the layout of the CPU kernel (above); False for the GPU kernels, also when Triton's
     interpreter runs them on CPU tensors."""
 
-    def __init__(self, shapes: Sequence[Sequence[int]], numels: tuple[int, ...], offsets: list[int], cpu: bool) -> None:
+    def __init__(self, shapes: Sequence[Sequence[int]], numels: tuple[int, ...], offsets: list[int], cpu: bool,
+                 sums: list[int] | None = None) -> None:
         n = len(shapes)
+        sums = [] if sums is None else sums
+        if len(sums) not in (0, n):
+            raise ValueError(f"stats_sums needs one mask per param, got {len(sums)} for {n}")
         at = [offsets[3 * i : 3 * i + 3] for i in range(n)]
         tracked = [max(a) >= 0 for a in at]
+        masks = [sums_mask_of(sums, i) if tracked[i] else ALL_SUMS_MASK for i in range(n)]  # checks them
         only_all = [a[0] < 0 and a[1] < 0 and a[2] >= 0 for a in at]
         self.cpu = cpu
         self.numels = numels
         self.offsets = list(offsets)  # a copy: the caller may reuse its list
         self.offsets_key = tuple(offsets)
+        self.sums = list(sums)  # a copy, as the offsets
+        self.sums_key = tuple(sums)
         self.shaped = [i for i in range(n) if tracked[i] and not (cpu and only_all[i])]
         self.shapes = [shapes[i] for i in self.shaped]
         self.tracked = any(tracked)
@@ -596,7 +655,7 @@ class StatsLayout:
         geom = stats_geometry(shapes, offsets)
         self.flat_numels = None if cpu else tuple(0 if tracked[i] else math.prod(shapes[i]) for i in range(n))
         self.row_lengths = None
-        self.geom_array = self.offsets_array = None
+        self.geom_array = self.offsets_array = self.sums_array = None
         if cpu:
             geom = tuple(x for i in range(n) for x in (
                 (1, 1, geom[3 * i] * geom[3 * i + 1] * geom[3 * i + 2]) if only_all[i] else geom[3 * i : 3 * i + 3]))
@@ -604,6 +663,8 @@ class StatsLayout:
                 self.row_lengths = tuple(geom[3 * i + 1] * geom[3 * i + 2] if offsets[3 * i + 1] >= 0 else 0
                                          for i in range(n))
             self.geom_array, self.offsets_array = array("q", geom), array("q", offsets)
+            if any(m != ALL_SUMS_MASK for m in masks):
+                self.sums_array = array("q", masks)
         self.geom = geom
         self.plans: dict[tuple, StatsPlan] = {}
         self.graph_plans: list[StatsPlan] = []
@@ -617,34 +678,44 @@ class StatsLayout:
             if self.cpu:
                 raise ValueError("a StatsPlan is for the GPU kernels: get the layout with cpu=False")
             plan = StatsPlan(self.numels, self.geom, self.offsets_key, device, tile_rows, tile_cols,
-                             flat_tile, reduce_chunk, align)
+                             flat_tile, reduce_chunk, align, self.sums_key)
             if _capturing(device):  # for this capture only (see `cached`), kept as long as the layout
                 self.graph_plans.append(plan)
                 return plan
             self.plans[key] = plan
         return plan
 
-    def matches(self, params: Sequence[Tensor], numels: tuple[int, ...], offsets: list[int]) -> bool:
-        """Whether `params` (with these element counts) and `offsets` have this layout."""
-        return (numels == self.numels and offsets == self.offsets
+    def matches(self, params: Sequence[Tensor], numels: tuple[int, ...], offsets: list[int],
+                sums: list[int] | None = None) -> bool:
+        """Whether `params` (with these element counts), `offsets` and `sums` have this layout."""
+        return (numels == self.numels and offsets == self.offsets and self.has_sums(sums)
                 and [params[i].shape for i in self.shaped] == self.shapes)
+
+    def has_sums(self, sums: Sequence[int] | None) -> bool:
+        """Whether `sums` (a list or tuple; None: empty) are this layout's masks: one list
+        comparison (a step's host cost with 1000 tracked tensors)."""
+        if sums is None:
+            return not self.sums
+        return sums == self.sums if type(sums) is list else list(sums) == self.sums
 
 
 def stats_layout(owner: object, params: Sequence[Tensor], numels: tuple[int, ...], offsets: Sequence[int],
-                 device: torch.device, cpu: bool | None = None) -> StatsLayout:
-    """The StatsLayout of `owner`'s bucket (see `cached`) for these tensors on `device` and
-    statistics offsets: one of its last LAYOUTS_PER_BUCKET layouts when it matches, else a new
-    one. cpu: whether for the CPU kernel (default: whether `device` is the CPU)."""
+                 device: torch.device, cpu: bool | None = None, sums: Sequence[int] = ()) -> StatsLayout:
+    """The StatsLayout of `owner`'s bucket (see `cached`) for these tensors on `device`,
+    statistics offsets and sums masks (one per param, names.SUM_MASKS; empty: all 9): one of its
+    last LAYOUTS_PER_BUCKET layouts when it matches, else a new one. cpu: whether for the CPU
+    kernel (default: whether `device` is the CPU)."""
     offsets = offsets if isinstance(offsets, list) else list(offsets)
+    sums = sums if isinstance(sums, list) else list(sums)
     cpu = device.type == "cpu" if cpu is None else cpu
     recent = _layouts.get(id(owner))
     if recent is None:
         _watch(owner)
         recent = _layouts[id(owner)] = []
     for layout in recent:
-        if layout.cpu == cpu and layout.matches(params, numels, offsets):
+        if layout.cpu == cpu and layout.matches(params, numels, offsets, sums):
             return layout
-    layout = StatsLayout([p.shape for p in params], numels, offsets, cpu)
+    layout = StatsLayout([p.shape for p in params], numels, offsets, cpu, sums)
     recent.insert(0, layout)
     del recent[LAYOUTS_PER_BUCKET:]
     return layout

@@ -12,9 +12,13 @@ with csrc/cuda; the launches are in launch.py):
    per-row partials (reduced over the tile's columns, within a warp), per-column partials
    (accumulated element-wise in registers, reduced over rows once per tile) and the tile's
    total into a float64 scratch buffer. COLS=True only for tiles with column partials.
+   PRODUCTS=True (both kernels) for the tiles of tensors whose groups hold only the 6 product
+   sums (names.PRODUCT_SUMS, what the scale and rescale laws read): 6 accumulators instead of 9,
+   and only their partials written.
 3. `reduce_kernel`, one program per REDUCE_TASKS output groups: sums their partials in a fixed
-   order in float64 and writes the groups' rows of `stats`; long groups in two levels (chunks
-   into scratch, then the chunks). No atomics: bitwise identical from run to run.
+   order in float64 and writes the groups' rows of `stats`, NaN in the columns of sums a group's
+   tensor does not hold (its task's mask); long groups in two levels (chunks into scratch, then
+   the chunks). No atomics: bitwise identical from run to run.
 
 Tensors are reached through a table of raw addresses (param, grad, buffer, is_first per tensor),
 cast to pointers inside the kernels, so nothing recompiles when the tensors change. ALIGNED
@@ -228,12 +232,13 @@ def _load_grad(g_base, offs, mask, gmul, scale, BITS: tl.constexpr, DT: tl.const
 
 
 @_device_function
-def _store9(base, mask, a, b, c, d, e, f, g, h, i):
+def _store9(base, mask, a, b, c, d, e, f, g, h, i, PRODUCTS: tl.constexpr):
     """Nine float64 values per position: base[9 k + j] for the j-th statistic (mask None: a
-    single position, e.g. a tile's totals)."""
-    tl.store(base + 0, a.to(tl.float64), mask=mask)
-    tl.store(base + 1, b.to(tl.float64), mask=mask)
-    tl.store(base + 2, c.to(tl.float64), mask=mask)
+    single position, e.g. a tile's totals). PRODUCTS: the last 6 only (a, b, c are not read)."""
+    if not PRODUCTS:
+        tl.store(base + 0, a.to(tl.float64), mask=mask)
+        tl.store(base + 1, b.to(tl.float64), mask=mask)
+        tl.store(base + 2, c.to(tl.float64), mask=mask)
     tl.store(base + 3, d.to(tl.float64), mask=mask)
     tl.store(base + 4, e.to(tl.float64), mask=mask)
     tl.store(base + 5, f.to(tl.float64), mask=mask)
@@ -255,16 +260,20 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
                lr, wd, mom, one_minus_damp, gmul, scale,
                BLOCK: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
                HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, WITH_STATS: tl.constexpr,
-               ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
+               PRODUCTS: tl.constexpr, ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
     """Steps elements [begin, end) of one tensor, BLOCK at a time; WITH_STATS: also the tile's 9
     sums (accumulated element-wise in registers, reduced once at the end) into its slot, and,
-    for a "rows" track of a tensor whose rows are single elements, each element's own 9 values."""
+    for a "rows" track of a tensor whose rows are single elements, each element's own 9 values.
+    PRODUCTS: the 6 product sums only; an element's own Σp, Σg, Σv are written NaN (the groups'
+    columns of sums their tensor does not hold; the tile's slot goes through the reduction, which
+    writes those NaN)."""
     lane = tl.arange(0, BLOCK)
     v_end = tl.where(first == 0, end, begin)
     if WITH_STATS:
-        a_p = tl.zeros([BLOCK], CT)
-        a_g = tl.zeros([BLOCK], CT)
-        a_v = tl.zeros([BLOCK], CT)
+        if not PRODUCTS:
+            a_p = tl.zeros([BLOCK], CT)
+            a_g = tl.zeros([BLOCK], CT)
+            a_v = tl.zeros([BLOCK], CT)
         a_pp = tl.zeros([BLOCK], CT)
         a_gg = tl.zeros([BLOCK], CT)
         a_vv = tl.zeros([BLOCK], CT)
@@ -285,10 +294,17 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
             _store(v_base, offs, v_new, mask, BITS, DT, ALIGNED)
         if WITH_STATS:
             if elem_row >= 0:  # a "rows" track whose rows are single elements
-                _store9(out + 9 * (elem_row + offs), mask, p, g, v, p * p, g * g, v * v, p * g, p * v, g * v)
-            a_p += p
-            a_g += g
-            a_v += v
+                if PRODUCTS:
+                    nan = tl.full([BLOCK], float("nan"), tl.float64)
+                    _store9(out + 9 * (elem_row + offs), mask, nan, nan, nan, p * p, g * g, v * v, p * g, p * v,
+                            g * v, False)
+                else:
+                    _store9(out + 9 * (elem_row + offs), mask, p, g, v, p * p, g * g, v * v, p * g, p * v, g * v,
+                            False)
+            if not PRODUCTS:
+                a_p += p
+                a_g += g
+                a_v += v
             a_pp += p * p
             a_gg += g * g
             a_vv += v * v
@@ -297,9 +313,15 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
             a_gv += g * v
     if WITH_STATS:
         if slot >= 0:
-            _store9(scratch + 9 * slot, None, _sum(a_p, 0), _sum(a_g, 0), _sum(a_v, 0),
-                    _sum(a_pp, 0), _sum(a_gg, 0), _sum(a_vv, 0), _sum(a_pg, 0), _sum(a_pv, 0),
-                    _sum(a_gv, 0))
+            if PRODUCTS:  # (s_pp thrice in place of the sums not reduced: not read)
+                s_pp = _sum(a_pp, 0)
+                _store9(scratch + 9 * slot, None, s_pp, s_pp, s_pp,
+                        s_pp, _sum(a_gg, 0), _sum(a_vv, 0), _sum(a_pg, 0), _sum(a_pv, 0),
+                        _sum(a_gv, 0), True)
+            else:
+                _store9(scratch + 9 * slot, None, _sum(a_p, 0), _sum(a_g, 0), _sum(a_v, 0),
+                        _sum(a_pp, 0), _sum(a_gg, 0), _sum(a_vv, 0), _sum(a_pg, 0), _sum(a_pv, 0),
+                        _sum(a_gv, 0), False)
 
 
 @triton.jit
@@ -310,11 +332,12 @@ def step_kernel(  # float64 scalars, as the C++ kernels and torch's fused kernel
     BLOCK: tl.constexpr, VEC: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
     HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, WITH_STATS: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    PRODUCTS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # tiles[5 * pid:]: tensor, begin, end, tile slot in scratch (-1: none), first output row of
     # per-element statistics (-1: none). WITH_STATS=False runs the plan's plain tiles (untracked
-    # tensors), WITH_STATS=True the tracked ones (the launch offsets `tiles` to them).
+    # tensors), WITH_STATS=True the tracked ones (the launch offsets `tiles` to them), those of
+    # tensors that need only the 6 product sums with PRODUCTS=True.
     pid = tl.program_id(0).to(tl.int64)
     if HAS_INF:
         if tl.load(inf_ptr) != 0:
@@ -337,7 +360,7 @@ def step_kernel(  # float64 scalars, as the C++ kernels and torch's fused kernel
         end = _aligned(end, VEC)
     _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratch, out,
                lr, wd, mom, one_minus_damp, gmul, scale,
-               BLOCK, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, WITH_STATS, ALIGNED, HAS_SCALE)
+               BLOCK, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, WITH_STATS, PRODUCTS, ALIGNED, HAS_SCALE)
 
 
 @_device_function
@@ -346,12 +369,14 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
                 TILE_R: tl.constexpr, SUB_R: tl.constexpr, BLOCK_C: tl.constexpr,
                 BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
                 HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, COLS: tl.constexpr,
-                ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
+                PRODUCTS: tl.constexpr, ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
     """One 2-D tile: rows [rb * TILE_R, +TILE_R) x row elements [cb * BLOCK_C, +BLOCK_C), SUB_R
     rows at a time. Per sub-block: load, step, store; each row's 9 sums (one reduction along the
     row: within a warp, each warp holding whole rows) go to the row partials and, in float64, to
     the tile's running total. COLS: the column terms are accumulated element-wise in 2-D
-    [SUB_R, BLOCK_C] registers and reduced across rows once, at the end of the tile."""
+    [SUB_R, BLOCK_C] registers and reduced across rows once, at the end of the tile. PRODUCTS:
+    the 6 product sums only (no accumulators, reductions or partials for Σp, Σg, Σv; the
+    reduction writes those columns NaN)."""
     # Everything stays 2-D ([SUB_R, 1] per row, [1, BLOCK_C] per column) in the layout of the
     # tile, so that sums, partial stores and totals never move between layouts (through shared
     # memory) inside the loop.
@@ -359,9 +384,10 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
     col_ok = cols < rowlen
     v_rows = tl.where(first == 0, d0, 0)
     want_rows = (row_base >= 0) | (slot >= 0)
-    t_p = tl.zeros([SUB_R, 1], tl.float64)
-    t_g = tl.zeros([SUB_R, 1], tl.float64)
-    t_v = tl.zeros([SUB_R, 1], tl.float64)
+    if not PRODUCTS:
+        t_p = tl.zeros([SUB_R, 1], tl.float64)
+        t_g = tl.zeros([SUB_R, 1], tl.float64)
+        t_v = tl.zeros([SUB_R, 1], tl.float64)
     t_pp = tl.zeros([SUB_R, 1], tl.float64)
     t_gg = tl.zeros([SUB_R, 1], tl.float64)
     t_vv = tl.zeros([SUB_R, 1], tl.float64)
@@ -369,9 +395,10 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
     t_pv = tl.zeros([SUB_R, 1], tl.float64)
     t_gv = tl.zeros([SUB_R, 1], tl.float64)
     if COLS:
-        c_p = tl.zeros([SUB_R, BLOCK_C], CT)
-        c_g = tl.zeros([SUB_R, BLOCK_C], CT)
-        c_v = tl.zeros([SUB_R, BLOCK_C], CT)
+        if not PRODUCTS:
+            c_p = tl.zeros([SUB_R, BLOCK_C], CT)
+            c_g = tl.zeros([SUB_R, BLOCK_C], CT)
+            c_v = tl.zeros([SUB_R, BLOCK_C], CT)
         c_pp = tl.zeros([SUB_R, BLOCK_C], CT)
         c_gg = tl.zeros([SUB_R, BLOCK_C], CT)
         c_vv = tl.zeros([SUB_R, BLOCK_C], CT)
@@ -401,9 +428,10 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
         pv = p * v
         gv = g * v
         if COLS:
-            c_p += p
-            c_g += g
-            c_v += v
+            if not PRODUCTS:
+                c_p += p
+                c_g += g
+                c_v += v
             c_pp += pp
             c_gg += gg
             c_vv += vv
@@ -411,28 +439,37 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
             c_pv += pv
             c_gv += gv
         if want_rows:
-            s_p = _sum(p, 1, True)
-            s_g = _sum(g, 1, True)
-            s_v = _sum(v, 1, True)
             s_pp = _sum(pp, 1, True)
             s_gg = _sum(gg, 1, True)
             s_vv = _sum(vv, 1, True)
             s_pg = _sum(pg, 1, True)
             s_pv = _sum(pv, 1, True)
             s_gv = _sum(gv, 1, True)
+            if PRODUCTS:  # placeholders in the store below, whose mask leaves their columns out
+                s_p = s_pp
+                s_g = s_pp
+                s_v = s_pp
+            else:
+                s_p = _sum(p, 1, True)
+                s_g = _sum(g, 1, True)
+                s_v = _sum(v, 1, True)
             if row_base >= 0:
                 # One [SUB_R, 16] store of each row's 9 consecutive float64 (one re-layout for
-                # the store instead of nine).
+                # the store instead of nine); PRODUCTS: columns 3..8.
                 stat = tl.arange(0, 16)[None, :]
                 x = tl.where(stat == 0, s_p.to(tl.float64), tl.where(stat == 1, s_g.to(tl.float64), tl.where(
                     stat == 2, s_v.to(tl.float64), tl.where(stat == 3, s_pp.to(tl.float64), tl.where(
                         stat == 4, s_gg.to(tl.float64), tl.where(stat == 5, s_vv.to(tl.float64), tl.where(
                             stat == 6, s_pg.to(tl.float64), tl.where(stat == 7, s_pv.to(tl.float64),
                                                                      s_gv.to(tl.float64)))))))))
-                tl.store(scratch + 9 * (row_base + cb * d0 + rows) + stat, x, mask=row_ok & (stat < 9))
-            t_p += s_p.to(tl.float64)
-            t_g += s_g.to(tl.float64)
-            t_v += s_v.to(tl.float64)
+                written = stat < 9
+                if PRODUCTS:
+                    written = written & (stat >= 3)
+                tl.store(scratch + 9 * (row_base + cb * d0 + rows) + stat, x, mask=row_ok & written)
+            if not PRODUCTS:
+                t_p += s_p.to(tl.float64)
+                t_g += s_g.to(tl.float64)
+                t_v += s_v.to(tl.float64)
             t_pp += s_pp.to(tl.float64)
             t_gg += s_gg.to(tl.float64)
             t_vv += s_vv.to(tl.float64)
@@ -441,14 +478,26 @@ def _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col
             t_gv += s_gv.to(tl.float64)
     if COLS:
         if col_base >= 0:
-            _store9(scratch + 9 * (col_base + rb * rowlen + cols), col_ok,
-                    _sum(c_p, 0, True), _sum(c_g, 0, True), _sum(c_v, 0, True), _sum(c_pp, 0, True),
-                    _sum(c_gg, 0, True), _sum(c_vv, 0, True), _sum(c_pg, 0, True), _sum(c_pv, 0, True),
-                    _sum(c_gv, 0, True))
+            x_pp = _sum(c_pp, 0, True)
+            if PRODUCTS:  # (x_pp in place of the sums not reduced: not read)
+                _store9(scratch + 9 * (col_base + rb * rowlen + cols), col_ok,
+                        x_pp, x_pp, x_pp, x_pp, _sum(c_gg, 0, True), _sum(c_vv, 0, True), _sum(c_pg, 0, True),
+                        _sum(c_pv, 0, True), _sum(c_gv, 0, True), True)
+            else:
+                _store9(scratch + 9 * (col_base + rb * rowlen + cols), col_ok,
+                        _sum(c_p, 0, True), _sum(c_g, 0, True), _sum(c_v, 0, True), x_pp,
+                        _sum(c_gg, 0, True), _sum(c_vv, 0, True), _sum(c_pg, 0, True), _sum(c_pv, 0, True),
+                        _sum(c_gv, 0, True), False)
     if slot >= 0:
-        _store9(scratch + 9 * slot, None, _sum(_sum(t_p, 0), 0), _sum(_sum(t_g, 0), 0), _sum(_sum(t_v, 0), 0),
-                _sum(_sum(t_pp, 0), 0), _sum(_sum(t_gg, 0), 0), _sum(_sum(t_vv, 0), 0),
-                _sum(_sum(t_pg, 0), 0), _sum(_sum(t_pv, 0), 0), _sum(_sum(t_gv, 0), 0))
+        y_pp = _sum(_sum(t_pp, 0), 0)
+        if PRODUCTS:
+            _store9(scratch + 9 * slot, None, y_pp, y_pp, y_pp, y_pp, _sum(_sum(t_gg, 0), 0),
+                    _sum(_sum(t_vv, 0), 0), _sum(_sum(t_pg, 0), 0), _sum(_sum(t_pv, 0), 0),
+                    _sum(_sum(t_gv, 0), 0), True)
+        else:
+            _store9(scratch + 9 * slot, None, _sum(_sum(t_p, 0), 0), _sum(_sum(t_g, 0), 0),
+                    _sum(_sum(t_v, 0), 0), y_pp, _sum(_sum(t_gg, 0), 0), _sum(_sum(t_vv, 0), 0),
+                    _sum(_sum(t_pg, 0), 0), _sum(_sum(t_pv, 0), 0), _sum(_sum(t_gv, 0), 0), False)
 
 
 @triton.jit
@@ -460,13 +509,14 @@ def stats_kernel(  # float64 scalars, as the C++ kernels and torch's fused kerne
     BITS: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
     HAS_LR_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
     HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, COLS: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    PRODUCTS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # tiles[8 * pid:]: tensor, row block, column block, d0, row length, row-partials base,
     # column-partials base, tile slot (bases and slot in units of 9 float64; -1: not needed).
     # Row partial of (row r, column block cb): row_base + cb * d0 + r; column partial of
     # (row block rb, column c): col_base + rb * rowlen + c. COLS=True runs the plan's tiles with
-    # column partials, COLS=False the others (the launch offsets `tiles` to them).
+    # column partials, COLS=False the others (the launch offsets `tiles` to them); PRODUCTS=True
+    # the tiles of tensors that need only the 6 product sums.
     pid = tl.program_id(0).to(tl.int64)
     if HAS_INF:
         if tl.load(inf_ptr) != 0:
@@ -492,33 +542,37 @@ def stats_kernel(  # float64 scalars, as the C++ kernels and torch's fused kerne
         rowlen = _aligned(rowlen, VEC)
     _stats_tile(p_base, g_base, v_base, first, rb, cb, d0, rowlen, row_base, col_base, slot, scratch,
                 lr, wd, mom, one_minus_damp, gmul, scale,
-                TILE_R, SUB_R, BLOCK_C, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, COLS, ALIGNED, HAS_SCALE)
+                TILE_R, SUB_R, BLOCK_C, BITS, DT, CT, HAS_WD, HAS_MOM, NESTEROV, COLS, PRODUCTS, ALIGNED, HAS_SCALE)
 
 
 @triton.jit
 def reduce_kernel(tasks, n_tasks, scratch, out, inf_ptr,
                   TASKS: tl.constexpr, CHUNK: tl.constexpr, HAS_INF: tl.constexpr):
     # TASKS tasks per program (the host sorts them by size, so a program's tasks are alike);
-    # tasks[5 * k:]: base, count, inner, outer stride, destination row. Partial j of a task is
-    # the 9 float64 at scratch[9 * (base + (j // inner) * outer + j % inner)]; they are summed
-    # in float64 in the same order every run, into out[9 * row:]. The plan's two levels are two
-    # launches: first-level tasks with out = scratch (chunks of long tasks), then the rest.
+    # tasks[6 * k:]: base, count, inner, outer stride, destination row, sums (a bit mask: bit s
+    # for statistic s, names.STAT_NAMES). Partial j of a task is the 9 float64 at
+    # scratch[9 * (base + (j // inner) * outer + j % inner)]; they are summed in float64 in the
+    # same order every run, into out[9 * row:]; the statistics not in the mask are not read (the
+    # tiles did not write them) and are written NaN. The plan's two levels are two launches:
+    # first-level tasks with out = scratch (chunks of long tasks), then the rest.
     pid = tl.program_id(0).to(tl.int64)
     task = pid * TASKS + tl.arange(0, TASKS).to(tl.int64)
     live = task < n_tasks
-    base = tl.load(tasks + 5 * task, mask=live, other=0)
-    count = tl.load(tasks + 5 * task + 1, mask=live, other=0)
-    inner = tl.load(tasks + 5 * task + 2, mask=live, other=1)
-    outer = tl.load(tasks + 5 * task + 3, mask=live, other=0)
-    row = tl.load(tasks + 5 * task + 4, mask=live, other=0)
+    base = tl.load(tasks + 6 * task, mask=live, other=0)
+    count = tl.load(tasks + 6 * task + 1, mask=live, other=0)
+    inner = tl.load(tasks + 6 * task + 2, mask=live, other=1)
+    outer = tl.load(tasks + 6 * task + 3, mask=live, other=0)
+    row = tl.load(tasks + 6 * task + 4, mask=live, other=0)
+    sums = tl.load(tasks + 6 * task + 5, mask=live, other=0)
     stat = tl.arange(0, 16)
+    held = ((sums[:, None] >> stat[None, :].to(tl.int64)) & 1) != 0  # [TASKS, 16]
     acc = tl.zeros([TASKS, CHUNK, 16], tl.float64)
     for j0 in range(0, _bound(tl.max(count, axis=0)), CHUNK):
         j = j0 + tl.arange(0, CHUNK).to(tl.int64)
         idx = base[:, None] + (j[None, :] // inner[:, None]) * outer[:, None] + j[None, :] % inner[:, None]
-        m = (j[None, :] < count[:, None])[:, :, None] & (stat < 9)[None, None, :]
+        m = (j[None, :] < count[:, None])[:, :, None] & held[:, None, :]
         acc += tl.load(scratch + 9 * idx[:, :, None] + stat[None, None, :], mask=m, other=0.0)
-    total = _sum(acc, 1)
+    total = tl.where(held, _sum(acc, 1), float("nan"))
     if HAS_INF:
         if tl.load(inf_ptr) != 0:
             total = tl.full([TASKS, 16], float("nan"), tl.float64)

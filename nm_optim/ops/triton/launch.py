@@ -1,7 +1,8 @@
 """The "triton" backend: the launches of nm_optim/ops/triton/kernels.py for one bucket, from the
-shared GPU plan (nm_optim/ops/plan.py). Ten launches at most, whatever the number of tensors:
-plain and tracked flat tiles, 2-D statistics tiles with and without column partials (each in an
-aligned and an unaligned run), two levels of reductions."""
+shared GPU plan (nm_optim/ops/plan.py). Sixteen launches at most, whatever the number of
+tensors: plain and tracked flat tiles, 2-D statistics tiles with and without column partials
+(tracked ones for all 9 sums and for the 6 products only, each in an aligned and an unaligned
+run), two levels of reductions."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     tiling = dict(flat_tile=K.FLAT_TILE, reduce_chunk=P.REDUCE_CHUNK, align=K.VEC[dtype])
     if with_stats:
         # the bucket's layout, unless it is the CPU kernel's (Triton's interpreter on CPU tensors)
-        if layout is None or layout.cpu:
-            layout = stats_layout(owner, params, numels, args.stats_offsets, device, cpu=False)
+        # or was found without the sums masks
+        if layout is None or layout.cpu or not layout.has_sums(args.stats_sums):
+            layout = stats_layout(owner, params, numels, args.stats_offsets, device, cpu=False, sums=args.stats_sums)
         plan = layout.plan(device, K.TILE_ROWS, K.BLOCK_COLS, **tiling)
     else:
         plan = stats_plan(owner, numels, (), (), device, K.TILE_ROWS, K.BLOCK_COLS, **tiling)
@@ -68,21 +70,24 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     inf = args.found_inf is not None
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         # Flat tiles: the plain ones (untracked tensors) without statistics, then the tracked
-        # ones; each kind in runs of tiles with aligned bounds and the others (plan.flat_groups).
-        for first, count, tracked, aligned in plan.flat_groups:
+        # ones (all 9 sums, then the 6 products only); each kind in runs of tiles with aligned
+        # bounds and the others (plan.flat_groups).
+        for first, count, tracked, products, aligned in plan.flat_groups:
             K.step_kernel[(count,)](
                 table, n, plan.flat[5 * first :], *scalars, plan.scratch, out,
                 BLOCK=K.flat_block(tracked and with_stats, dtype == torch.float64), VEC=K.VEC[dtype],
-                WITH_STATS=tracked and with_stats,
+                WITH_STATS=tracked and with_stats, PRODUCTS=products,
                 ALIGNED=aligned and addresses_aligned, num_warps=K.NUM_WARPS["step"], **flags,
             )
-        # 2-D tiles: those with column partials (COLS), then the others (plan.tile_groups).
-        for first, count, cols, aligned in plan.tile_groups:
+        # 2-D tiles: those with column partials (COLS), then the others; each for all 9 sums,
+        # then for the 6 products only (PRODUCTS: fewer accumulators) (plan.tile_groups).
+        for first, count, cols, products, aligned in plan.tile_groups:
             aligned = aligned and addresses_aligned
             K.stats_kernel[(count,)](
                 table, n, plan.tiles2d[8 * first :], *scalars, plan.scratch,
                 TILE_R=K.TILE_ROWS, SUB_R=K.sub_rows(cols, aligned, dtype == torch.float64),
-                BLOCK_C=K.BLOCK_COLS, VEC=K.VEC[dtype], COLS=cols, ALIGNED=aligned, num_warps=K.NUM_WARPS["stats"], **flags,
+                BLOCK_C=K.BLOCK_COLS, VEC=K.VEC[dtype], COLS=cols, PRODUCTS=products, ALIGNED=aligned,
+                num_warps=K.NUM_WARPS["stats"], **flags,
             )
         if with_stats:
             # Two levels: chunks of long groups into scratch, then every group into the stats.
@@ -90,7 +95,7 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
                                       (plan.n_pre_tasks, plan.n_tasks - plan.n_pre_tasks, args.stats)):
                 if count:
                     K.reduce_kernel[(triton.cdiv(count, K.REDUCE_TASKS),)](
-                        plan.tasks[5 * first :], count, plan.scratch, dst, inf_ptr,
+                        plan.tasks[P.TASK_FIELDS * first :], count, plan.scratch, dst, inf_ptr,
                         TASKS=K.REDUCE_TASKS, CHUNK=K.REDUCE_CHUNK, HAS_INF=inf,
                         num_warps=K.NUM_WARPS["reduce"],
                     )
