@@ -411,6 +411,15 @@ class Recorder:
                 else RecordStream.open(where, background=True)
             if opened.track_names != tracks:
                 raise ValueError(f"record stream {where} has tracks {opened.track_names}, this optimizer tracks {tracks}")
+            # The stream's meta says which sums its tracks hold; the records appended now must hold
+            # them too (a track reducing fewer would leave NaN where the meta promises sums).
+            for t, have in zip(self._tracks.tracks, opened.track_sums):
+                lost = [n for n in have if n not in t.sums]
+                if lost:
+                    raise ValueError(
+                        f"record stream {where}: track {t.name!r} holds the sums {list(have)}, this optimizer's "
+                        f"reduces {list(t.sums)} (not {lost}); ask for them to continue it: "
+                        f"track=[(param, {t.axis!r}, {list(have)})]")
             if link.get("id") and opened.id != link["id"]:
                 raise ValueError(f"record stream {where} is not the one of this state (another run replaced it: "
                                  f"id {opened.id}, the state's {link['id']})")

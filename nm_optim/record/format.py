@@ -5,7 +5,9 @@ docs/architecture.md, "The record".
 Format versions: the version stays 1 (nm_optim.names.RECORD_FORMAT_VERSION) through the checksums:
 they are new keys that older readers ignore. A stream whose layout says ``"checksums": "crc32"``
 must carry every checksum; one without (written before them) loads unverified, its fields
-checked all the same. A file of a newer version is refused, naming the version."""
+checked all the same. A file of a newer version is refused, naming the version. So through a
+track's "sums" (the columns holding sums; the others NaN): a record without it was written when
+every track reduced all 9, and reads so (names.track_sums)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from nm_optim._io import atomic_write
-from nm_optim.names import AXES, HYPER_NAMES, STAT_NAMES
+from nm_optim.names import AXES, HYPER_NAMES, STAT_NAMES, SUM_SETS
 from nm_optim.ops.layout import group_counts
 from nm_optim.names import RECORD_FORMAT as FORMAT
 from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
@@ -168,6 +170,11 @@ def _check_meta(meta: Any, fail: Callable[[str], NoReturn]) -> None:
             if groups != expected:
                 fail(f"damaged record: track {t['name']!r} has 'num_groups' {groups}, but its shape {shape} and "
                      f"axis {axis!r} make {expected}")
+        # "sums": the columns that hold sums (the others NaN); absent in records written before
+        # tracks could reduce fewer than 9 (names.track_sums reads those as all 9).
+        if "sums" in t and t["sums"] not in [list(s) for s in SUM_SETS]:
+            fail(f"damaged record: track {t['name']!r} has 'sums' {t['sums']!r}, not one of the sets "
+                 f"{[list(s) for s in SUM_SETS]}")
     names = meta["hyper_names"]
     if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         fail(f"damaged record: its meta's 'hyper_names' {names!r} are not distinct names")

@@ -21,7 +21,7 @@ except ImportError:  # Windows: no advisory locks, a second writing process goes
     fcntl = None  # type: ignore[assignment]
 
 from nm_optim._io import atomic_write
-from nm_optim.names import HYPER_NAMES, STAT_NAMES
+from nm_optim.names import HYPER_NAMES, STAT_NAMES, track_sums
 from nm_optim.record.format import (_READ_ERRORS, CHECKSUM, STREAM_DTYPES, STREAM_INDEX, STREAM_META, Record,
                                     RecordError, _Chunk, _check_consistent, _check_meta, _crc, _ragged, _seal,
                                     _seal_state, _stats_file)
@@ -432,6 +432,8 @@ class RecordStream:
         self.dtype = reader.dtype
         self.rows = reader.rows
         self.track_names = [t["name"] for t in reader.meta["tracks"]]
+        # The sums each track's columns hold (all 9 in a stream written before tracks said so).
+        self.track_sums = [track_sums(t) for t in reader.meta["tracks"]]
         self.id = str(reader.meta["stream"].get("id", ""))
         self.records = reader.records
         self.fsync = fsync

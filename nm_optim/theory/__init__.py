@@ -100,6 +100,7 @@ __all__ = [
     "error_floor",
     "exact",
     "exact_parts",
+    "finite_sums",
     "first_order_rate",
     "gradient_flow",
     "late_error",
@@ -119,7 +120,6 @@ __all__ = [
     "scaled_error",
     "schedule_of",
     "start_steps",
-    "finite_sums",
     "step_error",
     "symmetries_of",
 ]
