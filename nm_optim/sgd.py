@@ -653,15 +653,17 @@ class SGD(Optimizer):
         """The op's stats_offsets and stats_sums for one call: 3 offsets per param (rows, cols,
         all; -1 untracked) and one mask per param (the sums its tracks reduce; all 9 for an
         untracked one, which the kernels do not read), or both empty when no param of the call is
-        tracked. A repeated occurrence (repeats[i]) is stepped untracked: the statistics are of
-        the pre-step values."""
+        tracked. The masks are empty too where every one is all 9 (the op reads empty so): such
+        a call is the one it was before tracks could ask for fewer sums. A repeated occurrence
+        (repeats[i]) is stepped untracked: the statistics are of the pre-step values."""
         if not self._tracks:
             return [], []
         found = [None if again else self._tracks.offsets(p) for p, again in zip(params, repeats)]
         if all(o is None for o in found):
             return [], []
         masks = [ALL_SUMS_MASK if o is None else self._tracks.sums_mask(p) for p, o in zip(params, found)]
-        return [x for o in found for x in (o if o is not None else _UNTRACKED)], masks  # type: ignore[misc]
+        offsets = [x for o in found for x in (o if o is not None else _UNTRACKED)]
+        return offsets, masks if any(m != ALL_SUMS_MASK for m in masks) else []  # type: ignore[return-value]
 
 
 class _Steady:

@@ -290,13 +290,16 @@ def test_sgd_passes_one_mask_per_param_of_each_call():
         nm_optim.sgd.sgd_step_ = real
     # One bucket: the 8 params in order; the untracked ones get all 9 (not read).
     assert seen == [[PRODUCT_SUMS_MASK] + [ALL_SUMS_MASK] * 7]
-    untracked = nm_optim.SGD(model.parameters(), lr=0.1, backend="reference")
-    nm_optim.sgd.sgd_step_ = spy
-    try:
-        train(model, untracked, 1)
-    finally:
-        nm_optim.sgd.sgd_step_ = real
-    assert seen[-1] == []
+    # No mask when no param is tracked, nor when every tracked param reduces all 9 (the op reads
+    # an empty list so).
+    for track in (None, "layers"):
+        again = nm_optim.SGD(model.parameters(), lr=0.1, backend="reference", track=track)
+        nm_optim.sgd.sgd_step_ = spy
+        try:
+            train(model, again, 1)
+        finally:
+            nm_optim.sgd.sgd_step_ = real
+        assert seen[-1] == []
 
 
 def test_a_compiled_step_with_a_product_only_track_holds_the_op_and_eagers_bits():
