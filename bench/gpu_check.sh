@@ -33,7 +33,8 @@
 #   tests_kernels  what only a GPU can tell, first: our CUDA and Triton kernels against torch's
 #                  fused CUDA SGD (test_amp), the statistics against float64 (test_stats), CUDA
 #                  graphs (test_graphs), the launch types Triton binds (test_triton_binder); then
-#                  test_triton, test_layouts, test_op. The cases that run our kernels: -k "(cuda
+#                  test_triton, and the product-only statistics variants of both backends
+#                  (test_stats_by_need_gpu), test_layouts, test_op. The cases that run our kernels: -k "(cuda
 #                  or triton or graphs) and not cuda-reference" (cuda-reference cases test torch,
 #                  not us). Left to the CPU, which checks them on every commit: the plan's tables
 #                  (test_plan), the interpreter's bitwise emulation (test_bitwise) and the
@@ -295,7 +296,7 @@ shard() {  # the files of tests/test_NAME.py for each NAME that exists, on one l
   for f in "$@"; do [[ -f tests/test_$f.py ]] && out+=("tests/test_$f.py"); done
   echo "${out[*]}"
 }
-KERNEL_SHARDS=("$(shard amp stats graphs triton_binder)" "$(shard triton)" "$(shard layouts op)")
+KERNEL_SHARDS=("$(shard amp stats graphs triton_binder)" "$(shard triton)" "$(shard stats_by_need_gpu layouts op)")
 MORE_SHARDS=("$(shard api recorder)" "$(shard errors parity)")
 CPU_CHECKED=(--deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_spilling
              --deselect tests/test_triton.py::test_every_kernel_variant_compiles_for_sm80_and_sm90)

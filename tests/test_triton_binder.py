@@ -11,8 +11,9 @@ binding; this file can.
 
 The launches are those of nm_optim/ops/triton/launch.py, recorded (not run) during real steps
 of nm_optim.SGD with every runtime argument in play (tensor lr, GradScaler's scale and inf flag,
-momentum, weight decay, nesterov, maximize, statistics with two reduction levels), for each
-dtype; each launch is then bound by Triton's binder for an sm_90 target.
+momentum, weight decay, nesterov, maximize, statistics with two reduction levels) and of the op
+with product-only statistics beside all-9 ones (the PRODUCTS variants), for each dtype; each
+launch is then bound by Triton's binder for an sm_90 target.
 """
 
 import pytest
@@ -83,6 +84,17 @@ def record_launches(monkeypatch, dtype):
     plain = nm_optim.SGD([torch.randn(7, device=DEVICE).to(dtype).requires_grad_()], lr=0.1, backend="triton")
     plain.param_groups[0]["params"][0].grad = torch.ones(7, device=DEVICE, dtype=dtype)
     plain.step()  # no momentum, no weight decay, a float lr, no AMP: the plainest variant
+    # Product-only statistics (names.PRODUCT_SUMS_MASK) beside all-9 ones, through the op: flat
+    # tiles of a 1-D "rows" track and 2-D tiles with and without column partials in both variants.
+    from nm_optim.names import ALL_SUMS_MASK, PRODUCT_SUMS_MASK
+
+    ts = [torch.randn(s, device=DEVICE).to(dtype) for s in [(33,), (40, 64), (17, 12), (9,), (8, 8)] for _ in range(3)]
+    params, grads, bufs = ts[0::3], ts[1::3], ts[2::3]
+    offsets = [0, -1, 33, 34, 74, 138, 139, -1, -1, 156, -1, 165, 166, 174, -1]
+    stats = torch.zeros(182, 9, dtype=torch.float64, device=DEVICE)
+    torch.ops.nm_optim.sgd_step_(params, grads, bufs, [False] * 5, 0.1, None, 0.01, 0.9, 0.0, False, False, None,
+                                 None, "triton", stats, offsets,
+                                 [PRODUCT_SUMS_MASK, PRODUCT_SUMS_MASK, PRODUCT_SUMS_MASK, ALL_SUMS_MASK, ALL_SUMS_MASK])
     return launches
 
 
@@ -114,7 +126,9 @@ def test_every_launch_binds_the_hyper_parameters_as_float64_for_sm90(monkeypatch
         assert seen[name] == {p.name for p in jit.params if not p.is_constexpr}, (name, seen[name])
     step_flags = {(kw["WITH_STATS"], kw["HAS_LR_PTR"], kw["HAS_SCALE"]) for n, _, kw in launches if n == "step_kernel"}
     assert {(False, True, True), (True, True, True), (False, False, False)} <= step_flags, step_flags
-    assert {kw["COLS"] for n, _, kw in launches if n == "stats_kernel"} == {True, False}
+    assert {(kw["COLS"], kw["PRODUCTS"]) for n, _, kw in launches if n == "stats_kernel"} == {
+        (True, False), (False, False), (True, True), (False, True)}
+    assert {kw["PRODUCTS"] for n, _, kw in launches if n == "step_kernel" and kw["WITH_STATS"]} == {True, False}
     reduce_outs = {id(a[3]) for n, a, _ in launches if n == "reduce_kernel"}
     assert len(reduce_outs) >= 2, "one reduction level only"
 
