@@ -294,10 +294,9 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
             _store(v_base, offs, v_new, mask, BITS, DT, ALIGNED)
         if WITH_STATS:
             if elem_row >= 0:  # a "rows" track whose rows are single elements
-                if PRODUCTS:
-                    nan = tl.full([BLOCK], float("nan"), tl.float64)
-                    _store9(out + 9 * (elem_row + offs), mask, nan, nan, nan, p * p, g * g, v * v, p * g, p * v,
-                            g * v, False)
+                if PRODUCTS:  # (Σp, Σg, Σv: NaN, after the loop)
+                    _store9(out + 9 * (elem_row + offs), mask, p, g, v, p * p, g * g, v * v, p * g, p * v,
+                            g * v, True)
                 else:
                     _store9(out + 9 * (elem_row + offs), mask, p, g, v, p * p, g * g, v * v, p * g, p * v, g * v,
                             False)
@@ -312,6 +311,18 @@ def _step_flat(p_base, g_base, v_base, first, begin, end, slot, elem_row, scratc
             a_pv += p * v
             a_gv += g * v
     if WITH_STATS:
+        if PRODUCTS:
+            if elem_row >= 0:
+                # The elements' own Σp, Σg, Σv: NaN, in a loop of their own (in the loop above
+                # the NaN stores cost an 8-byte spill in the unaligned float32 variant, Triton
+                # 3.9, sm_90).
+                nan = tl.full([BLOCK], float("nan"), tl.float64)
+                for start in range(_bound(begin), _bound(end), BLOCK):
+                    offs = start + lane
+                    e = out + 9 * (elem_row + offs)
+                    tl.store(e + 0, nan, mask=offs < end)
+                    tl.store(e + 1, nan, mask=offs < end)
+                    tl.store(e + 2, nan, mask=offs < end)
         if slot >= 0:
             if PRODUCTS:  # (s_pp thrice in place of the sums not reduced: not read)
                 s_pp = _sum(a_pp, 0)
