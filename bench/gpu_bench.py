@@ -8,7 +8,9 @@ cut short keeps what it measured):
    then its update), per dtype and hyper-parameter set: the number of differing elements of the
    params and momentum buffers, and the largest distance in units in the last place;
 3. one optimizer step per provider on VGG-16, ResNet-50 and 1000 x 4096 shapes, timed with CUDA
-   events (median after warm-up), inputs rotated so that the working set exceeds L2.
+   events (median after warm-up), inputs rotated so that the working set exceeds L2. On VGG-16
+   the rows + cols tracks also run asking for the 6 product sums only (the kernels' PRODUCTS
+   variants: what find_symmetries' scale and rescale laws ask for) beside all 9.
    `--compile` adds torch.compile(step + sums) on VGG-16 (a minute or more of compiling).
 
     python3 bench/gpu_bench.py --json OUT/bench.json [--compile] [--rounds 20] [--sets vgg16,...]
@@ -32,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 import nm_optim
+from nm_optim.names import PRODUCT_SUMS
 from bench_step import BYTES_PER_PARAM, HYPER, step_and_sums, timer, vgg16_shapes
 
 
@@ -84,9 +87,11 @@ def param_sets(shapes, device, copies) -> list[list[torch.Tensor]]:
 
 # torch.compile of (step + sums) on these sets only (compiling 1000 tensors takes many minutes).
 COMPILE_SETS = ("vgg16",)
+# Rows + cols tracks of the 6 product sums beside all 9 on these sets (the stage's time is short).
+PRODUCT_SETS = ("vgg16", "tiny")
 
 
-def providers(sets, device, compile_: bool) -> dict[str, list[Callable[[], object]]]:
+def providers(sets, device, compile_: bool, products: bool = False) -> dict[str, list[Callable[[], object]]]:
     """name -> one step function per rotated copy of the params."""
     out: dict[str, list[Callable[[], object]]] = {}
 
@@ -106,13 +111,15 @@ def providers(sets, device, compile_: bool) -> dict[str, list[Callable[[], objec
             continue
         out[f"nm_optim {backend}"] = per_set(lambda ps, b=backend: nm_optim.SGD(ps, backend=b, **HYPER).step)
 
-        def tracked(ps, b=backend):
-            tracks = [(p, a) for p in ps if p.dim() >= 2 for a in ("rows", "cols")]
+        def tracked(ps, b=backend, sums=None):
+            tracks = [(p, a, sums) for p in ps if p.dim() >= 2 for a in ("rows", "cols")]
             opt = nm_optim.SGD(ps, backend=b, track=tracks, **HYPER)
             opt.recorder.enabled = False
             return opt.step
 
         out[f"nm_optim {backend} + tracks"] = per_set(tracked)
+        if products:
+            out[f"nm_optim {backend} + tracks (6 products)"] = per_set(lambda ps, b=backend: tracked(ps, b, PRODUCT_SUMS))
     return out
 
 
@@ -123,7 +130,7 @@ def bench(name: str, device: str, rounds: int, warmup: int, l2_bytes: int, compi
     copies = min(max_copies, max(1, -(-3 * l2_bytes // (n * 12))))  # p, g, v of all copies > 3x L2
     sets = param_sets(shapes, device, copies)
     run = timer(device)
-    provs = providers(sets, device, compile_ and name in COMPILE_SETS)
+    provs = providers(sets, device, compile_ and name in COMPILE_SETS, name in PRODUCT_SETS)
     for fns in provs.values():
         for _ in range(warmup):
             for fn in fns:
@@ -317,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         doc["results"].append(res)
         bw = state["bw"] or float("nan")
         print(f"\n{s}: {res['n_tensors']} tensors, {res['n_params']:,} params, {res['rotated_copies']} rotated copies")
-        print(f"{'provider':<30}{'ms':>10}{'GB/s':>9}{'% copy bw':>11}{'vs fused':>10}")
+        print(f"{'provider':<40}{'ms':>10}{'GB/s':>9}{'% copy bw':>11}{'vs fused':>10}")
         for r in res["rows"]:
-            print(f"{r['provider']:<30}{r['ms']:>10.3f}{r['gbps']:>9.1f}{100 * r['gbps'] / bw:>10.1f}%"
+            print(f"{r['provider']:<40}{r['ms']:>10.3f}{r['gbps']:>9.1f}{100 * r['gbps'] / bw:>10.1f}%"
                   f"{r['ratio_to_torch_fused']:>9.2f}x")
 
     section("copy_bandwidth", bandwidth)
