@@ -410,9 +410,11 @@ def test_fsdp2_with_symmetries_found_before_sharding_records_the_one_process_run
     assert [t["shape"] for t in fsdp["tracks"]] == [t["shape"] for t in single["tracks"]], "whole-tensor shapes"
     assert np.array_equal(fsdp["steps"], np.arange(STEPS)) and np.array_equal(fsdp["steps"], single["steps"])
     for a, b in zip(fsdp["stats"], r1["sym_fsdp"]["stats"]):
-        assert np.array_equal(a, b), "identical on every rank"
+        assert np.array_equal(a, b, equal_nan=True), "identical on every rank"
     for i, (a, b) in enumerate(zip(fsdp["stats"], single["stats"])):
-        err = float((np.abs(a - b) / np.maximum(_scale(single, i), 1e-300)).max())
+        # The rescale tracks reduce the products only: the other columns NaN in both runs.
+        assert np.array_equal(np.isnan(a), np.isnan(b)), names[i]
+        err = float(np.nanmax(np.abs(a - b) / np.maximum(_scale(single, i), 1e-300)))
         assert err <= 1e-5, f"{names[i]}: error {err:.2e} of the track's scale"
     for res in ranks:
         assert "find the symmetries before sharding" in res["sym_find_sharded"]

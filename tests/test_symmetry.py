@@ -620,10 +620,13 @@ def test_sgd_tracks_exactly_what_the_symmetries_need_and_group_stats_are_the_sum
         want = expected_group_sums(sym, pre, grads, bufs)
         size = expected_group_sums(sym, pre, grads, bufs, absolute=True)
         assert got.keys() == want.keys()
+        # The sums the symmetry's law reads, rounded up to a set (nm_optim.names): its tracks hold
+        # these at least (the others NaN where no other ask of the param wanted them).
+        have = [nm_optim.names.STAT_INDEX[n] for n in nm_optim.names.sum_set(nm_optim.names.LAW_SUMS[sym.kind])]
         for role in want:
             g, w = got[role][-1], want[role]
             assert g.shape == (sym.num_groups, 9)
-            assert (np.abs(g - w) / (size[role] + 1e-300)).max() <= 1e-6, (sym.name, role)
+            assert (np.abs(g - w) / (size[role] + 1e-300))[:, have].max() <= 1e-6, (sym.name, role)
         hyper = sym.hyper(record)
         assert np.allclose(hyper["lr"], 0.1) and np.allclose(hyper["momentum"], 0.9)
         assert list(sym.first(record)) == [True, False]
@@ -634,7 +637,7 @@ def test_sgd_tracks_exactly_what_the_symmetries_need_and_group_stats_are_the_sum
     assert [s.describe() for s in again] == [s.describe() for s in syms]
     for a, b in zip(again, syms):
         for role, arr in a.group_stats(loaded).items():
-            assert np.array_equal(arr, b.group_stats(record)[role])
+            assert np.array_equal(arr, b.group_stats(record)[role], equal_nan=True)
 
 
 def test_sgd_with_named_params_and_deepcopy_keep_the_symmetries():
