@@ -1,5 +1,5 @@
 // Cycles per element of the CPU kernel's tiles, without Python: the plain step, a "rows" track
-// and "rows" + "cols" tracks, on one [rows, cols] float32 tensor (momentum 0.9, weight decay
+// and "rows" + "cols" tracks with all 9 sums and with the 6 products only ("(6)"), on one [rows, cols] float32 tensor (momentum 0.9, weight decay
 // 5e-4), cut into tiles of `tile_rows` rows as nm_optim's planner does (ops/plan.py,
 // ROW_TILE_SIZE) and stepped by OpenMP threads. The numbers of docs/architecture.md, "The CPU
 // statistics: what bounds them", come from here.
@@ -64,14 +64,15 @@ int main(int argc, char** argv) {
   const StepScalars<float> s{-0.01f, 5e-4f, 0.9f, 1.0f, 1.0f};
   const int64_t n_tiles = (R + tile_rows - 1) / tile_rows;
 
-  auto tracked = [&](int64_t k, int tid, bool with_cols) {
+  // products: the kernels that reduce only the 6 products (the scale and rescale laws' sums).
+  auto tracked = [&](int64_t k, int tid, bool with_cols, bool products) {
     const TensorStats ts{R, L / rest, rest, rows[tid].data(), with_cols ? cols[tid].data() : nullptr, nullptr,
                          with_cols ? colf[tid].data() : nullptr};
     const int64_t begin = k * tile_rows * L, end = std::min(R, (k + 1) * tile_rows) * L;
 #if NM_TWO_VARIANTS
-    if (wide) return stats512_tile(p, g, v, begin, end, false, flags, ts, s);
+    if (wide) return stats512_tile(p, g, v, begin, end, false, flags, ts, s, products);
 #endif
-    stats_tile(p, g, v, begin, end, false, flags, ts, s);
+    stats_tile(p, g, v, begin, end, false, flags, ts, s, products);
   };
   auto time = [&](const char* name, auto tile) {
     double best = 1e300;
@@ -87,8 +88,10 @@ int main(int argc, char** argv) {
     const int64_t begin = k * tile_rows * L, end = std::min(R, (k + 1) * tile_rows) * L;
     plain_tile(p + begin, g + begin, v + begin, end - begin, false, flags, s);
   });
-  time("rows", [&](int64_t k, int tid) { tracked(k, tid, false); });
-  time("rows+cols", [&](int64_t k, int tid) { tracked(k, tid, true); });
+  time("rows", [&](int64_t k, int tid) { tracked(k, tid, false, false); });
+  time("rows+cols", [&](int64_t k, int tid) { tracked(k, tid, true, false); });
+  time("rows(6)", [&](int64_t k, int tid) { tracked(k, tid, false, true); });
+  time("rows+cols(6)", [&](int64_t k, int tid) { tracked(k, tid, true, true); });
   std::printf("cycles per element and thread (%d threads, %s)\n", threads,
               wide ? "AVX-512 statistics kernels" : "AVX2 / baseline kernels");
   std::free(p);

@@ -76,7 +76,8 @@ def test_the_kernel_cycles_benchmark_builds_and_runs(tmp_path):
     for rest in ("1", "4"):  # columns of 4 elements: the fold of grouped columns
         out = subprocess.run([str(exe), "8", "100", "1", "3", rest], check=True, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-        assert re.fullmatch(r"plain [\d.]+  rows [\d.]+  rows\+cols [\d.]+  cycles per element and thread "
+        assert re.fullmatch(r"plain [\d.]+  rows [\d.]+  rows\+cols [\d.]+  rows\(6\) [\d.]+  rows\+cols\(6\) [\d.]+  "
+                            r"cycles per element and thread "
                             r"\(1 threads, .+\)\n", out), out
 
 
@@ -88,14 +89,16 @@ def test_the_statistics_loops_move_the_bytes_the_design_says():
     statistics: what bounds them"). Per element of fp32 with momentum: the plain step and the row
     statistics store only p and v (8 bytes; the 9 row sums stay in registers, the row loop loads
     p, g, v once: 12 bytes); rows + cols add one read-modify-write of the 9 column partials per
-    two rows (9 x 4 / 2 = 18 bytes stored), and nothing spills."""
+    two rows (9 x 4 / 2 = 18 bytes stored), and nothing spills. A track that needs only the 6
+    products (the scale and rescale laws' sums) runs one pass and moves a third less: 6 partials
+    per two rows (12 bytes stored), p, g, v read once."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import loop_counts
     finally:
         sys.path.remove(str(ROOT / "bench"))
     loops = loop_counts.count()
-    plain, rows, cols, check = (loops[name] for name in loop_counts.LOOPS)
+    plain, rows, cols, products, _, check = (loops[name] for name in loop_counts.LOOPS)
     assert plain["store_bytes"] == 8
     assert (rows["load_bytes"], rows["store_bytes"]) == (12, 8)
     assert cols["store_bytes"] == 8 + 18
@@ -107,6 +110,10 @@ def test_the_statistics_loops_move_the_bytes_the_design_says():
     # (weight decay, buf * momentum, + (1 - dampening) * d, the step); the maximize sign is an
     # integer xor in a copy of the loop of its own, not a multiply
     assert (rows["fma"] * 16, rows["add"] * 16) == (6 + 4, 3)
+    # statistics by need: the product-only kernel in one pass, without spills
+    assert products["store_bytes"] == 8 + 12
+    assert products["load_bytes"] == 12 + 12
+    assert products["instructions"] < cols["instructions"]
     # the float32 range check before each chunk (csrc/cpu/product_range.h) reads p, g, v once more
     # (from L1) and does four integer operations per vector and input: no float work, no stores
     assert (check["load_bytes"], check["store_bytes"], check["fma"], check["add"]) == (12, 0, 0, 0)

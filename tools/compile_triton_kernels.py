@@ -43,20 +43,23 @@ FLAG_SETS = [
 
 def variants(quick: bool):
     """(kernel name, kernel, constexprs) of every variant the launches use (launch.py): the step
-    kernel without and with statistics, the statistics kernel with and without column partials,
-    each with 16-byte vector accesses (ALIGNED) and without, for each dtype and switch set; the
-    reduction. quick: float32 and bfloat16, every switch on, ALIGNED."""
+    kernel without statistics and with (all 9 sums, or the 6 products: PRODUCTS), the statistics
+    kernel with and without column partials, for all 9 sums and for the 6 products, each with
+    16-byte vector accesses (ALIGNED) and without, for each dtype and switch set; the reduction.
+    quick: float32 and bfloat16, every switch on, ALIGNED."""
     for dt, bits, ct, vec in DTYPES[::2] if quick else DTYPES:
         for flags in FLAG_SETS[:1] if quick else FLAG_SETS:
             consts = dict(BITS=bits, DT=dt, CT=ct, VEC=vec, **flags)
             for aligned in (True,) if quick else (True, False):
-                for with_stats in (False, True):
+                for with_stats, products in ((False, False), (True, False), (True, True)):
                     yield "step", T.step_kernel, dict(consts, BLOCK=T.flat_block(with_stats, dt == tl.float64),
-                                                      WITH_STATS=with_stats, ALIGNED=aligned)
+                                                      WITH_STATS=with_stats, PRODUCTS=products, ALIGNED=aligned)
                 for cols in (True, False):
                     sub = T.sub_rows(cols, aligned, dt == tl.float64)
-                    yield "stats", T.stats_kernel, dict(consts, TILE_R=T.TILE_ROWS, SUB_R=sub, BLOCK_C=T.BLOCK_COLS,
-                                                        COLS=cols, ALIGNED=aligned)
+                    for products in (False, True):
+                        yield "stats", T.stats_kernel, dict(consts, TILE_R=T.TILE_ROWS, SUB_R=sub,
+                                                            BLOCK_C=T.BLOCK_COLS, COLS=cols, PRODUCTS=products,
+                                                            ALIGNED=aligned)
     for has_inf in (True,) if quick else (True, False):
         yield "reduce", T.reduce_kernel, dict(TASKS=T.REDUCE_TASKS, CHUNK=T.REDUCE_CHUNK, HAS_INF=has_inf)
 

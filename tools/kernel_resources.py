@@ -50,7 +50,7 @@ SM = {
 }
 REG_UNIT = 256  # registers are allocated per warp in units of 256
 # Letters for the Triton variants' true switches (HAS_X: x).
-FLAG_LETTERS = {"NESTEROV": "n", "WITH_STATS": "S", "COLS": "c", "ALIGNED": "A"}
+FLAG_LETTERS = {"NESTEROV": "n", "WITH_STATS": "S", "COLS": "c", "PRODUCTS": "6", "ALIGNED": "A"}
 
 # Threads per block of each CUDA kernel (its launch size, = its __launch_bounds__); matched on the
 # kernel's name.

@@ -22,6 +22,7 @@
 // variant at run time and drives a bucket's tiles (OpenMP, per-thread partials, their combination).
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -82,6 +83,10 @@ inline __attribute__((always_inline)) void dispatch(const StepFlags& f, bool fir
                  (T * p, const T* g, T* v, int64_t begin, int64_t end, bool first,              \
                   const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s),            \
                  (f, first, p, g, v, begin, end, ts, s))                                                 \
+  NM_FUSED_ENTRY(T, NAME, products, ProductStatsTile,                                            \
+                 (T * p, const T* g, T* v, int64_t begin, int64_t end, bool first,              \
+                  const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s),            \
+                 (f, first, p, g, v, begin, end, ts, s))                                                 \
   void plain_##NAME##_unfused(T* p, const T* g, T* v, int64_t n, bool first, const StepFlags& f, \
                               const ScalarsOf<T>& s) {                                           \
     dispatch<T, PlainRange, false>(f, first, p, g, v, n, s);                                     \
@@ -95,8 +100,14 @@ inline __attribute__((always_inline)) void dispatch(const StepFlags& f, bool fir
     NM_CALL_FUSED(plain_##NAME##_fused(p, g, v, n, first, f, s))                                 \
     plain_##NAME##_unfused(p, g, v, n, first, f, s);                                             \
   }                                                                                              \
+  /* products: only the 6 products are needed; the unfused variant (a CPU without AVX2 + FMA) */ \
+  /* reduces all 9 and the combination writes the others NaN */                                 \
   inline void stats_tile(T* p, const T* g, T* v, int64_t begin, int64_t end, bool first,         \
-                         const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s) {     \
+                         const StepFlags& f, const TensorStats& ts, const ScalarsOf<T>& s,       \
+                         bool products = false) {                                                \
+    if (products) {                                                                              \
+      NM_CALL_FUSED(products_##NAME##_fused(p, g, v, begin, end, first, f, ts, s))               \
+    }                                                                                            \
     NM_CALL_FUSED(stats_##NAME##_fused(p, g, v, begin, end, first, f, ts, s))                    \
     stats_##NAME##_unfused(p, g, v, begin, end, first, f, ts, s);                                \
   }
@@ -204,19 +215,25 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
     const bool first = is_first[t] != 0;
     if (with_stats && (st.offsets[3 * t] >= 0 || st.offsets[3 * t + 1] >= 0 || st.offsets[3 * t + 2] >= 0)) {
       const TensorStats ts = partials.view(st, t, tid);
+      // Statistics by need: a tensor whose tracks need only products runs the kernels without
+      // Σp, Σg, Σv (a third less column-partial traffic for a cols track).
+      const bool products = st.sums != nullptr && (static_cast<uint64_t>(st.sums[t]) & ~uint64_t{kProductSums}) == 0;
 #if NM_TWO_VARIANTS
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-        if (wide) return stats512_tile(p, g, v, begin, end, first, f, ts, s);
+        if (wide) return stats512_tile(p, g, v, begin, end, first, f, ts, s, products);
       }
 #endif
-      stats_tile(p, g, v, begin, end, first, f, ts, s);
+      stats_tile(p, g, v, begin, end, first, f, ts, s, products);
     } else {
       plain_tile(p + begin, g + begin, v != nullptr ? v + begin : nullptr, end - begin, first, f, s);
     }
   };
 
   int team = 1;  // threads that actually run (fewer than asked inside a nested parallel region)
-  auto combine = [&](int64_t i) {  // out = sum over threads, in thread order
+  // out = sum over threads, in thread order; NaN for the sums the tensor's tracks do not hold
+  // (StatsView.sums: a product-only kernel left them out, and the all-9 fallback computed them).
+  auto combine = [&](int64_t i) {
+    const uint64_t held = st.sums != nullptr ? static_cast<uint64_t>(st.sums[i]) : uint64_t{kAllSums};
     for (int a = 0; a < 3; ++a) {
       const int64_t off = st.offsets[3 * i + a];
       if (off < 0) continue;
@@ -224,6 +241,10 @@ void run_bucket(const BucketView& b, const SGDHyper& h, const AmpView& amp, cons
       const double* src = partials.sums.data() + partials.local[3 * i + a];
       for (int64_t gi = 0; gi < ng; ++gi) {
         for (int k = 0; k < kNumStats; ++k) {
+          if (((held >> k) & 1u) == 0) {
+            st.out[(off + gi) * kNumStats + k] = std::numeric_limits<double>::quiet_NaN();
+            continue;
+          }
           double sum = 0.0;
           for (int tid = 0; tid < team; ++tid) sum += src[tid * partials.slab + k * ng + gi];
           st.out[(off + gi) * kNumStats + k] = sum;

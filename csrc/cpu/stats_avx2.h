@@ -18,7 +18,9 @@ namespace {
 // kFlushBlocks blocks: the result does not depend on the data's alignment (a vectorised
 // reduction with alignment peeling would give other bits for the same data), and no partial in
 // the compute type holds more than kFlushBlocks terms.
-template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS, bool UNSCALE>
+// SUMS: the sums reduced (kAllSums, kProductSums); the others are left out of the lanes and colf.
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool COLS, bool UNSCALE,
+          unsigned SUMS = kAllSums>
 struct StatsSegment {
   using S = Storage<T>;
   using C = typename S::compute;
@@ -27,6 +29,7 @@ struct StatsSegment {
 
   static inline __attribute__((always_inline)) void flush(V (&lane)[kNumStats], double* acc) {
     for (int k = 0; k < kNumStats; ++k) {
+      if (!has_sum<SUMS>(k)) continue;
       double sum = 0.0;  // fixed order: lane 0 .. N-1
       for (int l = 0; l < N; ++l) sum += static_cast<double>(lane[k][l]);
       acc[k] += sum;
@@ -71,9 +74,13 @@ struct StatsSegment {
           V vi = V{};
           if (MOM && !FIRST) vi = load_vec(v + i);
           const V t[kNumStats] = {pi, gi, vi, pi * pi, gi * gi, vi * vi, pi * gi, pi * vi, gi * vi};
-          for (int k = 0; k < kNumStats; ++k) lane[k] += t[k];
+          for (int k = 0; k < kNumStats; ++k) {
+            if (has_sum<SUMS>(k)) lane[k] += t[k];
+          }
           if (COLS) {
-            for (int k = 0; k < kNumStats; ++k) add_to(colf + k * rowlen + i, t[k]);
+            for (int k = 0; k < kNumStats; ++k) {
+              if (has_sum<SUMS>(k)) add_to(colf + k * rowlen + i, t[k]);
+            }
           }
           sgd_update_cpu<C, FUSED, HAS_WD, MOM, FIRST, NESTEROV>(pi, gi, vi, s);
           store_vec(p + i, pi);
@@ -89,14 +96,15 @@ struct StatsSegment {
 
 // Steps elements [begin, end) of a tracked tensor (row = index of dim 0; column j of a row = its
 // elements [j * rest, (j + 1) * rest)).
-template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE,
+          unsigned SUMS = kAllSums>
 struct StatsTile {
   static inline __attribute__((always_inline)) void run(T* p, const T* g, T* v, int64_t begin,
                                                         int64_t end, const TensorStats& ts,
                                                         const ScalarsOf<T>& s) {
     using C = typename Storage<T>::compute;
-    using Whole = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, false, UNSCALE>;
-    using PerCol = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, true, UNSCALE>;
+    using Whole = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, false, UNSCALE, SUMS>;
+    using PerCol = StatsSegment<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, true, UNSCALE, SUMS>;
     const int64_t rowlen = ts.d1 * ts.rest;
     auto add_row = [&](int64_t r, const double* seg) {
       if (ts.rows != nullptr) {
@@ -131,13 +139,17 @@ struct StatsTile {
                     ColSums{ts.cols, ts.d1, ts.rest, c0});
         add_row(r, seg);
         if (++rows_in == kColFoldRows || r + 1 == r1) {
-          fold_cols<C>(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
+          fold_cols<SUMS>(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
           rows_in = 0;
         }
       }
     }
   }
 };
+
+// The product-only kernel with the dispatcher's template parameters (sgd_step_cpu.cpp, dispatch).
+template <typename T, bool FUSED, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE>
+using ProductStatsTile = StatsTile<T, FUSED, HAS_WD, MOM, FIRST, NESTEROV, UNSCALE, kProductSums>;
 
 }  // namespace
 }  // namespace nm_optim

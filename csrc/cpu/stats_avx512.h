@@ -60,6 +60,10 @@ constexpr int kColRows = 2;  // rows per block: 2 x 9 row sums in registers
 // (x * y + acc); the others as one multiply and two adds. The mix balances the FMA and the add
 // pipes: all fmas or none measured 5-25% slower on Zen 4.
 constexpr unsigned kFmaStats = (1u << kPP) | (1u << kPG) | (1u << kPV);
+// The product-only kernel uses the same mix, so that its sums are the all-9 kernel's bits. (One
+// fma, Σp², would balance its pipes under bench/loop_counts.py's model, 0.69 / 0.66 cycles per
+// element against 0.81 / 0.47, but measured no faster: 1.62-1.70 against 1.61-1.63 cycles per
+// element with the data in cache, bench/kernel_cycles.cpp.)
 
 // The vector width of these kernels: 32 bytes (8 floats / 4 doubles), in the 32 registers of
 // AVX-512 VL. 64-byte vectors ran slower (bench/kernel_cycles.cpp, float32, paired with the plain
@@ -87,7 +91,9 @@ struct RowLanes {
   D d[kNumStats];
 };
 
-template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE = false>
+// SUMS: the sums reduced (kAllSums, kProductSums: step_common.h, has_sum).
+template <typename C, bool HAS_WD, bool MOM, bool FIRST, bool NESTEROV, bool UNSCALE = false,
+          unsigned SUMS = kAllSums>
 struct Stats512 {
   using V = typename VecS<C>::type;
   using U = typename VecS<C>::unaligned;
@@ -102,6 +108,7 @@ struct Stats512 {
   // lane (compute type) -> the float64 row lanes, then zeroed.
   static inline __attribute__((always_inline)) void flush(V (&lane)[kNumStats], RowLanes<C>& out) {
     for (int k = 0; k < kNumStats; ++k) {
+      if (!has_sum<SUMS>(k)) continue;
       out.d[k] += __builtin_convertvector(lane[k], D);
       lane[k] = V{};
     }
@@ -109,6 +116,7 @@ struct Stats512 {
 
   static inline __attribute__((always_inline)) void finish(const RowLanes<C>& rl, double* acc) {
     for (int k = 0; k < kNumStats; ++k) {
+      if (!has_sum<SUMS>(k)) continue;
       double sum = 0.0;  // fixed order
       for (int l = 0; l < N; ++l) sum += rl.d[k][l];
       acc[k] += sum;
@@ -236,8 +244,14 @@ struct Stats512 {
           }
         }
         V lane[ROWS][kNumStats];
-        pass<ROWS, false, kP, kG, kPP, kGG, kPG>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
-        pass<ROWS, true, kV, kVV, kPV, kGV>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+        if constexpr (SUMS == kAllSums) {
+          pass<ROWS, false, kP, kG, kPP, kGG, kPG>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+          pass<ROWS, true, kV, kVV, kPV, kGV>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+        } else {
+          static_assert(SUMS == kProductSums, "the kernels reduce all 9 sums or the 6 products");
+          // 2 rows x 6 sums and the inputs fit the 32 registers: one pass (p, g, v read once from L1).
+          pass<ROWS, true, kPP, kGG, kVV, kPG, kPV, kGV>(p + i, g + i, vi, rowlen, nv, s, lane, colf + i, stride);
+        }
 #pragma GCC unroll 4
         for (int q = 0; q < ROWS; ++q) flush(lane[q], rl[q]);
         i += nv * N;
@@ -301,9 +315,11 @@ struct Stats512 {
           gi = signed_grad_vec(gi, s);
           V vi = V{};
           if (MOM && !FIRST) vi = ld(v + i);
-          lane[kP] += pi;
-          lane[kG] += gi;
-          lane[kV] += vi;
+          if constexpr (has_sum<SUMS>(kP)) {
+            lane[kP] += pi;
+            lane[kG] += gi;
+            lane[kV] += vi;
+          }
           lane[kPP] = vfma(pi, pi, lane[kPP]);
           lane[kGG] = vfma(gi, gi, lane[kGG]);
           lane[kVV] = vfma(vi, vi, lane[kVV]);
@@ -362,7 +378,7 @@ struct Stats512 {
         r += rows;
         rows_in += rows;
         if (rows_in == kColFold512Rows || r == r1) {
-          fold_cols<C>(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
+          fold_cols<SUMS>(ts, colf, stride, c0 / ts.rest, c1 / ts.rest);
           rows_in = 0;
         }
       }
@@ -370,33 +386,38 @@ struct Stats512 {
   }
 };
 
-template <typename C, bool HAS_WD, bool UNSCALE>
+template <typename C, bool HAS_WD, bool UNSCALE, unsigned SUMS>
 inline __attribute__((always_inline)) void stats512_wd(const StepFlags& f, bool first, C* p, const C* g,
                                                       C* v, int64_t begin, int64_t end,
                                                       const TensorStats& ts, const StepScalars<C>& s) {
-  if (!f.momentum) return Stats512<C, HAS_WD, false, false, false, UNSCALE>::run(p, g, v, begin, end, ts, s);
+  if (!f.momentum) return Stats512<C, HAS_WD, false, false, false, UNSCALE, SUMS>::run(p, g, v, begin, end, ts, s);
   if (first) {
-    if (f.nesterov) return Stats512<C, HAS_WD, true, true, true, UNSCALE>::run(p, g, v, begin, end, ts, s);
-    return Stats512<C, HAS_WD, true, true, false, UNSCALE>::run(p, g, v, begin, end, ts, s);
+    if (f.nesterov) return Stats512<C, HAS_WD, true, true, true, UNSCALE, SUMS>::run(p, g, v, begin, end, ts, s);
+    return Stats512<C, HAS_WD, true, true, false, UNSCALE, SUMS>::run(p, g, v, begin, end, ts, s);
   }
-  if (f.nesterov) return Stats512<C, HAS_WD, true, false, true, UNSCALE>::run(p, g, v, begin, end, ts, s);
-  return Stats512<C, HAS_WD, true, false, false, UNSCALE>::run(p, g, v, begin, end, ts, s);
+  if (f.nesterov) return Stats512<C, HAS_WD, true, false, true, UNSCALE, SUMS>::run(p, g, v, begin, end, ts, s);
+  return Stats512<C, HAS_WD, true, false, false, UNSCALE, SUMS>::run(p, g, v, begin, end, ts, s);
 }
 
-#define NM_DEFINE_STATS512(T, NAME)                                                         \
-  NM_AVX512_TARGET void stats512_tile(T* p, const T* g, T* v, int64_t begin, int64_t end,  \
-                                      bool first, const StepFlags& f, const TensorStats& ts, \
-                                      const ScalarsOf<T>& s) {                               \
-    if (f.unscale) {                                                                         \
-      if (f.has_wd) return stats512_wd<T, true, true>(f, first, p, g, v, begin, end, ts, s); \
-      return stats512_wd<T, false, true>(f, first, p, g, v, begin, end, ts, s);              \
-    }                                                                                        \
-    if (f.has_wd) return stats512_wd<T, true, false>(f, first, p, g, v, begin, end, ts, s);  \
-    return stats512_wd<T, false, false>(f, first, p, g, v, begin, end, ts, s);               \
+// One function per storage type and set of sums, compiled for AVX-512.
+template <typename C, unsigned SUMS>
+NM_AVX512_TARGET void stats512_sums(C* p, const C* g, C* v, int64_t begin, int64_t end, bool first,
+                                    const StepFlags& f, const TensorStats& ts, const StepScalars<C>& s) {
+  if (f.unscale) {
+    if (f.has_wd) return stats512_wd<C, true, true, SUMS>(f, first, p, g, v, begin, end, ts, s);
+    return stats512_wd<C, false, true, SUMS>(f, first, p, g, v, begin, end, ts, s);
   }
-NM_DEFINE_STATS512(float, f32)
-NM_DEFINE_STATS512(double, f64)
-#undef NM_DEFINE_STATS512
+  if (f.has_wd) return stats512_wd<C, true, false, SUMS>(f, first, p, g, v, begin, end, ts, s);
+  return stats512_wd<C, false, false, SUMS>(f, first, p, g, v, begin, end, ts, s);
+}
+
+// A tracked tile of a float / double tensor; `products`: only the 6 products (kProductSums).
+template <typename C>
+void stats512_tile(C* p, const C* g, C* v, int64_t begin, int64_t end, bool first, const StepFlags& f,
+                   const TensorStats& ts, const StepScalars<C>& s, bool products = false) {
+  if (products) return stats512_sums<C, kProductSums>(p, g, v, begin, end, first, f, ts, s);
+  stats512_sums<C, kAllSums>(p, g, v, begin, end, first, f, ts, s);
+}
 #endif  // NM_TWO_VARIANTS
 
 }  // namespace

@@ -176,6 +176,13 @@ inline __attribute__((always_inline)) void wide_chunk(T* p, const T* g, T* v, in
 // (chunk_in_range) covers one chunk.
 constexpr int kFlushBlocks = 16;
 
+// Statistics by need: whether a kernel reducing the set SUMS (kAllSums or kProductSums,
+// sgd_math.h) reduces Stat k. A product-only kernel does not add p, g, v to any sum or partial;
+// every sum it does reduce is the same computation, in the same order, as in the all-9 kernel, so
+// its bits are the same.
+template <unsigned SUMS>
+constexpr bool has_sum(int k) { return ((SUMS >> k) & 1u) != 0; }
+
 template <typename C>
 struct Vec {
   typedef C type __attribute__((vector_size(32)));
@@ -297,11 +304,13 @@ inline int64_t colf_stride(int64_t d1, int64_t rest, bool wide) {
 // `colf` holds the strip's partials, its 9 rows `stride` apart (colf_stride); both cols kernels
 // fold through here (it runs once per kColFoldRows / kColFold512Rows rows, off the hot loop).
 // (always_inline: compiled with each kernel's instruction set.)
-template <typename C>
+// Only the partials of the sums the kernel reduces (SUMS): the others stay zero.
+template <unsigned SUMS, typename C>
 inline __attribute__((always_inline)) void fold_cols(const TensorStats& ts, C* colf, int64_t stride, int64_t j0,
                                                      int64_t j1) {
   const int64_t n = (j1 - j0) * ts.rest;
   for (int k = 0; k < kNumStats; ++k) {
+    if (!has_sum<SUMS>(k)) continue;
     C* __restrict src = colf + k * stride;
     double* __restrict dst = ts.cols + k * ts.d1 + j0;
     if (ts.rest == 1) {  // Linear-like: one partial per column (a vectorised loop)
