@@ -132,7 +132,6 @@ def test_tracks_keep_their_sums_through_deepcopy_and_pickling():
         assert sums_of(again) == sums_of(opt)
 
 
-@pytest.mark.slow
 def test_on_vgg16_every_track_but_the_classifiers_reduces_the_products():
     model = nm_optim.models.vgg16(num_classes=10, image_size=32)
     x = torch.randn(2, 3, 32, 32)
