@@ -340,13 +340,14 @@ def _compile_for_gpus(tmp_path, *args: str) -> str:
 
 def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     """Ahead-of-time compilation for an H100 (Triton ships ptxas; no GPU needed): float32 and
-    bfloat16 with every switch on (the plain and the statistics step, the statistics kernel with
-    and without column partials, all with 16-byte vector accesses), and the reduction. No
-    register spills (STACK:0); tools/kernel_resources.py prints the occupancy."""
+    bfloat16 with every switch on (the plain step, the statistics step with all 9 sums and with the
+    6 products, the statistics kernel with and without column partials, each for all 9 sums and
+    for the products, all with 16-byte vector accesses), and the reduction. No register spills
+    (STACK:0); tools/kernel_resources.py prints the occupancy."""
     pytest.importorskip("triton.backends.nvidia")
     out = _compile_for_gpus(tmp_path, "--quick")
     compiled = [line for line in out.splitlines() if line.startswith("ok")]
-    assert len(compiled) == 9 and all("STACK:0" in line for line in compiled), out
+    assert len(compiled) == 2 * 7 + 1 and all("STACK:0" in line for line in compiled), out
 
 
 def test_statistics_sub_blocks_keep_every_thread_busy():

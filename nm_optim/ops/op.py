@@ -70,7 +70,7 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
         _check_sums(n, args.stats_sums)
     if args.stats is None:
         return None
-    return _check_stats(params, args.stats, args.stats_offsets, numels)
+    return _check_stats(params, args.stats, args.stats_offsets, numels, args.stats_sums)
 
 
 _SUM_MASK_SET = frozenset(SUM_MASKS)
@@ -287,13 +287,14 @@ def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
 
 
 def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int],
-                 numels: tuple[int, ...] | None = None) -> StatsLayout | None:
+                 numels: tuple[int, ...] | None = None, sums: Sequence[int] = ()) -> StatsLayout | None:
     """Every tracked group must land inside `stats` (a float64 [rows, 9] tensor on the params'
     device): the kernels write there through raw pointers.
 
     `numels`: the element counts from uniform_dense (every tensor dense on params[0]'s device),
     when the real op found them; then the result is the bucket's StatsLayout (ops/plan.py),
-    checked here and handed to the kernels, else None."""
+    checked here and handed to the kernels, else None. `sums`: the params' sums masks, part of
+    the layout (the kernels' variants and the reduction's NaN columns follow them)."""
     if len(offsets) not in (0, 3 * len(params)):
         torch._check(
             False, lambda: f"sgd_step_: stats_offsets needs 3 entries per param, got {len(offsets)} for {len(params)}")
@@ -309,7 +310,7 @@ def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]
     rows, device = stats.shape[0], stats.device
     if numels is not None:
         # uniform_dense found every param on params[0]'s device: one comparison checks them all.
-        layout = stats_layout(params[0], params, numels, offsets, params[0].device)
+        layout = stats_layout(params[0], params, numels, offsets, params[0].device, sums=sums)
         if layout.rows_needed <= rows and stats.get_device() == params[0].get_device():
             return layout
     else:
