@@ -199,7 +199,7 @@ def triton_table(arch: int, quick: bool) -> tuple[list[Usage], str]:
         u.name = f"{name} {dt} {flags}".strip()
         rows.append(u)
     legend = ("l=lr tensor, s=grad scale, i=found_inf, w=weight decay, m=momentum, n=nesterov, "
-              "S=with statistics, c=column partials, A=16-byte vector accesses")
+              "S=with statistics, c=column partials, 6=the 6 products only, A=16-byte vector accesses")
     return rows, f"Triton {triton.__version__}, sm_{arch}, {len(rows)} variants (flags: {legend})"
 
 
