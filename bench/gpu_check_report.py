@@ -177,14 +177,16 @@ def bench_digest(path: str) -> dict:
 
 
 def _bitwise_words(summary: dict | None) -> str:
-    """{"cuda fp32": "yes", "cuda bf16": "no (12 elements, max 1 ulp)"} -> "cuda: fp32 yes bf16 no (12 el, 1 ulp)"."""
+    """{"cuda fp32": "yes", "cuda bf16": "no (12 elements, max 1 ulp)"} -> "cuda: fp32 yes bf16 no (12 el, 1 ulp)";
+    a difference the README does not claim away ("differs by design (...)") reads "by design (...)"."""
     if not summary:
         return ""
     by_backend: dict[str, list[str]] = {}
     for key, verdict in summary.items():
         backend, dtype = key.split(" ", 1)
-        m = re.match(r"no \((\d+) elements, max (\S+) ulp\)", verdict)
-        word = f"no ({m.group(1)} el, {m.group(2)} ulp)" if m else verdict.split(" (")[0]
+        m = re.match(r"(no|differs by design) \((\d+) elements, max (\S+) ulp\)", verdict)
+        kind = m and ("no" if m.group(1) == "no" else "by design")
+        word = f"{kind} ({m.group(2)} el, {m.group(3)} ulp)" if m else verdict.split(" (")[0]
         by_backend.setdefault(backend, []).append(f"{dtype} {word}")
     return "; ".join(f"{b}: {' '.join(v)}" for b, v in by_backend.items())
 

@@ -162,6 +162,21 @@ def test_a_stage_that_did_not_run_every_case_is_partial_never_ok(tmp_path, capsy
     assert doc["ok"] is True and doc["partial"] == ["tests_kernels", "memcheck"]
 
 
+def test_a_difference_by_design_reads_as_one():
+    """The dry run's bench line: the CPU backend claims torch's for-loop bits for fp32 / fp64 only,
+    and Triton in the interpreter follows torch's fused CUDA expression; on a GPU every backend and
+    dtype claims torch's fused bits. A difference nobody claims away reads "no", the others "by
+    design"."""
+    import gpu_bench
+
+    assert gpu_bench.bitwise_claimed("cpu", "cpu", "fp32") and gpu_bench.bitwise_claimed("cpu", "cpu", "fp64")
+    assert not gpu_bench.bitwise_claimed("cpu", "cpu", "bf16") and not gpu_bench.bitwise_claimed("cpu", "triton", "fp32")
+    assert all(gpu_bench.bitwise_claimed("cuda", b, d) for b in ("cuda", "triton") for d in ("fp32", "bf16", "fp64"))
+    words = report._bitwise_words({"cpu fp32": "yes", "cpu bf16": "differs by design (1848 elements, max 89 ulp)",
+                                   "triton fp32": "no (2 elements, max 1 ulp)"})
+    assert words == "cpu: fp32 yes bf16 by design (1848 el, 89 ulp); triton: fp32 no (2 el, 1 ulp)"
+
+
 def test_ulp_distance_counts_representable_steps():
     import gpu_bench
 
