@@ -30,7 +30,6 @@ LOOPS = {
     '"rows" / "all" (AVX-512 row segment)': (["loop_rows"], 1),
     '"rows" + "cols" (two rows, two passes)': (["loop_cols_pass1", "loop_cols_pass2"], 2),
     '"rows" + "cols", 6 products (one pass)': (["loop_products"], 2),
-    '6 products in two passes (not used)': (["loop_products_pass1", "loop_products_pass2"], 2),
     "float32 range check (per row)": (["loop_range"], 1),
 }
 ZEN4 = dict(fma=1.0, add=1.0, load_bytes=64.0, store_bytes=32.0)  # per cycle, 512-bit units

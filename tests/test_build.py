@@ -98,7 +98,7 @@ def test_the_statistics_loops_move_the_bytes_the_design_says():
     finally:
         sys.path.remove(str(ROOT / "bench"))
     loops = loop_counts.count()
-    plain, rows, cols, products, _, check = (loops[name] for name in loop_counts.LOOPS)
+    plain, rows, cols, products, check = (loops[name] for name in loop_counts.LOOPS)
     assert plain["store_bytes"] == 8
     assert (rows["load_bytes"], rows["store_bytes"]) == (12, 8)
     assert cols["store_bytes"] == 8 + 18

@@ -330,3 +330,29 @@ def test_performance_host_cost_table_is_bench_results_cpu_bench_step_json():
     date = tiny["measured"]["date"].split()[0]
     for page in ("README.md", "docs/performance.md"):
         assert f"measured {date}" in (ROOT / page).read_text(encoding="utf-8"), f"{page}: the date of the tiny run"
+
+
+_BY_NEED_SETS = {"224 × 224": "vgg16 224x224 + find_symmetries", "32 × 32 inputs (fc1": "vgg16 32x32 + find_symmetries",
+                 "vgg16_bn": "vgg16_bn + find_symmetries"}
+
+
+def test_statistics_by_need_ratios_are_bench_results_cpu_bench_stats_json():
+    """docs/performance.md's statistics-by-need table and README's sentence on the real VGG-16: the
+    paired ratios bench/bench_step.py --stats recorded for find_symmetries' tracks by need and
+    with all 9 sums."""
+    results = json.loads((ROOT / "bench" / "results" / "cpu_bench_stats.json").read_text(encoding="utf-8"))
+
+    def ratios(prefix: str) -> tuple[str, str]:
+        (res,) = [r for r in results["results"] if r["shape_set"].startswith(prefix)]
+        rows = {row["provider"]: row["paired_ratio"] for row in res["rows"]}
+        return f"{rows['nm_optim cpu + symmetries']:.2f}×", f"{rows['nm_optim cpu + symmetries, all 9 sums']:.2f}×"
+
+    (header, *table), = _tables_after(ROOT / "docs" / "performance.md",
+                                      "statistics by need: bench/results/cpu_bench_stats.json")
+    assert len(table) == len(_BY_NEED_SETS)
+    for row in table:
+        (prefix,) = [v for k, v in _BY_NEED_SETS.items() if k in row[0]]
+        assert (row[1].strip("*"), row[2]) == ratios(prefix), row
+    need, nine = ratios(_BY_NEED_SETS["224 × 224"])
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"costs {need} torch's fused step instead of {nine} with all 9 sums" in readme
