@@ -316,9 +316,9 @@ def bench_stats(device: str, rounds: int, warmup: int, compile_: bool, torch_sum
             steps[f"nm_optim {backend} (no stats)"] = nm_optim.SGD(mparams, backend=backend, **HYPER).step
             steps[f"nm_optim {backend} + symmetries"] = _quiet(
                 nm_optim.SGD(mparams, backend=backend, symmetries=syms, **HYPER)).step
-            # The same tracks with all 9 sums each (a track asked for without sums reduces all 9):
-            # what statistics by need saves.
-            all9 = [pair for sym in syms for pair in sym.tracks()]
+            # The same tracks (column blocks included) with all 9 sums each (sums None): what
+            # statistics by need saves.
+            all9 = [(p, axis, None, block) for sym in syms for p, axis, _, block in sym.track_asks()]
             steps[f"nm_optim {backend} + symmetries, all 9 sums"] = _quiet(
                 nm_optim.SGD(mparams, backend=backend, symmetries=syms, track=all9, **HYPER)).step
         m = sum(p.numel() for p in mparams)

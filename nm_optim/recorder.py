@@ -57,7 +57,7 @@ import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from nm_optim._version import __version__
 from nm_optim.names import HYPER_NAMES, STAT_NAMES
 from nm_optim.names import RECORD_FORMAT as FORMAT
 from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
-from nm_optim.tracks import TrackTable, describe_value
+from nm_optim.tracks import Track, TrackTable, describe_value
 from nm_optim.record.format import (_META_KEYS, STREAM_DTYPES, Record, _Chunk, _chunk_from_meta,
                                     _concat, _ragged, _stats_file)
 from nm_optim.record.stream import _ORPHANS as _orphans
@@ -389,8 +389,12 @@ class Recorder:
             # A run checkpointed on one device and resumed on another (cpu -> cuda, say).
             saved = {next(iter(rows)): next(iter(saved.values()))}
         for device, stats in saved.items():
-            if stats.dim() != 3 or device not in rows or stats.shape[1] < rows[device]:
-                raise ValueError(f"recorder state: stats for {device} of shape {list(stats.shape)} do not fit these tracks")
+            if stats.dim() != 3 or device not in rows or stats.shape[1] != rows[device]:
+                raise ValueError(
+                    f"recorder state: stats for {device} of shape {list(stats.shape)} do not fit these tracks, whose "
+                    f"groups take {rows.get(device, 0)} rows there ({_groups_of(self._tracks.tracks)}). A 'cols' "
+                    "track with a column block has fewer groups (nm_optim/tracks.py): a run recorded with one "
+                    "group per column continues with track=[(param, 'cols')], which keeps them")
         meta = {k: list(state["meta"][k]) for k in _META_KEYS}
         n = len(meta["steps"])
         if any(len(v) != n for v in meta.values()) or any(s.shape[0] != n for s in saved.values()):
@@ -420,6 +424,12 @@ class Recorder:
                         f"record stream {where}: track {t.name!r} holds the sums {list(have)}, this optimizer's "
                         f"reduces {list(t.sums)} (not {lost}); ask for them to continue it: "
                         f"track=[(param, {t.axis!r}, {list(have)})]")
+            for t, groups in zip(self._tracks.tracks, opened.track_groups):
+                if groups != t.num_groups:
+                    raise ValueError(
+                        f"record stream {where}: track {t.name!r} holds {groups} groups, this optimizer's "
+                        f"{t.num_groups} (column block {t.block}); a stream recorded with one group per column "
+                        f"continues with track=[(param, {t.axis!r})], which keeps them (nm_optim/tracks.py)")
             if link.get("id") and opened.id != link["id"]:
                 raise ValueError(f"record stream {where} is not the one of this state (another run replaced it: "
                                  f"id {opened.id}, the state's {link['id']})")
@@ -655,6 +665,11 @@ def _creating_torch_state(groups: list[dict[str, Any]]) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _groups_of(tracks: Sequence[Track]) -> str:
+    """Each track's groups, for an error message."""
+    return ", ".join(f"{t.name}: {t.num_groups}" for t in tracks)
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
@@ -14,7 +15,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from nm_optim._lazy import assume_constant_result, disable
 from nm_optim.distributed import check_not_zero_partition, has_dtensors, local_tensors
-from nm_optim.names import ALL_SUMS_MASK, LAW_SUMS, STAT_INDEX, check_backend_name
+from nm_optim.names import ALL_SUMS_MASK, STAT_INDEX, check_backend_name
 from nm_optim.ops import plan as _ops_plan
 from nm_optim.ops import resolve_backend
 from nm_optim.ops.op import sgd_step as sgd_step_  # the op; straight to its implementation where that is the same
@@ -66,7 +67,9 @@ class SGD(Optimizer):
             triple ``(param, axis, sums)`` asks for only some of them (names of STAT_NAMES):
             the track reduces the smallest of ``nm_optim.names.SUM_SETS`` holding them (the 6
             products, or all 9), the same set for every track of one param (the union of their
-            asks), and its other columns read NaN (see nm_optim.tracks).
+            asks), and its other columns read NaN (see nm_optim.tracks). A quadruple
+            ``(param, "cols", sums, block)`` makes each group ``block`` consecutive columns
+            (sums None: all 9): e.g. the 49 columns one channel feeds after a Flatten.
         foreach (bool, optional): accepted for drop-in compatibility and kept in the param groups
             (and state dicts) as torch.optim.SGD keeps it; it chooses nothing here: every step is
             one fused kernel per bucket (``backend`` chooses the implementation).
@@ -347,7 +350,7 @@ class SGD(Optimizer):
         if tracks:
             tracks.begin_step()
         vouch = _ops_plan.vouch
-        for (group, device, params, grads, bufs, is_first, offsets, sums), check in zip(calls, checked):
+        for (group, device, params, grads, bufs, is_first, offsets, sums, blocks), check in zip(calls, checked):
             lr = group["lr"]
             lr_tensor = lr if isinstance(lr, Tensor) else None
             backend = resolve_backend(group["backend"], device)
@@ -380,6 +383,7 @@ class SGD(Optimizer):
                 tracks.stats(device) if offsets else None,
                 offsets,
                 sums,
+                blocks,
             )
         if any(checked):
             vouch(None)  # a voucher the op did not use (a spy) must not outlive the step
@@ -424,7 +428,7 @@ class SGD(Optimizer):
                 plan = _plan_eagerly(self, group, params, index)
         else:
             plan = self._plan(group, params, index)
-        for k, (device, members, offsets, sums) in enumerate(plan):
+        for k, (device, members, offsets, sums, blocks) in enumerate(plan):
             if members is None:
                 bparams, bgrads = params, grads
             else:
@@ -448,7 +452,7 @@ class SGD(Optimizer):
                 self._check_buffers((gi, k), plan, group, bparams, bufs, members, index)
             if self._nm_dtensors:  # the op steps the local shards; the state keeps the DTensors
                 bparams, bgrads, bufs = local_tensors(bparams, bgrads, bufs)
-            buckets.append((device, (bparams, bgrads, bufs, is_first, offsets, sums), None))
+            buckets.append((device, (bparams, bgrads, bufs, is_first, offsets, sums, blocks), None))
         return buckets, False
 
     def _steady_buckets(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list | None:
@@ -484,7 +488,7 @@ class SGD(Optimizer):
         out = []
         where: tuple[int, ...] = ()
         placed: list[tuple[int, int]] = []  # (position in params, address) of calls with members
-        for k, ((device, members, offsets, sums), guard) in enumerate(zip(plan[0], steady.guards)):
+        for k, ((device, members, offsets, sums, blocks), guard) in enumerate(zip(plan[0], steady.guards)):
             bparams = tuple(params) if members is None else tuple([params[i] for i in members])
             bgrads = tuple(grads) if members is None else tuple([grads[i] for i in members])
             bufs: tuple = ()
@@ -505,7 +509,8 @@ class SGD(Optimizer):
             else:
                 placed += zip(members, param_ptrs)
             ptrs = (param_ptrs, list(map(_data_ptr, bgrads)), list(map(_data_ptr, bufs)))
-            out.append((device, (bparams, bgrads, bufs, guard.facts["is_first"], offsets, sums), (guard, ptrs)))
+            out.append((device, (bparams, bgrads, bufs, guard.facts["is_first"], offsets, sums, blocks),
+                        (guard, ptrs)))
         if placed:  # the params' addresses in the group's order, as _plan keys them
             where = tuple(ptr for _, ptr in sorted(placed))
         return out if where == plan[1] else None
@@ -532,8 +537,9 @@ class SGD(Optimizer):
                 continue
             made = []
             for i in idx:
-                group, device, params, grads, bufs, is_first, offsets, sums = calls[i]
-                call = (group, device, tuple(params), tuple(grads), tuple(bufs), tuple(is_first), offsets, sums)
+                group, device, params, grads, bufs, is_first, offsets, sums, blocks = calls[i]
+                call = (group, device, tuple(params), tuple(grads), tuple(bufs), tuple(is_first), offsets, sums,
+                        blocks)
                 guard = _ops_plan.tensor_guard(call[2], call[3], call[4])
                 if guard is None:
                     break
@@ -649,21 +655,25 @@ class SGD(Optimizer):
                   for (_, device, _), v in sorted(plan.items(), key=lambda kv: kv[0][0])]
         return result
 
-    def _offsets(self, params: list[Tensor], repeats: list[bool]) -> tuple[list[int], list[int]]:
-        """The op's stats_offsets and stats_sums for one call: 3 offsets per param (rows, cols,
-        all; -1 untracked) and one mask per param (the sums its tracks reduce; all 9 for an
-        untracked one, which the kernels do not read), or both empty when no param of the call is
-        tracked. The masks are empty too where every one is all 9 (the op reads empty so): such
-        a call is the one it was before tracks could ask for fewer sums. A repeated occurrence
-        (repeats[i]) is stepped untracked: the statistics are of the pre-step values."""
+    def _offsets(self, params: list[Tensor], repeats: list[bool]) -> tuple[list[int], list[int], list[int]]:
+        """The op's stats_offsets, stats_sums and stats_blocks for one call: 3 offsets per param
+        (rows, cols, all; -1 untracked), one mask per param (the sums its tracks reduce; all 9
+        for an untracked one, which the kernels do not read) and one column block per param (1
+        but for a "cols" track with a block), or all empty when no param of the call is tracked.
+        The masks (blocks) are empty too where every one is all 9 (1): the op reads empty so,
+        and such a call is the one it was before tracks could ask for fewer sums (for blocks). A
+        repeated occurrence (repeats[i]) is stepped untracked: the statistics are of the
+        pre-step values."""
         if not self._tracks:
-            return [], []
+            return [], [], []
         found = [None if again else self._tracks.offsets(p) for p, again in zip(params, repeats)]
         if all(o is None for o in found):
-            return [], []
+            return [], [], []
         masks = [ALL_SUMS_MASK if o is None else self._tracks.sums_mask(p) for p, o in zip(params, found)]
+        blocks = [1 if o is None else self._tracks.block(p) for p, o in zip(params, found)]
         offsets = [x for o in found for x in (o if o is not None else _UNTRACKED)]
-        return offsets, masks if any(m != ALL_SUMS_MASK for m in masks) else []  # type: ignore[return-value]
+        return (offsets, masks if any(m != ALL_SUMS_MASK for m in masks) else [],  # type: ignore[return-value]
+                blocks if any(b != 1 for b in blocks) else [])
 
 
 class _Steady:
@@ -691,7 +701,7 @@ class _Steady:
         if state is self._state and version == self._version and version >= 0:
             return self._dicts
         dicts = []
-        for _, members, _, _ in self.plan:
+        for _, members, _, _, _ in self.plan:
             found = tuple(map(state.get, params if members is None else [params[i] for i in members]))
             if None in found:
                 return None
@@ -962,21 +972,27 @@ def _with_symmetries(
             )
             syms[i] = bound
     asks: list[Any] = track_asks(track, param_groups)
-    # A symmetry's track asks for the sums its law reads; one already asked for (by `track` or
-    # another symmetry) keeps its place and asks for the union.
+    # A symmetry's track asks for the sums its law reads, and a "cols" track for the column block
+    # of its member (the columns after a Flatten that one channel feeds: fewer groups to reduce,
+    # nm_optim/tracks.py); one already asked for (by `track` or another symmetry) keeps its place
+    # and asks for the union of the sums and the gcd of the blocks.
     at: dict[tuple[int, str], int] = {}
-    for i, (p, axis, _) in enumerate(asks):
+    for i, (p, axis, _, _) in enumerate(asks):
         at.setdefault((id(p), axis), i)
     names: dict[int, str] = {}
     for sym in syms:
-        for p, axis in sym.tracks():
-            law = LAW_SUMS[sym.kind]
+        for p, axis, law, block in sym.track_asks():
             i = at.get((id(p), axis))
             if i is None:
                 at[(id(p), axis)] = len(asks)
-                asks.append((p, axis, law))
-            elif _names_only(asks[i][2]):  # None: all 9 already; a bad ask stays, for TrackTable to name
-                asks[i] = (p, axis, tuple(dict.fromkeys((*asks[i][2], *law))))
+                asks.append((p, axis, law, block))
+                continue
+            _, _, sums, had = asks[i]
+            if _names_only(sums):  # None: all 9 already; a bad ask stays, for TrackTable to name
+                sums = tuple(dict.fromkeys((*sums, *law)))
+            if axis == "cols" and (had is None or (isinstance(had, int) and not isinstance(had, bool) and had >= 1)):
+                had = math.gcd(1 if had is None else had, block)
+            asks[i] = (p, axis, sums, had)
         for m in sym.members:
             if names.setdefault(id(m.param), m.name) != m.name:
                 raise ValueError(f"{sym.kind} {sym.name!r}: one parameter is named both {names[id(m.param)]!r} and "

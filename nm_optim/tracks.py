@@ -13,6 +13,15 @@ The kernels pick one variant per tensor, so every track of one param reduces the
 union of the asks of all its tracks, rounded up to a set (names.sum_set). Fewer sums are less
 work where the column partials' traffic bounds the kernel (docs/architecture.md).
 
+Column blocks: a track (param, "cols", sums, block) makes each group `block` consecutive columns
+of dim 1 (the 49 columns a conv channel feeds into the Linear after a Flatten: VGG-16's fc1
+[4096, 25088] has 512 such groups). The kernels then reduce the tensor as [d0, d1 / block,
+block × rest] (ops/layout.py, geometry): the same memory order, but 512 column sums to fold
+instead of 25,088, the fold that bounds the CPU kernel on fc1. A param has one "cols" track: its
+block is the greatest common divisor of the blocks asked for it (1 when any ask has none), and a
+reader with a larger block sums the track's groups further (nm_optim.symmetry, Member.fold). A
+sharded param's "cols" track keeps block 1 (its shards need not split at a block's edge).
+
 Each distinct (param, axis) owns a fixed block of rows in a float64 [rows, 9] tensor on its
 param's device; the kernel writes it in place every step, so nothing moves to the host in
 `step()`. Two tracks that name the same (param, axis) share one block (no duplicate work).
@@ -26,6 +35,7 @@ rank's block the whole tensor's statistics (nm_optim/distributed.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,27 +60,42 @@ def describe_value(x: Any) -> str:
     return repr(x)
 
 
-def num_groups(shape: Sequence[int], axis: str) -> int:
-    return group_counts(shape)[AXES.index(axis)]
+def num_groups(shape: Sequence[int], axis: str, block: int = 1) -> int:
+    return group_counts(shape, block)[AXES.index(axis)]
 
 
-def track_asks(spec: Any, param_groups: Sequence[dict[str, Any]]) -> list[tuple[Tensor, Any, Any]]:
-    """The (param, axis, sums) asks of a `track` argument: None, "layers" (an "all" track of all
-    9 sums for every param) or an iterable of (param, axis) pairs (all 9 sums) and (param, axis,
-    sums) triples. `sums` is as given (None: all 9); TrackTable checks it, naming the track."""
+def track_asks(spec: Any, param_groups: Sequence[dict[str, Any]]) -> list[tuple[Tensor, Any, Any, Any]]:
+    """The (param, axis, sums, block) asks of a `track` argument: None, "layers" (an "all" track
+    of all 9 sums for every param) or an iterable of (param, axis) pairs (all 9 sums),
+    (param, axis, sums) triples and (param, "cols", sums, block) quadruples. `sums` and `block`
+    are as given (None: all 9; no block: None); TrackTable checks them, naming the track."""
     if spec is None:
         return []
     if isinstance(spec, str):
         if spec != "layers":
             raise ValueError(f"track must be 'layers' or a list of (param, axis) pairs, got {spec!r}")
-        return [(p, "all", None) for group in param_groups for p in group["params"]]
+        return [(p, "all", None, None) for group in param_groups for p in group["params"]]
     asks = []
     for item in spec:
-        if not (isinstance(item, tuple | list) and len(item) in (2, 3) and isinstance(item[0], Tensor)):
-            raise TypeError(f"each track must be a (param, axis) pair or a (param, axis, sums) triple, got "
-                            f"{describe_value(item)}")
-        asks.append((item[0], item[1], item[2] if len(item) == 3 else None))
+        if not (isinstance(item, tuple | list) and len(item) in (2, 3, 4) and isinstance(item[0], Tensor)):
+            raise TypeError(f"each track must be a (param, axis) pair, a (param, axis, sums) triple or a "
+                            f"(param, 'cols', sums, block) quadruple, got {describe_value(item)}")
+        asks.append((item[0], item[1], item[2] if len(item) >= 3 else None, item[3] if len(item) == 4 else None))
     return asks
+
+
+def _check_block(name: str, axis: str, shape: tuple[int, ...], block: Any) -> int:
+    """The column block a track asks for (None: 1); ValueError naming the track otherwise."""
+    if block is None:
+        return 1
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"track {name}:{axis}: block must be a positive int, got {describe_value(block)}")
+    if block != 1 and axis != "cols":
+        raise ValueError(f"track {name}:{axis}: block groups columns: it applies to axis 'cols' only")
+    if block != 1 and shape[1] % block:
+        raise ValueError(f"track {name}:{axis}: the {shape[1]} columns of shape {shape} do not split into blocks "
+                         f"of {block}")
+    return block
 
 
 def _check_sums(name: str, axis: str, sums: Any) -> tuple[str, ...]:
@@ -92,7 +117,8 @@ def _check_sums(name: str, axis: str, sums: Any) -> tuple[str, ...]:
 class Track:
     """One resolved track: a block of `num_groups` rows starting at `row` in the stats tensor of
     `device`. `sums`: the names of the sums its groups hold (one of names.SUM_SETS; the other
-    columns read NaN), the same for every track of its param."""
+    columns read NaN), the same for every track of its param. `block`: the columns per group of a
+    "cols" track (1 for the other axes)."""
 
     name: str
     param: Tensor
@@ -102,10 +128,12 @@ class Track:
     device: torch.device
     row: int
     sums: tuple[str, ...] = STAT_NAMES
+    block: int = 1
 
     def describe(self) -> dict[str, Any]:
         """The track in a record's meta: "sums" names the columns that hold sums (names.track_sums
-        reads a record written before it as all 9)."""
+        reads a record written before it as all 9), "block" the columns per group (names.track_block
+        reads a record written before it as 1)."""
         return {
             "name": self.name,
             "axis": self.axis,
@@ -113,6 +141,7 @@ class Track:
             "num_groups": self.num_groups,
             "dtype": str(self.param.dtype).removeprefix("torch."),
             "sums": list(self.sums),
+            "block": self.block,
         }
 
 
@@ -158,8 +187,10 @@ class TrackTable:
         shards: dict[int, tuple[tuple[int, ...], Any]] = {}
         # The sums each param's tracks reduce: the union of all its asks, rounded up to a set.
         wanted: dict[int, set[str]] = {}
+        # The column block of each param's "cols" track: the gcd of the blocks asked for it.
+        blocks: dict[int, int] = {}
         pairs: list[tuple[Tensor, str]] = []
-        for p, axis, sums in asks:
+        for p, axis, sums, block in asks:
             if id(p) not in names:
                 raise ValueError(
                     f"track on a tensor of shape {tuple(p.shape)} that is not a parameter of this optimizer"
@@ -167,10 +198,14 @@ class TrackTable:
             name = names[id(p)]
             _check_axis(name, tuple(p.shape), axis)
             wanted.setdefault(id(p), set()).update(_check_sums(name, axis, sums))
+            b = _check_block(name, axis, tuple(p.shape), block)
+            if axis == "cols":
+                blocks[id(p)] = math.gcd(blocks.get(id(p), b), b)
             pairs.append((p, axis))
             layout = shard_layout(p, name)
             if layout is not None:
                 shards[id(p)] = layout
+        self._blocks = {pid: b for pid, b in blocks.items() if b != 1 and pid not in shards}
         self._sums = {pid: sum_set(sorted(want)) for pid, want in wanted.items()}
         self._masks = {pid: sums_mask(sums) for pid, sums in self._sums.items()}
         # Rows: first the tracks of unsharded params, then one block per device of the sharded
@@ -183,9 +218,10 @@ class TrackTable:
                     self._shard_lo.setdefault(p.device, self._rows_used.get(p.device, 0))
                 row = self._rows_used.get(p.device, 0)
                 shape = tuple(p.shape)
-                n = num_groups(shape, axis)
+                block = self._blocks.get(id(p), 1) if axis == "cols" else 1
+                n = num_groups(shape, axis, block)
                 self._slots[(id(p), axis)] = Track(f"{names[id(p)]}:{axis}", p, axis, shape, n, p.device, row,
-                                                   self._sums[id(p)])
+                                                   self._sums[id(p)], block)
                 self._rows_used[p.device] = row + n
         self.tracks = [self._slots[(id(p), axis)] for p, axis in pairs]
         # The op's rows for each param: a shard's "rows" / "cols" groups start at its global
@@ -228,6 +264,10 @@ class TrackTable:
     def sums_mask(self, p: Tensor) -> int | None:
         """The op's bit mask of the sums `p`'s tracks reduce (names.SUM_MASKS), None if untracked."""
         return self._masks.get(id(p))
+
+    def block(self, p: Tensor) -> int:
+        """The column block of `p`'s "cols" track (the op's stats_blocks; 1 without one)."""
+        return self._blocks.get(id(p), 1)
 
     def stats(self, device: torch.device) -> Tensor:
         """The float64 [rows, 9] tensor the kernel writes for params on `device`."""

@@ -51,7 +51,7 @@ def test_save_load_round_trip(tmp_path):
     loaded = nm_optim.load_record(path)
     assert [t["name"] for t in loaded.tracks] == [t.name for t in opt.tracks]
     assert loaded.tracks[0] == {"name": "0.weight:rows", "axis": "rows", "shape": [32, 16], "num_groups": 32,
-                                "dtype": "float32", "sums": list(nm_optim.STAT_NAMES), "param_group": 0}
+                                "dtype": "float32", "sums": list(nm_optim.STAT_NAMES), "block": 1, "param_group": 0}
     assert loaded.meta["stat_names"] == list(nm_optim.STAT_NAMES) and loaded.meta["nm_optim"] == nm_optim.__version__
     for a, b in zip(record.stats, loaded.stats):
         assert np.array_equal(a, b)

@@ -54,6 +54,8 @@ class StepArgs:
     the rows stats_offsets[3i : 3i + 3] of its rows / cols / all tracks (-1: none), and
     stats_sums[i] says which sums they hold: a bit mask (bit k: names.STAT_NAMES[k]), one of
     names.SUM_MASKS; the other columns of its groups are written NaN. Empty: all 9 for every param.
+    stats_blocks[i]: the column block of param i's "cols" track (that many consecutive columns of
+    dim 1 form one group: ops/layout.py, geometry); empty: 1 for every param.
     """
 
     lr: float
@@ -69,6 +71,7 @@ class StepArgs:
     stats: Tensor | None = None
     stats_offsets: Sequence[int] = ()
     stats_sums: Sequence[int] = ()
+    stats_blocks: Sequence[int] = ()
 
     @property
     def has_momentum(self) -> bool:
@@ -87,15 +90,21 @@ class StepArgs:
         """The bit mask of the sums param i's groups hold (names.ALL_SUMS_MASK: all 9)."""
         return self.stats_sums[i] if self.stats_sums else ALL_SUMS_MASK
 
+    def block_of(self, i: int) -> int:
+        """The column block of param i's "cols" track (1: one group per column)."""
+        return self.stats_blocks[i] if self.stats_blocks else 1
+
     def subset(self, index: Sequence[int]) -> StepArgs:
-        """The same step for the params at `index` (their statistics rows and sums follow them)."""
+        """The same step for the params at `index` (their statistics rows, sums and blocks follow
+        them)."""
         if not self.stats_offsets:
             return self
         offsets = [o for i in index for o in self.stats_offsets[3 * i : 3 * i + 3]]
         if not any(o >= 0 for o in offsets):
-            return dataclasses.replace(self, stats_offsets=(), stats_sums=())
+            return dataclasses.replace(self, stats_offsets=(), stats_sums=(), stats_blocks=())
         sums = [self.stats_sums[i] for i in index] if self.stats_sums else ()
-        return dataclasses.replace(self, stats_offsets=offsets, stats_sums=sums)
+        blocks = [self.stats_blocks[i] for i in index] if self.stats_blocks else ()
+        return dataclasses.replace(self, stats_offsets=offsets, stats_sums=sums, stats_blocks=blocks)
 
 
 # The op's schema lists these fields after the four tensor lists, in this order (a test checks).

@@ -25,17 +25,23 @@ _get_device = Tensor.get_device
 _is_contiguous = Tensor.is_contiguous
 
 
-def geometry(shape: Sequence[int]) -> tuple[int, int, int]:
-    """(d0, d1, rest) of a shape: size(0), size(1), product of the sizes after dim 1. The
-    statistics view every tensor as [d0, d1, rest]: rows are dim 0, columns dim 1."""
+def geometry(shape: Sequence[int], block: int = 1) -> tuple[int, int, int]:
+    """(d0, d1, rest) of a shape: size(0), size(1) / block, block × the product of the sizes after
+    dim 1. The statistics view every tensor as [d0, d1, rest]: rows are dim 0, columns dim 1.
+
+    `block` (the column block of a "cols" track, nm_optim/tracks.py): that many consecutive
+    columns of dim 1 form one group, e.g. the 49 columns a channel of VGG-16's last conv feeds into
+    fc1 [4096, 25088] after a Flatten: the kernels then reduce fc1 as [4096, 512, 49], the memory
+    order being the same. It must divide size(1)."""
     d0 = shape[0] if len(shape) >= 1 else 1
     d1 = shape[1] if len(shape) >= 2 else 1
-    return d0, d1, math.prod(shape[2:])
+    return d0, d1 // block, block * math.prod(shape[2:])
 
 
-def group_counts(shape: Sequence[int]) -> tuple[int, int, int]:
-    """Groups of a "rows", "cols" and "all" track of a tensor of this shape."""
-    d0, d1, _ = geometry(shape)
+def group_counts(shape: Sequence[int], block: int = 1) -> tuple[int, int, int]:
+    """Groups of a "rows", "cols" (of `block` columns each) and "all" track of a tensor of this
+    shape."""
+    d0, d1, _ = geometry(shape, block)
     return d0, d1, 1
 
 

@@ -88,9 +88,10 @@ def sgd_step_native(bucket: Bucket, args: StepArgs) -> None:
     param_ptrs, grad_ptrs, buf_ptrs = addresses(params, grads, momentum_buffers, has_momentum)
     if stepped_in_levels(sgd_step_native, bucket, args, param_ptrs, numels, owner):
         return
-    if args.with_stats and (layout is None or not layout.has_sums(args.stats_sums)):
+    if args.with_stats and (layout is None or not layout.has_sums(args.stats_sums, args.stats_blocks)):
         # (a layout found without the sums masks: the one of these masks, one list comparison)
-        layout = stats_layout(owner, params, numels, args.stats_offsets, device, sums=args.stats_sums)
+        layout = stats_layout(owner, params, numels, args.stats_offsets, device, sums=args.stats_sums,
+                              blocks=args.stats_blocks)
     with_stats = layout is not None
     row_lengths = None
     if with_stats:

@@ -44,7 +44,7 @@ SCHEMA = (
     "sgd_step_(Tensor(a!)[] params, Tensor(d!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
     "float lr, Tensor? lr_tensor, float weight_decay, float momentum, float dampening, "
     "bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, str backend, "
-    "Tensor(c!)? stats=None, int[] stats_offsets=[], int[] stats_sums=[]) -> ()"
+    "Tensor(c!)? stats=None, int[] stats_offsets=[], int[] stats_sums=[], int[] stats_blocks=[]) -> ()"
 )
 
 _lib = torch.library.Library("nm_optim", "DEF")  # noqa: TOR901 (the op is defined once, here)
@@ -68,9 +68,11 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buf
         )
     if args.stats_sums:
         _check_sums(n, args.stats_sums)
+    if args.stats_blocks:
+        _check_blocks(params, args.stats_blocks)
     if args.stats is None:
         return None
-    return _check_stats(params, args.stats, args.stats_offsets, numels, args.stats_sums)
+    return _check_stats(params, args.stats, args.stats_offsets, numels, args.stats_sums, args.stats_blocks)
 
 
 _SUM_MASK_SET = frozenset(SUM_MASKS)
@@ -88,6 +90,21 @@ def _check_sums(n: int, sums: Sequence[int]) -> None:
         if m not in _SUM_MASK_SET:
             torch._check(False, lambda: f"sgd_step_: stats_sums[{i}] (param {i}) is {m!r}, not one of the sum sets' "
                                         f"masks {SUM_MASKS} (nm_optim.names.SUM_MASKS)")
+
+
+def _check_blocks(params: Sequence[Tensor], blocks: Sequence[int]) -> None:
+    """stats_blocks: empty (1 for every param) or one column block per param, each >= 1 and, for
+    a param of 2 or more dims, a divisor of its size(1) (a block of whole columns)."""
+    n = len(params)
+    if len(blocks) != n:
+        torch._check(False, lambda: f"sgd_step_: stats_blocks needs one block per param, got {len(blocks)} for {n}")
+    for i, b in enumerate(blocks):
+        if b == 1:
+            continue
+        p = params[i]
+        if b < 1 or p.dim() < 2 or p.shape[1] % b:
+            torch._check(False, lambda: f"sgd_step_: stats_blocks[{i}] (param {i}, shape {tuple(p.shape)}) is {b}: "
+                                        "a column block is >= 1 and divides the param's size(1)")
 
 
 def _step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -258,20 +275,23 @@ def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
     temporary block sums to NaN."""
     views: list[StorageView] = [storage_view(p) for p in bucket.params]
     tmp_offsets: list[int] = []
-    folds: list[tuple[int, int, int, int]] = []  # (stats row, groups, tmp row, view groups)
+    # (stats row, groups, tmp row, view groups, block): a "cols" track of column block b sums
+    # the b consecutive logical columns of each group, after the view groups are folded.
+    folds: list[tuple[int, int, int, int, int]] = []
     tmp_rows = 0
     for i, sv in enumerate(views):
         rows_at, cols_at, all_at = args.offsets_of(i)
         want = [-1, -1, -1]
-        for at, src, n in ((rows_at, sv.rows_from, bucket.params[i].shape[0]),
-                           (cols_at, sv.cols_from, bucket.params[i].shape[1] if bucket.params[i].dim() > 1 else 1),
-                           (all_at, 2, 1)):
+        for at, src, n, b in ((rows_at, sv.rows_from, bucket.params[i].shape[0], 1),
+                              (cols_at, sv.cols_from, bucket.params[i].shape[1] if bucket.params[i].dim() > 1 else 1,
+                               args.block_of(i)),
+                              (all_at, 2, 1, 1)):
             if at < 0:
                 continue
             if want[src] < 0:
                 want[src] = tmp_rows
                 tmp_rows += sv.shape[src] if src < 2 else 1
-            folds.append((at, n, want[src], sv.shape[src] if src < 2 else 1))
+            folds.append((at, n, want[src], sv.shape[src] if src < 2 else 1, b))
         tmp_offsets += want
     tmp = torch.full((tmp_rows, len(STAT_NAMES)), float("nan"), dtype=torch.float64, device=args.stats.device)
     view_bucket = Bucket(
@@ -281,20 +301,23 @@ def _step_permuted(step, bucket: Bucket, args: StepArgs) -> None:
         bucket.is_first,
         owner=bucket.params[0],  # the views are new objects every step; the param is not
     )
-    step(view_bucket, dataclasses.replace(args, stats=tmp, stats_offsets=tmp_offsets))
-    for at, n, tmp_at, g in folds:
-        args.stats[at : at + n] = tmp[tmp_at : tmp_at + g].view(g // n, n, len(STAT_NAMES)).sum(0)
+    step(view_bucket, dataclasses.replace(args, stats=tmp, stats_offsets=tmp_offsets, stats_blocks=()))
+    for at, n, tmp_at, g, b in folds:
+        logical = tmp[tmp_at : tmp_at + g].view(g // n, n, len(STAT_NAMES)).sum(0)
+        args.stats[at : at + n // b] = logical.view(n // b, b, len(STAT_NAMES)).sum(1) if b > 1 else logical
 
 
 def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int],
-                 numels: tuple[int, ...] | None = None, sums: Sequence[int] = ()) -> StatsLayout | None:
+                 numels: tuple[int, ...] | None = None, sums: Sequence[int] = (),
+                 blocks: Sequence[int] = ()) -> StatsLayout | None:
     """Every tracked group must land inside `stats` (a float64 [rows, 9] tensor on the params'
     device): the kernels write there through raw pointers.
 
     `numels`: the element counts from uniform_dense (every tensor dense on params[0]'s device),
     when the real op found them; then the result is the bucket's StatsLayout (ops/plan.py),
     checked here and handed to the kernels, else None. `sums`: the params' sums masks, part of
-    the layout (the kernels' variants and the reduction's NaN columns follow them)."""
+    the layout (the kernels' variants and the reduction's NaN columns follow them); `blocks`:
+    their column blocks (checked by _check_blocks), part of it too (the geometry follows them)."""
     if len(offsets) not in (0, 3 * len(params)):
         torch._check(
             False, lambda: f"sgd_step_: stats_offsets needs 3 entries per param, got {len(offsets)} for {len(params)}")
@@ -310,12 +333,12 @@ def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]
     rows, device = stats.shape[0], stats.device
     if numels is not None:
         # uniform_dense found every param on params[0]'s device: one comparison checks them all.
-        layout = stats_layout(params[0], params, numels, offsets, params[0].device, sums=sums)
+        layout = stats_layout(params[0], params, numels, offsets, params[0].device, sums=sums, blocks=blocks)
         if layout.rows_needed <= rows and stats.get_device() == params[0].get_device():
             return layout
     else:
         try:
-            need = _rows_needed(tuple(map(_shape, params)), tuple(offsets))
+            need = _rows_needed(tuple(map(_shape, params)), tuple(offsets), tuple(blocks))
         except TypeError:  # symbolic sizes (tracing with dynamic shapes) are not hashable: the loop
             need = None
         if need is not None and need <= rows and all(map(eq, map(_get_device, params), repeat(stats.get_device()))):
@@ -325,7 +348,7 @@ def _check_stats(params: Sequence[Tensor], stats: Tensor, offsets: Sequence[int]
         if r < 0 and c < 0 and a < 0:
             continue
         p = params[i]
-        for off, n in zip((r, c, a), group_counts(p.shape)):
+        for off, n in zip((r, c, a), group_counts(p.shape, blocks[i] if blocks else 1)):
             if off >= 0 and off + n > rows:
                 torch._check(False, lambda: f"sgd_step_: param {i} (shape {tuple(p.shape)}) needs stats rows "
                                             f"[{off}, {off + n}) but stats has {rows}")
@@ -338,9 +361,9 @@ _get_device = Tensor.get_device
 
 
 @functools.lru_cache(maxsize=64)
-def _rows_needed(shapes: tuple[torch.Size, ...], offsets: tuple[int, ...]) -> int:
+def _rows_needed(shapes: tuple[torch.Size, ...], offsets: tuple[int, ...], blocks: tuple[int, ...] = ()) -> int:
     """rows_needed (ops/plan.py), cached per layout for the paths without a StatsLayout."""
-    return rows_needed(shapes, offsets)
+    return rows_needed(shapes, offsets, blocks)
 
 
 def _sgd_step_fake(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -370,7 +393,7 @@ torch.library.register_fake("nm_optim::sgd_step_", _sgd_step_fake, lib=_lib)
 sgd_step_ = torch.ops.nm_optim.sgd_step_
 """``sgd_step_(params, grads, momentum_buffers, is_first, lr, lr_tensor, weight_decay, momentum,
 dampening, nesterov, maximize, grad_scale, found_inf, backend, stats=None, stats_offsets=[],
-stats_sums=[])``: one fused SGD step, in place, over tensors of one device and dtype (the
+stats_sums=[], stats_blocks=[])``: one fused SGD step, in place, over tensors of one device and dtype (the
 arguments after the lists are StepArgs' fields; stats_sums[i] is the bit mask of the sums param
 i's tracks hold, the other columns written NaN: see nm_optim.names.SUM_MASKS). ``momentum_buffers`` and ``is_first`` are empty when momentum == 0; otherwise
 ``is_first[i]`` says buffer i is created by this step (v' = d, its old contents unread).

@@ -586,18 +586,21 @@ def stats_plan(owner: object, numels: tuple[int, ...], geom: tuple[int, ...], of
                                     sums))
 
 
-def stats_geometry(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> tuple[int, ...]:
-    """(d0, d1, rest) per tensor for the statistics; zeros for untracked tensors."""
+def stats_geometry(shapes: Sequence[Sequence[int]], offsets: Sequence[int],
+                   blocks: Sequence[int] = ()) -> tuple[int, ...]:
+    """(d0, d1, rest) per tensor for the statistics, with its column block (`blocks`, one per
+    tensor; empty: 1 each; ops/layout.py, geometry); zeros for untracked tensors."""
     out: list[int] = []
     for i, shape in enumerate(shapes):
-        out += geometry(shape) if max(offsets[3 * i : 3 * i + 3]) >= 0 else (0, 0, 0)
+        out += geometry(shape, blocks[i] if blocks else 1) if max(offsets[3 * i : 3 * i + 3]) >= 0 else (0, 0, 0)
     return tuple(out)
 
 
-def rows_needed(shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> int:
+def rows_needed(shapes: Sequence[Sequence[int]], offsets: Sequence[int], blocks: Sequence[int] = ()) -> int:
     """One past the last stats row the tracked groups of this layout write (0 when none)."""
     return max((off + k for i, shape in enumerate(shapes)
-                for off, k in zip(offsets[3 * i : 3 * i + 3], group_counts(shape)) if off >= 0), default=0)
+                for off, k in zip(offsets[3 * i : 3 * i + 3], group_counts(shape, blocks[i] if blocks else 1))
+                if off >= 0), default=0)
 
 
 class StatsLayout:
@@ -614,8 +617,8 @@ class StatsLayout:
     no shape at all.
 
     - rows_needed: one past the last stats row the tracked groups write (0 when none).
-    - geom: (d0, d1, rest) per tensor (zeros: untracked); on the CPU (1, 1, numel) for a tensor
-      with only an "all" track.
+    - geom: (d0, d1, rest) per tensor with its column block (zeros: untracked; ops/layout.py,
+      geometry); on the CPU (1, 1, numel) for a tensor with only an "all" track.
     - row_lengths (CPU, when some tensor has a "cols" track): the row length of each tensor with
       one (0 otherwise): those are cut into tiles of whole rows.
     - flat_numels (off the CPU): the element counts of the flat step's tiles: zero for tracked
@@ -626,6 +629,8 @@ class StatsLayout:
       layout; sums_array (CPU): their int64 copy for the kernel (StatsView.sums in
       csrc/sgd_step.h), None where every tracked tensor's groups hold all 9 (the kernel's
       default: the address 0).
+    - blocks: the column blocks as given (one per tensor; empty: 1 each), part of the layout:
+      the geometry follows them, so the kernels need nothing else.
     - plan() (off the CPU kernel: CUDA, Triton): the layout's StatsPlan, built once per device
       and tiling, so a step neither rebuilds the geometry nor hashes a key of 7 ints per tensor.
 
@@ -633,11 +638,14 @@ class StatsLayout:
     interpreter runs them on CPU tensors."""
 
     def __init__(self, shapes: Sequence[Sequence[int]], numels: tuple[int, ...], offsets: list[int], cpu: bool,
-                 sums: list[int] | None = None) -> None:
+                 sums: list[int] | None = None, blocks: list[int] | None = None) -> None:
         n = len(shapes)
         sums = [] if sums is None else sums
+        blocks = [] if blocks is None else blocks
         if len(sums) not in (0, n):
             raise ValueError(f"stats_sums needs one mask per param, got {len(sums)} for {n}")
+        if len(blocks) not in (0, n):
+            raise ValueError(f"stats_blocks needs one block per param, got {len(blocks)} for {n}")
         at = [offsets[3 * i : 3 * i + 3] for i in range(n)]
         tracked = [max(a) >= 0 for a in at]
         masks = [sums_mask_of(sums, i) if tracked[i] else ALL_SUMS_MASK for i in range(n)]  # checks them
@@ -648,11 +656,13 @@ class StatsLayout:
         self.offsets_key = tuple(offsets)
         self.sums = list(sums)  # a copy, as the offsets
         self.sums_key = tuple(sums)
+        self.blocks = list(blocks)
+        self.blocks_key = tuple(blocks)
         self.shaped = [i for i in range(n) if tracked[i] and not (cpu and only_all[i])]
         self.shapes = [shapes[i] for i in self.shaped]
         self.tracked = any(tracked)
-        self.rows_needed = rows_needed(shapes, offsets)
-        geom = stats_geometry(shapes, offsets)
+        self.rows_needed = rows_needed(shapes, offsets, blocks)
+        geom = stats_geometry(shapes, offsets, blocks)
         self.flat_numels = None if cpu else tuple(0 if tracked[i] else math.prod(shapes[i]) for i in range(n))
         self.row_lengths = None
         self.geom_array = self.offsets_array = self.sums_array = None
@@ -686,36 +696,44 @@ class StatsLayout:
         return plan
 
     def matches(self, params: Sequence[Tensor], numels: tuple[int, ...], offsets: list[int],
-                sums: list[int] | None = None) -> bool:
-        """Whether `params` (with these element counts), `offsets` and `sums` have this layout."""
-        return (numels == self.numels and offsets == self.offsets and self.has_sums(sums)
+                sums: list[int] | None = None, blocks: list[int] | None = None) -> bool:
+        """Whether `params` (with these element counts), `offsets`, `sums` and `blocks` have
+        this layout."""
+        return (numels == self.numels and offsets == self.offsets and self.has_sums(sums, blocks)
                 and [params[i].shape for i in self.shaped] == self.shapes)
 
-    def has_sums(self, sums: Sequence[int] | None) -> bool:
-        """Whether `sums` (a list or tuple; None: empty) are this layout's masks: one list
-        comparison (a step's host cost with 1000 tracked tensors)."""
-        if sums is None:
-            return not self.sums
-        return sums == self.sums if type(sums) is list else list(sums) == self.sums
+    def has_sums(self, sums: Sequence[int] | None, blocks: Sequence[int] | None = None) -> bool:
+        """Whether `sums` and `blocks` (lists or tuples; None: empty) are this layout's masks and
+        column blocks: a list comparison each (a step's host cost with 1000 tracked tensors)."""
+        return _same(sums, self.sums) and _same(blocks, self.blocks)
+
+
+def _same(given: Sequence[int] | None, have: list[int]) -> bool:
+    if given is None:
+        return not have
+    return given == have if type(given) is list else list(given) == have
 
 
 def stats_layout(owner: object, params: Sequence[Tensor], numels: tuple[int, ...], offsets: Sequence[int],
-                 device: torch.device, cpu: bool | None = None, sums: Sequence[int] = ()) -> StatsLayout:
+                 device: torch.device, cpu: bool | None = None, sums: Sequence[int] = (),
+                 blocks: Sequence[int] = ()) -> StatsLayout:
     """The StatsLayout of `owner`'s bucket (see `cached`) for these tensors on `device`,
-    statistics offsets and sums masks (one per param, names.SUM_MASKS; empty: all 9): one of its
-    last LAYOUTS_PER_BUCKET layouts when it matches, else a new one. cpu: whether for the CPU
-    kernel (default: whether `device` is the CPU)."""
+    statistics offsets, sums masks (one per param, names.SUM_MASKS; empty: all 9) and column
+    blocks (one per param; empty: 1 each): one of its last LAYOUTS_PER_BUCKET layouts when it
+    matches, else a new one. cpu: whether for the CPU kernel (default: whether `device` is the
+    CPU)."""
     offsets = offsets if isinstance(offsets, list) else list(offsets)
     sums = sums if isinstance(sums, list) else list(sums)
+    blocks = blocks if isinstance(blocks, list) else list(blocks)
     cpu = device.type == "cpu" if cpu is None else cpu
     recent = _layouts.get(id(owner))
     if recent is None:
         _watch(owner)
         recent = _layouts[id(owner)] = []
     for layout in recent:
-        if layout.cpu == cpu and layout.matches(params, numels, offsets, sums):
+        if layout.cpu == cpu and layout.matches(params, numels, offsets, sums, blocks):
             return layout
-    layout = StatsLayout([p.shape for p in params], numels, offsets, cpu, sums)
+    layout = StatsLayout([p.shape for p in params], numels, offsets, cpu, sums, blocks)
     recent.insert(0, layout)
     del recent[LAYOUTS_PER_BUCKET:]
     return layout

@@ -27,14 +27,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reduce_stats(p: Tensor, g: Tensor, v: Tensor, offsets: Sequence[int], stats: Tensor,
-                 sums: int = ALL_SUMS_MASK) -> None:
+                 sums: int = ALL_SUMS_MASK, block: int = 1) -> None:
     """Writes the sums (STAT_NAMES order) of one tensor's pre-step float64 values into the rows
     of `stats` that its rows / cols / all tracks own (offsets[k] < 0: no such track): the columns
-    of the bit mask `sums` (bit k: STAT_NAMES[k]), NaN in the others, as every backend does.
+    of the bit mask `sums` (bit k: STAT_NAMES[k]), NaN in the others, as every backend does. A
+    "cols" group is `block` consecutive columns (ops/layout.py, geometry).
 
     All 9 are computed the same way whatever the mask, so a column holds the same bits under
     every mask (the oracle for the kernels' variants, which reduce only the columns they keep)."""
-    d0, d1, rest = geometry(p.shape)
+    d0, d1, rest = geometry(p.shape, block)
     terms = torch.stack([p, g, v, p * p, g * g, v * v, p * g, p * v, g * v], dim=-1)
     terms = terms.reshape(d0, d1, rest, len(STAT_NAMES))
     absent = [k for k in range(len(STAT_NAMES)) if not sums >> k & 1]
@@ -70,7 +71,8 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
     With `stats`, tensor i's statistics of the pre-step values (p, g, v in float64; g as above,
     v = 0 on the first step and without momentum) go to the rows stats_offsets[3i : 3i + 3] of
     its rows / cols / all tracks (see nm_optim/tracks.py), in the columns of its mask
-    stats_sums[i] (NaN in the others); a skipped step writes NaN there.
+    stats_sums[i] (NaN in the others), a "cols" group being stats_blocks[i] columns; a skipped
+    step writes NaN there.
     """
     params, grads, momentum_buffers, is_first = bucket[:4]
     a = args
@@ -98,9 +100,10 @@ def step_reference(bucket: Bucket, args: StepArgs) -> None:
                 else torch.zeros_like(p, dtype=torch.float64)
             )
             g64 = g.double()
-            reduce_stats(p.detach().double(), g64, v64, stats_offsets[3 * i : 3 * i + 3], stats, a.sums_of(i))
+            reduce_stats(p.detach().double(), g64, v64, stats_offsets[3 * i : 3 * i + 3], stats, a.sums_of(i),
+                         a.block_of(i))
             if skip is not None:
-                for off, n in zip(stats_offsets[3 * i : 3 * i + 3], group_counts(p.shape)):
+                for off, n in zip(stats_offsets[3 * i : 3 * i + 3], group_counts(p.shape, a.block_of(i))):
                     if off >= 0:
                         stats[off : off + n] = torch.where(skip.to(stats.device), float("nan"), stats[off : off + n])
         if grad_scale is not None:

@@ -166,10 +166,16 @@ def _check_meta(meta: Any, fail: Callable[[str], NoReturn]) -> None:
                     isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
                 fail(f"damaged record: track {t['name']!r} has 'shape' {shape!r} and 'axis' {axis!r}, not a "
                      f"shape and one of {AXES}")
-            expected = group_counts(shape)[AXES.index(axis)]
+            # "block": the columns per group of a "cols" track (absent before column blocks: 1).
+            block = t.get("block", 1)
+            if isinstance(block, bool) or not isinstance(block, int) or block < 1 or (
+                    block != 1 and (axis != "cols" or len(shape) < 2 or shape[1] % block)):
+                fail(f"damaged record: track {t['name']!r} has 'block' {block!r}, not a positive int that divides the "
+                     f"columns of a 'cols' track (its axis is {axis!r}, its shape {shape})")
+            expected = group_counts(shape, block)[AXES.index(axis)]
             if groups != expected:
-                fail(f"damaged record: track {t['name']!r} has 'num_groups' {groups}, but its shape {shape} and "
-                     f"axis {axis!r} make {expected}")
+                fail(f"damaged record: track {t['name']!r} has 'num_groups' {groups}, but its shape {shape}, "
+                     f"axis {axis!r} and block {block} make {expected}")
         # "sums": the columns that hold sums (the others NaN); absent in records written before
         # tracks could reduce fewer than 9 (names.track_sums reads those as all 9).
         if "sums" in t and t["sums"] not in [list(s) for s in SUM_SETS]:

@@ -434,6 +434,8 @@ class RecordStream:
         self.track_names = [t["name"] for t in reader.meta["tracks"]]
         # The sums each track's columns hold (all 9 in a stream written before tracks said so).
         self.track_sums = [track_sums(t) for t in reader.meta["tracks"]]
+        # Each track's groups (a "cols" track with a column block has fewer: nm_optim/tracks.py).
+        self.track_groups = [t["num_groups"] for t in reader.meta["tracks"]]
         self.id = str(reader.meta["stream"].get("id", ""))
         self.records = reader.records
         self.fsync = fsync

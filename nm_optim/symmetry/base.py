@@ -138,7 +138,9 @@ class Member:
 
     def fold(self, s: np.ndarray) -> np.ndarray:
         """A record's per-row (per-column) statistics [steps, rows, 9] of the member's track
-        summed into its groups [steps, num_groups, 9]."""
+        summed into its groups [steps, num_groups, 9]. A "cols" track may hold a column block of
+        its own (nm_optim/tracks.py): a divisor of the member's, whose groups are then summed
+        block / track's block at a time (none when the track's block is the member's)."""
         steps = s.shape[0]
         if self.index is not None:
             idx = np.asarray(self.index)
@@ -146,8 +148,11 @@ class Member:
             order = keep[np.argsort(idx[keep], kind="stable")]
             starts = np.flatnonzero(np.r_[True, np.diff(idx[order]) != 0])
             return np.add.reduceat(s[:, order], starts, axis=1)
-        if self.axis == "cols" and self.block > 1:
-            return s.reshape(steps, self.num_groups, self.block, s.shape[-1]).sum(2)
+        if self.axis == "cols" and self.block > 1 and s.shape[1] != self.num_groups:
+            if s.shape[1] % self.num_groups:
+                raise ValueError(f"member {self.track!r}: its track holds {s.shape[1]} column groups, which do not "
+                                 f"fold into its {self.num_groups} groups of {self.block} columns")
+            return s.reshape(steps, self.num_groups, s.shape[1] // self.num_groups, s.shape[-1]).sum(2)
         return s
 
     def describe(self) -> dict[str, Any]:
@@ -257,6 +262,18 @@ class Symmetry:
                 seen.add((id(m.param), m.axis))
                 out.append((m.param, m.axis))
         return out
+
+    def track_asks(self) -> list[tuple[Tensor, str, tuple[str, ...], int]]:
+        """(param, axis, sums, block) for nm_optim.SGD's track list: the tracks of `tracks`, each
+        asking for the sums this kind's law reads (names.LAW_SUMS) and, on a "cols" track, for
+        its members' column block (the columns one channel feeds after a Flatten: the kernels then
+        reduce one group per channel, nm_optim/tracks.py; the gcd where members differ)."""
+        pairs = self.tracks()  # raises for a symmetry without tensors
+        blocks: dict[tuple[int, str], int] = {}
+        for m in self.members:
+            key = (id(m.param), m.axis)
+            blocks[key] = math.gcd(blocks.get(key, 0), m.block)
+        return [(p, axis, LAW_SUMS[self.kind], blocks[(id(p), axis)]) for p, axis in pairs]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able: kind, name, num_groups and the members (name, axis, role, block, shape)."""

@@ -35,8 +35,9 @@ def sgd_step_triton(bucket: Bucket, args: StepArgs) -> None:
     if with_stats:
         # the bucket's layout, unless it is the CPU kernel's (Triton's interpreter on CPU tensors)
         # or was found without the sums masks
-        if layout is None or layout.cpu or not layout.has_sums(args.stats_sums):
-            layout = stats_layout(owner, params, numels, args.stats_offsets, device, cpu=False, sums=args.stats_sums)
+        if layout is None or layout.cpu or not layout.has_sums(args.stats_sums, args.stats_blocks):
+            layout = stats_layout(owner, params, numels, args.stats_offsets, device, cpu=False, sums=args.stats_sums,
+                                  blocks=args.stats_blocks)
         plan = layout.plan(device, K.TILE_ROWS, K.BLOCK_COLS, **tiling)
     else:
         plan = stats_plan(owner, numels, (), (), device, K.TILE_ROWS, K.BLOCK_COLS, **tiling)
