@@ -302,7 +302,8 @@ def bench_stats(device: str, rounds: int, warmup: int, compile_: bool, torch_sum
     from nm_optim.models import example_input, get_model
 
     # VGG-16 for 224 x 224 inputs is the real one (fc1 [4096, 25088], its cols track in groups of
-    # 49); the 32 x 32 models (fc1 [4096, 512]) are kept for comparison with earlier results.
+    # 49); the 32 x 32 models are kept for comparison with earlier results (the zoo's VGG pools to
+    # 7 x 7 before the classifier, so their parameters are the same).
     for name, size in (("vgg16", 224), ("vgg16", 32), ("vgg16_bn", 32)):
         torch.manual_seed(0)
         model = get_model(name, num_classes=1000, image_size=size).to(device)

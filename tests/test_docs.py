@@ -332,7 +332,7 @@ def test_performance_host_cost_table_is_bench_results_cpu_bench_step_json():
         assert f"measured {date}" in (ROOT / page).read_text(encoding="utf-8"), f"{page}: the date of the tiny run"
 
 
-_BY_NEED_SETS = {"224 × 224": "vgg16 224x224 + find_symmetries", "32 × 32 inputs (fc1": "vgg16 32x32 + find_symmetries",
+_BY_NEED_SETS = {"224 × 224": "vgg16 224x224 + find_symmetries", "(vgg16)`, 32 × 32": "vgg16 32x32 + find_symmetries",
                  "vgg16_bn": "vgg16_bn + find_symmetries"}
 
 
