@@ -296,7 +296,8 @@ shard() {  # the files of tests/test_NAME.py for each NAME that exists, on one l
   for f in "$@"; do [[ -f tests/test_$f.py ]] && out+=("tests/test_$f.py"); done
   echo "${out[*]}"
 }
-KERNEL_SHARDS=("$(shard amp stats graphs triton_binder)" "$(shard triton)" "$(shard stats_by_need_gpu layouts op)")
+KERNEL_SHARDS=("$(shard amp stats graphs triton_binder)" "$(shard triton)"
+               "$(shard stats_by_need_gpu column_blocks layouts op)")
 MORE_SHARDS=("$(shard api recorder)" "$(shard errors parity)")
 CPU_CHECKED=(--deselect tests/test_triton.py::test_kernels_compile_for_sm90_without_spilling
              --deselect tests/test_triton.py::test_every_kernel_variant_compiles_for_sm80_and_sm90)

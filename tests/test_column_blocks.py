@@ -25,14 +25,14 @@ NAN_ROWS = 64
 
 
 def _step(backend: str, shape: tuple[int, ...], block: int, dtype: torch.dtype = torch.float32,
-          sums: int | None = None, order: tuple[int, ...] | None = None, steps: int = 2):
+          sums: int | None = None, order: tuple[int, ...] | None = None, steps: int = 2, device: str = "cpu"):
     """`steps` SGD steps of one tensor with a rows and a cols track (column block `block`);
     the last step's rows and cols statistics and the param afterwards. `order`: a permutation
     the tensors' memory follows (the op's storage-view path)."""
     gen = torch.Generator().manual_seed(7)
 
     def make() -> torch.Tensor:
-        t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        t = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
         if order is not None:
             t = t.permute(order).contiguous().permute(np.argsort(order).tolist())
         return t
@@ -41,10 +41,10 @@ def _step(backend: str, shape: tuple[int, ...], block: int, dtype: torch.dtype =
     d0, d1 = shape[0], shape[1]
     for k in range(steps):
         g = make()
-        stats = torch.full((NAN_ROWS + d0 + d1, 9), float("nan"), dtype=torch.float64)
+        stats = torch.full((NAN_ROWS + d0 + d1, 9), float("nan"), dtype=torch.float64, device=device)
         OP([p], [g], [v], [k == 0], 0.1, None, 0.01, 0.9, 0.0, False, False, None, None, backend, stats,
            [0, d0, -1], [] if sums is None else [sums], [block] if block != 1 else [])
-    return stats[:d0], stats[d0 : d0 + d1 // block], p
+    return stats[:d0].cpu(), stats[d0 : d0 + d1 // block].cpu(), p.cpu()
 
 
 def _fold(cols: torch.Tensor, block: int) -> torch.Tensor:
@@ -76,15 +76,26 @@ def test_a_blocked_track_is_the_unblocked_track_folded(backend, shape, block, dt
     _close(cols, _fold(cols1, block), dtype)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
 @pytest.mark.parametrize("shape,block", SHAPES)
-def test_every_backend_reduces_the_blocked_groups_of_the_float64_reference(shape, block):
-    backends = [b for b in ("cpu", "triton") if b in nm_optim.available_backends()]
-    if not backends:
-        pytest.skip("no compiled or Triton backend here")
-    _, want, _ = _step("reference", shape, block, torch.float64)
-    for backend in backends:
-        _, got, _ = _step(backend, shape, block, torch.float64)
-        _close(got, want, torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_backend_reduces_the_blocked_groups_of_the_float64_reference(backend, shape, block, dtype):
+    """On a GPU the CUDA and Triton kernels (bench/gpu_check.sh runs this file); here the
+    compiled CPU kernel, and Triton in its interpreter where installed (TRITON_INTERPRET=1). The
+    update is the unblocked step's, to the bit."""
+    device = "cpu" if backend == "cpu" else DEVICE
+    if backend not in nm_optim.available_backends(device):
+        pytest.skip(f"backend {backend!r} is not available for {device} here")
+    _, want, _ = _step("reference", shape, block, torch.float64, device=device)
+    rows1, cols1, p1 = _step(backend, shape, 1, dtype, device=device)
+    rows, got, p = _step(backend, shape, block, dtype, device=device)
+    assert torch.equal(p, p1)
+    _close(rows, rows1, dtype)
+    _close(got, _fold(cols1, block), dtype)
+    _close(got, want, dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
