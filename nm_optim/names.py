@@ -57,12 +57,6 @@ def track_sums(track: "dict[str, object]") -> tuple[str, ...]:
     return STAT_NAMES if sums is None else tuple(sums)  # type: ignore[arg-type]
 
 
-def track_block(track: "dict[str, object]") -> int:
-    """The columns per group of a record's track (its meta entry's "block"): 1 for a record
-    written before tracks had column blocks (nm_optim/tracks.py)."""
-    return int(track.get("block", 1))  # type: ignore[call-overload]
-
-
 # A track's axis: one group per index of dim 0, one per index of dim 1 (reducing over dim 0 and
 # dims >= 2), or the whole tensor as one group.
 AXES = ("rows", "cols", "all")

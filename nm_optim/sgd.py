@@ -660,10 +660,10 @@ class SGD(Optimizer):
         (rows, cols, all; -1 untracked), one mask per param (the sums its tracks reduce; all 9
         for an untracked one, which the kernels do not read) and one column block per param (1
         but for a "cols" track with a block), or all empty when no param of the call is tracked.
-        The masks (blocks) are empty too where every one is all 9 (1): the op reads empty so,
-        and such a call is the one it was before tracks could ask for fewer sums (for blocks). A
-        repeated occurrence (repeats[i]) is stepped untracked: the statistics are of the
-        pre-step values."""
+        The masks are empty too where every one is all 9, the blocks where every one is 1 (the
+        op reads empty so): such a call is the one it was before tracks could ask for fewer sums
+        or column blocks. A repeated occurrence (repeats[i]) is stepped untracked: the statistics
+        are of the pre-step values."""
         if not self._tracks:
             return [], [], []
         found = [None if again else self._tracks.offsets(p) for p, again in zip(params, repeats)]

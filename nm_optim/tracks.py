@@ -132,8 +132,8 @@ class Track:
 
     def describe(self) -> dict[str, Any]:
         """The track in a record's meta: "sums" names the columns that hold sums (names.track_sums
-        reads a record written before it as all 9), "block" the columns per group (names.track_block
-        reads a record written before it as 1)."""
+        reads a record written before it as all 9), "block" the columns per group (absent in a
+        record written before column blocks: 1, nm_optim/record/format.py)."""
         return {
             "name": self.name,
             "axis": self.axis,
