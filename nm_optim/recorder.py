@@ -67,7 +67,7 @@ from torch import Tensor
 
 from nm_optim import _lazy
 from nm_optim._version import __version__
-from nm_optim.names import HYPER_NAMES, STAT_NAMES
+from nm_optim.names import HYPER_NAMES, PRODUCT_SUMS, STAT_NAMES
 from nm_optim.names import RECORD_FORMAT as FORMAT
 from nm_optim.names import RECORD_FORMAT_VERSION as FORMAT_VERSION
 from nm_optim.tracks import Track, TrackTable, describe_value
@@ -404,6 +404,7 @@ class Recorder:
         tail = None
         if n:
             host = [saved[str(d)].detach().cpu().numpy().astype(np.float64, copy=True) for d in self._tracks.devices()]
+            self._check_saved_sums(host)
             tail = _chunk_from_meta(meta, 0, n, host, {}, len(tracks))
         link = state.get("stream")
         if link is not None and link.get("path") is None:
@@ -454,6 +455,26 @@ class Recorder:
         self._collected = self._stream.records if self._stream is not None else 0
         if tail is not None:
             self._add(tail)
+
+    def _check_saved_sums(self, host: list[np.ndarray]) -> None:
+        """ValueError if the records of an in-memory state lack a sum this optimizer's tracks
+        hold (a run whose tracks reduced only the products, resumed by tracks reducing all 9):
+        the record's meta would promise sums that its first records hold as NaN. The state
+        carries no "sums" (a key dcp.load would miss in older checkpoints), so the records tell:
+        Σp is NaN in every record of a track while Σp² is finite in one (the data cannot do that:
+        a p that makes Σp NaN or inf makes Σp² so too) where the track reduced only the products."""
+        index = {d: k for k, d in enumerate(self._tracks.devices())}
+        p, pp = STAT_NAMES.index("p"), STAT_NAMES.index("pp")
+        for t in self._tracks.tracks:
+            if "p" not in t.sums:
+                continue
+            s = host[index[t.device]][:, t.row : t.row + t.num_groups]
+            if np.isfinite(s[..., pp]).any() and np.isnan(s[..., p]).all():
+                lost = [n for n in t.sums if n not in PRODUCT_SUMS]
+                raise ValueError(
+                    f"recorder state: track {t.name!r} holds no {lost} in any of its records, which this optimizer's "
+                    f"track reduces ({list(t.sums)}): the run was recorded with fewer sums; resume it with the "
+                    f"sums it recorded (track=[(param, {t.axis!r}, sums)]; symmetries= ask for their laws' sums)")
 
     # -- internals -------------------------------------------------------------------------
     @staticmethod

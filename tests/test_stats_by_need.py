@@ -231,6 +231,30 @@ def test_an_old_stream_loads_and_continues_only_with_every_sum_it_holds(tmp_path
     assert len(nm_optim.load_record(folder).steps) == 5
 
 
+def test_an_in_memory_checkpoint_resumes_only_with_the_sums_it_recorded():
+    """A recorder state holds its records, not which sums they hold: the records tell (a
+    column NaN in every record); tracks that would reduce more are refused, naming the track."""
+    def run(sums):
+        model = net()
+        ask = (lambda p: (p, "rows") if sums is None else (p, "rows", sums))
+        return model, nm_optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, backend="reference",
+                                   track=[ask(model[0].weight), ask(model[3].weight)])
+
+    model, fewer = run(PRODUCT_SUMS)
+    train(model, fewer, 3)
+    state = fewer.recorder.state_dict()
+    _, nine = run(None)
+    with pytest.raises(ValueError, match=r"track '0.weight:rows' holds no \['p', 'g', 'v'\] in any of its records"):
+        nine.recorder.load_state_dict(state)
+    model, again = run(PRODUCT_SUMS)
+    again.recorder.load_state_dict(state)
+    train(model, again, 2)
+    assert len(again.recorder.snapshot().steps) == 5
+    model, more = run(None)
+    train(model, more, 2)
+    fewer.recorder.load_state_dict(more.recorder.state_dict())  # more sums than it reduces: kept
+
+
 def test_a_record_whose_sums_are_no_set_is_damaged(tmp_path):
     (_, products), _ = product_and_all_nine("reference")
     record = products.recorder.snapshot()
