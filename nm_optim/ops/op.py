@@ -395,7 +395,9 @@ sgd_step_ = torch.ops.nm_optim.sgd_step_
 dampening, nesterov, maximize, grad_scale, found_inf, backend, stats=None, stats_offsets=[],
 stats_sums=[], stats_blocks=[])``: one fused SGD step, in place, over tensors of one device and dtype (the
 arguments after the lists are StepArgs' fields; stats_sums[i] is the bit mask of the sums param
-i's tracks hold, the other columns written NaN: see nm_optim.names.SUM_MASKS). ``momentum_buffers`` and ``is_first`` are empty when momentum == 0; otherwise
+i's tracks hold, the other columns written NaN: see nm_optim.names.SUM_MASKS; stats_blocks[i] the
+columns per group of its "cols" track: see nm_optim/tracks.py). ``momentum_buffers`` and
+``is_first`` are empty when momentum == 0; otherwise
 ``is_first[i]`` says buffer i is created by this step (v' = d, its old contents unread).
 """
 
