@@ -190,13 +190,14 @@ def _convnet() -> nn.Module:
                          nn.Linear(12, 10))
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 4) -> None:
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 4, step=None) -> None:
+    """`steps` steps on fixed batches; `step`: what steps (default opt.step, e.g. a compiled one)."""
     for k in range(steps):
         gen = torch.Generator().manual_seed(k)
         x, y = torch.randn(6, 3, 4, 4, generator=gen), torch.randint(0, 10, (6,), generator=gen)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        opt.step()
+        (step or opt.step)()
 
 
 def test_symmetries_after_a_flatten_track_one_group_per_channel_and_keep_their_laws():
@@ -229,6 +230,20 @@ def test_symmetries_after_a_flatten_track_one_group_per_channel_and_keep_their_l
             np.testing.assert_allclose(ga[role][..., cols], gb[role][..., cols], rtol=1e-5, atol=1e-9)
         pa, pb = nm_optim.theory.predict(ra, sa), nm_optim.theory.predict(rb, sb)
         np.testing.assert_allclose(pa.exact, pb.exact, rtol=1e-5, atol=1e-9)
+
+
+def test_find_symmetries_on_the_real_vgg16_tracks_fc1_as_512_groups_of_49():
+    """README's claim behind the 224 x 224 number: the rescale across VGG-16's Flatten asks for
+    fc1's columns in 49s, and the track reduces 512 groups (the classifier keeps one per column)."""
+    from nm_optim.models import example_input, get_model
+
+    torch.manual_seed(0)
+    model = get_model("vgg16", num_classes=1000, image_size=224)
+    syms = nm_optim.find_symmetries(model, example_input(model))
+    opt = nm_optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9, symmetries=syms)
+    cols = {t.name: (t.block, t.num_groups) for t in opt.tracks if t.axis == "cols"}
+    assert cols["classifier.0.weight:cols"] == (49, 512)
+    assert all(b == 1 for name, (b, _) in cols.items() if name != "classifier.0.weight:cols")
 
 
 def test_a_record_without_blocks_reads_as_one_group_per_column(tmp_path):
@@ -291,13 +306,7 @@ def test_a_compiled_step_passes_the_blocks_and_keeps_eagers_bits():
         model = _convnet()
         syms = nm_optim.find_symmetries(model, torch.randn(2, 3, 4, 4), loss=F.cross_entropy)
         opt = nm_optim.SGD(model.parameters(), lr=0.05, momentum=0.9, symmetries=syms)
-        step = torch.compile(opt.step, backend=rec) if compiled else opt.step
-        for k in range(3):
-            gen = torch.Generator().manual_seed(k)
-            x, y = torch.randn(6, 3, 4, 4, generator=gen), torch.randint(0, 10, (6,), generator=gen)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            step()
+        _train(model, opt, 3, torch.compile(opt.step, backend=rec) if compiled else None)
         runs.append((model, opt))
         if compiled:
             assert_nothing_fell_back((RECORDER,))

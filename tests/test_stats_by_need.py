@@ -206,14 +206,16 @@ def write_old_stream(folder) -> None:
     path.write_text(_seal(json.dumps(meta, indent=1)))
 
 
-def test_an_old_stream_loads_and_continues_only_with_every_sum_it_holds(tmp_path):
-    def run(sums):
-        model = net()
-        ask = (lambda p: (p, "rows") if sums is None else (p, "rows", sums))
-        return model, nm_optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, backend="reference",
-                                   track=[ask(model[0].weight), ask(model[3].weight)])
+def rows_run(sums: tuple[str, ...] | None) -> tuple[nn.Module, nm_optim.SGD]:
+    """net() with "rows" tracks on two weights asking for `sums` (None: all 9)."""
+    model = net()
+    ask = (lambda p: (p, "rows") if sums is None else (p, "rows", sums))
+    return model, nm_optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, backend="reference",
+                               track=[ask(model[0].weight), ask(model[3].weight)])
 
-    model, opt = run(None)
+
+def test_an_old_stream_loads_and_continues_only_with_every_sum_it_holds(tmp_path):
+    model, opt = rows_run(None)
     folder = opt.recorder.stream_to(tmp_path / "s")
     train(model, opt, 3)
     state = opt.recorder.state_dict()
@@ -221,10 +223,10 @@ def test_an_old_stream_loads_and_continues_only_with_every_sum_it_holds(tmp_path
     write_old_stream(folder)
     old = nm_optim.load_record(folder)
     assert [track_sums(t) for t in old.tracks] == [STAT_NAMES] * 2 and np.isfinite(old.stats[0]).all()
-    _, fewer = run(PRODUCT_SUMS)
+    _, fewer = rows_run(PRODUCT_SUMS)
     with pytest.raises(ValueError, match=r"track '0.weight:rows' holds the sums \['p', 'g', 'v'.*not \['p', 'g', 'v'\]"):
         fewer.recorder.load_state_dict(state)
-    model, again = run(None)
+    model, again = rows_run(None)
     again.recorder.load_state_dict(state)
     train(model, again, 2)
     again.recorder.close()
@@ -234,23 +236,17 @@ def test_an_old_stream_loads_and_continues_only_with_every_sum_it_holds(tmp_path
 def test_an_in_memory_checkpoint_resumes_only_with_the_sums_it_recorded():
     """A recorder state holds its records, not which sums they hold: the records tell (a
     column NaN in every record); tracks that would reduce more are refused, naming the track."""
-    def run(sums):
-        model = net()
-        ask = (lambda p: (p, "rows") if sums is None else (p, "rows", sums))
-        return model, nm_optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, backend="reference",
-                                   track=[ask(model[0].weight), ask(model[3].weight)])
-
-    model, fewer = run(PRODUCT_SUMS)
+    model, fewer = rows_run(PRODUCT_SUMS)
     train(model, fewer, 3)
     state = fewer.recorder.state_dict()
-    _, nine = run(None)
+    _, nine = rows_run(None)
     with pytest.raises(ValueError, match=r"track '0.weight:rows' holds no \['p', 'g', 'v'\] in any of its records"):
         nine.recorder.load_state_dict(state)
-    model, again = run(PRODUCT_SUMS)
+    model, again = rows_run(PRODUCT_SUMS)
     again.recorder.load_state_dict(state)
     train(model, again, 2)
     assert len(again.recorder.snapshot().steps) == 5
-    model, more = run(None)
+    model, more = rows_run(None)
     train(model, more, 2)
     fewer.recorder.load_state_dict(more.recorder.state_dict())  # more sums than it reduces: kept
 
