@@ -657,7 +657,6 @@ class StatsLayout:
         self.sums = list(sums)  # a copy, as the offsets
         self.sums_key = tuple(sums)
         self.blocks = list(blocks)
-        self.blocks_key = tuple(blocks)
         self.shaped = [i for i in range(n) if tracked[i] and not (cpu and only_all[i])]
         self.shapes = [shapes[i] for i in self.shaped]
         self.tracked = any(tracked)
