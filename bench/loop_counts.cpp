@@ -1,12 +1,18 @@
 // The CPU kernel's hot loops, one function each, for bench/loop_counts.py to disassemble and
 // count (instructions per element: what the bound in docs/architecture.md, "The CPU statistics:
 // what bounds them", is made of). Each wrapper runs one loop exactly as the extension compiles
-// it (the kernel's source is included; float32, momentum 0.9 after the first step, weight
+// it (the kernel's headers are included; float32, momentum 0.9 after the first step, weight
 // decay): the plain step (AVX2 + FMA variant), a row segment
 // with the 9 statistics (Stats512::row_seg: "rows" and "all" tracks), the two passes of two
 // rows with column partials (Stats512::pass: "rows" + "cols") and the range check before each
 // chunk of either (chunk_in_range).
-#include "cpu/sgd_step_cpu.cpp"
+//
+// The loops' headers, not the kernel's whole source (cpu/sgd_step_cpu.cpp instantiates every
+// dtype and flag combination: 4 minutes at -O3 on one core): a template's code does not depend on
+// which others the translation unit instantiates, and the counts are the same either way
+// (compared when this changed).
+#include "cpu/plain_step.h"
+#include "cpu/stats_avx512.h"
 
 using namespace nm_optim;
 
