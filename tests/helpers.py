@@ -105,9 +105,11 @@ def axes_for(shape) -> list[str]:
     return ["rows", "cols", "all"] if len(shape) >= 2 else ["rows", "all"]
 
 
-def expected_stats(p, g, v, axis) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 sums and the sums of absolute terms (the scale of each sum's rounding)."""
+def expected_stats(p, g, v, axis, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 sums and the sums of absolute terms (the scale of each sum's rounding). `block`: a
+    "cols" track's column block (groups of `block` consecutive columns)."""
     d0, d1, rest = geometry(p.shape)
+    d1, rest = d1 // block, block * rest  # a group of `block` columns: consecutive in memory order
     terms = torch.stack([p, g, v, p * p, g * g, v * v, p * g, p * v, g * v], -1).reshape(d0, d1, rest, 9)
     dims = {"rows": (1, 2), "cols": (0, 2), "all": (0, 1, 2)}[axis]
     n = {"rows": d0, "cols": d1, "all": 1}[axis]

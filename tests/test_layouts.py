@@ -144,26 +144,28 @@ def layout_cases(draw):
     perm = tuple(draw(st.permutations(range(ndim))))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     axes = draw(st.lists(st.sampled_from(["rows", "cols", "all"]), min_size=1, max_size=3, unique=True))
+    # the "cols" track's column block: any divisor of size(1) (1: one group per column)
+    block = draw(st.sampled_from([b for b in range(1, shape[1] + 1) if shape[1] % b == 0]))
     hyper = draw(st.sampled_from([dict(), dict(momentum=0.9, weight_decay=1e-2),
                                   dict(momentum=0.9, dampening=0.3), dict(momentum=0.8, nesterov=True)]))
-    return shape, kind, perm, dtype, axes, hyper
+    return shape, kind, perm, dtype, axes, block, hyper
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=layout_cases())
 def test_every_layout_is_torch_bitwise_with_exact_statistics(backend, case):
-    """Random shapes, layouts (contiguous, a dense permutation, a strided slice), dtypes, axes and
-    hyper-parameters: params and buffers bitwise torch.optim.SGD's, statistics within 1e-6 of the
-    summed magnitudes of a float64 computation, for every track axis."""
+    """Random shapes, layouts (contiguous, a dense permutation, a strided slice), dtypes, axes,
+    column blocks and hyper-parameters: params and buffers bitwise torch.optim.SGD's, statistics
+    within 1e-6 of the summed magnitudes of a float64 computation, for every track axis."""
     if backend not in nm_optim.available_backends("cpu"):
         pytest.skip(f"backend {backend!r} not available")
-    shape, kind, perm, dtype, axes, hyper = case
+    shape, kind, perm, dtype, axes, block, hyper = case
     torch.manual_seed(0)
     base = _layout(perm, shape, kind, dtype)
     ours = torch.nn.Parameter(base)  # keeps base's strides (a dense permutation, or a strided slice)
     theirs = torch.nn.Parameter(ours.detach().clone(memory_format=torch.preserve_format))
-    tracks = [(ours, a) for a in axes]
+    tracks = [(ours, a, None, block) if a == "cols" else (ours, a) for a in axes]
     opt = nm_optim.SGD([ours], lr=0.1, backend=backend, track=tracks, **hyper)
     ref = torch.optim.SGD([theirs], lr=0.1, **hyper)
     gen = torch.Generator().manual_seed(1)
@@ -176,6 +178,7 @@ def test_every_layout_is_torch_bitwise_with_exact_statistics(backend, case):
         ref.step()
         assert torch.equal(ours.detach().contiguous().view(-1), theirs.detach().contiguous().view(-1)), \
             f"step {step}: the update is not torch's bits"
-        for (_, axis), got in zip(tracks, opt.last_stats()):
-            want, scale = expected_stats(pre_p, g.double(), pre_v, axis)
-            assert_stats_close(got, want, scale, f"{kind} {shape} step {step} {axis}")
+        for (_, axis, *_), got in zip(tracks, opt.last_stats()):
+            b = block if axis == "cols" else 1
+            want, scale = expected_stats(pre_p, g.double(), pre_v, axis, b)
+            assert_stats_close(got, want, scale, f"{kind} {shape} step {step} {axis} block {b}")
