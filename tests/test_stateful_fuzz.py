@@ -11,6 +11,7 @@ record"):
 - the record saved (``opt.recorder.save``) and streamed (``stream_to``), read back with
   ``nm_optim.load_record``, and single-byte damage to those files.
 
+Each param has a track drawn at the start (rows, cols, cols in column blocks, all, or none).
 Invariants: params and momentum buffers are torch's bit for bit (NaN bits included); the last
 step's statistics are within float32 / float64 rounding of a float64 computation from the
 pre-step tensors (of tied params: the memory as torch's loop leaves it for that param); a record
@@ -144,9 +145,10 @@ class SideBySide(RuleBasedStateMachine):
         # one call, stepped by two threads at once, gave hundreds of elements unlike torch's)
         rows=st.sampled_from([4, 11_000]),
         # the track of each param (None: untracked); the CPU kernel cuts a bucket with a cols
-        # track into tiles of whole rows, others into flat tiles: each its own threading
-        axes=st.tuples(*[st.sampled_from([None, "rows", "cols", "all"])] * 3, st.sampled_from([None, "rows", "all"]),
-                       st.sampled_from([None, "rows", "cols", "all"])),
+        # track into tiles of whole rows, others into flat tiles: each its own threading.
+        # ("cols", b): a cols track in column blocks of b (all of a, b, c's 3 columns, e's 2)
+        axes=st.tuples(*[st.sampled_from([None, "rows", "cols", ("cols", 3), "all"])] * 3,
+                       st.sampled_from([None, "rows", "all"]), st.sampled_from([None, "rows", "cols", ("cols", 2), "all"])),
         seed=st.integers(0, 2**16),
     )
     def setup(self, backend, dtype, momentum, nesterov, dampening, weight_decay, maximize, rows, axes, seed):
@@ -169,7 +171,8 @@ class SideBySide(RuleBasedStateMachine):
         self.npz_record = None
 
     def new_ours(self):
-        track = [(p, axis) for p, axis in zip(self.ours, self.axes) if axis is not None]
+        track = [(p, *axis[:1], None, *axis[1:]) if isinstance(axis, tuple) else (p, axis)
+                 for p, axis in zip(self.ours, self.axes) if axis is not None]
         opt = nm_optim.SGD(list(zip(NAMES, self.ours)), backend=self.backend, track=track, **self.hyper)
         opt.recorder.chunk = 4  # several chunks (and a partial one) within a run of ~15 rules
         self.history: list[list[np.ndarray]] = []  # each step's last_stats(), as reported
@@ -247,13 +250,13 @@ class SideBySide(RuleBasedStateMachine):
             k = index[id(t.param)]
             value, buf = pre[k]
             if grads[k] is None:
-                n = expected_stats(value.double(), value.double(), value.double(), t.axis)[0].shape[0]
+                n = expected_stats(value.double(), value.double(), value.double(), t.axis, t.block)[0].shape[0]
                 nan = torch.full((n, 9), float("nan"), dtype=torch.float64)
                 expected.append((nan, nan, 0.0, f"{t.name} (no grad)"))
                 continue
             g = grads[k].double() * (-1 if self.hyper["maximize"] else 1)
             v = torch.zeros_like(value, dtype=torch.float64) if buf is None or first[k] else buf.double()
-            want, scale = expected_stats(value.double(), g, v, t.axis)
+            want, scale = expected_stats(value.double(), g, v, t.axis, t.block)
             lowest = torch.float32 if torch.float32 in (value.dtype, getattr(buf, "dtype", None)) else torch.float64
             expected.append((want, scale, STATS_TOL[lowest], t.name))
         reported = self.opt_o.last_stats()
