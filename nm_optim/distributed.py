@@ -13,7 +13,7 @@
   Symmetries: torch.fx cannot trace a sharded model, so ``find_symmetries`` runs on the plain
   model before ``fully_shard``; ``fully_shard`` then replaces the Parameter objects (keeping the
   names) and ``nm_optim.SGD(model.parameters(), symmetries=syms)`` matches each member to the
-  DTensor param of its name (sgd.py, ``_with_symmetries``): a DTensor's shape is the whole
+  DTensor param of its name (tracks.py, ``with_symmetries``): a DTensor's shape is the whole
   tensor's, so the members' shapes still fit and their tracks are whole-tensor statistics.
 - **DDP**: params, buffers and (all-reduced) grads are identical on every rank before the step
   and the kernels' reductions are deterministic, so statistics and records are identical on

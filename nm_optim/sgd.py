@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import is_, is_not
 from typing import Any
@@ -14,16 +13,17 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from nm_optim._lazy import assume_constant_result, disable
+from nm_optim.aliasing import call_levels
 from nm_optim.distributed import check_not_zero_partition, has_dtensors, local_tensors
-from nm_optim.names import ALL_SUMS_MASK, STAT_INDEX, check_backend_name
+from nm_optim.names import ALL_SUMS_MASK, check_backend_name
 from nm_optim.ops import plan as _ops_plan
 from nm_optim.ops import resolve_backend
 from nm_optim.ops.op import sgd_step as sgd_step_  # the op; straight to its implementation where that is the same
+from nm_optim.param_checks import DTYPES, buffer_ok, check_differentiable, check_param, raise_buffer_error
 from nm_optim.recorder import Recorder
 from nm_optim.symmetry import Symmetry
-from nm_optim.tracks import Track, TrackTable, track_asks
+from nm_optim.tracks import Track, TrackTable, with_symmetries
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _data_ptr = Tensor.data_ptr
 _UNTRACKED = (-1, -1, -1)
 # Backends that read a CPU lr tensor as the float64 it holds, as they read a float lr.
@@ -173,7 +173,7 @@ class SGD(Optimizer):
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _check_differentiable(differentiable)
+        check_differentiable(differentiable)
         check_backend_name(backend)
         defaults = {
             "lr": lr,
@@ -198,7 +198,7 @@ class SGD(Optimizer):
             # gradient clipping after unscale_ works and the bits are torch's default path's.
             self._step_supports_amp_scaling = True
         check_not_zero_partition(track is not None or bool(symmetries))
-        spec, names, self.symmetries = _with_symmetries(track, symmetries, self.param_groups)
+        spec, names, self.symmetries = with_symmetries(track, symmetries, self.param_groups)
         self._tracks = TrackTable(spec, self.param_groups, names)
         self.recorder = self._new_recorder(record_every)
 
@@ -244,7 +244,7 @@ class SGD(Optimizer):
         symmetries = state.pop("_symmetries", None)
         super().__setstate__(state)
         if "_tracks" not in self.__dict__:
-            spec, names, self.symmetries = _with_symmetries(spec, symmetries, self.param_groups)
+            spec, names, self.symmetries = with_symmetries(spec, symmetries, self.param_groups)
             self._tracks = TrackTable(spec, self.param_groups, names)
             self.recorder = self._new_recorder(record_every)
         self._nm_dtensors = has_dtensors(self.param_groups)
@@ -266,7 +266,7 @@ class SGD(Optimizer):
         if "backend" in param_group:
             check_backend_name(param_group["backend"])
         if "differentiable" in param_group:
-            _check_differentiable(param_group["differentiable"])
+            check_differentiable(param_group["differentiable"])
         super().add_param_group(param_group)
         # Checked when the param set changes, so that step() reads one attribute (and the
         # single-process step, compiled or not, meets no distributed code).
@@ -419,7 +419,7 @@ class SGD(Optimizer):
         sparse = [g.is_sparse for g in grads]
         if any(sparse):
             i = sparse.index(True)
-            _check_param(group, i if index is None else index[i], params[i], grads[i])
+            check_param(group, i if index is None else index[i], params[i], grads[i])
 
         buckets = []
         if torch.compiler.is_compiling():
@@ -467,8 +467,8 @@ class SGD(Optimizer):
         sizes and strides: a grad that is None or sparse, a param or buffer of another dtype,
         device or shape (also one reshaped in place, its element count and address unchanged), a
         missing buffer, momentum turned on or off (buffers or none) fails it. Every check of the
-        full path depends on those only, so it would pass again: the sparse grads (_check_param),
-        the dtypes (_build_plan), each buffer against its param (_check_buffers: _buffer_ok), each
+        full path depends on those only, so it would pass again: the sparse grads (check_param),
+        the dtypes (_build_plan), each buffer against its param (_check_buffers: buffer_ok), each
         tracked param's shape and device (TrackTable.check_unchanged, which step() skips when
         every param of the optimizer is in such a call). Buffers all exist: is_first is all False.
 
@@ -565,7 +565,7 @@ class SGD(Optimizer):
         and shapes, two C-level passes. Under torch.compile the metadata comparisons are traced
         (Dynamo guards what they read)."""
         if torch.compiler.is_compiling():
-            bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not _buffer_ok(p, b)]
+            bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not buffer_ok(p, b)]
         else:
             checked = self.__dict__.setdefault("_nm_checked_buffers", {})
             last = checked.get(key)
@@ -573,7 +573,7 @@ class SGD(Optimizer):
             if (last is not None and last[0] is plan and len(last[1]) == len(bufs) and all(map(is_, bufs, last[1]))
                     and last[2] == shapes):
                 return
-            bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not _buffer_ok(p, b)]
+            bad = [i for i, (p, b) in enumerate(zip(params, bufs)) if not buffer_ok(p, b)]
             if not bad:
                 # Holds the buffers, so an id cannot be reused by another object while cached.
                 checked[key] = (plan, list(bufs), shapes)
@@ -581,7 +581,7 @@ class SGD(Optimizer):
             self._tracks.check_unchanged()  # a tracked param's new shape: its own, more useful error
         for i in bad:
             j = members[i] if members is not None else i
-            _raise_buffer_error(group, index[j] if index is not None else j, params[i], bufs[i])
+            raise_buffer_error(group, index[j] if index is not None else j, params[i], bufs[i])
 
     def _plan(self, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
         """The kernel calls of a group: (device, positions in `params` or None for all, statistics
@@ -592,7 +592,7 @@ class SGD(Optimizer):
         A param listed several times (torch warns, and steps it once per occurrence, in order)
         goes into one call per occurrence: in one call the kernel's threads would step the same
         memory at once, a data race. So does a param whose memory may overlap an earlier one's
-        (views of one storage: see _call_levels), so that it sees that one's result, as in
+        (views of one storage: see call_levels), so that it sees that one's result, as in
         torch.optim.SGD's loop.
 
         The cache is keyed on the params' identities and on where their memory starts, so that
@@ -617,7 +617,7 @@ class SGD(Optimizer):
         """_plan's cached result for these params (the same objects, in order, at the same
         addresses), or None."""
         found = self._plan_of(group, params)
-        # A DTensor has no address of its own here (the op steps its local shard; _memory_span).
+        # A DTensor has no address of its own here (the op steps its local shard; memory_span).
         where = None if self._nm_dtensors else tuple(map(_data_ptr, params))
         return found[0] if found is not None and found[1] == where else None
 
@@ -639,14 +639,14 @@ class SGD(Optimizer):
         seen: Counter[int] = Counter()
         occurrence = []
         for i, p in enumerate(params):
-            if p.dtype not in _DTYPES:
-                _check_param(group, i if index is None else index[i], p, p)
+            if p.dtype not in DTYPES:
+                check_param(group, i if index is None else index[i], p, p)
             occurrence.append(seen[id(p)])
             seen[id(p)] += 1
         repeated = [k > 0 for k in occurrence]
         # The k-th occurrence of a param goes to call k or later even where its memory span is
-        # unknown (a DTensor: _memory_span), so that no call sees one tensor twice.
-        for i, (p, level) in enumerate(zip(params, _call_levels(params))):
+        # unknown (a DTensor: memory_span), so that no call sees one tensor twice.
+        for i, (p, level) in enumerate(zip(params, call_levels(params))):
             plan.setdefault((max(level, occurrence[i]), p.device, p.dtype), []).append(i)
         # All calls of level 0, then of level 1, ...; a stable sort keeps the group's order within
         # each (params of one level are independent, so only overlapping params' order matters).
@@ -770,270 +770,3 @@ def _plan_at_trace_time(opt: SGD, gi: int) -> list | None:
 def _plan_eagerly(opt: SGD, group: dict[str, Any], params: list[Tensor], index: list[int] | None) -> list:
     return opt._build_plan(group, params, index)
 
-
-def _buffer_ok(p: Tensor, buf: Any) -> bool:
-    """Whether torch.optim.SGD's ops surely accept `buf` as `p`'s momentum buffer: a strided tensor
-    of p's shape and device, of p's dtype or another floating one (torch's in-place ops compute a
-    float64 buffer with a float32 param in float64: the reference follows them)."""
-    return (isinstance(buf, Tensor) and buf.layout == torch.strided and buf.shape == p.shape
-            and buf.device == p.device and (buf.dtype == p.dtype or buf.dtype.is_floating_point))
-
-
-def _broadcast_error(out: Sequence[int], other: Sequence[int], in_place: bool) -> tuple[str | None, list[int]]:
-    """torch's message for ``out.add_(other)`` (in_place) or ``out.add(other)`` when the shapes do
-    not fit (ATen's infer_size and TensorIterator's in-place check), or None; and the shape of
-    the result."""
-    ndim = max(len(out), len(other))
-    shape = [0] * ndim
-    for i in reversed(range(ndim)):  # from the last dim, as infer_size
-        a = out[len(out) - ndim + i] if len(out) - ndim + i >= 0 else 1
-        b = other[len(other) - ndim + i] if len(other) - ndim + i >= 0 else 1
-        if a != b and a != 1 and b != 1:
-            return f"The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {i}", []
-        shape[i] = b if a == 1 else a
-    if in_place and shape != list(out):
-        return f"output with shape {list(out)} doesn't match the broadcast shape {shape}", shape
-    return None, shape
-
-
-def _buffer_error(group: dict[str, Any], i: int, p: Tensor, buf: Any) -> Exception | None:
-    """The exception torch.optim.SGD's step raises for param `i` of `group` with momentum buffer
-    `buf` (torch/optim/sgd.py, _single_tensor_sgd: ``buf.mul_(momentum).add_(grad, alpha=1 -
-    dampening)``, ``grad.add(buf, alpha=momentum)`` if nesterov, ``param.add_(grad, alpha=-lr)``),
-    with torch's type and message, naming the param; None if torch's ops accept it."""
-    name = _param_name(group, i, p)
-
-    def error(kind: type, message: str) -> Exception:
-        desc = (f"a {tuple(buf.shape)} {buf.dtype} tensor ({buf.layout}) on {buf.device}" if isinstance(buf, Tensor)
-                else f"a {type(buf).__name__}")
-        text = (f"momentum buffer of parameter {name}: {message} (the buffer is {desc}, the parameter a "
-                f"{tuple(p.shape)} {p.dtype} tensor on {p.device}; nothing was stepped)")
-        try:
-            return kind(text)
-        except Exception:  # an exception type with another constructor
-            return RuntimeError(text)
-
-    if not isinstance(buf, Tensor):
-        return error(AttributeError, f"'{type(buf).__name__}' object has no attribute 'mul_'")
-    mom, damp, nesterov = float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"])
-    lr = group["lr"]
-    lr = float(lr) if not isinstance(lr, Tensor) else 1.0
-    if buf.layout != torch.strided:  # torch's ops on a copy (the error path only)
-        try:
-            v, d, q = buf.detach().clone(), torch.zeros_like(p.detach()), p.detach().clone()
-            v.mul_(mom).add_(d, alpha=1 - damp)
-            q.add_(d.add(v, alpha=mom) if nesterov else v, alpha=-lr)
-        except Exception as e:
-            return error(type(e), str(e))
-        return None
-    # Shapes as ATen checks them; dtypes and devices by torch's own ops on one-element stand-ins
-    # (dimensioned, so that they promote as the real tensors do), op by op in torch's order.
-    v1 = torch.zeros(1, dtype=buf.dtype, device=buf.device)
-    d1 = torch.zeros(1, dtype=p.dtype, device=p.device)
-    try:
-        v1.mul_(mom)
-    except Exception as e:
-        return error(type(e), str(e))
-    message, _ = _broadcast_error(buf.shape, p.shape, in_place=True)
-    if message:
-        return error(RuntimeError, message)
-    try:
-        v1.add_(d1, alpha=1 - damp)
-        u1, u_shape = v1, list(buf.shape)
-        if nesterov:
-            message, u_shape = _broadcast_error(p.shape, buf.shape, in_place=False)
-            if message:
-                return error(RuntimeError, message)
-            u1 = d1.add(v1, alpha=mom)
-        message, _ = _broadcast_error(p.shape, u_shape, in_place=True)
-        if message:
-            return error(RuntimeError, message)
-        d1.add_(u1, alpha=-lr)
-    except Exception as e:
-        return error(type(e), str(e))
-    return None
-
-
-# Eager code: under torch.compile a graph break on this failing path only (the stand-in ops and
-# the exception are not traced).
-@disable
-def _raise_buffer_error(group: dict[str, Any], i: int, p: Tensor, buf: Any) -> None:
-    error = _buffer_error(group, i, p, buf)
-    if error is not None:
-        raise error
-
-
-def _memory_span(p: Tensor) -> tuple[torch.device, int, int] | None:
-    """The device and the byte addresses [lo, hi) that hold `p`'s elements (all of them between
-    its first and last element, so views that interleave count as overlapping: the safe side);
-    None for a tensor without elements or without storage of its own (a DTensor, a fake
-    tensor)."""
-    if p.numel() == 0 or type(p) not in (Tensor, torch.nn.Parameter):
-        return None
-    try:
-        lo = p.data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return p.device, lo, lo + p.element_size() * (1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride())))
-
-
-def _call_levels(params: list[Tensor]) -> list[int]:
-    """For each param, the kernel call it goes to within its (device, dtype): 0, or one past the
-    call of every earlier param whose memory may overlap it (a repeated param overlaps itself).
-    Params in one call share no memory, and overlapping ones are stepped in their order."""
-    levels = [0] * len(params)
-    by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
-    for i, p in enumerate(params):
-        span = _memory_span(p)
-        if span is not None:
-            by_device.setdefault(span[0], []).append((span[1], span[2], i))
-    for spans in by_device.values():
-        for cluster in _overlapping(sorted(spans)):
-            members = sorted(cluster, key=lambda c: c[2])  # in the group's order
-            for k, (lo, hi, i) in enumerate(members):
-                levels[i] = max((levels[j] + 1 for lo_j, hi_j, j in members[:k] if lo_j < hi and lo < hi_j), default=0)
-    return levels
-
-
-def _overlapping(spans: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
-    """The clusters of two or more spans [lo, hi) (sorted by lo) linked by overlaps."""
-    cluster: list[tuple[int, int, int]] = []
-    end = 0
-    for span in spans:
-        if cluster and span[0] >= end:
-            if len(cluster) > 1:
-                yield cluster
-            cluster = []
-        end = max(end, span[1]) if cluster else span[1]
-        cluster.append(span)
-    if len(cluster) > 1:
-        yield cluster
-
-
-def _with_symmetries(
-    track: Any, symmetries: Iterable[Symmetry] | None, param_groups: list[dict[str, Any]]
-) -> tuple[Any, dict[int, str] | None, list[Symmetry]]:
-    """The track spec with the symmetries' (param, axis) pairs appended where not already there,
-    the names the members give their params, and the symmetries as a list.
-
-    A member whose tensor is not a param of this optimizer is matched by its name, which is its
-    parameter name in the model (FSDP2's fully_shard replaces a model's Parameter objects and keeps
-    their names): to the param the groups name so (named parameters: torch keeps ``param_names``
-    in the groups), else to ``model.get_parameter(name)`` of the model find_symmetries found it on
-    (nm_optim.symmetry.found_on), when that is a param of this optimizer. The matched param must
-    have the member's shape (a DTensor's shape is the whole tensor's). Such a symmetry is replaced
-    by a copy on the matched params; the others are kept as they are."""
-    import copy
-    import dataclasses
-
-    from nm_optim.symmetry.detect import found_on
-
-    syms = list(symmetries) if symmetries is not None else []
-    if not syms:
-        return track, None, []
-    in_optimizer = {id(p) for group in param_groups for p in group["params"]}
-    by_name: dict[str, Tensor] = {}
-    for group in param_groups:
-        if group.get("param_names") is not None:
-            by_name.update(zip(group["param_names"], group["params"]))
-
-    def match(sym: Symmetry, m: Any) -> Tensor:
-        p = by_name.get(m.name)
-        model = found_on(sym)
-        if p is None and model is not None:
-            try:
-                p = model.get_parameter(m.name)
-            except AttributeError:
-                p = None
-        if p is None or id(p) not in in_optimizer:
-            raise ValueError(
-                f"{sym.kind} {sym.name!r}: member {m.name!r} is not a parameter of this optimizer, and no parameter "
-                f"of it is named {m.name!r}. Pass the parameters of the model the symmetries were found on "
-                "(nm_optim.SGD(model.parameters(), symmetries=syms), or model.named_parameters()); where the "
-                "model's parameters were replaced since (FSDP2's fully_shard does: find the symmetries before "
-                "it, build the optimizer after it), members are matched by name through that model or through "
-                "named parameters (the only way for symmetries built by hand)"
-            )
-        if tuple(p.shape) != tuple(m.shape):
-            raise ValueError(
-                f"{sym.kind} {sym.name!r}: member {m.name!r} has shape {tuple(m.shape)}, the parameter of this "
-                f"optimizer named so has shape {tuple(p.shape)}: find the symmetries again on the model as it is"
-            )
-        return p
-
-    for i, sym in enumerate(syms):
-        if not isinstance(sym, Symmetry):
-            raise TypeError(f"symmetries must be nm_optim Symmetry objects, got {type(sym).__name__}")
-        if any(m.param is not None and id(m.param) not in in_optimizer for m in sym.members):
-            bound = copy.copy(sym)
-            bound.members = tuple(
-                m if m.param is None or id(m.param) in in_optimizer else dataclasses.replace(m, param=match(sym, m))
-                for m in sym.members
-            )
-            syms[i] = bound
-    asks: list[Any] = track_asks(track, param_groups)
-    # A symmetry's track asks for the sums its law reads, and a "cols" track for the column block
-    # of its member (the columns after a Flatten that one channel feeds: fewer groups to reduce,
-    # nm_optim/tracks.py); one already asked for (by `track` or another symmetry) keeps its place
-    # and asks for the union of the sums and the gcd of the blocks.
-    at: dict[tuple[int, str], int] = {}
-    for i, (p, axis, _, _) in enumerate(asks):
-        at.setdefault((id(p), axis), i)
-    names: dict[int, str] = {}
-    for sym in syms:
-        for p, axis, law, block in sym.track_asks():
-            i = at.get((id(p), axis))
-            if i is None:
-                at[(id(p), axis)] = len(asks)
-                asks.append((p, axis, law, block))
-                continue
-            _, _, sums, had = asks[i]
-            if _names_only(sums):  # None: all 9 already; a bad ask stays, for TrackTable to name
-                sums = tuple(dict.fromkeys((*sums, *law)))
-            if axis == "cols" and (had is None or (isinstance(had, int) and not isinstance(had, bool) and had >= 1)):
-                had = math.gcd(1 if had is None else had, block)
-            asks[i] = (p, axis, sums, had)
-        for m in sym.members:
-            if names.setdefault(id(m.param), m.name) != m.name:
-                raise ValueError(f"{sym.kind} {sym.name!r}: one parameter is named both {names[id(m.param)]!r} and "
-                                 f"{m.name!r} by the symmetries")
-    taken = Counter(names.values())
-    if any(k > 1 for k in taken.values()):
-        twice = sorted(n for n, k in taken.items() if k > 1)
-        raise ValueError(f"symmetries give different parameters the same name: {twice}")
-    return asks, names, syms
-
-
-def _names_only(sums: Any) -> bool:
-    """Whether a track's `sums` is a non-empty sequence of STAT_NAMES (not None, not a str)."""
-    return (isinstance(sums, Sequence) and not isinstance(sums, str) and len(sums) > 0
-            and all(isinstance(n, str) and n in STAT_INDEX for n in sums))
-
-
-def _check_differentiable(differentiable: Any) -> None:
-    if differentiable:
-        raise NotImplementedError(
-            "nm_optim.SGD does not support differentiable=True: its kernels update params in "
-            "place outside autograd; use torch.optim.SGD(..., differentiable=True) for that"
-        )
-
-
-def _param_name(group: dict[str, Any], i: int, p: Tensor) -> str:
-    names = group.get("param_names")
-    if names is not None and i < len(names):
-        return repr(names[i])
-    return f"#{i} of its param group (shape {tuple(p.shape)})"
-
-
-def _check_param(group: dict[str, Any], i: int, p: Tensor, g: Tensor) -> None:
-    if g.is_sparse:
-        raise RuntimeError(
-            f"nm_optim.SGD does not support sparse gradients; parameter {_param_name(group, i, p)} "
-            "has one (use dense gradients, e.g. nn.Embedding(sparse=False))"
-        )
-    if p.dtype not in _DTYPES:
-        raise TypeError(
-            f"nm_optim.SGD supports float32, float16, bfloat16 and float64 parameters; parameter "
-            f"{_param_name(group, i, p)} is {p.dtype} (complex parameters are not supported: "
-            "use torch.view_as_real on a real parameter instead)"
-        )

@@ -36,6 +36,7 @@ rank's block the whole tensor's statistics (nm_optim/distributed.py).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +46,9 @@ from torch import Tensor
 
 from nm_optim._lazy import disable
 from nm_optim.distributed import all_reduce_sum, group_ranks, shard_layout
-from nm_optim.names import AXES, STAT_NAMES, sum_set, sums_mask
+from nm_optim.names import AXES, STAT_INDEX, STAT_NAMES, sum_set, sums_mask
 from nm_optim.ops.layout import group_counts
+from nm_optim.symmetry.base import Symmetry
 
 
 def describe_value(x: Any) -> str:
@@ -335,3 +337,103 @@ class TrackTable:
             "recorded so far with opt.recorder.save(path), then re-track the parameter at its new shape by "
             "creating a new nm_optim.SGD with track=[...]."
         )
+
+
+def with_symmetries(
+    track: Any, symmetries: Iterable[Symmetry] | None, param_groups: list[dict[str, Any]]
+) -> tuple[Any, dict[int, str] | None, list[Symmetry]]:
+    """The track spec with the symmetries' (param, axis) pairs appended where not already there,
+    the names the members give their params, and the symmetries as a list.
+
+    A member whose tensor is not a param of this optimizer is matched by its name, which is its
+    parameter name in the model (FSDP2's fully_shard replaces a model's Parameter objects and keeps
+    their names): to the param the groups name so (named parameters: torch keeps ``param_names``
+    in the groups), else to ``model.get_parameter(name)`` of the model find_symmetries found it on
+    (nm_optim.symmetry.found_on), when that is a param of this optimizer. The matched param must
+    have the member's shape (a DTensor's shape is the whole tensor's). Such a symmetry is replaced
+    by a copy on the matched params; the others are kept as they are."""
+    import copy
+    import dataclasses
+
+    from nm_optim.symmetry.detect import found_on
+
+    syms = list(symmetries) if symmetries is not None else []
+    if not syms:
+        return track, None, []
+    in_optimizer = {id(p) for group in param_groups for p in group["params"]}
+    by_name: dict[str, Tensor] = {}
+    for group in param_groups:
+        if group.get("param_names") is not None:
+            by_name.update(zip(group["param_names"], group["params"]))
+
+    def match(sym: Symmetry, m: Any) -> Tensor:
+        p = by_name.get(m.name)
+        model = found_on(sym)
+        if p is None and model is not None:
+            try:
+                p = model.get_parameter(m.name)
+            except AttributeError:
+                p = None
+        if p is None or id(p) not in in_optimizer:
+            raise ValueError(
+                f"{sym.kind} {sym.name!r}: member {m.name!r} is not a parameter of this optimizer, and no parameter "
+                f"of it is named {m.name!r}. Pass the parameters of the model the symmetries were found on "
+                "(nm_optim.SGD(model.parameters(), symmetries=syms), or model.named_parameters()); where the "
+                "model's parameters were replaced since (FSDP2's fully_shard does: find the symmetries before "
+                "it, build the optimizer after it), members are matched by name through that model or through "
+                "named parameters (the only way for symmetries built by hand)"
+            )
+        if tuple(p.shape) != tuple(m.shape):
+            raise ValueError(
+                f"{sym.kind} {sym.name!r}: member {m.name!r} has shape {tuple(m.shape)}, the parameter of this "
+                f"optimizer named so has shape {tuple(p.shape)}: find the symmetries again on the model as it is"
+            )
+        return p
+
+    for i, sym in enumerate(syms):
+        if not isinstance(sym, Symmetry):
+            raise TypeError(f"symmetries must be nm_optim Symmetry objects, got {type(sym).__name__}")
+        if any(m.param is not None and id(m.param) not in in_optimizer for m in sym.members):
+            bound = copy.copy(sym)
+            bound.members = tuple(
+                m if m.param is None or id(m.param) in in_optimizer else dataclasses.replace(m, param=match(sym, m))
+                for m in sym.members
+            )
+            syms[i] = bound
+    asks: list[Any] = track_asks(track, param_groups)
+    # A symmetry's track asks for the sums its law reads, and a "cols" track for the column block
+    # of its member (the columns after a Flatten that one channel feeds: fewer groups to reduce,
+    # nm_optim/tracks.py); one already asked for (by `track` or another symmetry) keeps its place
+    # and asks for the union of the sums and the gcd of the blocks.
+    at: dict[tuple[int, str], int] = {}
+    for i, (p, axis, _, _) in enumerate(asks):
+        at.setdefault((id(p), axis), i)
+    names: dict[int, str] = {}
+    for sym in syms:
+        for p, axis, law, block in sym.track_asks():
+            i = at.get((id(p), axis))
+            if i is None:
+                at[(id(p), axis)] = len(asks)
+                asks.append((p, axis, law, block))
+                continue
+            _, _, sums, had = asks[i]
+            if _names_only(sums):  # None: all 9 already; a bad ask stays, for TrackTable to name
+                sums = tuple(dict.fromkeys((*sums, *law)))
+            if axis == "cols" and (had is None or (isinstance(had, int) and not isinstance(had, bool) and had >= 1)):
+                had = math.gcd(1 if had is None else had, block)
+            asks[i] = (p, axis, sums, had)
+        for m in sym.members:
+            if names.setdefault(id(m.param), m.name) != m.name:
+                raise ValueError(f"{sym.kind} {sym.name!r}: one parameter is named both {names[id(m.param)]!r} and "
+                                 f"{m.name!r} by the symmetries")
+    taken = Counter(names.values())
+    if any(k > 1 for k in taken.values()):
+        twice = sorted(n for n, k in taken.items() if k > 1)
+        raise ValueError(f"symmetries give different parameters the same name: {twice}")
+    return asks, names, syms
+
+
+def _names_only(sums: Any) -> bool:
+    """Whether a track's `sums` is a non-empty sequence of STAT_NAMES (not None, not a str)."""
+    return (isinstance(sums, Sequence) and not isinstance(sums, str) and len(sums) > 0
+            and all(isinstance(n, str) and n in STAT_INDEX for n in sums))

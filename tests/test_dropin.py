@@ -95,7 +95,7 @@ def test_a_param_listed_twice_is_stepped_twice_in_order_deterministically_like_t
 
 
 class _OpaqueParam(torch.nn.Parameter):
-    """A Parameter subclass: its memory span is not read (as for a DTensor, sgd._memory_span)."""
+    """A Parameter subclass: its memory span is not read (as for a DTensor, aliasing.memory_span)."""
 
 
 def test_a_param_listed_twice_goes_to_two_calls_even_when_its_memory_is_not_inspected(monkeypatch):
@@ -104,7 +104,7 @@ def test_a_param_listed_twice_goes_to_two_calls_even_when_its_memory_is_not_insp
     monkeypatch.setattr(nm_optim.sgd, "sgd_step_", lambda params, *a: calls.append(list(map(id, params)))
                         or real_step(params, *a))
     p, q = _OpaqueParam(torch.randn(5)), _OpaqueParam(torch.randn(3))
-    assert nm_optim.sgd._memory_span(p) is None
+    assert nm_optim.aliasing.memory_span(p) is None
     with pytest.warns(UserWarning, match="duplicate parameters"):
         opt = nm_optim.SGD([p, q, p], lr=0.1, momentum=0.9, backend="cpu")
     p.grad, q.grad = torch.ones(5), torch.ones(3)

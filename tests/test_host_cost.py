@@ -54,7 +54,7 @@ class Counter:
     def __init__(self, monkeypatch):
         self.counts = {"uniform_dense": 0, "buffer_ok": 0, "check_unchanged": 0, "dispatched": 0}
         for owner, name, key in ((nm_optim.ops.op, "uniform_dense", "uniform_dense"),
-                                 (nm_optim.sgd, "_buffer_ok", "buffer_ok"),
+                                 (nm_optim.sgd, "buffer_ok", "buffer_ok"),
                                  (nm_optim.ops.op, "sgd_step_", "dispatched")):
             monkeypatch.setattr(owner, name, self._counting(getattr(owner, name), key))
         monkeypatch.setattr(TrackTable, "check_unchanged",
