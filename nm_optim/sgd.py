@@ -617,7 +617,7 @@ class SGD(Optimizer):
         """_plan's cached result for these params (the same objects, in order, at the same
         addresses), or None."""
         found = self._plan_of(group, params)
-        # A DTensor has no address of its own here (the op steps its local shard; memory_span).
+        # A DTensor has no address of its own here (the op steps its local shard; aliasing.memory_span).
         where = None if self._nm_dtensors else tuple(map(_data_ptr, params))
         return found[0] if found is not None and found[1] == where else None
 
@@ -645,7 +645,7 @@ class SGD(Optimizer):
             seen[id(p)] += 1
         repeated = [k > 0 for k in occurrence]
         # The k-th occurrence of a param goes to call k or later even where its memory span is
-        # unknown (a DTensor: memory_span), so that no call sees one tensor twice.
+        # unknown (a DTensor: aliasing.memory_span), so that no call sees one tensor twice.
         for i, (p, level) in enumerate(zip(params, call_levels(params))):
             plan.setdefault((max(level, occurrence[i]), p.device, p.dtype), []).append(i)
         # All calls of level 0, then of level 1, ...; a stable sort keeps the group's order within
