@@ -306,6 +306,16 @@ def test_readme_benchmark_is_bench_results_cpu_bench_step_json():
                 assert int(m.group(3)) == round(measured["gbps"]), f"{row[0]} / {h}: {cell}"
             cells += 1
     assert cells >= 9
+    # the paragraph above the table says when, on what and over how many rounds each set was measured
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    marker = readme.rindex("<!--", 0, readme.index("benchmark: bench/results/cpu_bench_step.json"))
+    above = " ".join(readme[:marker].strip().split("\n\n")[-1].split())
+    for shape in _BENCH_SHAPES.values():
+        measured = next(r for r in results["results"] if r["shape_set"] == shape)["measured"]
+        cpu = re.sub(r"\(R\)| Processor", "", measured["cpu_model"]).strip()
+        rounds = {row["samples"] for row in sets[shape].values()}
+        assert measured["date"].split()[0] in above and cpu in above, f"{shape}: {measured['date']} on {cpu}"
+        assert len(rounds) == 1 and re.search(rf"\b{rounds.pop()}\b[^.;]*rounds", above), f"{shape}: rounds"
 
 
 _TINY_PROVIDERS = {"torch foreach": "torch foreach", "torch fused": "torch fused", "**nm_optim cpu**": "nm_optim cpu",
